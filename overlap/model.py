@@ -1,0 +1,344 @@
+"""A plain LLaMA for fast inference (gpt-fast style), with every sync point an explicit named call.
+
+Per block, on every rank (x is the block input, identical on all ranks; attn and mlp see only this
+rank's heads and FFN rows once overlap.tp.shard_ has sliced them; unsharded, the syncs are identities):
+
+    a   = attn(attn_norm(x))                                   # (B, S, D) this rank's partial
+    baseline:  h = x + attn_sync(a);  out = h + mlp_sync(mlp(mlp_norm(h)))
+    SPD:       out = x + block_sync(a + mlp(mlp_norm(x + a)))  # the only sync of an SPD block
+
+so a forward calls 2L - (#SPD blocks) all-reduces. attn is RoPE (rotating halves, as transformers'
+Llama; Llama-3 and linear rope scaling supported) + grouped-query SDPA against a static KV cache
+preallocated for max_batch x max_seq; mlp is SwiGLU. q/k/v and gate/up are fused into one weight each
+(one GEMM). Shapes are static in decode, so the step can be captured in a CUDA graph or compiled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from spd.errors import ModelLoadError
+
+INIT_STD = 0.02  # random weights: LLaMA's initializer_range, keeps 80 random bf16 blocks finite
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """The global (unsharded) architecture."""
+
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    head_dim: int = 0  # 0: dim // n_heads
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = field(default=None, hash=False)  # transformers' rope_parameters (llama3, linear)
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+
+    @classmethod
+    def from_hf_config(cls, config) -> "ModelArgs":
+        params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+        theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        scaling = params if params.get("rope_type", params.get("type", "default")) != "default" else None
+        return cls(
+            vocab_size=config.vocab_size, dim=config.hidden_size, n_layers=config.num_hidden_layers,
+            n_heads=config.num_attention_heads, n_kv_heads=config.num_key_value_heads or config.num_attention_heads,
+            ffn_dim=config.intermediate_size, head_dim=getattr(config, "head_dim", None) or 0,
+            norm_eps=config.rms_norm_eps, rope_theta=float(theta), rope_scaling=scaling,
+            tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+
+    @classmethod
+    def from_model_config(cls, cfg) -> "ModelArgs":
+        """From spd.config.ModelConfig (or a dict with its field names) of a random-weight model."""
+        get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+        need = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_size")
+        if missing := [k for k in need if get(k) is None]:
+            raise ModelLoadError(f"model {get('name')!r} lacks {', '.join(missing)}; a random-weight model "
+                                 f"needs its shape in conf/model/<name>.yaml")
+        return cls(
+            vocab_size=get("vocab_size"), dim=get("hidden_size"), n_layers=get("num_layers"),
+            n_heads=get("num_heads"), n_kv_heads=get("num_kv_heads") or get("num_heads"),
+            ffn_dim=get("intermediate_size"), norm_eps=get("rms_norm_eps") or 1e-5,
+            rope_theta=get("rope_theta") or 10000.0, tie_embeddings=bool(get("tie_word_embeddings")),
+        )
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """(Dh/2,) float32 inverse frequencies, as transformers computes them (default, linear, llama3)."""
+    dim = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    s = args.rope_scaling or {}
+    kind = s.get("rope_type", s.get("type", "default"))
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / s["factor"]
+    if kind != "llama3":
+        raise ModelLoadError(f"rope_type {kind!r} is not supported; supported: default, linear, llama3")
+    factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    out = torch.where(wavelen > old / lo, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    medium = ~(wavelen < old / hi) * ~(wavelen > old / lo)
+    return torch.where(medium, (1 - smooth) * out / factor + smooth * out, out)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)  # (..., Dh/2) each
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Grouped-query attention: q (B, Hq, S, Dh), k/v (B, Hkv, L, Dh) -> (B, Hq, S, Dh).
+
+    mask None: plain causal over a chunk that starts at position 0 (L == S; flash attention, GQA native).
+    Otherwise mask (S, L) bool, True = may attend (a chunk at [p, p+S) against the cache, bottom-right
+    aligned; decode). Query heads of one KV head are folded into the row dimension, so K/V are never
+    repeated in memory (decode reads the cache once).
+    """
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+    B, Hq, S, Dh = q.shape
+    G = Hq // k.shape[1]
+    qg = q.reshape(B, k.shape[1], G * S, Dh)  # (B, Hkv, G*S, Dh): row g*S + i is head (kv*G + g), token i
+    m = mask.repeat(G, 1) if S > 1 else mask  # (G*S, L)
+    return F.scaled_dot_product_attention(qg, k, v, attn_mask=m).view(B, Hq, S, Dh)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()  # fp32 statistics, as transformers' LlamaRMSNorm
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class Sync(nn.Module):
+    """One sync point: the all-reduce (sum) of a rank's partial over the context's group, in place.
+
+    `calls` counts how often this sync point ran (eager; not while torch.compile traces). Unbound
+    (ctx None, R = 1) it is the identity. nocomm skips the collective: wrong numbers, but the latency
+    lower bound that any communication overlap could reach.
+    """
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+        self.ctx = None  # overlap.context.TPContext, bound by overlap.tp.shard_
+        self.nocomm = False
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            self.calls += 1
+        if self.ctx is None or self.ctx.group is None or self.nocomm:
+            return x
+        if torch.compiler.is_compiling():  # traceable form; the graph keeps it a single all-reduce
+            from torch.distributed import _functional_collectives as funcol
+
+            return funcol.all_reduce(x, "sum", self.ctx.group)
+        dist.all_reduce(x, group=self.ctx.group)  # (B, S, D) summed over ranks
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, calls={self.calls}, nocomm={self.nocomm}"
+
+
+class KVCache(nn.Module):
+    """Static K/V for max_batch x max_seq positions: (Bmax, Hkv, Lmax, Dh) each, written in place."""
+
+    def __init__(self, max_batch: int, n_kv_heads: int, max_seq: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (max_batch, n_kv_heads, max_seq, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
+        """Write k, v (B, Hkv, S, Dh) at input_pos (S,); return the first kv_len positions (B, Hkv, L, Dh)."""
+        B = k.shape[0]
+        kc, vc = self.k[:B], self.v[:B]
+        kc.index_copy_(2, input_pos, k)
+        vc.index_copy_(2, input_pos, v)
+        return kc[:, :, :kv_len], vc[:, :, :kv_len]
+
+
+class Attention(nn.Module):
+    """Fused-qkv grouped-query attention; wo is row-parallel once sharded, so its output is a partial."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wqkv = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, input_pos, mask, kv_len):
+        B, S, _ = x.shape
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H/R, S, Dh)
+        k = k.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV/R, S, Dh)
+        v = v.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV/R, S, Dh)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k, v = self.kv_cache.update(input_pos, k, v, kv_len)  # (B, KV/R, L, Dh)
+        y = attend(q, k, v, mask)  # (B, H/R, S, Dh)
+        return self.wo(y.transpose(1, 2).reshape(B, S, q_size))  # (B, S, D), this rank's partial
+
+
+class MLP(nn.Module):
+    """SwiGLU with gate and up fused: w13 rows are [gate; up] (this rank's FFN rows of each)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.ffn_dim = args.ffn_dim
+        self.w13 = nn.Linear(args.dim, 2 * args.ffn_dim, bias=False)
+        self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).split(self.ffn_dim, dim=-1)  # (B, S, F/R) each
+        return self.w2(F.silu(gate) * up)  # (B, S, D), this rank's partial
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attn = Attention(args)
+        self.mlp_norm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+        self.attn_sync, self.mlp_sync, self.block_sync = Sync("attn"), Sync("mlp"), Sync("block")
+        self.spd = False  # set by overlap.tp.set_plan_
+
+    def forward(self, x, cos, sin, input_pos, mask, kv_len):
+        a = self.attn(self.attn_norm(x), cos, sin, input_pos, mask, kv_len)  # (B, S, D) partial
+        if self.spd:
+            return x + self.block_sync(a + self.mlp(self.mlp_norm(x + a)))  # the only sync
+        h = x + self.attn_sync(a)  # sync 1
+        return h + self.mlp_sync(self.mlp(self.mlp_norm(h)))  # sync 2
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.max_batch = self.max_seq = 0
+        self.tp, self.rank = 1, 0  # set by overlap.tp.shard_
+
+    @property
+    def syncs(self) -> list[Sync]:
+        return [m for m in self.modules() if isinstance(m, Sync)]
+
+    @property
+    def sync_calls(self) -> int:
+        """Sync points run so far (all blocks); a forward adds 2L - #SPD."""
+        return sum(s.calls for s in self.syncs)
+
+    def setup_caches(self, max_batch: int, max_seq: int) -> None:
+        """(Re)allocate every block's KV cache and the RoPE tables for max_batch x max_seq positions."""
+        p = self.output.weight
+        for block in self.layers:
+            block.attn.kv_cache = None  # free the old cache before allocating the new one
+        for block in self.layers:
+            a = block.attn
+            block.attn.kv_cache = KVCache(max_batch, a.n_kv_heads, max_seq, a.head_dim, p.dtype, p.device)
+        freqs = torch.arange(max_seq, dtype=torch.float32)[:, None] * rope_inv_freq(self.args)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1).to(p.device)  # (Lmax, Dh) float32, like transformers
+        self.register_buffer("rope_cos", emb.cos(), persistent=False)
+        self.register_buffer("rope_sin", emb.sin(), persistent=False)
+        self.max_batch, self.max_seq = max_batch, max_seq
+
+    def forward(self, tokens, input_pos, kv_len: int, chunk_start: int | None, last_only: bool = False):
+        """tokens (B, S) at positions input_pos (S,) -> logits (B, S, V) (or (B, 1, V) if last_only).
+
+        Attention reads cache positions [0, kv_len). chunk_start is the Python position of tokens[:, 0]
+        in prefill (0: plain causal, flash attention) or None in decode (positions only on the device).
+        """
+        if self.max_seq == 0:
+            raise RuntimeError("no KV cache: call setup_caches(max_batch, max_seq) (or use overlap.runtime.Runtime)")
+        x = self.tok_embeddings(tokens)  # (B, S, D)
+        cos = self.rope_cos[input_pos].to(x.dtype)  # (S, Dh)
+        sin = self.rope_sin[input_pos].to(x.dtype)
+        mask = None
+        if chunk_start != 0:  # a later chunk or decode: bottom-right aligned causal mask against the cache
+            mask = torch.arange(kv_len, device=x.device)[None, :] <= input_pos[:, None]  # (S, L)
+        for block in self.layers:
+            x = block(x, cos, sin, input_pos, mask, kv_len)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, D)
+        return self.output(self.norm(x))  # (B, S, V); replicated lm_head, so logits agree on all ranks
+
+    @classmethod
+    def from_hf(cls, hf_model) -> "Transformer":
+        """Copy a transformers LlamaForCausalLM (plain or SPD-emulated: same parameter names)."""
+        if getattr(hf_model.config, "model_type", None) != "llama":
+            raise ModelLoadError(f"from_hf needs a LlamaForCausalLM, got {type(hf_model).__name__}")
+        args = ModelArgs.from_hf_config(hf_model.config)
+        sd = hf_model.state_dict()
+        ref = sd["model.embed_tokens.weight"]
+        with torch.device("meta"):
+            model = cls(args)
+        model.to(ref.dtype).to_empty(device=ref.device)  # dtype first: meta casts are free
+        if args.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+        with torch.no_grad():
+            model.tok_embeddings.weight.copy_(ref)
+            model.norm.weight.copy_(sd["model.norm.weight"])
+            if not args.tie_embeddings:
+                model.output.weight.copy_(sd.get("lm_head.weight", ref))
+            for i, block in enumerate(model.layers):
+                p = f"model.layers.{i}."
+                block.attn_norm.weight.copy_(sd[p + "input_layernorm.weight"])
+                block.mlp_norm.weight.copy_(sd[p + "post_attention_layernorm.weight"])
+                block.attn.wqkv.weight.copy_(torch.cat([sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]))
+                block.attn.wo.weight.copy_(sd[p + "self_attn.o_proj.weight"])
+                block.mlp.w13.weight.copy_(torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]]))
+                block.mlp.w2.weight.copy_(sd[p + "mlp.down_proj.weight"])
+        return model.eval()
+
+    @classmethod
+    def from_args(cls, args: ModelArgs, device="cpu", dtype=torch.float32, seed: int = 0) -> "Transformer":
+        """The full model with seeded random weights, allocated directly on device in dtype."""
+        with torch.device("meta"):
+            model = cls(args)
+        model.to(dtype).to_empty(device=device)  # dtype first: meta casts are free
+        if args.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+        return init_weights_(model, seed).eval()
+
+
+@torch.no_grad()
+def init_weights_(model: nn.Module, seed: int = 0, std: float = INIT_STD) -> nn.Module:
+    """Norm weights 1, every other weight N(0, std^2), drawn on its device from one seeded generator."""
+    params = dict(model.named_parameters())  # tied weights appear once
+    device = next(iter(params.values())).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in params.items():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, std, generator=gen)
+    return model

