@@ -51,3 +51,19 @@ def info(cfg) -> None:
     print(describe(model.config, model))
     print(f"greedy continuation of {cfg.prompt!r}:")
     print(greedy_text(model, tokenizer, cfg.prompt, cfg.max_new_tokens))
+
+
+@hydra_app("rank")
+def rank(cfg) -> None:
+    """spd-rank: block sensitivity ranking, plot and SPD plan."""
+    from spd.sensitivity import run_rank
+
+    run_rank(cfg)
+
+
+@hydra_app("ppl")
+def perplexity(cfg) -> None:
+    """spd-ppl: rolling perplexity (WikiText-2 test by default), optionally with an SPD plan."""
+    from spd.perplexity import run_perplexity
+
+    run_perplexity(cfg)

@@ -94,6 +94,17 @@ class SPDConfig:
 
 
 @dataclass
+class PerplexityConfig:
+    """Rolling perplexity over documents of a JSON-lines file (default: WikiText-2 test, like lm-eval)."""
+
+    data: str = "wikitext2_test.jsonl"
+    field: str = "page"
+    max_length: int = 2048
+    batch_size: int = 4
+    limit: Optional[int] = None  # first N documents only
+
+
+@dataclass
 class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["spd_offline"])
     include_path: Optional[str] = None  # None: the tasks shipped in spd/tasks
@@ -134,6 +145,7 @@ class RunApp:
     calib: CalibConfig = field(default_factory=CalibConfig)
     spd: SPDConfig = field(default_factory=SPDConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    ppl: PerplexityConfig = field(default_factory=PerplexityConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     run_dir: str = "runs/${model.name}/tp${parallel.tp}"
     extra: dict[str, Any] = field(default_factory=dict)

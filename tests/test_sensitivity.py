@@ -1,0 +1,77 @@
+"""Sensitivity ranking (backward and isolated), resuming, and plans from rankings."""
+
+import pytest
+import torch
+
+import spd.sensitivity as sens_mod
+from spd.config import SPDConfig
+from spd.perplexity import windows_perplexity
+from spd.plan import SPDPlan
+from spd.sensitivity import plan_from_ranking, rank_blocks
+from spd.surgery import apply_spd_, spd_blocks
+from test_block import tiny
+
+TOKENS = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def test_backward_sweep_accumulates_and_ends_at_all_spd():
+    model = tiny(layers=4)
+    r = rank_blocks(model, TOKENS, tp=2, method="backward")
+    assert spd_blocks(model) == []  # the model is left as it was
+    ppl = {b["block"]: b["ppl"] for b in r["blocks"]}
+    apply_spd_(model, SPDPlan.zero_shot(2, 4, [0, 1, 2, 3]))
+    assert ppl[0] == pytest.approx(windows_perplexity(model, TOKENS))  # block 0 is switched last
+    total = sum(b["sensitivity"] for b in r["blocks"])
+    assert total == pytest.approx(ppl[0] - r["baseline_ppl"])  # the increments telescope
+    assert sorted(r["order"]) == [0, 1, 2, 3]
+    assert [r["blocks"][i]["sensitivity"] for i in r["order"]] == sorted(b["sensitivity"] for b in r["blocks"])
+
+
+@torch.no_grad()
+def test_isolated_ranking():
+    model = tiny(layers=3)
+    r = rank_blocks(model, TOKENS, tp=4, method="isolated")
+    apply_spd_(model, SPDPlan.zero_shot(4, 3, [1]))
+    assert r["blocks"][1]["ppl"] == pytest.approx(windows_perplexity(model, TOKENS))
+
+
+@torch.no_grad()
+def test_resume_after_crash(tmp_path, monkeypatch):
+    model, progress = tiny(layers=4), tmp_path / "progress.json"
+    full = rank_blocks(model, TOKENS, tp=2)
+    calls, real = [], sens_mod.windows_perplexity
+
+    def crash_after_two(*a, **k):
+        calls.append(1)
+        if len(calls) > 3:  # baseline + two blocks
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(sens_mod, "windows_perplexity", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        rank_blocks(model, TOKENS, tp=2, progress_file=progress)
+    monkeypatch.setattr(sens_mod, "windows_perplexity", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    calls.clear()
+    resumed = rank_blocks(model, TOKENS, tp=2, progress_file=progress)
+    assert len(calls) == 2  # only the two blocks not finished before the crash
+    assert [b["ppl"] for b in resumed["blocks"]] == pytest.approx([b["ppl"] for b in full["blocks"]])
+
+
+def fake_ranking(rel):
+    n = len(rel)
+    return {"num_layers": n, "tp": 3, "method": "backward", "baseline_ppl": 10.0,
+            "order": sorted(range(n), key=lambda i: rel[i]),
+            "blocks": [{"block": i, "relative": rel[i], "sensitivity": 10 * rel[i]} for i in range(n)]}
+
+
+def test_plan_by_fraction_and_thresholds():
+    r = fake_ranking([0.5, 0.001, 0.02, 0.0, 0.2, 0.003, 0.05, 0.3])
+    plan = plan_from_ranking(r, SPDConfig(fraction=0.75))
+    assert plan.blocks == [1, 2, 3, 4, 5, 6]  # the 6 least sensitive
+    assert plan.tiers == {3: "ISB", 1: "ISB", 5: "ISB", 2: "SB", 6: "SB", 4: "ESB"}
+    plan = plan_from_ranking(r, SPDConfig(fraction=0.5, sb_count=1, esb_count=1))
+    assert plan.tiers == {3: "ISB", 1: "ISB", 5: "SB", 2: "ESB"}
+    assert plan_from_ranking(r, SPDConfig()).fraction == 1.0
+    with pytest.raises(ValueError, match="fraction"):
+        plan_from_ranking(r, SPDConfig(fraction=1.5))
