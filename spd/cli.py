@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 
 import hydra
@@ -67,3 +68,61 @@ def perplexity(cfg) -> None:
     from spd.perplexity import run_perplexity
 
     run_perplexity(cfg)
+
+
+@hydra_app("distill")
+def distill(cfg) -> None:
+    """spd-distill: head grouping on ESB blocks, then B2B on SB and ESB blocks of spd.plan; writes the model."""
+    from spd.distill import distill_main
+
+    distill_main(cfg)
+
+
+@hydra_app("export")
+def export(cfg) -> None:
+    """spd-export: the model with spd.plan applied, as a directory stock transformers loads."""
+    from spd.export import export_main
+
+    export_main(cfg)
+
+
+@hydra_app("eval")
+def evaluate(cfg) -> None:
+    """spd-eval: lm-eval tasks in-process on the model (with spd.plan applied, if any)."""
+    from spd.evaluate import main as eval_main
+    from spd.plan import SPDPlan
+    from spd.surgery import apply_spd_
+
+    prepare = (lambda model, c: apply_spd_(model, SPDPlan.load(c.spd.plan))) if cfg.spd.plan else None
+    eval_main(cfg, prepare)
+
+
+@hydra_app("study")
+def study(cfg) -> None:
+    """spd-study: the main job (rank, plan, distill, evaluate, export); -m sweeps fraction x strategy."""
+    from spd.study import run_study
+
+    summary = run_study(cfg)
+    print(json.dumps({k: summary[k] for k in ("model", "tp", "strategy", "fraction", "perplexity", "eval")}, indent=1))
+
+
+@hydra_app("report")
+def report(cfg) -> None:
+    """spd-report: tables and plots from run artifacts only (study jobs, rankings, bench records)."""
+    from spd.report import run_report
+
+    run_report(cfg)
+
+
+def main() -> None:
+    """`python -m spd.cli APP [overrides]`: the console scripts without installing (e.g. on a GPU box)."""
+    apps = {name: obj for name, obj in globals().items() if callable(obj) and getattr(obj, "__wrapped__", None)}
+    if len(sys.argv) < 2 or sys.argv[1] not in apps:
+        sys.exit(f"usage: python -m spd.cli {{{','.join(sorted(apps))}}} [key=value ...]")
+    app = apps[sys.argv.pop(1)]
+    sys.argv[0] = f"spd-{app.__name__}"
+    app()
+
+
+if __name__ == "__main__":
+    main()

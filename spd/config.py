@@ -48,6 +48,7 @@ class ModelConfig:
     sha256: Optional[str] = None
     revision: Optional[str] = None
     dtype: str = "float32"
+    device: str = "auto"  # auto: the first CUDA GPU if there is one, else the CPU
     seed: int = 0
     hidden_size: Optional[int] = None
     intermediate_size: Optional[int] = None
@@ -91,6 +92,33 @@ class SPDConfig:
     esb_threshold: Optional[float] = None  # ... and above which it is ESB
     sb_count: Optional[int] = None  # or: the most sensitive SPD blocks by count
     esb_count: Optional[int] = None
+
+
+@dataclass
+class DistillConfig:
+    """Block-to-block distillation (paper: AdamW, lr 5e-5, 10 epochs over the calibration set)."""
+
+    epochs: int = 10
+    lr: float = 5e-5
+    batch_size: int = 4
+    weight_decay: float = 0.0
+    seed: int = 0
+    max_rows: int = 256  # query positions sampled per attention map for head grouping
+    spill_gb: float = 4.0  # teacher activations above this size are spilled to disk
+
+
+@dataclass
+class StudyConfig:
+    """spd-study: which strategy repairs the SPD blocks, and where shared work is kept."""
+
+    strategy: str = "b2b_hg"  # zs (zero-shot) | b2b (zero-shot + B2B on SB/ESB) | b2b_hg (+ head grouping on ESB)
+    shared_dir: str = "runs/shared"  # rankings and distilled blocks reused by every job of a sweep
+    perplexity: bool = True
+    evaluate: bool = True
+    export: bool = True
+    bench_records: list[str] = field(default_factory=lambda: ["docs/benchmarks/spd_bench.jsonl"])
+    latency_target: dict[str, Any] = field(default_factory=lambda: {
+        "model": "llama2_70b", "tp": 4, "interconnect": "nvlink", "phase": "decode", "batch": 1})
 
 
 @dataclass
@@ -146,6 +174,8 @@ class RunApp:
     spd: SPDConfig = field(default_factory=SPDConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ppl: PerplexityConfig = field(default_factory=PerplexityConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     run_dir: str = "runs/${model.name}/tp${parallel.tp}"
     extra: dict[str, Any] = field(default_factory=dict)

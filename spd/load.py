@@ -28,6 +28,12 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def torch_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def resolve_path(path: str) -> Path:
     """A local path; `assets:` prefixes resolve against the offline assets folder."""
     if path.startswith("assets:"):
@@ -140,14 +146,14 @@ def load_model(cfg: ModelConfig):
         raise ModelLoadError(f"unknown model source {cfg.source!r}; valid: {', '.join(SOURCES)}")
     dtype = torch_dtype(cfg.dtype)
     if cfg.source == "random":
-        return random_model(cfg), None
+        return random_model(cfg, torch_device(cfg.device)), None
     if not cfg.path:
         raise ModelLoadError(f"model {cfg.name!r} (source={cfg.source}) has no model.path")
     loader = {"hf": _load_hf, "gguf": _load_gguf, "llama2c": _load_llama2c}[cfg.source]
     model, tokenizer = loader(cfg, dtype)
     if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
+    return model.to(torch_device(cfg.device)).eval(), tokenizer
 
 
 def load_config(cfg: ModelConfig):
