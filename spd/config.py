@@ -122,6 +122,20 @@ class StudyConfig:
 
 
 @dataclass
+class ReportConfig:
+    """spd-report: which artifacts to read and where the tables and plots go."""
+
+    studies: list[str] = field(default_factory=lambda: ["runs/study/*/*/*/study.json"])
+    rankings: list[str] = field(default_factory=lambda: ["runs/shared/*/*/rank-*/sensitivity.json"])
+    bench: list[str] = field(default_factory=lambda: ["docs/benchmarks/*.jsonl"])
+    targets: list[dict[str, Any]] = field(default_factory=lambda: [
+        {"model": "llama2_70b", "tp": 4, "interconnect": "nvlink", "phase": "decode", "batch": 1},
+        {"model": "llama2_70b", "tp": 4, "interconnect": "nop2p", "phase": "prefill", "tokens": 2048},
+    ])
+    out_dir: str = "docs/results"
+
+
+@dataclass
 class PerplexityConfig:
     """Rolling perplexity over documents of a JSON-lines file (default: WikiText-2 test, like lm-eval)."""
 
@@ -176,6 +190,7 @@ class RunApp:
     ppl: PerplexityConfig = field(default_factory=PerplexityConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     run_dir: str = "runs/${model.name}/tp${parallel.tp}"
     extra: dict[str, Any] = field(default_factory=dict)

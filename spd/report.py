@@ -1,0 +1,175 @@
+"""spd-report: tables and plots made only from run artifacts.
+
+Inputs: study jobs (study.json), rankings (sensitivity.json) and spd-bench records (JSON lines).
+Latency saving of a plan with k of L blocks in SPD, for a named target (model shape, R, interconnect,
+phase and size): the bench measures base (no SPD) and spd25..spd100; t(k/L) is interpolated linearly
+between the measured fractions and saving = 1 - t(k/L) / t(0). Accuracy is the mean of each task's acc
+over the tasks a job ran (lm-eval's acc; perplexity tasks excluded).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+
+import numpy as np
+
+from spd.run import read_json, write_bytes_atomic
+
+SPD_VARIANTS = {"base": 0.0, "spd25": 0.25, "spd50": 0.5, "spd75": 0.75, "spd100": 1.0}
+
+
+def load_records(patterns: list[str]) -> list[dict]:
+    rows = []
+    for pattern in patterns:
+        for path in sorted(glob.glob(pattern)):
+            with open(path) as f:
+                rows += [json.loads(line) for line in f if line.strip().startswith("{")]
+    return [r for r in rows if r.get("schema") == "spd.bench/1"]
+
+
+def _match(r: dict, target: dict) -> bool:
+    return all(r.get(k) == v for k, v in target.items())
+
+
+def latency_curve(records: list[dict], target: dict) -> dict[float, float] | None:
+    """{SPD fraction: median ms} for a target, or None when base is not measured (newest record wins)."""
+    curve = {}
+    for r in records:
+        if _match(r, target) and r.get("variant") in SPD_VARIANTS:
+            curve[SPD_VARIANTS[r["variant"]]] = r["median_ms"]
+    return curve if 0.0 in curve else None
+
+
+def latency_saving(curve: dict[float, float], fraction: float) -> float:
+    xs = sorted(curve)
+    return 1.0 - float(np.interp(fraction, xs, [curve[x] for x in xs])) / curve[0.0]
+
+
+def target_name(t: dict) -> str:
+    size = f"S={t['tokens']}" if "tokens" in t else f"B={t.get('batch')}"
+    return f"{t['model']} R={t['tp']} {t['interconnect']} {t['phase']} {size}"
+
+
+def mean_accuracy(ev: dict) -> tuple[float | None, dict[str, float]]:
+    accs = {task: m["acc"]["value"] for task, m in ev.get("tasks", {}).items() if "acc" in m}
+    return (float(np.mean(list(accs.values()))) if accs else None), accs
+
+
+def study_table(studies: list[dict], curves: dict[str, dict]) -> tuple[str, list[dict]]:
+    rows = []
+    for s in sorted(studies, key=lambda s: (s["model"], s["tp"], s["fraction"], s["strategy"])):
+        avg, accs = mean_accuracy(s.get("eval", {}))
+        savings = {name: latency_saving(c, s["fraction"]) for name, c in curves.items()}
+        rows.append({"model": s["model"], "tp": s["tp"], "fraction": s["fraction"], "strategy": s["strategy"],
+                     "spd_blocks": s["spd_blocks"], "avg_acc": avg, "acc": accs,
+                     "word_ppl": (s.get("perplexity") or {}).get("word_perplexity"), "saving": savings,
+                     "distill_minutes": s.get("distill_minutes", 0.0)})
+    tasks = sorted({t for r in rows for t in r["acc"]})
+    names = list(curves)
+    head = ["model", "R", "SPD", "strategy", "avg acc", *tasks, "word ppl", *[f"saving {n}" for n in names],
+            "distill min"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    fmt = lambda v, f="{:.4f}": "-" if v is None else f.format(v)  # noqa: E731
+    for r in rows:
+        cells = [r["model"], str(r["tp"]), f"{r['spd_blocks']} ({r['fraction']:.0%})", r["strategy"],
+                 fmt(r["avg_acc"]), *[fmt(r["acc"].get(t)) for t in tasks], fmt(r["word_ppl"], "{:.2f}"),
+                 *[fmt(r["saving"][n], "{:.1%}") for n in names], fmt(r["distill_minutes"], "{:.1f}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines), rows
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def pareto_plot(rows: list[dict], curve_name: str, path: Path) -> Path:
+    """Accuracy against latency saving for one target; the Pareto front is drawn as a line."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    pts = [(r["saving"][curve_name], r["avg_acc"], r["strategy"]) for r in rows if r["avg_acc"] is not None]
+    for strategy, marker in (("zs", "o"), ("b2b", "s"), ("b2b_hg", "^")):
+        xs = [p[0] for p in pts if p[2] == strategy]
+        ax.scatter([100 * x for x in xs], [p[1] for p in pts if p[2] == strategy], marker=marker, label=strategy)
+    front, best = [], -1.0
+    for x, y, _ in sorted(pts, key=lambda p: (-p[0], -p[1])):
+        if y > best:
+            front.append((x, y))
+            best = y
+    if front:
+        ax.plot([100 * x for x, _ in front], [y for _, y in front], "k--", lw=1, label="Pareto front")
+    ax.set_xlabel(f"latency saving, % ({curve_name})")
+    ax.set_ylabel("mean accuracy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def breakdown_plot(records: list[dict], path: Path) -> Path | None:
+    """Compute (nocomm) and communication (base - nocomm; spd100 - nocomm) per measured setting."""
+    groups = {}
+    for r in records:
+        if r.get("variant") in ("base", "spd100", "nocomm"):
+            size = r.get("tokens") if r["phase"] == "prefill" else r.get("batch")
+            key = (r["model"], r["tp"], r["interconnect"], r["phase"], size)
+            groups.setdefault(key, {})[r["variant"]] = r["median_ms"]
+    groups = {k: v for k, v in sorted(groups.items(), key=lambda kv: str(kv[0])) if len(v) == 3}
+    if not groups:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(groups)), 4))
+    labels = [f"{m}\nR={tp} {ic}\n{ph} {sz}" for (m, tp, ic, ph, sz) in groups]
+    x = np.arange(len(groups))
+    comp = np.array([v["nocomm"] for v in groups.values()])
+    base = np.array([v["base"] for v in groups.values()])
+    spd = np.array([v["spd100"] for v in groups.values()])
+    ax.bar(x - 0.2, comp / base, 0.4, label="compute (nocomm)", color="tab:gray")
+    ax.bar(x - 0.2, (base - comp) / base, 0.4, bottom=comp / base, label="communication, base", color="tab:red")
+    ax.bar(x + 0.2, comp / base, 0.4, color="tab:gray")
+    ax.bar(x + 0.2, (spd - comp) / base, 0.4, bottom=comp / base, label="communication, SPD 100%", color="tab:orange")
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_ylabel("time / base time (left: base, right: SPD 100%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run_report(cfg) -> Path:
+    """Write report.md, report.json and plots into cfg.report.out_dir from artifacts only."""
+    from spd.sensitivity import plot_sensitivity
+
+    rc = cfg.report
+    out = Path(rc.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    studies = [s for p in rc.studies for f in sorted(glob.glob(p)) if (s := read_json(f))]
+    records = load_records(rc.bench)
+    curves = {target_name(t): c for t in rc.targets if (c := latency_curve(records, t))}
+    table, rows = study_table(studies, curves)
+    md = ["# SPD study report", "", "Generated by `spd-report` from run artifacts only.", ""]
+    md += ["## Accuracy, perplexity and latency saving", "", table, ""]
+    for name in curves:
+        p = pareto_plot(rows, name, out / f"pareto_{name.replace(' ', '_').replace('=', '')}.png")
+        md += [f"![Pareto {name}]({p.name})", ""]
+    for f in sorted({f for p in rc.rankings for f in glob.glob(p)}):
+        if r := read_json(f):
+            name = f"sensitivity_{r.get('model', 'model')}_tp{r['tp']}_{r['method']}.png"
+            plot_sensitivity(r, out / name)
+            md += [f"![sensitivity]({name})", ""]
+    if p := breakdown_plot(records, out / "breakdown.png"):
+        md += ["## Compute and communication", "", f"![breakdown]({p.name})", ""]
+    if not curves:
+        md += ["No bench records match the latency targets: latency savings are not shown.", ""]
+    write_bytes_atomic(out / "report.md", "\n".join(md).encode())
+    write_bytes_atomic(out / "report.json", json.dumps({"rows": rows, "targets": list(curves)}, indent=1).encode())
+    print(f"report: {out / 'report.md'} ({len(rows)} study jobs, {len(records)} bench records)")
+    return out / "report.md"
