@@ -106,6 +106,14 @@ def study(cfg) -> None:
     print(json.dumps({k: summary[k] for k in ("model", "tp", "strategy", "fraction", "perplexity", "eval")}, indent=1))
 
 
+@hydra_app("plan")
+def plan(cfg) -> None:
+    """spd-plan: latency-aware planner within a perplexity budget, compared with the threshold rule."""
+    from spd.planner import run_planner
+
+    run_planner(cfg)
+
+
 @hydra_app("report")
 def report(cfg) -> None:
     """spd-report: tables and plots from run artifacts only (study jobs, rankings, bench records)."""

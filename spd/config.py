@@ -122,6 +122,13 @@ class StudyConfig:
 
 
 @dataclass
+class PlannerConfig:
+    """spd-plan: the latency-aware planner's budget (allowed relative calibration-perplexity increase)."""
+
+    budget: float = 0.05
+
+
+@dataclass
 class ReportConfig:
     """spd-report: which artifacts to read and where the tables and plots go."""
 
@@ -191,6 +198,7 @@ class RunApp:
     distill: DistillConfig = field(default_factory=DistillConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     run_dir: str = "runs/${model.name}/tp${parallel.tp}"
     extra: dict[str, Any] = field(default_factory=dict)
