@@ -8,6 +8,7 @@ drawn from the seed). Every failure a user can cause raises ModelLoadError sayin
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -140,8 +141,31 @@ def _load_llama2c(cfg: ModelConfig, dtype: torch.dtype):
     return load_llama2c(resolve_path(cfg.path), resolve_path(cfg.tokenizer), dtype=dtype)
 
 
+CACHE_MAX_PARAMS = 2_000_000_000  # a cached copy of a larger model would double its memory
+_LAST: tuple[str, object, object] | None = None  # the last model loaded, for multirun sweeps in one process
+
+
 def load_model(cfg: ModelConfig):
-    """(LlamaForCausalLM in eval mode, tokenizer) for cfg; the tokenizer is None for random weights."""
+    """(LlamaForCausalLM in eval mode, tokenizer) for cfg; the tokenizer is None for random weights.
+
+    The last checkpoint loaded is kept (on the CPU) and a later call with the same config gets a fresh
+    deep copy: a Hydra multirun sweep loads (and, for GGUF, dequantises) the model once, not per job.
+    """
+    global _LAST
+    key = repr(cfg)
+    if _LAST is None or _LAST[0] != key:
+        model, tokenizer = _load(cfg)
+        small = sum(p.numel() for p in model.parameters()) <= CACHE_MAX_PARAMS
+        _LAST = (key, model.cpu(), tokenizer) if cfg.source != "random" and small else None
+        if _LAST is None:
+            return model.to(torch_device(cfg.device)).eval(), tokenizer
+    else:
+        model, tokenizer = _LAST[1], _LAST[2]
+    model = copy.deepcopy(model)
+    return model.to(torch_device(cfg.device)).eval(), tokenizer
+
+
+def _load(cfg: ModelConfig):
     if cfg.source not in SOURCES:
         raise ModelLoadError(f"unknown model source {cfg.source!r}; valid: {', '.join(SOURCES)}")
     dtype = torch_dtype(cfg.dtype)
@@ -153,7 +177,7 @@ def load_model(cfg: ModelConfig):
     model, tokenizer = loader(cfg, dtype)
     if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(torch_device(cfg.device)).eval(), tokenizer
+    return model.eval(), tokenizer
 
 
 def load_config(cfg: ModelConfig):
