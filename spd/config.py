@@ -162,6 +162,7 @@ class EvalConfig:
     batch_size: int = 8
     num_fewshot: Optional[int] = None
     max_length: int = 2048
+    bootstrap_iters: int = 1000  # lm-eval's 100000 takes minutes per perplexity task on a few cores
 
 
 @dataclass

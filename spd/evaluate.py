@@ -63,7 +63,7 @@ def make_lm(lm_or_model: Any, tokenizer: Any, cfg: EvalConfig) -> LM:
         return lm_or_model
     if isinstance(lm_or_model, LM):
         return lm_or_model
-    return SPDLM(model=lm_or_model, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length)
+    return SPDLM(lm_or_model, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length)
 
 
 def summarize(results: dict) -> dict:
@@ -90,7 +90,9 @@ def summarize(results: dict) -> dict:
     }
 
 
-def evaluate(lm_or_model: Any, tokenizer: Any, cfg: EvalConfig, run_dir: Path, *, is_writer: bool = True) -> dict | None:
+def evaluate(
+    lm_or_model: Any, tokenizer: Any, cfg: EvalConfig, run_dir: Path, *, is_writer: bool = True
+) -> dict | None:
     """Run cfg.tasks through lm-eval on a model (or LM) and write results.json and summary.json.
 
     lm_or_model: an SPDLM, any lm-eval LM, or a model mapping input_ids (B, S) to logits (B, S, V)
@@ -103,6 +105,8 @@ def evaluate(lm_or_model: Any, tokenizer: Any, cfg: EvalConfig, run_dir: Path, *
         for var in OFFLINE_ENV:
             os.environ.setdefault(var, "1")
     lm = make_lm(lm_or_model, tokenizer, cfg)
+    if isinstance(lm, SPDLM):
+        lm.progress = is_writer  # one progress bar per evaluation, not one per rank
     results = simple_evaluate(
         model=lm,
         tasks=list(cfg.tasks),
@@ -122,7 +126,9 @@ def evaluate(lm_or_model: Any, tokenizer: Any, cfg: EvalConfig, run_dir: Path, *
     return results
 
 
-def main(cfg: RunApp, prepare: Callable[[Any, RunApp], Any] | None = None, is_writer: bool = True) -> dict | None:
+def main(
+    cfg: RunApp, prepare: Callable[[Any, RunApp], Any] | None = None, is_writer: bool = True
+) -> dict | None:
     """spd-eval: load cfg.model, apply `prepare` (SPD plan, sharding), evaluate into cfg.run_dir.
 
     prepare(model, cfg) returns what is evaluated: the model changed in place, or a tensor-parallel

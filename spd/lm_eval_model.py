@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -82,12 +81,12 @@ def load_pretrained(pretrained: str, tokenizer: str | None, gguf_file: str | Non
     """A transformers causal LM and its tokenizer from a local directory or hub id (GGUF with gguf_file)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    from spd.load import torch_dtype
+
+    gguf = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            pretrained, dtype=getattr(torch, dtype), **kwargs, **hf_kwargs
-        )
-        tok = AutoTokenizer.from_pretrained(tokenizer or pretrained, **({} if tokenizer else kwargs), **hf_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch_dtype(dtype), **gguf, **hf_kwargs)
+        tok = AutoTokenizer.from_pretrained(tokenizer or pretrained, **({} if tokenizer else gguf), **hf_kwargs)
     except (OSError, ValueError) as err:
         raise ModelLoadError(
             f"could not load pretrained={pretrained!r}"
@@ -127,9 +126,10 @@ class SPDLM(TemplateLM):
         super().__init__()
         loaded = isinstance(model, str) or pretrained is not None
         if isinstance(model, str):
-            model, tokenizer = self._load_by_name(model, tokenizer, gguf_file, dtype)
+            model, tokenizer = self._load_by_name(model)
         elif pretrained is not None:
-            model, tokenizer = load_pretrained(pretrained, tokenizer, gguf_file, dtype, **({"revision": revision} if revision else {}))
+            hf_kwargs = {"revision": revision} if revision else {}
+            model, tokenizer = load_pretrained(pretrained, tokenizer, gguf_file, dtype, **hf_kwargs)
         if model is None or tokenizer is None:
             raise SPDError("SPDLM needs model= and tokenizer=, or pretrained=PATH, or model=<conf/model name>")
         if isinstance(tokenizer, str):
@@ -154,13 +154,10 @@ class SPDLM(TemplateLM):
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
-    def _load_by_name(name: str, tokenizer, gguf_file: str | None, dtype: str):
-        """model=<conf/model name> through spd.load.load_model; without spd.load, name is a path."""
-        try:
-            from spd.load import load_model
-        except ImportError:
-            log.warning("spd.load is not available: treating model=%s as a pretrained path", name)
-            return load_pretrained(name, tokenizer, gguf_file, dtype)
+    def _load_by_name(name: str):
+        """model=<name of conf/model/*.yaml>, loaded by spd.load.load_model (any source it knows)."""
+        from spd.load import load_model
+
         return load_model(model_config_by_name(name))
 
     @staticmethod
@@ -224,7 +221,7 @@ class SPDLM(TemplateLM):
 
     def get_model_info(self) -> dict:
         """Provenance that lm-eval copies into results['config']."""
-        info = {"model_class": type(self.model).__name__, "max_length": self.max_length, "batch_size": self.batch_size}
+        info = {"model_class": type(self.model).__name__, "max_length": self.max_length}
         if isinstance(self.model, torch.nn.Module):
             info["model_num_parameters"] = sum(p.numel() for p in self.model.parameters())
             param = next(self.model.parameters(), None)
@@ -245,7 +242,7 @@ class SPDLM(TemplateLM):
     def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(
             chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
         )
@@ -260,7 +257,10 @@ class SPDLM(TemplateLM):
             ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
         logits = self._logits(ids.to(self._device))
         if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(ids.shape):
-            raise SPDError(f"the model returned logits of shape {tuple(logits.shape)} for input ids {tuple(ids.shape)}; expected (B, S, V)")
+            raise SPDError(
+                f"the model returned logits of shape {tuple(logits.shape)} for input ids {tuple(ids.shape)}; "
+                "expected (B, S, V)"
+            )
         return logits
 
     def _batches(self, order: list[int]):
@@ -268,6 +268,9 @@ class SPDLM(TemplateLM):
             yield order[start : start + self.batch_size]
 
     # ------------------------------------------------------------------ lm-eval requests
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """(sum of continuation log-probs, is_greedy) for each ((context, continuation), ctx_ids, cont_ids)."""
         order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
@@ -278,7 +281,10 @@ class SPDLM(TemplateLM):
             for i in idx:
                 _, ctx, cont = requests[i]
                 if not 0 < len(cont) <= self.max_length:
-                    raise SPDError(f"a continuation of {len(cont)} tokens cannot be scored at max_length={self.max_length}")
+                    raise SPDError(
+                        f"a continuation of {len(cont)} tokens does not fit max_length={self.max_length}; "
+                        "raise max_length (up to the model's positions)"
+                    )
                 rows.append((ctx + cont)[-(self.max_length + 1) :][:-1])  # left-truncated input
             logits = self.forward(rows)  # (B, S, V)
             for b, i in enumerate(idx):
@@ -286,7 +292,8 @@ class SPDLM(TemplateLM):
                 n, k = len(rows[b]), len(cont)
                 target = torch.tensor(cont, device=logits.device)  # (k,)
                 logp = logits[b, n - k : n].float().log_softmax(-1)  # (k, V)
-                answer = (float(logp.gather(-1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all()))
+                greedy = bool((logp.argmax(-1) == target).all())
+                answer = (float(logp.gather(-1, target[:, None]).sum()), greedy)
                 out[i] = answer
                 if key is not None:
                     self.cache_hook.add_partial("loglikelihood", key, answer)
@@ -296,7 +303,7 @@ class SPDLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of each whole text, in disjoint windows of max_length tokens (lm-eval's scheme)."""
-        windows, owner = [], []
+        windows, owner = [], []  # owner[w]: the text window w belongs to
         texts = [req.args[0] for req in requests]
         for j, text in enumerate(texts):
             # No special tokens: the prefix token is the text's only conditioning, as lm-eval documents.
@@ -332,7 +339,7 @@ class SPDLM(TemplateLM):
         for idx in groups:
             until, max_gen = self._gen_settings(args[idx[0]][1])
             if max_gen >= self.max_length:
-                raise SPDError(f"max_gen_toks={max_gen} leaves no room for a context at max_length={self.max_length}")
+                raise SPDError(f"max_gen_toks={max_gen} leaves no context at max_length={self.max_length}")
             texts = self.greedy([encs[i][-(self.max_length - max_gen) :] for i in idx], until, max_gen)
             for i, text in zip(idx, texts):
                 out[i] = text
@@ -343,7 +350,7 @@ class SPDLM(TemplateLM):
 
     def _gen_settings(self, kwargs: dict) -> tuple[list[str], int]:
         if kwargs.get("do_sample") or float(kwargs.get("temperature", 0.0) or 0.0) > 0.0:
-            raise SPDError(f"SPDLM decodes greedily only; got generation kwargs {kwargs} (use do_sample: false)")
+            raise SPDError(f"SPDLM decodes greedily only; got generation kwargs {kwargs} (set do_sample: false)")
         until = kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
         max_gen = kwargs.get("max_gen_toks", kwargs.get("max_new_tokens", self.max_gen_toks))
@@ -363,7 +370,8 @@ class SPDLM(TemplateLM):
             width = max(lens)
             logits = self.forward([row[:width] for row in ids])  # (B, S, V)
             last = torch.tensor(lens, device=logits.device) - 1
-            nxt = logits[torch.arange(len(ids), device=logits.device), last].argmax(-1).tolist()  # (B,)
+            rows = torch.arange(len(ids), device=logits.device)
+            nxt = logits[rows, last].argmax(-1).tolist()  # (B,)
             for b, tok in enumerate(nxt):
                 if done[b]:
                     continue
