@@ -18,6 +18,9 @@ import torch.distributed as dist
 
 from spd.errors import ParallelConfigError
 
+# NVLink multicast stays off on the shared GPU hosts (it can take their GPUs out of service): every NCCL
+# group this project creates is made with these set, whatever the caller's environment says.
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 DEFAULT_TIMEOUT_S = 300.0  # long enough for a 70B random init and CUDA-graph capture, short enough to notice a hang
 BACKENDS = ("auto", "nccl", "gloo")
 
@@ -95,6 +98,7 @@ def init_tp(
     local_rank = rank if local_rank is None else local_rank
     backend = _pick_backend(backend)
     if backend == "nccl":
+        os.environ.update(NO_MULTICAST)
         if local_rank >= torch.cuda.device_count():
             raise ParallelConfigError(f"local rank {local_rank} needs GPU {local_rank}, but only "
                                       f"{torch.cuda.device_count()} are visible; use --nproc-per-node <= that")

@@ -20,20 +20,24 @@ from overlap.context import init_tp, shutdown
 DEFAULT_TIMEOUT_S = 120.0
 
 
-def _entry(rank, fn, world_size, workdir, store, backend, timeout_s, threads, args):
+def _entry(rank, fn, world_size, workdir, store, backend, pg_timeout_s, threads, args):
     torch.set_num_threads(threads)  # R ranks share the machine's cores
-    ctx = init_tp(backend, timeout_s, rank=rank, world_size=world_size, local_rank=rank,
+    ctx = init_tp(backend, pg_timeout_s, rank=rank, world_size=world_size, local_rank=rank,
                   init_method=f"file://{store}")
     try:
         result = fn(ctx, *args)
         torch.save(result, Path(workdir) / f"result-{rank}.pt")
+        ctx.barrier()  # tear down together: no rank destroys the group while a peer still uses it
     finally:
         shutdown(ctx)
 
 
 def spawn_ranks(fn, world_size: int, workdir: str | Path, args: tuple = (), backend: str = "gloo",
-                timeout_s: float = DEFAULT_TIMEOUT_S, threads: int = 1) -> list:
+                timeout_s: float = DEFAULT_TIMEOUT_S, threads: int = 1, pg_timeout_s: float | None = None) -> list:
     """Run fn(ctx, *args) on world_size spawned ranks; returns [rank 0's result, rank 1's, ...].
+
+    timeout_s bounds the whole group's wall time; pg_timeout_s (default timeout_s) is the process
+    group's timeout, after which a collective that some rank never joins raises.
 
     fn must be importable by name (a module-level function). A rank that raises fails the call
     (torch.multiprocessing re-raises its traceback).
@@ -43,10 +47,10 @@ def spawn_ranks(fn, world_size: int, workdir: str | Path, args: tuple = (), back
     for old in workdir.glob("result-*.pt"):
         old.unlink()
     store = workdir / f"store-{uuid.uuid4().hex}"
-    pc = mp.start_processes(_entry, nprocs=world_size, join=False, start_method="spawn",
-                            args=(fn, world_size, str(workdir), str(store), backend, timeout_s, threads, args))
+    entry_args = (fn, world_size, str(workdir), str(store), backend, pg_timeout_s or timeout_s, threads, args)
+    pc = mp.start_processes(_entry, args=entry_args, nprocs=world_size, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
-    while not pc.join(timeout=max(0.1, min(5.0, deadline - time.monotonic())), grace_period=5):
+    while not pc.join(timeout=max(0.1, min(5.0, deadline - time.monotonic())), grace_period=1):
         if time.monotonic() > deadline:
             for p in pc.processes:
                 if p.is_alive():

@@ -89,7 +89,8 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
         return inv / s["factor"]
     if kind != "llama3":
         raise ModelLoadError(f"rope_type {kind!r} is not supported; supported: default, linear, llama3")
-    factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old = s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv
     out = torch.where(wavelen > old / lo, inv / factor, inv)
     smooth = (old / wavelen - lo) / (hi - lo)
@@ -97,26 +98,38 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     return torch.where(medium, (1 - smooth) * out / factor + smooth * out, out)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)  # (..., Dh/2) each
-    return torch.cat((-x2, x1), dim=-1)
+def rope_(qk: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate halves of q and k at once: qk (B, S, H+KV, Dh), cos/sin_signed (S, 1, Dh) -> same shape.
+
+    transformers computes x*cos + rotate_half(x)*sin with rotate_half(x) = [-x2, x1]. Since sin's two
+    halves are equal, rotate_half(x)*sin == roll(x, Dh/2) * [-sin1, sin2] exactly, so three kernels do
+    it (roll, mul, addcmul) instead of five per tensor.
+    """
+    return torch.addcmul(qk * cos, qk.roll(qk.shape[-1] // 2, dims=-1), sin_signed)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Grouped-query attention: q (B, Hq, S, Dh), k/v (B, Hkv, L, Dh) -> (B, Hq, S, Dh).
 
-    mask None: plain causal over a chunk that starts at position 0 (L == S; flash attention, GQA native).
-    Otherwise mask (S, L) bool, True = may attend (a chunk at [p, p+S) against the cache, bottom-right
-    aligned; decode). Query heads of one KV head are folded into the row dimension, so K/V are never
-    repeated in memory (decode reads the cache once).
+    mask None: plain causal over a chunk that starts at position 0 (L == S): SDPA's flash kernel, GQA
+    native. Otherwise mask (S, L) is additive (0 or -inf; a chunk at [p, p+S) against the cache,
+    bottom-right aligned, or decode). The query heads of one KV head are folded into the row dimension,
+    so K/V are never repeated in memory. Decode (S == 1) uses two batched GEMMs and a softmax: SDPA's
+    masked kernels walk the whole static cache with one thread block per (batch, head), which leaves
+    most of the GPU idle at batch 1.
     """
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
     B, Hq, S, Dh = q.shape
-    G = Hq // k.shape[1]
-    qg = q.reshape(B, k.shape[1], G * S, Dh)  # (B, Hkv, G*S, Dh): row g*S + i is head (kv*G + g), token i
-    m = mask.repeat(G, 1) if S > 1 else mask  # (G*S, L)
-    return F.scaled_dot_product_attention(qg, k, v, attn_mask=m).view(B, Hq, S, Dh)
+    Hkv, L = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    if S == 1:
+        qg = q.reshape(B * Hkv, G, Dh)  # (B*KV, G, Dh): row g is query head kv*G + g
+        scores = torch.baddbmm(mask, qg, k.reshape(B * Hkv, L, Dh).transpose(1, 2), alpha=Dh**-0.5)  # (B*KV, G, L)
+        probs = torch.softmax(scores, dim=-1)  # fp32 accumulation inside, like transformers' eager path
+        return torch.bmm(probs, v.reshape(B * Hkv, L, Dh)).view(B, Hq, 1, Dh)
+    qg = q.reshape(B, Hkv, G * S, Dh)  # (B, Hkv, G*S, Dh): row g*S + i is head kv*G + g, token i
+    return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask.repeat(G, 1)).view(B, Hq, S, Dh)
 
 
 class RMSNorm(nn.Module):
@@ -126,8 +139,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()  # fp32 statistics, as transformers' LlamaRMSNorm
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        # One fused kernel on CUDA (fp32 statistics, like transformers' LlamaRMSNorm, one rounding fewer).
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class Sync(nn.Module):
@@ -191,16 +204,14 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, input_pos, mask, kv_len):
         B, S, _ = x.shape
-        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H/R, S, Dh)
-        k = k.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV/R, S, Dh)
-        v = v.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV/R, S, Dh)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        H, KV, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.wqkv(x)  # (B, S, (H/R + 2 KV/R) Dh)
+        qk = rope_(qkv[..., : (H + KV) * Dh].view(B, S, H + KV, Dh), cos, sin)  # (B, S, H/R + KV/R, Dh)
+        q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # (B, H/R, S, Dh), (B, KV/R, S, Dh)
+        v = qkv[..., (H + KV) * Dh :].view(B, S, KV, Dh).transpose(1, 2)  # (B, KV/R, S, Dh)
         k, v = self.kv_cache.update(input_pos, k, v, kv_len)  # (B, KV/R, L, Dh)
         y = attend(q, k, v, mask)  # (B, H/R, S, Dh)
-        return self.wo(y.transpose(1, 2).reshape(B, S, q_size))  # (B, S, D), this rank's partial
+        return self.wo(y.transpose(1, 2).reshape(B, S, H * Dh))  # (B, S, D), this rank's partial
 
 
 class MLP(nn.Module):
@@ -239,7 +250,9 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # Uninitialised on purpose (from_hf, from_args and overlap.tp.build_sharded set every weight); an
+        # initialising nn.Embedding on the meta device costs a torch._dynamo import (seconds per rank).
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim))
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
@@ -267,8 +280,10 @@ class Transformer(nn.Module):
             block.attn.kv_cache = KVCache(max_batch, a.n_kv_heads, max_seq, a.head_dim, p.dtype, p.device)
         freqs = torch.arange(max_seq, dtype=torch.float32)[:, None] * rope_inv_freq(self.args)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1).to(p.device)  # (Lmax, Dh) float32, like transformers
+        half = emb.shape[-1] // 2
+        sin = emb.sin()
         self.register_buffer("rope_cos", emb.cos(), persistent=False)
-        self.register_buffer("rope_sin", emb.sin(), persistent=False)
+        self.register_buffer("rope_sin_signed", torch.cat([-sin[:, :half], sin[:, half:]], -1), persistent=False)
         self.max_batch, self.max_seq = max_batch, max_seq
 
     def forward(self, tokens, input_pos, kv_len: int, chunk_start: int | None, last_only: bool = False):
@@ -280,11 +295,12 @@ class Transformer(nn.Module):
         if self.max_seq == 0:
             raise RuntimeError("no KV cache: call setup_caches(max_batch, max_seq) (or use overlap.runtime.Runtime)")
         x = self.tok_embeddings(tokens)  # (B, S, D)
-        cos = self.rope_cos[input_pos].to(x.dtype)  # (S, Dh)
-        sin = self.rope_sin[input_pos].to(x.dtype)
+        cos = self.rope_cos[input_pos].to(x.dtype)[:, None]  # (S, 1, Dh)
+        sin = self.rope_sin_signed[input_pos].to(x.dtype)[:, None]  # (S, 1, Dh)
         mask = None
         if chunk_start != 0:  # a later chunk or decode: bottom-right aligned causal mask against the cache
-            mask = torch.arange(kv_len, device=x.device)[None, :] <= input_pos[:, None]  # (S, L)
+            allowed = torch.arange(kv_len, device=x.device)[None, :] <= input_pos[:, None]  # (S, L)
+            mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(~allowed, float("-inf"))
         for block in self.layers:
             x = block(x, cos, sin, input_pos, mask, kv_len)
         if last_only:

@@ -22,6 +22,7 @@ from overlap.context import TPContext
 from overlap.model import Transformer
 
 GRAPH_WARMUP = 3  # eager steps on a side stream before capture (allocator, cuBLAS and NCCL setup)
+COMPILE_RECOMPILE_LIMIT = 64  # variants x batch sizes of one benchmark job, with room to spare
 
 
 class Runtime:
@@ -37,6 +38,11 @@ class Runtime:
             raise ValueError("cuda_graphs=True needs a model on a CUDA device")
         self._step = self._eager_step
         if compile:
+            import torch._dynamo.config as dynamo_config
+
+            # Each (plan, nocomm, batch) is its own specialisation; past the default limit dynamo would
+            # silently fall back to eager and the benchmark would time the wrong thing.
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
             self._step = torch.compile(self._eager_step, fullgraph=True, dynamic=False)
         self._pos_t = torch.zeros(1, dtype=torch.long, device=self.device)  # (1,) decode position
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}

@@ -35,6 +35,10 @@ def layout_of(args: ModelArgs, tp: int) -> TPLayout:
 
 def _rows(w: torch.Tensor, spans: list[tuple[int, int]], dim: int = 0) -> nn.Parameter:
     """The concatenation of w's [start, stop) spans along dim, as a new contiguous Parameter (meta-safe)."""
+    if w.is_meta:  # shapes only; torch.cat on meta would import torch._dynamo (seconds per rank)
+        shape = list(w.shape)
+        shape[dim] = sum(stop - start for start, stop in spans)
+        return nn.Parameter(torch.empty(shape, dtype=w.dtype, device="meta"), requires_grad=False)
     parts = [w.narrow(dim, start, stop - start) for start, stop in spans]
     return nn.Parameter(torch.cat(parts, dim=dim).contiguous(), requires_grad=False)
 

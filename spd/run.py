@@ -51,6 +51,9 @@ def read_json(path: str | Path):
 
 
 def git_commit() -> str:
+    """HEAD of the project checkout (+"-dirty"), or $SPD_COMMIT on a copy without .git (a GPU box)."""
+    if os.environ.get("SPD_COMMIT"):
+        return os.environ["SPD_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10

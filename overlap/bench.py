@@ -1,0 +1,197 @@
+"""Latency benchmark worker: one (R, interconnect) job, run on every rank under torchrun.
+
+    python -m torch.distributed.run --standalone --nproc-per-node R -m overlap.bench --job job.json
+
+(spd-bench writes job.json from the resolved Hydra config and starts this; see overlap/cli.py.) Each
+rank builds its shard of a random-weight model of the configured shape directly on its device, then
+times, for every variant, prefill of S tokens (batch 1, bench.tokens) and one decode step at batch B
+(bench.batches) at position bench.context. Variants: base (2 syncs a block), spdNN (SPD on the last NN%
+of blocks; which blocks does not matter for latency), nocomm (no collectives: wrong numbers, the lower
+bound) and hf_tp (the same shape through transformers' own tensor parallelism; GPU only). Warm-up is
+excluded; each iteration is timed with CUDA events (perf_counter on CPU); rank 0 appends one JSON line
+per measurement (schema spd.bench/1) with the median and the 20th/80th percentiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from overlap.context import TPContext, init_tp, shutdown
+from overlap.model import ModelArgs
+from overlap.runtime import Runtime
+from overlap.tp import build_sharded, set_nocomm_, set_plan_, spd_share_plan
+from spd.errors import SPDError
+
+SCHEMA = "spd.bench/1"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SEQ_ALIGN = 64  # cache lengths are rounded up to this: aligned attention masks, at most 63 masked extra positions
+_SPD = re.compile(r"spd(\d{1,3})$")
+
+
+def check_variants(variants) -> list[str]:
+    """The variant names, validated: base, nocomm, hf_tp or spdNN with 0 <= NN <= 100."""
+    for v in variants:
+        m = _SPD.match(v)
+        if v not in ("base", "nocomm", "hf_tp") and not (m and int(m.group(1)) <= 100):
+            raise SPDError(f"unknown bench variant {v!r}; valid: base, nocomm, hf_tp, spd0..spd100 (e.g. spd25)")
+    return list(variants)
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """Linear-interpolated q-th percentile (0..100) of xs."""
+    s = sorted(xs)
+    k = (len(s) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def measure(fn, ctx: TPContext, warmup: int, iters: int) -> list[float]:
+    """Per-iteration milliseconds of fn() after warm-up; device events on CUDA, no host sync inside."""
+    for _ in range(warmup):
+        fn()
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
+    ctx.barrier()  # start together: a rank that is late would show up as another rank's comm time
+    if ctx.device.type != "cuda":
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for start, end in zip(starts, ends):
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(ctx.device)
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+def apply_variant_(model, variant: str) -> int:
+    """Set the model's SPD blocks and comm switch for a variant; returns the number of SPD blocks."""
+    n = len(model.layers)
+    m = _SPD.match(variant)
+    plan = spd_share_plan(n, model.tp, int(m.group(1)) / 100) if m else None
+    set_plan_(model, plan)
+    set_nocomm_(model, variant == "nocomm")
+    return len(plan.tiers) if plan else 0
+
+
+def graphs_on(job: dict, ctx: TPContext) -> bool:
+    """CUDA graphs for decode when asked for and on a GPU (bench.cuda_graphs is ignored on CPU)."""
+    return bool(job.get("cuda_graphs")) and ctx.device.type == "cuda"
+
+
+def _round_up(n: int, k: int = SEQ_ALIGN) -> int:
+    return -(-n // k) * k
+
+
+class Recorder:
+    """Rank 0 appends one JSON line per measurement to the job's output file and echoes it."""
+
+    def __init__(self, job: dict, ctx: TPContext):
+        from spd.run import device_name, git_commit
+
+        self.ctx, self.out = ctx, Path(job["out"])
+        b = job["bench"]
+        self.common = dict(schema=SCHEMA, model=job["model"].get("name", "?"), tp=ctx.world_size,
+                           interconnect=job["interconnect"], dtype=job["model"].get("dtype", "bfloat16"),
+                           warmup=b["warmup"], iters=b["iters"], cuda_graphs=graphs_on(job, ctx),
+                           compile=bool(job.get("compile")), device=device_name(), torch=torch.__version__,
+                           commit=git_commit())
+
+    def __call__(self, times: list[float], **fields) -> None:
+        if not self.ctx.is_main:
+            return
+        rec = dict(self.common, **fields, median_ms=round(percentile(times, 50), 4),
+                   p20_ms=round(percentile(times, 20), 4), p80_ms=round(percentile(times, 80), 4),
+                   time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.out, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        size = f"tokens={fields['tokens']}" if fields["phase"] == "prefill" else f"batch={fields['batch']}"
+        print(f"[spd-bench] tp={self.ctx.world_size} {fields['phase']} {size} {fields['variant']}: "
+              f"{rec['median_ms']:.3f} ms (p20 {rec['p20_ms']:.3f}, p80 {rec['p80_ms']:.3f})", flush=True)
+
+
+def run_ours(job: dict, ctx: TPContext, record: Recorder) -> None:
+    """Prefill and decode latency of every variant of this project's runtime."""
+    b, seed = job["bench"], int(job["model"].get("seed", 0))
+    variants = [v for v in b["variants"] if v != "hf_tp"]
+    if not variants:
+        return
+    args = ModelArgs.from_model_config(job["model"])
+    dtype = DTYPES[job["model"].get("dtype", "bfloat16")]
+    model = build_sharded(args, ctx, dtype=dtype, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    if "prefill" in b["phases"]:
+        for S in b["tokens"]:
+            rt = Runtime(model, ctx, 1, _round_up(S), cuda_graphs=False)
+            ids = torch.randint(0, args.vocab_size, (1, S), generator=gen).to(ctx.device)  # (1, S)
+            for v in variants:
+                spd = apply_variant_(model, v)
+                times = measure(lambda: rt.prefill(ids, last_only=True), ctx, b["warmup"], b["iters"])
+                record(times, phase="prefill", tokens=S, batch=1, context=0, variant=v, spd_blocks=spd)
+            del rt
+    if "decode" in b["phases"]:
+        context = int(b["context"])
+        for B in b["batches"]:
+            rt = Runtime(model, ctx, B, _round_up(context + 1), cuda_graphs=graphs_on(job, ctx),
+                         compile=job.get("compile", False))
+            tok = torch.randint(0, args.vocab_size, (B, 1), generator=gen).to(ctx.device)  # (B, 1)
+
+            def step():
+                rt.pos = context  # every timed step decodes position `context` (cache length context + 1)
+                rt.decode_one(tok)
+
+            for v in variants:
+                spd = apply_variant_(model, v)
+                rt.invalidate()  # the captured graph follows the variant's sync points
+                times = measure(step, ctx, b["warmup"], b["iters"])
+                record(times, phase="decode", tokens=1, batch=B, context=context, variant=v, spd_blocks=spd)
+            rt.invalidate()
+            del rt
+    del model
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_job(job: dict) -> None:
+    """One benchmark job on this rank (all ranks call it with the same job)."""
+    check_variants(job["bench"]["variants"])
+    ctx = init_tp(job.get("backend", "auto"), float(job.get("timeout_s", 600)))
+    try:
+        torch.manual_seed(int(job["model"].get("seed", 0)))
+        record = Recorder(job, ctx)
+        run_ours(job, ctx, record)
+        if "hf_tp" in job["bench"]["variants"]:
+            if ctx.device.type != "cuda":
+                if ctx.is_main:
+                    print("[spd-bench] hf_tp skipped: transformers' tensor parallelism is timed on GPUs only")
+            else:
+                from overlap.hf_tp import run_hf_tp
+
+                run_hf_tp(job, ctx, record, measure)
+        ctx.barrier()
+    finally:
+        shutdown(ctx)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="spd-bench worker (start it through spd-bench or torchrun)")
+    parser.add_argument("--job", required=True, help="job.json written by spd-bench")
+    job = json.loads(Path(parser.parse_args(argv).job).read_text())
+    run_job(job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

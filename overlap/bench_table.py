@@ -1,0 +1,114 @@
+"""Markdown tables from spd-bench records (JSON lines, schema spd.bench/1); tables come from files only.
+
+One table per (model, device, dtype, phase); a row per (R, interconnect, size), where size is the
+prefill length or the decode batch and context; a column per variant with "median (p20-p80)" in ms,
+then two derived columns: what SPD on every block saves against base, and the communication share
+of base, (base - nocomm) / base. When a measurement was repeated, the last record wins.
+
+    python scripts/bench_table.py docs/benchmarks/spd_bench.jsonl [more.jsonl] [-o table.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+SCHEMA = "spd.bench/1"
+ORDER = ["base", "spd25", "spd50", "spd75", "spd100", "nocomm", "hf_tp"]
+
+
+def read_records(paths) -> list[dict]:
+    """Every spd.bench/1 record of the files, in file order (other lines are skipped)."""
+    out = []
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("schema") == SCHEMA:
+                out.append(rec)
+    return out
+
+
+def _variant_key(v: str):
+    if v in ORDER:
+        return (ORDER.index(v), 0)
+    m = re.match(r"spd(\d+)$", v)
+    return (ORDER.index("spd100") - 0.5, int(m.group(1))) if m else (len(ORDER), v)
+
+
+def _size(rec: dict) -> tuple:
+    if rec["phase"] == "prefill":
+        return (rec["tokens"],)
+    return (rec["batch"], rec["context"])
+
+
+def _size_label(phase: str, size: tuple) -> str:
+    return f"{size[0]} tokens" if phase == "prefill" else f"batch {size[0]}, ctx {size[1]}"
+
+
+def _cell(rec: dict | None) -> str:
+    if rec is None:
+        return "-"
+    return f"{rec['median_ms']:.2f} ({rec['p20_ms']:.2f}-{rec['p80_ms']:.2f})"
+
+
+def _pct(a: dict | None, b: dict | None) -> str:
+    if a is None or b is None or not a["median_ms"]:
+        return "-"
+    return f"{100 * (a['median_ms'] - b['median_ms']) / a['median_ms']:.1f}%"
+
+
+def tables(records: list[dict]) -> str:
+    """The markdown text: one titled table per (model, device, dtype, phase)."""
+    latest: dict[tuple, dict] = {}
+    for rec in records:
+        key = (rec["model"], rec["device"], rec.get("dtype", ""), rec["phase"], rec["tp"], rec["interconnect"],
+               _size(rec), rec["variant"])
+        latest[key] = rec
+    groups: dict[tuple, dict] = {}
+    for (model, device, dtype, phase, tp, ic, size, variant), rec in latest.items():
+        rows = groups.setdefault((model, device, dtype, phase), {})
+        rows.setdefault((tp, ic, size), {})[variant] = rec
+    parts = []
+    for (model, device, dtype, phase), rows in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        variants = sorted({v for cells in rows.values() for v in cells}, key=_variant_key)
+        any_rec = next(iter(next(iter(rows.values())).values()))
+        parts.append(f"### {model}, {phase}, {dtype} on {device} (torch {any_rec['torch']}, "
+                     f"commit {any_rec['commit'][:12]})\n")
+        head = ["R", "interconnect", "size", *variants, "SPD100 saves", "comm share"]
+        parts.append("| " + " | ".join(head) + " |")
+        parts.append("|" + "---|" * len(head))
+        for (tp, ic, size), cells in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+            row = [str(tp), ic, _size_label(phase, size), *(_cell(cells.get(v)) for v in variants),
+                   _pct(cells.get("base"), cells.get("spd100")), _pct(cells.get("base"), cells.get("nocomm"))]
+            parts.append("| " + " | ".join(row) + " |")
+        parts.append("")
+    parts.append("Milliseconds: median (20th-80th percentile) over the timed iterations, warm-up excluded. "
+                 "nocomm skips every all-reduce (wrong numbers, the lower bound).")
+    return "\n".join(parts) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="markdown tables from spd-bench JSON lines")
+    parser.add_argument("files", nargs="+", help="spd-bench output files (bench.out)")
+    parser.add_argument("-o", "--out", help="write the tables here instead of printing them")
+    a = parser.parse_args(argv)
+    records = read_records(a.files)
+    if not records:
+        raise SystemExit(f"no {SCHEMA} records in {', '.join(a.files)}")
+    text = tables(records)
+    if a.out:
+        Path(a.out).write_text(text)
+    else:
+        print(text, end="")
+
+
+if __name__ == "__main__":
+    main()

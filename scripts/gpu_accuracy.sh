@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The SmolLM2-135M accuracy study on one GPU, in stages that each fit a 10-minute device call:
+#   bash scripts/gpu_accuracy.sh STAGE     (STAGE: baseline | rank | sweep | planner | pack)
+# Needs: source scripts/device_setup.sh done by this script; the GGUF at $SMOL (default below).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/device_setup.sh
+SMOL=${SMOL:-/root/smol/SmolLM2-135M-Instruct.Q4_1.gguf}
+LIMIT=${LIMIT:-500}
+M="model.path=$SMOL study.shared_dir=runs/shared"
+spd() { python3 -m spd.cli "$@"; }
+case "$1" in
+  baseline)  # the dense model: full offline suite and WikiText-2 perplexity
+    spd evaluate $M parallel.tp=1 'eval.tasks=[spd_offline,spd_wikitext]' eval.batch_size=64 run_dir=runs/smollm2_135m/dense/eval
+    spd perplexity $M parallel.tp=1 run_dir=runs/smollm2_135m/dense/ppl ;;
+  rank)  # zero-shot SPD at 25..100% chosen by each ranking, R = 3 and 9 (perplexity only)
+    spd study -m $M parallel.tp=3,9 spd.ranking=backward,isolated spd.fraction=0.25,0.5,0.75,1.0 \
+      study.strategy=zs study.evaluate=false study.export=false ;;
+  sweep)  # R = 3: fraction x strategy with the offline suite (LIMIT docs per task)
+    spd study -m $M parallel.tp=3 spd.ranking=backward spd.fraction=0,0.25,0.5,0.75,1.0 \
+      study.strategy=zs,b2b,b2b_hg eval.limit=$LIMIT eval.batch_size=64 study.export=false ;;
+  planner)
+    for b in 0.02 0.1 0.5; do spd plan $M parallel.tp=3 planner.budget=$b; done ;;
+  pack)
+    tar czf "$OUT/runs.tgz" --exclude='*.safetensors' --exclude='activations' runs ;;
+esac

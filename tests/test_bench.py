@@ -1,0 +1,97 @@
+"""spd-bench: the CPU smoke run (2 gloo ranks, tiny model) end to end, the child environment, the table."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from overlap.bench import check_variants, percentile
+from overlap.bench_table import read_records, tables
+from overlap.cli import NO_MULTICAST, child_env
+from spd.errors import ParallelConfigError, SPDError
+from spd.run import PROJECT_ROOT
+
+SMOKE_TIMEOUT_S = 240  # torchrun + 2 ranks importing torch on 2 shared CPU cores; the run itself takes seconds
+FIELDS = {"schema", "model", "tp", "phase", "tokens", "batch", "context", "variant", "interconnect", "median_ms",
+          "p20_ms", "p80_ms", "iters", "device", "torch", "commit", "time"}
+
+
+def test_cpu_smoke_run_writes_one_record_per_measurement(tmp_path):
+    out, run_dir = tmp_path / "bench.jsonl", tmp_path / "run"
+    cmd = [sys.executable, "-m", "overlap.cli", "model=tiny", "bench=smoke", "parallel.tp=2",
+           f"bench.out={out}", f"run_dir={run_dir}", "bench.variants=[base,spd50,nocomm,hf_tp]",
+           "++extra.timeout_s=60"]
+    done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "hf_tp skipped" in done.stdout
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(recs) == (1 + 2) * 3  # (prefill 32 tokens + decode batches 1, 2) x (base, spd50, nocomm)
+    for rec in recs:
+        assert FIELDS <= set(rec), FIELDS - set(rec)
+        assert rec["schema"] == "spd.bench/1" and rec["tp"] == 2 and rec["model"] == "tiny"
+        assert rec["p20_ms"] <= rec["median_ms"] <= rec["p80_ms"]
+    assert {r["variant"]: r["spd_blocks"] for r in recs} == {"base": 0, "spd50": 2, "nocomm": 0}
+    assert sorted({(r["phase"], r["tokens"], r["batch"]) for r in recs}) == [
+        ("decode", 1, 1), ("decode", 1, 2), ("prefill", 32, 1)]
+    for name in ("config.yaml", "meta.json", "job.json"):
+        assert (run_dir / name).is_file(), name
+    assert json.loads((run_dir / "job.json").read_text())["out"] == str(out)
+
+
+def test_dry_run_writes_a_portable_job_and_launches_nothing(tmp_path):
+    cmd = [sys.executable, "-m", "overlap.cli", "parallel.tp=4", "parallel=nop2p", f"run_dir={tmp_path}",
+           "++extra.dry_run=true"]
+    done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    job = json.loads((tmp_path / "job.json").read_text())
+    assert (job["tp"], job["interconnect"], job["model"]["name"]) == (4, "nop2p", "llama2_70b")
+    assert job["model"]["num_layers"] == 80
+    assert job["out"] == "docs/benchmarks/spd_bench.jsonl"  # relative: resolved where the job runs
+    assert "--nproc-per-node=4 -m overlap.bench --job" in done.stdout
+
+
+def test_child_env_keeps_multicast_off_and_sets_p2p(monkeypatch):
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "1")  # even a caller's opposite setting is overridden
+    monkeypatch.setenv("NCCL_P2P_DISABLE", "1")
+    nvlink, nop2p = child_env("nvlink"), child_env("nop2p")
+    for env in (nvlink, nop2p):
+        assert all(env[k] == v for k, v in NO_MULTICAST.items())
+        assert str(PROJECT_ROOT) in env["PYTHONPATH"]
+    assert "NCCL_P2P_DISABLE" not in nvlink and nop2p["NCCL_P2P_DISABLE"] == "1"
+    with pytest.raises(ParallelConfigError, match="valid: nvlink, nop2p"):
+        child_env("pcie")
+
+
+def test_variants_are_validated():
+    assert check_variants(["base", "spd0", "spd37", "spd100", "nocomm", "hf_tp"])
+    for bad in ("spd101", "spd", "fast"):
+        with pytest.raises(SPDError, match="valid: base, nocomm, hf_tp, spd0..spd100"):
+            check_variants([bad])
+
+
+def test_percentile_interpolates():
+    xs = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert (percentile(xs, 50), percentile(xs, 20), percentile(xs, 80)) == (3.0, 1.8, 4.2)
+    assert percentile([7.0], 20) == 7.0
+
+
+def _rec(variant, median, phase="decode", **kw):
+    base = dict(schema="spd.bench/1", model="llama2_70b", device="4x H200", dtype="bfloat16", torch="2.11",
+                commit="abc", tp=4, interconnect="nvlink", phase=phase, tokens=1, batch=1, context=2048,
+                variant=variant, median_ms=median, p20_ms=median - 0.1, p80_ms=median + 0.1)
+    return base | kw
+
+
+def test_table_from_records(tmp_path):
+    path = tmp_path / "b.jsonl"
+    recs = [_rec("base", 20.0), _rec("spd100", 14.0), _rec("nocomm", 12.6), _rec("base", 14.85),  # rerun wins
+            _rec("spd50", 14.4), _rec("base", 144.5, phase="prefill", tokens=2048, context=0)]
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\nnot json\n{\"schema\": \"other\"}\n")
+    records = read_records([path])
+    assert len(records) == len(recs)
+    text = tables(records)
+    assert "| R | interconnect | size | base | spd50 | spd100 | nocomm | SPD100 saves | comm share |" in text
+    assert "| 4 | nvlink | batch 1, ctx 2048 | 14.85 (14.75-14.95) | 14.40 (14.30-14.50) | 14.00 (13.90-14.10) " \
+           "| 12.60 (12.50-12.70) | 5.7% | 15.2% |" in text
+    assert "### llama2_70b, prefill, bfloat16 on 4x H200" in text and "| 2048 tokens | 144.50" in text

@@ -1,0 +1,136 @@
+"""B2B distillation: teacher activations, only the block trains, loss drops, resume, the entry point."""
+
+import json
+
+import pytest
+import torch
+
+import spd.distill as distill
+from spd.activations import capture_hidden_states
+from spd.block import decoder_layers, spd_blocks
+from spd.config import CalibConfig, ModelConfig, ParallelConfig, RunApp, SPDConfig
+from spd.errors import PlanError, SPDError
+from spd.plan import SPDPlan
+from test_block import EXACT_FP32, tiny
+
+PLAN = SPDPlan(tp=2, num_layers=4, tiers={0: "ISB", 1: "SB", 3: "ESB"})
+FAST = dict(epochs=2, lr=1e-3, batch_size=2, progress=False)  # lr above the paper's 5e-5: visible in 2 epochs
+
+
+def calib(n=4, length=24, seed=0):
+    return torch.randint(0, 97, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@torch.no_grad()
+def test_captured_targets_are_the_original_blocks(tmp_path, attn):
+    model = tiny(layers=4)
+    model.config._attn_implementation = attn
+    ids = calib(n=5)
+    mem = capture_hidden_states(model, ids, [1, 2], batch_size=2, progress=False)
+    disk = capture_hidden_states(model, ids, [1, 2], batch_size=2, spill_dir=tmp_path / "spill", progress=False)
+    ref = model(ids, output_hidden_states=True).hidden_states
+    for i in (1, 2, 3):
+        assert torch.equal(mem.get(i), disk.get(i))
+        torch.testing.assert_close(mem.get(i), ref[i], atol=EXACT_FP32, rtol=0)
+    for i in (1, 2):  # the block's forward on the stored input with the stored kwargs gives the target
+        out = decoder_layers(model)[i](mem.get(i), **mem.block_kwargs())
+        torch.testing.assert_close(out, mem.get(i + 1), atol=EXACT_FP32, rtol=0)
+    disk.cleanup()
+    assert not list((tmp_path / "spill").iterdir())
+
+
+def test_only_the_distilled_blocks_change_and_loss_drops(tmp_path):
+    model = tiny(layers=4)
+    before = snapshot(model)
+    plan, report = distill.distill_blocks_(model, PLAN, calib(), tmp_path / "d", **FAST)
+    after = model.state_dict()
+    for k, v in before.items():
+        trained = k.startswith(("model.layers.1.", "model.layers.3."))
+        assert torch.equal(after[k], v) != trained, k  # every other parameter bit-for-bit unchanged
+    assert spd_blocks(model) == [0, 1, 3] and sorted(report["blocks"]) == ["1", "3"]
+    for entry in report["blocks"].values():
+        assert entry["loss_after"] < entry["loss_before"] and len(entry["epoch_losses"]) == 2
+    assert report["blocks"]["1"]["head_perm"] is None and "loss_before_hg" in report["blocks"]["3"]
+    assert plan.head_perm == {3: report["blocks"]["3"]["head_perm"]}
+    assert model.config.spd_plan == plan.to_dict()
+
+
+def test_spilled_activations_give_the_same_result(tmp_path):
+    runs = []
+    for spill in (None, 0.0):
+        model = tiny(layers=4)
+        opts = {**FAST, "epochs": 1} if spill is None else {**FAST, "epochs": 1, "spill_gb": spill}
+        runs.append(distill.distill_blocks_(model, PLAN, calib(), tmp_path / str(spill), **opts)[1])
+    for i in ("1", "3"):
+        assert runs[0]["blocks"][i]["loss_after"] == runs[1]["blocks"][i]["loss_after"]
+    assert not list((tmp_path / "0.0" / "activations").glob("*.safetensors"))  # spill files removed
+
+
+def test_interrupted_run_resumes_without_retraining(tmp_path, monkeypatch):
+    ref_model = tiny(layers=4)
+    distill.distill_blocks_(ref_model, PLAN, calib(), tmp_path / "ref", **FAST)
+
+    model, out = tiny(layers=4), tmp_path / "run"
+    real_train = distill.train_block
+
+    def crash_in_block_3(block, *args):
+        losses = real_train(block, *args)
+        if args[8] == "block 3":  # desc: killed after training block 3, before its weights are written
+            raise KeyboardInterrupt
+        return losses
+
+    monkeypatch.setattr(distill, "train_block", crash_in_block_3)
+    with pytest.raises(KeyboardInterrupt):
+        distill.distill_blocks_(model, PLAN, calib(), out, **FAST)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(manifest["blocks"]) == ["1"]
+    assert not (out / "block_3.safetensors").exists()  # no half-trained block is kept
+    assert not list(out.glob(".*.tmp"))
+
+    calls = []
+    monkeypatch.setattr(distill, "train_block", lambda block, *a: calls.append(a[8]) or real_train(block, *a))
+    fresh = tiny(layers=4)
+    plan, report = distill.distill_blocks_(fresh, PLAN, calib(), out, **FAST)
+    assert calls == ["block 3"]  # block 1 was loaded, not trained again
+    assert report["blocks"]["1"]["resumed"] and not report["blocks"]["3"].get("resumed")
+    ref = ref_model.state_dict()
+    for k, v in fresh.state_dict().items():  # the same weights as the uninterrupted run
+        assert torch.equal(v, ref[k]), k
+    assert plan.head_perm == {3: report["blocks"]["3"]["head_perm"]}
+
+    with pytest.raises(SPDError, match="other settings"):
+        distill.distill_blocks_(tiny(layers=4), PLAN, calib(), out, **{**FAST, "lr": 1e-4})
+
+
+def test_plan_with_head_permutations_is_refused(tmp_path):
+    plan = SPDPlan(tp=2, num_layers=4, tiers={3: "ESB"}, head_perm={3: list(range(8))})
+    with pytest.raises(PlanError, match="head_perm"):
+        distill.distill_blocks_(tiny(layers=4), plan, calib(), tmp_path, **FAST)
+
+
+def test_distill_main_on_stories260k(tmp_path, assets_dir):
+    from spd.export import read_plan
+
+    d = assets_dir / "models" / "stories260K"
+    plan_file = SPDPlan(tp=2, num_layers=5, tiers={2: "ISB", 3: "SB", 4: "ESB"}, model="stories260k").save(
+        tmp_path / "plan.json")
+    cfg = RunApp(
+        model=ModelConfig(name="stories260k", source="llama2c", path=str(d / "stories260K.bin"),
+                          tokenizer=str(d / "tok512.bin")),
+        parallel=ParallelConfig(tp=2), spd=SPDConfig(plan=str(plan_file)), run_dir=str(tmp_path / "run"),
+        calib=CalibConfig(data="tinystories_val.jsonl", num_samples=4, seq_len=32, batch_size=2),
+        extra={"epochs": 1, "batch_size": 2},
+    )
+    out = distill.distill_main(cfg)
+    run = tmp_path / "run"
+    for f in ("config.yaml", "meta.json", "distill.json", "plan.json", "model/config.json", "distill/manifest.json"):
+        assert (run / f).is_file(), f
+    saved = json.loads((run / "distill.json").read_text())
+    assert sorted(saved["blocks"]) == ["3", "4"] and saved["blocks"]["4"]["head_perm"] is not None
+    assert set(out["perplexity"]) == {"calibration_original", "calibration_zero_shot", "calibration_distilled"}
+    assert read_plan(run / "model").head_perm == {4: saved["blocks"]["4"]["head_perm"]}

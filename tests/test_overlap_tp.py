@@ -1,0 +1,151 @@
+"""Real tensor parallelism (gloo ranks on CPU) against the single-device SPD emulation (spd.surgery.apply_spd_).
+
+Cases: R=2 with 8 heads / 4 KV heads; R=3 with 9 heads / 3 KV heads (one KV head per rank, uneven FFN
+slices 58/57/57); R=4 with 8 heads / 2 KV heads (each KV head replicated on two ranks). Plans: baseline,
+some SPD blocks, every block SPD (the last one included). Each case spawns its ranks once; the tests
+read what they returned. transformers is imported lazily: spawned ranks import this module, and
+they need only torch and overlap/ (the parent hands them the unsharded model).
+"""
+
+import copy
+
+import pytest
+import torch
+
+from overlap.launch import spawn_ranks
+from overlap.model import ModelArgs, Transformer
+from overlap.runtime import Runtime
+from overlap.tp import build_sharded, layout_of, set_plan_, shard_
+from spd.plan import SPDPlan
+from spd.surgery import apply_spd_
+
+TP_FP32_ATOL = 1e-4  # fp32; gloo sums the R partials in another order than the emulation's stack().sum(0)
+RANKS_TIMEOUT_S = 150  # whole group, spawn and imports included (R processes share 2 CPU cores in CI)
+WEIGHT_STD = 0.2  # larger than LLaMA's init so that dropping a sync visibly changes the logits
+LAYERS, SPLIT, PROMPT, NEW_TOKENS = 3, 7, 6, 8
+
+CASES = {
+    "r2_gqa": dict(tp=2, heads=8, kv=4, hidden=64, ffn=172),
+    "r3_kv1": dict(tp=3, heads=9, kv=3, hidden=72, ffn=172),
+    "r4_kv_replicated": dict(tp=4, heads=8, kv=2, hidden=64, ffn=172),
+}
+PLANS = {"base": [], "spd_some": [1], "spd_all": list(range(LAYERS))}
+
+
+def make_hf(heads, kv, hidden, ffn, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=LAYERS, num_attention_heads=heads,
+                      num_key_value_heads=kv, vocab_size=128, max_position_embeddings=128)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.normal_(0, WEIGHT_STD)
+    return model
+
+
+@torch.no_grad()
+def greedy_reference(model, prompt, n) -> torch.Tensor:
+    """Greedy decoding by a full forward over the whole sequence at every step (slow, obviously right)."""
+    seq = prompt
+    for _ in range(n):
+        seq = torch.cat([seq, model(seq).logits[:, -1:].argmax(-1)], dim=1)
+    return seq
+
+
+def rank_worker(ctx, full: Transformer, ids: torch.Tensor):
+    model = shard_(full, ctx)
+    rt = Runtime(model, ctx, max_batch=ids.shape[0], max_seq=32)
+    out = {"rank": ctx.rank, "shapes": {n: tuple(p.shape) for n, p in model.layers[0].named_parameters()}}
+    for name, blocks in PLANS.items():
+        set_plan_(model, SPDPlan.zero_shot(ctx.world_size, LAYERS, blocks))
+        rt.invalidate()
+        c0 = model.sync_calls
+        full = rt.prefill(ids)  # (B, S, V)
+        c1 = model.sync_calls
+        rt.reset()
+        chunks = torch.cat([rt.prefill(ids[:, :SPLIT]), rt.prefill(ids[:, SPLIT:], start=SPLIT)], dim=1)
+        rt.reset()
+        rt.prefill(ids[:, :SPLIT])
+        c2 = model.sync_calls
+        decode = torch.cat([rt.decode_one(ids[:, i : i + 1]).clone() for i in range(SPLIT, ids.shape[1])], dim=1)
+        c3 = model.sync_calls
+        gen = rt.generate(ids[:, :PROMPT], NEW_TOKENS)
+        out[name] = dict(full=full, chunks=chunks, decode=decode, gen=gen, prefill_syncs=c1 - c0,
+                         decode_syncs=(c3 - c2) / (ids.shape[1] - SPLIT))
+    random = build_sharded(model.args, ctx, dtype=torch.float32)
+    out["random_shapes"] = {n: tuple(p.shape) for n, p in random.layers[0].named_parameters()}
+    return out
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory):
+    spec = dict(CASES[request.param])
+    tp = spec.pop("tp")
+    hf = make_hf(**spec)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))  # batch 2: not only row 0
+    results = spawn_ranks(rank_worker, tp, tmp_path_factory.mktemp(request.param),
+                          args=(Transformer.from_hf(hf), ids), timeout_s=RANKS_TIMEOUT_S)
+    refs = {}
+    with torch.no_grad():
+        for name, blocks in PLANS.items():
+            emu = apply_spd_(copy.deepcopy(hf), SPDPlan.zero_shot(tp, LAYERS, blocks))
+            refs[name] = dict(logits=emu(ids).logits, gen=greedy_reference(emu, ids[:, :PROMPT], NEW_TOKENS))
+    return dict(tp=tp, hf=hf, ids=ids, results=results, refs=refs)
+
+
+def _maxdiff(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_prefill_logits_equal_emulation_on_every_rank(case, plan):
+    ref = case["refs"][plan]["logits"]
+    for res in case["results"]:
+        assert _maxdiff(res[plan]["full"], ref) <= TP_FP32_ATOL, f"rank {res['rank']}"
+
+
+def test_spd_changes_the_logits(case):
+    """Guards the parity tests against vacuity: SPD's approximation is visible at these weights."""
+    refs = case["refs"]
+    assert _maxdiff(refs["spd_all"]["logits"], refs["base"]["logits"]) > 100 * TP_FP32_ATOL
+    assert _maxdiff(refs["base"]["logits"], case["hf"](case["ids"]).logits) <= TP_FP32_ATOL
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_all_reduces_per_forward_are_2L_minus_spd_blocks(case, plan):
+    expected = 2 * LAYERS - len(PLANS[plan])
+    for res in case["results"]:
+        assert res[plan]["prefill_syncs"] == expected
+        assert res[plan]["decode_syncs"] == expected
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_two_chunk_prefill_and_decode_equal_full_forward(case, plan):
+    ref = case["refs"][plan]["logits"]
+    res = case["results"][0][plan]
+    assert _maxdiff(res["chunks"], ref) <= TP_FP32_ATOL
+    assert _maxdiff(res["decode"], ref[:, SPLIT:]) <= TP_FP32_ATOL
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_greedy_generation_equals_emulation(case, plan):
+    for res in case["results"]:
+        assert torch.equal(res[plan]["gen"], case["refs"][plan]["gen"]), f"rank {res['rank']}"
+
+
+def test_each_rank_holds_its_layout_slice(case):
+    tp, cfg = case["tp"], case["hf"].config
+    layout = layout_of(ModelArgs.from_hf_config(cfg), tp)
+    Dh, D = layout.head_dim, cfg.hidden_size
+    for res in case["results"]:
+        r, shapes = res["rank"], res["shapes"]
+        ffn = layout.ffn_sizes()[r]
+        qkv_rows = (len(layout.q_heads(r)) + 2 * len(layout.kv_heads(r))) * Dh
+        assert shapes["attn.wqkv.weight"] == (qkv_rows, D)
+        assert shapes["attn.wo.weight"] == (D, len(layout.q_heads(r)) * Dh)
+        assert shapes["mlp.w13.weight"] == (2 * ffn, D)
+        assert shapes["mlp.w2.weight"] == (D, ffn)
+        assert res["random_shapes"] == shapes  # built sharded on meta: the same local shapes
