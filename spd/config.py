@@ -135,6 +135,9 @@ class ReportConfig:
     studies: list[str] = field(default_factory=lambda: ["runs/study/*/*/*/study.json"])
     rankings: list[str] = field(default_factory=lambda: ["runs/shared/*/*/rank-*/sensitivity.json"])
     bench: list[str] = field(default_factory=lambda: ["docs/benchmarks/*.jsonl"])
+    planners: list[str] = field(default_factory=lambda: ["runs/*/*/planner-*/planner.json"])
+    baselines: list[str] = field(default_factory=lambda: ["runs/*/dense/eval/summary.json",
+                                                         "runs/*/dense/ppl/perplexity.json"])
     targets: list[dict[str, Any]] = field(default_factory=lambda: [
         {"model": "llama2_70b", "tp": 4, "interconnect": "nvlink", "phase": "decode", "batch": 1},
         {"model": "llama2_70b", "tp": 4, "interconnect": "nop2p", "phase": "prefill", "tokens": 2048},

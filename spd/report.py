@@ -52,32 +52,74 @@ def target_name(t: dict) -> str:
     return f"{t['model']} R={t['tp']} {t['interconnect']} {t['phase']} {size}"
 
 
+GROUPS = ("spd_offline",)  # lm-eval groups: their acc is already the mean over their tasks
+
+
 def mean_accuracy(ev: dict) -> tuple[float | None, dict[str, float]]:
-    accs = {task: m["acc"]["value"] for task, m in ev.get("tasks", {}).items() if "acc" in m}
+    """(mean acc, per-task acc): a group's own acc where the job ran one, else the mean over tasks."""
+    tasks = ev.get("tasks", {})
+    accs = {t: m["acc"]["value"] for t, m in tasks.items() if "acc" in m and t not in GROUPS}
+    group = next((tasks[g]["acc"]["value"] for g in GROUPS if "acc" in tasks.get(g, {})), None)
+    if group is not None:
+        return group, accs
     return (float(np.mean(list(accs.values()))) if accs else None), accs
 
 
 def study_table(studies: list[dict], curves: dict[str, dict]) -> tuple[str, list[dict]]:
     rows = []
-    for s in sorted(studies, key=lambda s: (s["model"], s["tp"], s["fraction"], s["strategy"])):
+    key = lambda s: (s["model"], s["tp"], s.get("ranking", {}).get("method", ""), s["fraction"], s["strategy"])  # noqa: E731
+    for s in sorted(studies, key=key):
         avg, accs = mean_accuracy(s.get("eval", {}))
         savings = {name: latency_saving(c, s["fraction"]) for name, c in curves.items()}
         rows.append({"model": s["model"], "tp": s["tp"], "fraction": s["fraction"], "strategy": s["strategy"],
+                     "ranking": s.get("ranking", {}).get("method", "-"),
+                     "token_ppl": (s.get("perplexity") or {}).get("token_perplexity"),
                      "spd_blocks": s["spd_blocks"], "avg_acc": avg, "acc": accs,
                      "word_ppl": (s.get("perplexity") or {}).get("word_perplexity"), "saving": savings,
                      "distill_minutes": s.get("distill_minutes", 0.0)})
     tasks = sorted({t for r in rows for t in r["acc"]})
     names = list(curves)
-    head = ["model", "R", "SPD", "strategy", "avg acc", *tasks, "word ppl", *[f"saving {n}" for n in names],
-            "distill min"]
+    head = ["model", "R", "ranking", "SPD", "strategy", "avg acc", *tasks, "token ppl", "word ppl",
+            *[f"saving {n}" for n in names], "distill min"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     fmt = lambda v, f="{:.4f}": "-" if v is None else f.format(v)  # noqa: E731
     for r in rows:
-        cells = [r["model"], str(r["tp"]), f"{r['spd_blocks']} ({r['fraction']:.0%})", r["strategy"],
-                 fmt(r["avg_acc"]), *[fmt(r["acc"].get(t)) for t in tasks], fmt(r["word_ppl"], "{:.2f}"),
-                 *[fmt(r["saving"][n], "{:.1%}") for n in names], fmt(r["distill_minutes"], "{:.1f}")]
+        cells = [r["model"], str(r["tp"]), r["ranking"], f"{r['spd_blocks']} ({r['fraction']:.0%})", r["strategy"],
+                 fmt(r["avg_acc"]), *[fmt(r["acc"].get(t)) for t in tasks], fmt(r["token_ppl"], "{:.2f}"),
+                 fmt(r["word_ppl"], "{:.2f}"),
+                 *[fmt(r["saving"][n], "{:.1%}") for n in names], fmt(r["distill_minutes"], "{:.2f}")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines), rows
+
+
+def planner_table(planners: list[dict], curves: dict[str, dict]) -> str:
+    lines = ["| model | R | budget (ppl +%) | baseline ppl | planner: SPD blocks | planner ppl | threshold rule: SPD "
+             "blocks | threshold rule ppl | saving, planner vs rule |", "|" + "---|" * 9]
+    for p in sorted(planners, key=lambda p: (p["model"], p["tp"], p["budget_rel"])):
+        ours, rule = p["planner"], p["threshold_rule"]
+        n = p["num_layers"]
+        sav = "; ".join(f"{name}: {latency_saving(c, ours['spd_blocks'] / n):.1%} vs "
+                        f"{latency_saving(c, rule['spd_blocks'] / n):.1%}" for name, c in curves.items())
+        lines.append(f"| {p['model']} | {p['tp']} | {p['budget_rel']:.0%} | {ours['baseline_ppl']:.3f} | "
+                     f"{ours['spd_blocks']}/{p['num_layers']} | {ours['ppl']:.3f} | {rule['spd_blocks']}/{p['num_layers']} | "
+                     f"{rule['ppl']:.3f} | {sav or '-'} |")
+    return "\n".join(lines)
+
+
+def baseline_table(summaries: dict[str, dict]) -> str:
+    """lm-eval summaries (spd.eval/1) and perplexity.json files of dense runs, one metric a row."""
+    lines = ["| run | task | metric | value | stderr |", "|---|---|---|---|---|"]
+    for name, s in summaries.items():
+        name = "/".join(Path(name).parts[-4:-1])
+        if "token_perplexity" in s:
+            for metric in ("token_perplexity", "word_perplexity", "bits_per_byte"):
+                lines.append(f"| {name} | {Path(s.get('data', '?')).stem} (spd-ppl) | {metric} | {s[metric]:.4f} | - |")
+            continue
+        for task, metrics in s.get("tasks", {}).items():
+            for metric, v in metrics.items():
+                err = "-" if v.get("stderr") is None else f"{v['stderr']:.4f}"
+                lines.append(f"| {name} | {task} | {metric} | {v['value']:.4f} | {err} |")
+    return "\n".join(lines)
 
 
 def _plt():
@@ -156,7 +198,13 @@ def run_report(cfg) -> Path:
     curves = {target_name(t): c for t in rc.targets if (c := latency_curve(records, t))}
     table, rows = study_table(studies, curves)
     md = ["# SPD study report", "", "Generated by `spd-report` from run artifacts only.", ""]
+    baselines = {f: s for p in rc.baselines for f in sorted(glob.glob(p)) if (s := read_json(f))}
+    if baselines:
+        md += ["## Dense baselines", "", baseline_table(baselines), ""]
     md += ["## Accuracy, perplexity and latency saving", "", table, ""]
+    planners = [p for pat in rc.planners for f in sorted(glob.glob(pat)) if (p := read_json(f))]
+    if planners:
+        md += ["## Latency-aware planner against the threshold rule (equal budget)", "", planner_table(planners, curves), ""]
     for name in curves:
         p = pareto_plot(rows, name, out / f"pareto_{name.replace(' ', '_').replace('=', '')}.png")
         md += [f"![Pareto {name}]({p.name})", ""]

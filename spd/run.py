@@ -58,7 +58,9 @@ def git_commit() -> str:
         out = subprocess.run(
             ["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
         )
-        commit = out.stdout.strip() or "unknown"
+        commit = out.stdout.strip() if out.returncode == 0 else ""
+        if not commit:
+            return "unknown"
         dirty = subprocess.run(
             ["git", "-C", str(PROJECT_ROOT), "status", "--porcelain", "--untracked-files=no"],
             capture_output=True, text=True, timeout=10,
