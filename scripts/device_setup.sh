@@ -1,7 +1,7 @@
 # Source on a GPU machine of the device tool (python3 with CUDA torch, no lm-eval/hydra/datasets, no network):
 #   source scripts/device_setup.sh
 # Installs the carried wheels (.whl/, made by scripts/device_wheels.sh) into /tmp/site once per machine,
-# unpacks carried assets (.gpu/p1/data.tar.xz) into /root/assets, and sets the environment every run needs.
+# unpacks carried assets (.gpu/assets/data.tar.xz) into /root/assets, and sets the environment every run needs.
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast
 export SPD_ASSETS=/root/assets SPD_CACHE=/root/spd-cache MPLBACKEND=Agg
@@ -16,6 +16,6 @@ if [ ! -f /tmp/site/.done ] && [ -d .whl ]; then
     && touch /tmp/site/.done
 fi
 export PYTHONPATH=/tmp/site:$PWD
-if [ ! -d /root/assets/data ] && [ -f .gpu/p1/data.tar.xz ]; then
-  mkdir -p /root/assets && tar -C /root/assets -xJf .gpu/p1/data.tar.xz
+if [ ! -d /root/assets/data ] && [ -f .gpu/assets/data.tar.xz ]; then
+  mkdir -p /root/assets && tar -C /root/assets -xJf .gpu/assets/data.tar.xz
 fi
