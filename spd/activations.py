@@ -16,6 +16,7 @@ safetensors file per capture batch in spill_dir (read back lazily, one hidden st
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -32,13 +33,14 @@ BLOCK_KWARGS = ("attention_mask", "position_embeddings", "position_ids")  # what
 class ActivationStore:
     """Hidden states h_i (N, L, D) for a set of indices i, in memory or spilled to disk."""
 
-    def __init__(self, indices, spill_dir: str | Path | None = None):
+    def __init__(self, indices, spill_dir: str | Path | None = None, _reopen: bool = False):
         self.indices = sorted(set(indices))
         self.spill_dir = None if spill_dir is None else Path(spill_dir)
         self.kwargs: dict = {}
+        self.persistent = _reopen
         self._chunks: dict[int, list[torch.Tensor]] = {i: [] for i in self.indices}
-        self._files: list[Path] = []
-        if self.spill_dir is not None:
+        self._files: list[Path] = sorted(self.spill_dir.glob("batch_*.safetensors")) if _reopen else []
+        if self.spill_dir is not None and not _reopen:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
             for stale in self.spill_dir.glob("batch_*.safetensors"):  # from an interrupted run
                 stale.unlink()
@@ -64,11 +66,35 @@ class ActivationStore:
                 parts.append(f.get_tensor(f"h{index}"))
         return torch.cat(parts)
 
+    def persist(self) -> "ActivationStore":
+        """Mark a spilled capture complete (kwargs saved, marker written last): reusable by reopen()."""
+        torch.save(self.kwargs, self.spill_dir / "kwargs.pt")
+        (self.spill_dir / "complete.json").write_text(json.dumps({"indices": self.indices, "files": len(self._files)}))
+        self.persistent = True
+        return self
+
+    @classmethod
+    def reopen(cls, spill_dir: str | Path) -> "ActivationStore | None":
+        """A capture persisted in spill_dir, or None if there is none or it is incomplete."""
+        d = Path(spill_dir)
+        try:
+            meta = json.loads((d / "complete.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        store = cls(meta["indices"], d, _reopen=True)
+        if len(store._files) != meta["files"]:
+            return None
+        store.kwargs = torch.load(d / "kwargs.pt", weights_only=False)
+        return store
+
     def release(self, index: int) -> None:
         """Free h_index from memory once no remaining block needs it (spilled files stay until cleanup)."""
         self._chunks.pop(index, None)
 
     def cleanup(self) -> None:
+        if self.persistent:  # shared by several runs: kept on disk
+            self._chunks.clear()
+            return
         for path in self._files:
             path.unlink(missing_ok=True)
         self._files.clear()

@@ -179,6 +179,7 @@ class BenchConfig:
     iters: int = 20
     cuda_graphs: bool = True
     out: str = "docs/benchmarks/spd_bench.jsonl"
+    iso_chunks: int = 2  # pieces of the iso / spdNN+iso prefill variants (overlap/iso.py)
 
 
 @dataclass

@@ -94,12 +94,15 @@ def distill_blocks_(model, plan: SPDPlan, tokens: torch.Tensor, out_dir: str | P
                     lr: float = 5e-5, batch_size: int = 4, weight_decay: float = 0.0, seed: int = 0,
                     head_grouping: bool = True, max_rows: int = 256, dtype: torch.dtype = torch.float32,
                     spill_dir: str | Path | None = None, spill_gb: float = 4.0,
-                    progress: bool = True) -> tuple[SPDPlan, dict]:
+                    progress: bool = True, activations=None) -> tuple[SPDPlan, dict]:
     """HG on ESB blocks, then B2B on SB and ESB blocks of plan; the model ends with the plan applied.
 
     model: the ORIGINAL LlamaForCausalLM (no head permutation; SPD blocks, if any, are removed first).
     tokens: (N, L) calibration windows. Returns (plan with head_perm of the grouped blocks, report).
-    Activations are spilled to spill_dir (default out_dir/activations) when they exceed spill_gb.
+    Activations are spilled to spill_dir (default out_dir/activations) when they exceed spill_gb;
+    `activations`, a callable returning an ActivationStore that holds every needed h_i of the original
+    model (a persistent capture shared by a sweep), replaces the capture; it is called only when some
+    block still needs training.
     """
     if plan.head_perm:
         raise PlanError(f"the plan already has head permutations for blocks {sorted(plan.head_perm)}; "
@@ -124,8 +127,8 @@ def distill_blocks_(model, plan: SPDPlan, tokens: torch.Tensor, out_dir: str | P
             if (out_dir / e["file"]).is_file() and int(i) in hg and e.get("hg") == hg[int(i)]}
     need = [i for i in todo if i not in done]
 
-    store = None
-    if need:  # the teacher: original-model hidden states, before any block is changed or loaded
+    store = activations() if need and activations is not None else None
+    if need and store is None:  # the teacher: original-model hidden states, before any block is changed or loaded
         model_dtype = next(model.parameters()).dtype
         spill = state_bytes(*tokens.shape, model.config.hidden_size, need, model_dtype) > spill_gb * 2**30
         store = capture_hidden_states(model, tokens, need, batch_size,

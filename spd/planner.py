@@ -116,7 +116,7 @@ def run_planner(cfg) -> dict:
     from spd.report import latency_curve, latency_saving, load_records, target_name
     from spd.run import start_run, write_json_atomic
     from spd.sensitivity import plan_from_ranking
-    from spd.study import distill_dir, shared_ranking
+    from spd.study import distill_dir, shared_activations, shared_ranking
 
     run_dir = start_run(cfg.run_dir, cfg, stage="planner", tp=cfg.parallel.tp)
     model, tokenizer = load_model(cfg.model)
@@ -126,7 +126,8 @@ def run_planner(cfg) -> dict:
     forms = BlockForms(model)  # the original weights, before distillation changes them in place
     ddir = distill_dir(replace(cfg, study=replace(cfg.study, strategy="b2b")))
     distill_blocks_(model, SPDPlan(tp=tp, num_layers=n, tiers={i: "SB" for i in range(n)}), tokens, ddir,
-                    **(asdict(cfg.distill) | {"head_grouping": False}))
+                    **(asdict(cfg.distill) | {"head_grouping": False}),
+                    activations=lambda: shared_activations(model, tokens, cfg))
     forms.load_distilled(ddir)
     budget = cfg.planner.budget
     ours = plan_within_budget(forms, tokens, tp, budget, cfg.calib.batch_size)

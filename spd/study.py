@@ -4,8 +4,8 @@ A job directory holds config.yaml, meta.json and one artifact per stage: plan.js
 perplexity.json, eval/results.json, model/ (the export) and study.json (the job's summary, written last).
 A stage is skipped when its artifact exists, parses and belongs to the same plan; anything else is
 recomputed. Work that does not depend on the job's fraction or strategy lives in study.shared_dir and
-is computed once per sweep: the sensitivity ranking (per model, R, method and calibration set) and the
-distilled blocks (per model, R, calibration set, distillation settings and head-grouping switch; blocks
+is computed once per sweep: the sensitivity ranking (per model, R, method and calibration set), the
+teacher activations (per model and calibration set, every block boundary, on disk) and the distilled blocks (per model, R, calibration set, distillation settings and head-grouping switch; blocks
 are distilled on the original model's hidden states, so a block's result does not depend on which other
 blocks are SPD).
 """
@@ -50,6 +50,20 @@ def shared_ranking(model, tokens, cfg) -> dict:
     return ranking
 
 
+def shared_activations(model, tokens, cfg):
+    """The original model's hidden states at every block boundary for this calibration set, captured once
+    into study.shared_dir and reopened by every later job (they depend on neither R nor the plan)."""
+    from spd.activations import ActivationStore, capture_hidden_states
+
+    key = {"model": {k: v for k, v in asdict(cfg.model).items() if k != "device"}, "calib": asdict(cfg.calib)}
+    d = Path(cfg.study.shared_dir) / cfg.model.name / f"activations-{short_hash(key)}"
+    store = ActivationStore.reopen(d)
+    if store is None:
+        store = capture_hidden_states(model, tokens, range(len(decoder_layers(model))), cfg.calib.batch_size, d)
+        store.persist()
+    return store
+
+
 def distill_dir(cfg) -> Path:
     key = {"calib": asdict(cfg.calib), "distill": asdict(cfg.distill), "hg": cfg.study.strategy == "b2b_hg"}
     return Path(cfg.study.shared_dir) / cfg.model.name / f"tp{cfg.parallel.tp}" / f"distill-{cfg.study.strategy}-{short_hash(key)}"
@@ -92,7 +106,8 @@ def run_study(cfg) -> dict:
     if repaired:
         d0 = time.perf_counter()
         opts = asdict(cfg.distill) | {"head_grouping": cfg.study.strategy == "b2b_hg"}
-        plan_after, report = distill_blocks_(model, plan, tokens, distill_dir(cfg), **opts)
+        plan_after, report = distill_blocks_(model, plan, tokens, distill_dir(cfg), **opts,
+                                             activations=lambda: shared_activations(model, tokens, cfg))
         if distill is None:
             distill = {**report, "plan": plan.to_dict(), "minutes": (time.perf_counter() - d0) / 60}
             write_json_atomic(job / "distill.json", distill)
