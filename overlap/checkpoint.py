@@ -1,0 +1,119 @@
+"""Checkpoints into the tensor-parallel runtime: an spd-export directory or any ModelConfig, sharded per rank.
+
+Every rank loads the whole checkpoint on the CPU as a transformers LlamaForCausalLM, copies it into a
+Transformer (from_hf), keeps only its own slices (shard_ with the plan's SPD blocks), and only then
+moves its shard to ctx.device in the requested dtype: no GPU ever holds the whole model.
+
+Head order, by where the weights come from (the runtime never permutes heads itself, see overlap/tp.py):
+
+    spd-export directory (config.json has spd_plan)   weights are stored permuted and distilled: used as
+                                                       they are; the plan is the export's (or a given plan
+                                                       with the same head permutations)
+    any other checkpoint (ModelConfig, plain HF dir)   a given plan's head_perm[i] is applied to block i
+                                                       first (spd.heads.permute_heads_), as spd-export does
+
+so the sharded model computes exactly the single-device emulation apply_spd_(model, plan) of the same
+(permuted) weights, at R = plan.tp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from overlap.context import TPContext
+from overlap.model import Transformer
+from overlap.tp import shard_
+from spd.errors import ModelLoadError, PlanError
+from spd.plan import SPDPlan
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A torch dtype from a dtype or its name (float32, bfloat16, float16)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPE_NAMES:
+            raise ModelLoadError(f"dtype {dtype} is not supported; valid: {', '.join(DTYPE_NAMES.values())}")
+        return dtype
+    from spd.load import torch_dtype
+
+    return torch_dtype(dtype)
+
+
+def is_export(path: str | Path) -> bool:
+    """Whether path is an spd-export directory (its config.json carries spd_plan)."""
+    cfg = Path(path) / "config.json"
+    return cfg.is_file() and "spd_plan" in json.loads(cfg.read_text())
+
+
+def _check_head_perm(exported: SPDPlan, plan: SPDPlan, where) -> None:
+    if plan.head_perm and plan.head_perm != exported.head_perm:
+        raise PlanError(f"{where} was exported with head permutations {exported.head_perm}, but the plan given "
+                        f"has {plan.head_perm}; its weights are stored permuted: pass plan=None to use the "
+                        f"export's plan, or a plan with the same head_perm")
+
+
+def load_hf(source, dtype: torch.dtype | str = torch.float32, plan: SPDPlan | None = None):
+    """(LlamaForCausalLM on the CPU with the heads in the plan's order, tokenizer or None, plan or None).
+
+    source: an spd-export directory, a plain HF directory, or a spd.config.ModelConfig (any source
+    spd.load.load_model knows; its device is overridden to the CPU, its dtype by dtype).
+    """
+    from spd.config import ModelConfig
+    from spd.export import load_exported
+    from spd.heads import permute_heads_
+    from spd.load import load_model
+
+    dtype = as_dtype(dtype)
+    if isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is not a model directory (no config.json); pass an spd-export or HF "
+                                 f"directory, or a spd.config.ModelConfig")
+        if is_export(path):
+            hf, tokenizer, exported = load_exported(path, dtype=dtype, apply=False)
+            if plan is not None:
+                _check_head_perm(exported, plan, path)
+            return hf, tokenizer, plan or exported
+        source = ModelConfig(name=path.name, source="hf", path=str(path))
+    if not isinstance(source, ModelConfig):
+        raise ModelLoadError(f"cannot load a model from a {type(source).__name__}; pass an spd-export or HF "
+                             f"directory, or a spd.config.ModelConfig")
+    hf, tokenizer = load_model(dataclasses.replace(source, device="cpu", dtype=DTYPE_NAMES[dtype]))
+    stored = getattr(hf.config, "spd_plan", None)
+    if stored:  # a ModelConfig naming an spd-export directory (source hf): permuted already
+        exported = SPDPlan.from_dict(stored)
+        if plan is not None:
+            _check_head_perm(exported, plan, source.path)
+        return hf, tokenizer, plan or exported
+    if plan is not None:
+        for i, perm in sorted(plan.head_perm.items()):  # the plan's permutations describe permuted weights
+            permute_heads_(hf.model.layers[i], perm)
+    return hf, tokenizer, plan
+
+
+def load_runtime_model(source, ctx: TPContext, dtype: torch.dtype | str = torch.float32,
+                       plan: SPDPlan | None = None) -> tuple[Transformer, object, SPDPlan | None]:
+    """(ctx.rank's shard of the model on ctx.device in dtype, tokenizer or None, the plan applied).
+
+    source: an spd-export directory (plan: its spd_plan unless one is given), a plain HF directory or a
+    spd.config.ModelConfig (plan: the one given, or None for the dense model). The plan must be for
+    R = ctx.world_size. Every rank calls this with the same arguments. The returned model's
+    `source_config` is the transformers config it was read from (max_position_embeddings, name).
+    """
+    dtype = as_dtype(dtype)
+    hf, tokenizer, plan = load_hf(source, dtype, plan)
+    if plan is not None and plan.tp != ctx.world_size:
+        raise PlanError(f"the plan is for tp={plan.tp} but {ctx.world_size} ranks were launched; launch "
+                        f"--nproc-per-node {plan.tp}, or make a plan for tp={ctx.world_size}")
+    model = Transformer.from_hf(hf)  # (CPU) the whole model, in the checkpoint's stored head order
+    config = hf.config
+    del hf
+    shard_(model, ctx, plan)  # slices are copies: the whole weights go with `model`'s old Parameters
+    model.to(device=ctx.device, dtype=dtype)
+    model.source_config = config
+    return model.eval(), tokenizer, plan
