@@ -6,15 +6,23 @@
 rank builds its shard of a random-weight model of the configured shape directly on its device, then
 times, for every variant, prefill of S tokens (batch 1, bench.tokens) and one decode step at batch B
 (bench.batches) at position bench.context. Variants: base (2 syncs a block), spdNN (SPD on the last NN%
-of blocks; which blocks does not matter for latency), nocomm (no collectives: wrong numbers, the lower
-bound) and hf_tp (the same shape through transformers' own tensor parallelism; GPU only). Warm-up is
-excluded; each iteration is timed with CUDA events (perf_counter on CPU); rank 0 appends one JSON line
-per measurement (schema spd.bench/1) with the median and the 20th/80th percentiles.
+of blocks; which blocks does not matter for latency), iso and spdNN+iso (prefill in bench.iso_chunks
+ISO pieces, overlap/iso.py; decode has no ISO, so these are not timed there), nocomm (no collectives:
+wrong numbers, the lower bound) and hf_tp (the same shape through transformers' own tensor
+parallelism; GPU only). Warm-up is excluded; each iteration is timed with CUDA events (perf_counter on
+CPU); rank 0 appends one JSON line per measurement (schema spd.bench/1) with the median and the
+20th/80th percentiles.
+
+    ... -m overlap.bench --job job.json --profile DIR [--layers 4]
+
+instead traces one prefill per variant (the job's longest) of the same shape cut to a few blocks with
+torch.profiler; rank 0 writes DIR/<variant>.trace.json and the timeline DIR/timeline.png (+ .json).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -32,16 +40,22 @@ from spd.errors import SPDError
 SCHEMA = "spd.bench/1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SEQ_ALIGN = 64  # cache lengths are rounded up to this: aligned attention masks, at most 63 masked extra positions
-_SPD = re.compile(r"spd(\d{1,3})$")
+_SPD = re.compile(r"spd(\d{1,3})(\+iso)?$")
+ISO_CHUNKS = 2  # default bench.iso_chunks: ISO's two pieces
 
 
 def check_variants(variants) -> list[str]:
-    """The variant names, validated: base, nocomm, hf_tp or spdNN with 0 <= NN <= 100."""
+    """The variant names, validated: base, nocomm, hf_tp, spdNN (0 <= NN <= 100), iso or spdNN+iso."""
     for v in variants:
         m = _SPD.match(v)
-        if v not in ("base", "nocomm", "hf_tp") and not (m and int(m.group(1)) <= 100):
-            raise SPDError(f"unknown bench variant {v!r}; valid: base, nocomm, hf_tp, spd0..spd100 (e.g. spd25)")
+        if v not in ("base", "nocomm", "hf_tp", "iso") and not (m and int(m.group(1)) <= 100):
+            raise SPDError(f"unknown bench variant {v!r}; valid: base, nocomm, hf_tp, spd0..spd100 (e.g. spd25), "
+                           f"iso, spd0+iso..spd100+iso (ISO prefill, e.g. spd100+iso)")
     return list(variants)
+
+
+def is_iso(variant: str) -> bool:
+    return variant == "iso" or variant.endswith("+iso")
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -77,7 +91,7 @@ def measure(fn, ctx: TPContext, warmup: int, iters: int) -> list[float]:
 
 
 def apply_variant_(model, variant: str) -> int:
-    """Set the model's SPD blocks and comm switch for a variant; returns the number of SPD blocks."""
+    """Set the model's SPD blocks and comm switch for a variant (ISO aside); returns the number of SPD blocks."""
     n = len(model.layers)
     m = _SPD.match(variant)
     plan = spd_share_plan(n, model.tp, int(m.group(1)) / 100) if m else None
@@ -139,10 +153,13 @@ def run_ours(job: dict, ctx: TPContext, record: Recorder) -> None:
             ids = torch.randint(0, args.vocab_size, (1, S), generator=gen).to(ctx.device)  # (1, S)
             for v in variants:
                 spd = apply_variant_(model, v)
-                times = measure(lambda: rt.prefill(ids, last_only=True), ctx, b["warmup"], b["iters"])
-                record(times, phase="prefill", tokens=S, batch=1, context=0, variant=v, spd_blocks=spd)
+                k = int(b.get("iso_chunks", ISO_CHUNKS)) if is_iso(v) else 1
+                times = measure(lambda: rt.prefill(ids, last_only=True, iso=k), ctx, b["warmup"], b["iters"])
+                record(times, phase="prefill", tokens=S, batch=1, context=0, variant=v, spd_blocks=spd,
+                       iso_chunks=k)
             del rt
-    if "decode" in b["phases"]:
+    variants = [v for v in variants if not is_iso(v)]  # decode has one token a sequence: nothing to split
+    if "decode" in b["phases"] and variants:
         context = int(b["context"])
         for B in b["batches"]:
             rt = Runtime(model, ctx, B, _round_up(context + 1), cuda_graphs=graphs_on(job, ctx),
@@ -157,7 +174,8 @@ def run_ours(job: dict, ctx: TPContext, record: Recorder) -> None:
                 spd = apply_variant_(model, v)
                 rt.invalidate()  # the captured graph follows the variant's sync points
                 times = measure(step, ctx, b["warmup"], b["iters"])
-                record(times, phase="decode", tokens=1, batch=B, context=context, variant=v, spd_blocks=spd)
+                record(times, phase="decode", tokens=1, batch=B, context=context, variant=v, spd_blocks=spd,
+                       iso_chunks=1)
             rt.invalidate()
             del rt
     del model
@@ -165,12 +183,53 @@ def run_ours(job: dict, ctx: TPContext, record: Recorder) -> None:
         torch.cuda.empty_cache()
 
 
-def run_job(job: dict) -> None:
-    """One benchmark job on this rank (all ranks call it with the same job)."""
+def run_profile(job: dict, ctx: TPContext, out_dir: Path, layers: int) -> list[tuple[str, Path]]:
+    """One traced prefill per variant (the longest of bench.tokens) on the job's shape cut to `layers` blocks.
+
+    Rank 0 writes out_dir/<variant>.trace.json (chrome traces; '+' becomes '-') and returns [(variant,
+    path)]; the other ranks run the same calls and return []. Warm-up excluded, as in the benchmark.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    b, seed = job["bench"], int(job["model"].get("seed", 0))
+    args = dataclasses.replace(ModelArgs.from_model_config(job["model"]), n_layers=layers)
+    model = build_sharded(args, ctx, dtype=DTYPES[job["model"].get("dtype", "bfloat16")], seed=seed)
+    S = max(b["tokens"])
+    rt = Runtime(model, ctx, 1, _round_up(S), cuda_graphs=False)
+    ids = torch.randint(0, args.vocab_size, (1, S), generator=torch.Generator().manual_seed(seed)).to(ctx.device)
+    cuda = ctx.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    traces = []
+    for v in [v for v in b["variants"] if v != "hf_tp"]:
+        apply_variant_(model, v)
+        k = int(b.get("iso_chunks", ISO_CHUNKS)) if is_iso(v) else 1
+        measure(lambda: rt.prefill(ids, last_only=True, iso=k), ctx, max(1, b["warmup"]), 1)  # warm, in step
+        with profile(activities=activities) as prof:
+            rt.prefill(ids, last_only=True, iso=k)
+            if cuda:
+                torch.cuda.synchronize(ctx.device)
+        if ctx.is_main:
+            path = out_dir / f"{v.replace('+', '-')}.trace.json"
+            prof.export_chrome_trace(str(path))
+            traces.append((v, path))
+    return traces
+
+
+def run_job(job: dict, profile_dir: Path | None = None, layers: int = 4) -> None:
+    """One benchmark job on this rank (all ranks call it with the same job); profile_dir: trace instead."""
     check_variants(job["bench"]["variants"])
     ctx = init_tp(job.get("backend", "auto"), float(job.get("timeout_s", 600)))
     try:
         torch.manual_seed(int(job["model"].get("seed", 0)))
+        if profile_dir is not None:
+            traces = run_profile(job, ctx, profile_dir, layers)
+            if ctx.is_main:
+                from overlap.timeline import report
+
+                report(traces, profile_dir / "timeline.png")
+            ctx.barrier()
+            return
         record = Recorder(job, ctx)
         run_ours(job, ctx, record)
         if "hf_tp" in job["bench"]["variants"]:
@@ -189,8 +248,10 @@ def run_job(job: dict) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="spd-bench worker (start it through spd-bench or torchrun)")
     parser.add_argument("--job", required=True, help="job.json written by spd-bench")
-    job = json.loads(Path(parser.parse_args(argv).job).read_text())
-    run_job(job)
+    parser.add_argument("--profile", type=Path, help="trace one prefill per variant into this directory instead")
+    parser.add_argument("--layers", type=int, default=4, help="blocks of the traced model (with --profile)")
+    a = parser.parse_args(argv)
+    run_job(json.loads(Path(a.job).read_text()), a.profile, a.layers)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 SCHEMA = "spd.bench/1"
-ORDER = ["base", "spd25", "spd50", "spd75", "spd100", "nocomm", "hf_tp"]
+ORDER = ["base", "iso", "spd25", "spd50", "spd75", "spd100", "spd100+iso", "nocomm", "hf_tp"]
 
 
 def read_records(paths) -> list[dict]:
@@ -39,8 +39,8 @@ def read_records(paths) -> list[dict]:
 def _variant_key(v: str):
     if v in ORDER:
         return (ORDER.index(v), 0)
-    m = re.match(r"spd(\d+)$", v)
-    return (ORDER.index("spd100") - 0.5, int(m.group(1))) if m else (len(ORDER), v)
+    m = re.match(r"spd(\d+)(\+iso)?$", v)  # other SPD shares (with or without ISO) sit before spd100
+    return (ORDER.index("spd100") - 0.5, int(m.group(1)), bool(m.group(2))) if m else (len(ORDER), v)
 
 
 def _size(rec: dict) -> tuple:

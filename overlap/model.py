@@ -7,10 +7,10 @@ rank's heads and FFN rows once overlap.tp.shard_ has sliced them; unsharded, the
     baseline:  h = x + attn_sync(a);  out = h + mlp_sync(mlp(mlp_norm(h)))
     SPD:       out = x + block_sync(a + mlp(mlp_norm(x + a)))  # the only sync of an SPD block
 
-so a forward calls 2L - (#SPD blocks) all-reduces. attn is RoPE (rotating halves, as transformers'
-Llama; Llama-3 and linear rope scaling supported) + grouped-query SDPA against a static KV cache
-preallocated for max_batch x max_seq; mlp is SwiGLU. q/k/v and gate/up are fused into one weight each
-(one GEMM). Shapes are static in decode, so the step can be captured in a CUDA graph or compiled.
+so a forward calls 2L - (#SPD blocks) all-reduces (Sync.start: the same, asynchronous, for overlap.iso).
+attn is RoPE (rotating halves, as transformers' Llama; Llama-3 and linear rope scaling) + grouped-query
+SDPA against a static KV cache preallocated for max_batch x max_seq; mlp is SwiGLU. q/k/v and gate/up
+are fused into one weight each (one GEMM). Decode shapes are static: CUDA graphs or compile capture it.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from spd.errors import ModelLoadError
 
@@ -108,18 +109,20 @@ def rope_(qk: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torc
     return torch.addcmul(qk * cos, qk.roll(qk.shape[-1] // 2, dims=-1), sin_signed)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
     """Grouped-query attention: q (B, Hq, S, Dh), k/v (B, Hkv, L, Dh) -> (B, Hq, S, Dh).
 
-    mask None: plain causal over a chunk that starts at position 0 (L == S): SDPA's flash kernel, GQA
-    native. Otherwise mask (S, L) is additive (0 or -inf; a chunk at [p, p+S) against the cache,
-    bottom-right aligned, or decode). The query heads of one KV head are folded into the row dimension,
-    so K/V are never repeated in memory. Decode (S == 1) uses two batched GEMMs and a softmax: SDPA's
-    masked kernels walk the whole static cache with one thread block per (batch, head), which leaves
-    most of the GPU idle at batch 1.
+    mask None: plain causal over a chunk at position 0 (L == S): SDPA's flash kernel, GQA native.
+    mask causal_lower_right(S, L): a later prefill chunk at [L-S, L), token i seeing j <= L-S+i; flash on
+    CUDA too (bottom-right aligned when S < L: masked tiles skipped, no (S, L) mask; a dense one repeated
+    per grouped head is 0.5 GB a layer for 8192 LLaMA-2-70B tokens at TP 4). A tensor mask (S, L) is
+    additive (decode), with the query heads of a KV head folded into rows, so K/V are never repeated.
+    Decode (S == 1) uses two batched GEMMs and a softmax: SDPA's masked kernels walk the whole cache
+    with one thread block per (batch, head), idling most of the GPU at batch 1.
     """
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+    if mask is None or isinstance(mask, CausalBias):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              enable_gqa=q.shape[1] != k.shape[1])
     B, Hq, S, Dh = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -170,8 +173,35 @@ class Sync(nn.Module):
         dist.all_reduce(x, group=self.ctx.group)  # (B, S, D) summed over ranks
         return x
 
+    def start(self, x: torch.Tensor, stream=None) -> "Pending":
+        """The same sync point, asynchronous (eager only; leave x alone until Pending.wait()).
+
+        With a CUDA stream the collective is issued from it after all the compute stream has queued (x
+        included), and wait() makes the compute stream, not the host, wait; on gloo wait() blocks the host.
+        """
+        self.calls += 1
+        if self.ctx is None or self.ctx.group is None or self.nocomm:
+            return Pending(x)
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(x.device))  # x is complete before NCCL reads it
+        with torch.cuda.stream(stream):  # stream None: a no-op
+            return Pending(x, dist.all_reduce(x, group=self.ctx.group, async_op=True))  # (B, S, D) in flight
+
     def extra_repr(self) -> str:
         return f"{self.name}, calls={self.calls}, nocomm={self.nocomm}"
+
+
+class Pending:
+    """An all-reduce in flight (Sync.start); wait() -> the summed tensor, ordered before later compute."""
+
+    def __init__(self, x: torch.Tensor, work=None):
+        self.x, self.work = x, work
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()  # NCCL: the current stream waits for the sum; gloo: the host waits
+            self.work = None
+        return self.x
 
 
 class KVCache(nn.Module):
@@ -295,17 +325,26 @@ class Transformer(nn.Module):
         if self.max_seq == 0:
             raise RuntimeError("no KV cache: call setup_caches(max_batch, max_seq) (or use overlap.runtime.Runtime)")
         x = self.tok_embeddings(tokens)  # (B, S, D)
-        cos = self.rope_cos[input_pos].to(x.dtype)[:, None]  # (S, 1, Dh)
-        sin = self.rope_sin_signed[input_pos].to(x.dtype)[:, None]  # (S, 1, Dh)
-        mask = None
-        if chunk_start != 0:  # a later chunk or decode: bottom-right aligned causal mask against the cache
-            allowed = torch.arange(kv_len, device=x.device)[None, :] <= input_pos[:, None]  # (S, L)
-            mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(~allowed, float("-inf"))
+        cos, sin, mask = self.chunk_inputs(input_pos, kv_len, chunk_start, x.dtype)
         for block in self.layers:
             x = block(x, cos, sin, input_pos, mask, kv_len)
         if last_only:
             x = x[:, -1:]  # (B, 1, D)
         return self.output(self.norm(x))  # (B, S, V); replicated lm_head, so logits agree on all ranks
+
+    def chunk_inputs(self, input_pos: torch.Tensor, kv_len: int, chunk_start: int | None, dtype):
+        """RoPE tables cos, sin (S, 1, Dh) and the mask (see attend) of positions input_pos (S,).
+
+        chunk_start 0: no mask (plain causal); a later prefill chunk: causal_lower_right(S, kv_len), with
+        kv_len = chunk_start + S; None (decode, positions only on the device): an additive (S, kv_len) mask.
+        """
+        cos = self.rope_cos[input_pos].to(dtype)[:, None]  # (S, 1, Dh)
+        sin = self.rope_sin_signed[input_pos].to(dtype)[:, None]  # (S, 1, Dh)
+        if chunk_start is not None:  # prefill
+            return cos, sin, causal_lower_right(input_pos.shape[0], kv_len) if chunk_start else None
+        allowed = torch.arange(kv_len, device=input_pos.device)[None, :] <= input_pos[:, None]  # (S, L)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=input_pos.device).masked_fill_(~allowed, float("-inf"))
+        return cos, sin, mask
 
     @classmethod
     def from_hf(cls, hf_model) -> "Transformer":

@@ -5,7 +5,8 @@ Every rank runs the same calls in the same order (the sync points inside are col
 prefill(tokens, start=p) runs a chunk at positions [p, p+S): it writes the chunk's K/V into the cache
 and attends to cache positions [0, p+S) with a bottom-right aligned causal mask (token i sees j <= p+i);
 p = 0 is plain causal attention (flash). Prefill in two chunks equals prefill at once, which is the
-piece ISO needs: chunk 2 attends to chunk 1's cached K/V while chunk 1's all-reduce is in flight.
+piece ISO needs: prefill(..., iso=k) cuts the chunk into k cost-balanced pieces whose all-reduces run
+on a communication stream while the other pieces compute (overlap.iso), with the same logits.
 
 decode_one(token) runs one position for every sequence of the batch, attending over the whole static
 cache (masked beyond the position), so its shapes never change: on CUDA the step is captured once per
@@ -19,10 +20,12 @@ from __future__ import annotations
 import torch
 
 from overlap.context import TPContext
+from overlap.iso import attention_weight, iso_forward, split_bounds
 from overlap.model import Transformer
 
 GRAPH_WARMUP = 3  # eager steps on a side stream before capture (allocator, cuBLAS and NCCL setup)
 COMPILE_RECOMPILE_LIMIT = 64  # variants x batch sizes of one benchmark job, with room to spare
+ISO_ALIGN = 128  # ISO boundaries on multiples of 128 tokens: whole GEMM and flash-attention row tiles
 
 
 class Runtime:
@@ -48,6 +51,8 @@ class Runtime:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._pool = None
         self.pos = 0  # next position to write (same on every rank)
+        # ISO's all-reduces, all issued from this one stream (CUDA); None on CPU, where gloo needs none.
+        self.comm_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     @property
     def max_batch(self) -> int:
@@ -74,10 +79,19 @@ class Runtime:
                              f"build the Runtime with max_seq >= {stop}")
 
     @torch.no_grad()
-    def prefill(self, tokens: torch.Tensor, start: int = 0, last_only: bool = False) -> torch.Tensor:
-        """tokens (B, S) at positions [start, start+S) -> logits (B, S, V) ((B, 1, V) if last_only)."""
+    def prefill(self, tokens: torch.Tensor, start: int = 0, last_only: bool = False, iso: int = 1) -> torch.Tensor:
+        """tokens (B, S) at positions [start, start+S) -> logits (B, S, V) ((B, 1, V) if last_only).
+
+        iso = k >= 2: ISO, k pieces split by overlap.iso.split_bounds (at most S), each piece's all-reduces
+        overlapping the others' compute; k (2L - #SPD) all-reduces, the same logits as iso = 1.
+        """
         B, S = tokens.shape
         self._check(B, start + S)
+        if iso > 1:
+            bounds = split_bounds(start, start + S, iso, attention_weight(self.model.args), align=ISO_ALIGN)
+            logits = iso_forward(self.model, tokens, bounds, self.comm_stream, last_only=last_only)
+            self.pos = start + S
+            return logits
         input_pos = torch.arange(start, start + S, device=self.device)  # (S,)
         logits = self.model(tokens, input_pos, kv_len=start + S, chunk_start=start, last_only=last_only)
         self.pos = start + S

@@ -20,18 +20,22 @@ FIELDS = {"schema", "model", "tp", "phase", "tokens", "batch", "context", "varia
 def test_cpu_smoke_run_writes_one_record_per_measurement(tmp_path):
     out, run_dir = tmp_path / "bench.jsonl", tmp_path / "run"
     cmd = [sys.executable, "-m", "overlap.cli", "model=tiny", "bench=smoke", "parallel.tp=2",
-           f"bench.out={out}", f"run_dir={run_dir}", "bench.variants=[base,spd50,nocomm,hf_tp]",
+           f"bench.out={out}", f"run_dir={run_dir}", "bench.variants=[base,spd50,iso,spd50+iso,nocomm,hf_tp]",
            "++extra.timeout_s=60"]
     done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "hf_tp skipped" in done.stdout
     recs = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(recs) == (1 + 2) * 3  # (prefill 32 tokens + decode batches 1, 2) x (base, spd50, nocomm)
+    # prefill 32 tokens x (base, spd50, iso, spd50+iso, nocomm) + decode batches 1, 2 x (base, spd50, nocomm)
+    assert len(recs) == 5 + 2 * 3
     for rec in recs:
         assert FIELDS <= set(rec), FIELDS - set(rec)
         assert rec["schema"] == "spd.bench/1" and rec["tp"] == 2 and rec["model"] == "tiny"
         assert rec["p20_ms"] <= rec["median_ms"] <= rec["p80_ms"]
-    assert {r["variant"]: r["spd_blocks"] for r in recs} == {"base": 0, "spd50": 2, "nocomm": 0}
+    assert {r["variant"]: r["spd_blocks"] for r in recs} == {"base": 0, "spd50": 2, "iso": 0, "spd50+iso": 2,
+                                                              "nocomm": 0}
+    assert {(r["phase"], r["variant"], r["iso_chunks"]) for r in recs if "iso" in r["variant"]} == {
+        ("prefill", "iso", 2), ("prefill", "spd50+iso", 2)}  # decode has no ISO
     assert sorted({(r["phase"], r["tokens"], r["batch"]) for r in recs}) == [
         ("decode", 1, 1), ("decode", 1, 2), ("prefill", 32, 1)]
     for name in ("config.yaml", "meta.json", "job.json"):
@@ -64,9 +68,9 @@ def test_child_env_keeps_multicast_off_and_sets_p2p(monkeypatch):
 
 
 def test_variants_are_validated():
-    assert check_variants(["base", "spd0", "spd37", "spd100", "nocomm", "hf_tp"])
-    for bad in ("spd101", "spd", "fast"):
-        with pytest.raises(SPDError, match="valid: base, nocomm, hf_tp, spd0..spd100"):
+    assert check_variants(["base", "spd0", "spd37", "spd100", "nocomm", "hf_tp", "iso", "spd0+iso", "spd100+iso"])
+    for bad in ("spd101", "spd", "fast", "nocomm+iso", "hf_tp+iso", "base+iso", "spd101+iso", "iso+iso", "spd50iso"):
+        with pytest.raises(SPDError, match=r"valid: base, nocomm, hf_tp, spd0..spd100 .*, iso, spd0\+iso"):
             check_variants([bad])
 
 
