@@ -96,7 +96,10 @@ class SPDDecoderLayer(nn.Module):
         return x + (a + m).sum(0)  # the one all-reduce
 
     def restore(self) -> nn.Module:
-        self.self_attn.o_proj = self.original_o_proj
+        """The original block, holding the current parameters (a loader or training may have replaced them)."""
+        partial, linear = self.self_attn.o_proj, self.original_o_proj
+        linear.weight, linear.bias = partial.weight, partial.bias
+        self.self_attn.o_proj = linear
         return self.original
 
 

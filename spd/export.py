@@ -55,15 +55,6 @@ class SPDLlamaForCausalLM(LlamaForCausalLM):
         plan = getattr(config, "spd_plan", None) or {}
         tiers = {int(i): t for i, t in plan.get("tiers", {}).items()}
         set_spd_(self, int(plan.get("tp", 1)), tiers)
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
-        for layer in model.model.layers:  # loading replaces Parameters: keep remove_spd_'s o_proj current
-            if hasattr(layer, "original_o_proj"):
-                layer.original_o_proj.weight = layer.self_attn.o_proj.weight
-                layer.original_o_proj.bias = layer.self_attn.o_proj.bias
-        return model
 '''
 
 

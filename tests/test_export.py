@@ -32,8 +32,10 @@ for name, path in job["dirs"].items():
     ids = torch.tensor(job["ids"][name])
     with torch.no_grad():
         spd = [l for l in model.model.layers if type(l).__name__ == "SPDDecoderLayer"]
-        linked = all(l.original_o_proj.weight is l.self_attn.o_proj.weight for l in spd)
-        out[name] = {"cls": type(model).__name__, "logits": model(ids).logits.tolist(), "linked": linked,
+        logits = model(ids).logits.tolist()
+        loaded = [l.self_attn.o_proj.weight for l in spd]
+        linked = all(l.restore().self_attn.o_proj.weight is w for l, w in zip(spd, loaded))
+        out[name] = {"cls": type(model).__name__, "logits": logits, "linked": linked,
                      "spd_blocks": [i for i, l in enumerate(model.model.layers) if l in spd]}
 if job.get("lm_eval"):
     from lm_eval.api.instance import Instance
