@@ -11,7 +11,8 @@ ISO pieces, overlap/iso.py; decode has no ISO, so these are not timed there), no
 wrong numbers, the lower bound) and hf_tp (the same shape through transformers' own tensor
 parallelism; GPU only). Warm-up is excluded; each iteration is timed with CUDA events (perf_counter on
 CPU); rank 0 appends one JSON line per measurement (schema spd.bench/1) with the median and the
-20th/80th percentiles.
+20th/80th percentiles. Job key impl (default "nccl"; symm_mem, triton: overlap.kernels) picks the
+runtime's collective implementation for every variant (ISO variants need nccl); records carry it.
 
     ... -m overlap.bench --job job.json --profile DIR [--layers 4]
 
@@ -52,6 +53,18 @@ def check_variants(variants) -> list[str]:
             raise SPDError(f"unknown bench variant {v!r}; valid: base, nocomm, hf_tp, spd0..spd100 (e.g. spd25), "
                            f"iso, spd0+iso..spd100+iso (ISO prefill, e.g. spd100+iso)")
     return list(variants)
+
+
+def check_impl(impl: str, variants) -> str:
+    """The job's collective implementation, validated against overlap.kernels.IMPLS and the variants."""
+    from overlap.kernels import IMPLS
+
+    if impl not in IMPLS:
+        raise SPDError(f"unknown collective impl {impl!r} (extra.impl); valid: {', '.join(IMPLS)}")
+    if impl != "nccl" and (iso := [v for v in variants if is_iso(v)]):
+        raise SPDError(f"ISO variants ({', '.join(iso)}) run with impl=nccl only, not {impl!r}: ISO issues async "
+                       f"NCCL all-reduces from its comm stream; drop them or use ++extra.impl=nccl")
+    return impl
 
 
 def is_iso(variant: str) -> bool:
@@ -120,8 +133,8 @@ class Recorder:
         self.common = dict(schema=SCHEMA, model=job["model"].get("name", "?"), tp=ctx.world_size,
                            interconnect=job["interconnect"], dtype=job["model"].get("dtype", "bfloat16"),
                            warmup=b["warmup"], iters=b["iters"], cuda_graphs=graphs_on(job, ctx),
-                           compile=bool(job.get("compile")), device=device_name(), torch=torch.__version__,
-                           commit=git_commit())
+                           compile=bool(job.get("compile")), impl=job.get("impl", "nccl"), device=device_name(),
+                           torch=torch.__version__, commit=git_commit())
 
     def __call__(self, times: list[float], **fields) -> None:
         if not self.ctx.is_main:
@@ -149,7 +162,7 @@ def run_ours(job: dict, ctx: TPContext, record: Recorder) -> None:
     gen = torch.Generator().manual_seed(seed)
     if "prefill" in b["phases"]:
         for S in b["tokens"]:
-            rt = Runtime(model, ctx, 1, _round_up(S), cuda_graphs=False)
+            rt = Runtime(model, ctx, 1, _round_up(S), cuda_graphs=False, impl=job.get("impl", "nccl"))
             ids = torch.randint(0, args.vocab_size, (1, S), generator=gen).to(ctx.device)  # (1, S)
             for v in variants:
                 spd = apply_variant_(model, v)
@@ -163,7 +176,7 @@ def run_ours(job: dict, ctx: TPContext, record: Recorder) -> None:
         context = int(b["context"])
         for B in b["batches"]:
             rt = Runtime(model, ctx, B, _round_up(context + 1), cuda_graphs=graphs_on(job, ctx),
-                         compile=job.get("compile", False))
+                         compile=job.get("compile", False), impl=job.get("impl", "nccl"))
             tok = torch.randint(0, args.vocab_size, (B, 1), generator=gen).to(ctx.device)  # (B, 1)
 
             def step():
@@ -195,7 +208,7 @@ def run_profile(job: dict, ctx: TPContext, out_dir: Path, layers: int) -> list[t
     args = dataclasses.replace(ModelArgs.from_model_config(job["model"]), n_layers=layers)
     model = build_sharded(args, ctx, dtype=DTYPES[job["model"].get("dtype", "bfloat16")], seed=seed)
     S = max(b["tokens"])
-    rt = Runtime(model, ctx, 1, _round_up(S), cuda_graphs=False)
+    rt = Runtime(model, ctx, 1, _round_up(S), cuda_graphs=False, impl=job.get("impl", "nccl"))
     ids = torch.randint(0, args.vocab_size, (1, S), generator=torch.Generator().manual_seed(seed)).to(ctx.device)
     cuda = ctx.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -219,6 +232,7 @@ def run_profile(job: dict, ctx: TPContext, out_dir: Path, layers: int) -> list[t
 def run_job(job: dict, profile_dir: Path | None = None, layers: int = 4) -> None:
     """One benchmark job on this rank (all ranks call it with the same job); profile_dir: trace instead."""
     check_variants(job["bench"]["variants"])
+    check_impl(job.get("impl", "nccl"), job["bench"]["variants"])
     ctx = init_tp(job.get("backend", "auto"), float(job.get("timeout_s", 600)))
     try:
         torch.manual_seed(int(job["model"].get("seed", 0)))

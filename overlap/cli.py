@@ -2,6 +2,7 @@
 
     spd-bench parallel.tp=4                                  # conf/bench.yaml: LLaMA-2-70B shape, NVLink
     spd-bench parallel.tp=4 parallel=nop2p                   # NCCL peer-to-peer disabled
+    spd-bench parallel.tp=4 ++extra.impl=triton              # fused GEMM + all-reduce (overlap.kernels)
     spd-bench -m parallel.tp=1,2,4 parallel=default,nop2p    # a sweep: each job starts its own torchrun
     python -m overlap.cli model=tiny bench=smoke parallel.tp=2   # CPU smoke run (gloo), no install needed
 
@@ -18,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from overlap.bench import check_variants
+from overlap.bench import check_impl, check_variants
 from overlap.context import NO_MULTICAST
 from spd.cli import hydra_app
 from spd.errors import ParallelConfigError, SPDError
@@ -64,6 +65,7 @@ def bench_job(cfg) -> dict:
         # also runs from the repository root of another machine.
         interconnect=cfg.parallel.interconnect, out=str(Path(b.out).expanduser()), cuda_graphs=bool(b.cuda_graphs),
         compile=bool(cfg.extra.get("compile", False)), timeout_s=float(cfg.extra.get("timeout_s", 600)),
+        impl=check_impl(str(cfg.extra.get("impl", "nccl")), b.variants),  # ++extra.impl=symm_mem|triton
     )
 
 

@@ -8,6 +8,10 @@ rank's heads and FFN rows once overlap.tp.shard_ has sliced them; unsharded, the
     SPD:       out = x + block_sync(a + mlp(mlp_norm(x + a)))  # the only sync of an SPD block
 
 so a forward calls 2L - (#SPD blocks) all-reduces (Sync.start: the same, asynchronous, for overlap.iso).
+With a collective implementation other than nccl bound (overlap.tp.set_impl_, Runtime(impl=...)) the
+row-parallel output GEMMs move into the sync points (Sync.matmul -> impl.matmul_all_reduce):
+    baseline:  h = attn_sync.matmul(heads, wo, residual=x);  out = mlp_sync.matmul(act(h), w2, residual=h)
+    SPD:       a = wo(heads);  out = block_sync.matmul(act(x + a), w2, add=a, residual=x)
 attn is RoPE (rotating halves, as transformers' Llama; Llama-3 and linear rope scaling) + grouped-query
 SDPA against a static KV cache preallocated for max_batch x max_seq; mlp is SwiGLU. q/k/v and gate/up
 are fused into one weight each (one GEMM). Decode shapes are static: CUDA graphs or compile capture it.
@@ -160,6 +164,20 @@ class Sync(nn.Module):
         self.ctx = None  # overlap.context.TPContext, bound by overlap.tp.shard_
         self.nocomm = False
         self.calls = 0
+        self.impl = None  # an overlap.kernels impl (set_impl_): the block then calls matmul() instead
+
+    def matmul(self, x: torch.Tensor, w: torch.Tensor, *, add=None, residual=None) -> torch.Tensor:
+        """This sync point fused with the row-parallel GEMM before it: residual + sum_r (x_r @ w_r.T + add_r).
+
+        Through self.impl.matmul_all_reduce (overlap.kernels); counted like forward(). Unbound or nocomm:
+        the local computation, no collective.
+        """
+        if not torch.compiler.is_compiling():
+            self.calls += 1
+        if self.ctx is None or self.ctx.group is None or self.nocomm:
+            y = F.linear(x, w) if add is None else add + F.linear(x, w)
+            return y if residual is None else residual + y
+        return self.impl.matmul_all_reduce(x, w, add=add, residual=residual)  # (..., N) summed over ranks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling():
@@ -233,6 +251,10 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, input_pos, mask, kv_len):
+        return self.wo(self.heads(x, cos, sin, input_pos, mask, kv_len))  # (B, S, D), this rank's partial
+
+    def heads(self, x, cos, sin, input_pos, mask, kv_len):
+        """Attention up to (not including) wo: (B, S, H/R Dh), this rank's heads."""
         B, S, _ = x.shape
         H, KV, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(x)  # (B, S, (H/R + 2 KV/R) Dh)
@@ -241,7 +263,7 @@ class Attention(nn.Module):
         v = qkv[..., (H + KV) * Dh :].view(B, S, KV, Dh).transpose(1, 2)  # (B, KV/R, S, Dh)
         k, v = self.kv_cache.update(input_pos, k, v, kv_len)  # (B, KV/R, L, Dh)
         y = attend(q, k, v, mask)  # (B, H/R, S, Dh)
-        return self.wo(y.transpose(1, 2).reshape(B, S, H * Dh))  # (B, S, D), this rank's partial
+        return y.transpose(1, 2).reshape(B, S, H * Dh)  # (B, S, H/R Dh)
 
 
 class MLP(nn.Module):
@@ -254,8 +276,12 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.act(x))  # (B, S, D), this rank's partial
+
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP up to (not including) w2: (B, S, F/R)."""
         gate, up = self.w13(x).split(self.ffn_dim, dim=-1)  # (B, S, F/R) each
-        return self.w2(F.silu(gate) * up)  # (B, S, D), this rank's partial
+        return F.silu(gate) * up
 
 
 class Block(nn.Module):
@@ -269,11 +295,23 @@ class Block(nn.Module):
         self.spd = False  # set by overlap.tp.set_plan_
 
     def forward(self, x, cos, sin, input_pos, mask, kv_len):
+        if self.attn_sync.impl is not None:  # overlap.kernels' fused GEMM + all-reduce (impl != nccl)
+            return self.forward_fused(x, cos, sin, input_pos, mask, kv_len)
         a = self.attn(self.attn_norm(x), cos, sin, input_pos, mask, kv_len)  # (B, S, D) partial
         if self.spd:
             return x + self.block_sync(a + self.mlp(self.mlp_norm(x + a)))  # the only sync
         h = x + self.attn_sync(a)  # sync 1
         return h + self.mlp_sync(self.mlp(self.mlp_norm(h)))  # sync 2
+
+    def forward_fused(self, x, cos, sin, input_pos, mask, kv_len):
+        """forward's arithmetic with wo / w2 and their sync fused: impl.matmul_all_reduce (docs/kernels.md)."""
+        heads = self.attn.heads(self.attn_norm(x), cos, sin, input_pos, mask, kv_len)  # (B, S, H/R Dh)
+        if self.spd:
+            a = self.attn.wo(heads)  # (B, S, D) rank-local partial a_r, no sync
+            g = self.mlp.act(self.mlp_norm(x + a))  # (B, S, F/R)
+            return self.block_sync.matmul(g, self.mlp.w2.weight, add=a, residual=x)  # the only sync
+        h = self.attn_sync.matmul(heads, self.attn.wo.weight, residual=x)  # sync 1
+        return self.mlp_sync.matmul(self.mlp.act(self.mlp_norm(h)), self.mlp.w2.weight, residual=h)  # sync 2
 
 
 class Transformer(nn.Module):

@@ -13,6 +13,10 @@ cache (masked beyond the position), so its shapes never change: on CUDA the step
 batch size in a CUDA graph (warm-up on a side stream first; NCCL collectives are captured too) and
 replayed; optionally the step is torch.compile'd before capture to fuse the small ops. The position
 lives in a device tensor, so no host sync happens inside a step.
+
+impl ("nccl", "symm_mem", "triton"; overlap.kernels) picks how the row-parallel output projections and
+their all-reduces run: nccl is the plain path (GEMM, then Sync's all-reduce); the others fuse each GEMM
+with its sync point (impl.matmul_all_reduce). ISO (iso >= 2) and torch.compile need impl="nccl".
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from overlap.context import TPContext
 from overlap.iso import attention_weight, iso_forward, split_bounds
 from overlap.model import Transformer
+from overlap.tp import set_impl_
 
 GRAPH_WARMUP = 3  # eager steps on a side stream before capture (allocator, cuBLAS and NCCL setup)
 COMPILE_RECOMPILE_LIMIT = 64  # variants x batch sizes of one benchmark job, with room to spare
@@ -32,13 +37,21 @@ class Runtime:
     """Prefill/decode state of one model: its cache, the next position and the captured decode graphs."""
 
     def __init__(self, model: Transformer, ctx: TPContext, max_batch: int, max_seq: int,
-                 cuda_graphs: bool | None = None, compile: bool = False):
+                 cuda_graphs: bool | None = None, compile: bool = False, impl: str = "nccl"):
         self.model, self.ctx = model, ctx
         self.device = model.output.weight.device
+        if compile and impl != "nccl":
+            raise ValueError(f"compile=True needs impl='nccl' (impl {impl!r}'s kernels and symmetric-memory "
+                             f"collectives are not traced by torch.compile); supported: compile with nccl, "
+                             f"or symm_mem / triton eager (CUDA graphs allowed)")
+        self.impl_name = impl
+        self.impl = set_impl_(model, ctx, impl)  # None for nccl (the plain path); raises on a bad name
         model.setup_caches(max_batch, max_seq)
         self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs a model on a CUDA device")
+        if self.impl is not None and self.cuda_graphs:  # workspaces may not grow during capture
+            self.impl.reserve(max_tokens=max_batch, n=model.args.dim, dtype=model.output.weight.dtype)
         self._step = self._eager_step
         if compile:
             import torch._dynamo.config as dynamo_config
@@ -87,6 +100,11 @@ class Runtime:
         """
         B, S = tokens.shape
         self._check(B, start + S)
+        if iso > 1 and self.impl_name != "nccl":
+            raise ValueError(f"ISO (iso={iso}) runs its pieces' all-reduces as async NCCL from comm_stream and "
+                             f"is supported with impl='nccl' only, not {self.impl_name!r} (symmetric-memory "
+                             f"collectives of one group must all come from one stream); use iso=1 with "
+                             f"{self.impl_name!r}, or impl='nccl' for ISO")
         if iso > 1:
             bounds = split_bounds(start, start + S, iso, attention_weight(self.model.args), align=ISO_ALIGN)
             logits = iso_forward(self.model, tokens, bounds, self.comm_stream, last_only=last_only)

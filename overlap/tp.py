@@ -105,6 +105,30 @@ def set_nocomm_(model: Transformer, on: bool = True) -> Transformer:
     return model
 
 
+def set_impl_(model: Transformer, ctx: TPContext, name: str = "nccl"):
+    """Route every block's row-parallel output GEMMs + sync points through overlap.kernels' impl `name`.
+
+    "nccl" (the default) leaves the plain path: wo / w2, then Sync.forward's in-place all-reduce (what
+    torch.compile and ISO's Sync.start use). "symm_mem" / "triton": Block.forward_fused, whose sync points
+    call impl.matmul_all_reduce (Sync.matmul). The impl object is built once per (model, name) and
+    reused (its symmetric workspaces are collective allocations). Returns it (None for nccl). Recapture
+    CUDA graphs afterwards. A name outside overlap.kernels.IMPLS raises KernelArgError listing them.
+    """
+    from overlap import kernels
+
+    if name not in kernels.IMPLS:
+        raise kernels.KernelArgError(f"unknown collective impl {name!r}; valid: {', '.join(kernels.IMPLS)}")
+    impl = None
+    if name != "nccl":
+        cached = getattr(model, "_impl", None)
+        impl = cached[1] if cached is not None and cached[0] == (name, ctx) else kernels.get_impl(name, ctx)
+        model._impl = ((name, ctx), impl)
+    for sync in model.syncs:
+        sync.impl = impl
+    model.impl_name = name
+    return impl
+
+
 def reset_sync_counts_(model: Transformer) -> Transformer:
     for sync in model.syncs:
         sync.calls = 0

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from overlap.bench import check_variants, percentile
+from overlap.bench import check_impl, check_variants, percentile
 from overlap.bench_table import read_records, tables
 from overlap.cli import NO_MULTICAST, child_env
 from spd.errors import ParallelConfigError, SPDError
@@ -31,6 +31,7 @@ def test_cpu_smoke_run_writes_one_record_per_measurement(tmp_path):
     for rec in recs:
         assert FIELDS <= set(rec), FIELDS - set(rec)
         assert rec["schema"] == "spd.bench/1" and rec["tp"] == 2 and rec["model"] == "tiny"
+        assert rec["impl"] == "nccl"  # the default collective implementation
         assert rec["p20_ms"] <= rec["median_ms"] <= rec["p80_ms"]
     assert {r["variant"]: r["spd_blocks"] for r in recs} == {"base": 0, "spd50": 2, "iso": 0, "spd50+iso": 2,
                                                               "nocomm": 0}
@@ -53,6 +54,24 @@ def test_dry_run_writes_a_portable_job_and_launches_nothing(tmp_path):
     assert job["model"]["num_layers"] == 80
     assert job["out"] == "docs/benchmarks/spd_bench.jsonl"  # relative: resolved where the job runs
     assert "--nproc-per-node=4 -m overlap.bench --job" in done.stdout
+    assert job["impl"] == "nccl"
+
+
+def test_dry_run_passes_extra_impl_into_the_job(tmp_path):
+    cmd = [sys.executable, "-m", "overlap.cli", "parallel.tp=4", f"run_dir={tmp_path}", "++extra.impl=triton",
+           "bench.variants=[base,spd100,nocomm]", "++extra.dry_run=true"]
+    done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "job.json").read_text())["impl"] == "triton"
+
+
+def test_impl_is_validated():
+    assert check_impl("nccl", ["base", "iso", "spd50+iso"]) == "nccl"
+    assert check_impl("symm_mem", ["base", "spd100", "nocomm"]) == "symm_mem"
+    with pytest.raises(SPDError, match="valid: nccl, symm_mem, triton"):
+        check_impl("mpi", ["base"])
+    with pytest.raises(SPDError, match=r"ISO variants \(iso, spd50\+iso\) run with impl=nccl only"):
+        check_impl("triton", ["base", "iso", "spd50+iso"])
 
 
 def test_child_env_keeps_multicast_off_and_sets_p2p(monkeypatch):
