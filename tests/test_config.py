@@ -1,6 +1,5 @@
 """Every YAML under conf/ composes against its schema with Hydra's compose API."""
 
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir

@@ -19,10 +19,10 @@ from overlap.runtime import Runtime
 from spd.config import ModelConfig
 from spd.errors import ModelLoadError, PlanError
 from spd.plan import SPDPlan
+from test_overlap_tp import make_hf as make_tp_hf
 
 TP_FP32_ATOL = 1e-4  # fp32; gloo sums the R partials in another order than the emulation's stack().sum(0)
 RANKS_TIMEOUT_S = 150  # whole group, spawn and imports included (R processes share 2 CPU cores)
-WEIGHT_STD = 0.2  # larger than LLaMA's init so that dropping a sync (or moving heads) visibly changes logits
 LAYERS, VOCAB = 3, 512  # vocab of the stories260K tokenizer saved beside the plain checkpoint
 
 CASES = {
@@ -34,17 +34,7 @@ CASES = {
 
 
 def make_hf(heads, kv, hidden, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=172, num_hidden_layers=LAYERS, num_attention_heads=heads,
-                      num_key_value_heads=kv, vocab_size=VOCAB, max_position_embeddings=128)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                p.normal_(0, WEIGHT_STD)
-    return model
+    return make_tp_hf(heads, kv, hidden, 172, seed, vocab=VOCAB)
 
 
 def emulate(hf, plan: SPDPlan, permute: bool = True):

@@ -32,12 +32,12 @@ CASES = {
 PLANS = {"base": [], "spd_some": [1], "spd_all": list(range(LAYERS))}
 
 
-def make_hf(heads, kv, hidden, ffn, seed=0):
+def make_hf(heads, kv, hidden, ffn, seed=0, vocab=128):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=LAYERS, num_attention_heads=heads,
-                      num_key_value_heads=kv, vocab_size=128, max_position_embeddings=128)
+                      num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=128)
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
