@@ -118,6 +118,26 @@ def render(panels: list[tuple[str, list[dict]]], png: str | Path) -> None:
     plt.close(fig)
 
 
+KINDS = (  # (kind, substrings of the kernel name), first match wins; names as cuBLAS/cuDNN/NCCL/ATen emit them
+    ("nccl", ("nccl",)),
+    ("attention", ("flash", "fmha", "sdpa", "attention")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90_xmma")),
+)
+
+
+def kind(name: str) -> str:
+    n = name.lower()
+    return next((k for k, keys in KINDS if any(key in n for key in keys)), "elementwise")
+
+
+def breakdown(kernels: list[dict]) -> dict[str, float]:
+    """Busy ms per kernel kind (nccl, attention, gemm, elementwise: norms, RoPE, residual adds, copies)."""
+    out = {k: 0.0 for k, _ in KINDS} | {"elementwise": 0.0}
+    for k in kernels:
+        out[kind(k["name"])] += (k["end"] - k["start"]) / 1000
+    return out
+
+
 def report(traces: list[tuple[str, Path]], png: str | Path) -> dict:
     """Render traces [(label, path)] into png and write {label: summary} next to it (png with .json)."""
     panels = [(label, load_kernels(path)) for label, path in traces]
@@ -134,7 +154,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="compute/NCCL kernel timeline of torch.profiler chrome traces")
     parser.add_argument("traces", nargs="+", type=Path, help="chrome trace files (.json or .json.gz)")
     parser.add_argument("-o", "--out", type=Path, default=Path("timeline.png"), help="PNG (the summary: .json)")
+    parser.add_argument("--breakdown", action="store_true", help="print busy ms per kernel kind instead")
     a = parser.parse_args(argv)
+    if a.breakdown:
+        for p in a.traces:
+            b = breakdown(load_kernels(p))
+            total = sum(b.values())
+            print(f"{p.name}: " + ", ".join(f"{k} {v:.2f} ms ({v / total:.0%})" for k, v in b.items()))
+        return
     report([(p.name.split(".")[0], p) for p in a.traces], a.out)
 
 

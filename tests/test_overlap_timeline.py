@@ -7,7 +7,7 @@ import pytest
 
 from overlap.bench import run_profile
 from overlap.launch import spawn_ranks
-from overlap.timeline import load_kernels, main, render, report, summary, union
+from overlap.timeline import breakdown, load_kernels, main, render, report, summary, union
 
 RANKS_TIMEOUT_S = 150  # 2 spawned ranks on 2 shared CPU cores, imports included
 
@@ -54,6 +54,12 @@ def test_summary_of_a_synthetic_trace(tmp_path, gz):
     assert s["overlap_ms"] == pytest.approx(8.0)  # [5, 10) and [12, 15)
     assert s["exposed_comm_ms"] == pytest.approx(2.0)
     assert s["hidden"] == pytest.approx(0.8)
+
+
+def test_breakdown_by_kernel_kind():
+    ks = [dict(name=n, start=0.0, end=1000.0 * (i + 1)) for i, n in enumerate(
+        ["nvjet_sm90_tst_320x128", "ncclDevKernel_AllReduce_Sum_bf16", "cudnn_sm90_flash_fprop", "roll_cuda_kernel"])]
+    assert breakdown(ks) == {"nccl": 2.0, "attention": 3.0, "gemm": 1.0, "elementwise": 4.0}
 
 
 def test_render_and_report_write_png_and_summary(tmp_path):
