@@ -77,24 +77,15 @@ def model_config_by_name(name: str):
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), node))
 
 
-def load_pretrained(pretrained: str, tokenizer: str | None, gguf_file: str | None, dtype: str, **hf_kwargs):
-    """A transformers causal LM and its tokenizer from a local directory or hub id (GGUF with gguf_file)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_pretrained(pretrained: str, gguf_file: str | None, dtype: str, revision: str | None):
+    """(model on the CPU, tokenizer) from a local directory, hub id or GGUF, through spd.load.load_model
+    (LLaMA checks, clear errors, spd-export directories with their plan applied)."""
+    from spd.config import ModelConfig
+    from spd.load import load_model
 
-    from spd.load import torch_dtype
-
-    gguf = {"gguf_file": gguf_file} if gguf_file else {}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch_dtype(dtype), **gguf, **hf_kwargs)
-        tok = AutoTokenizer.from_pretrained(tokenizer or pretrained, **({} if tokenizer else gguf), **hf_kwargs)
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(
-            f"could not load pretrained={pretrained!r}"
-            + (f" gguf_file={gguf_file!r}" if gguf_file else "")
-            + f": {err}. Expected a local HF directory (config.json + weights), a directory holding the"
-            " GGUF file named by gguf_file=, or a hub id when online"
-        ) from err
-    return model, tok
+    source = "gguf" if gguf_file or pretrained.endswith(".gguf") else "hf"
+    return load_model(ModelConfig(name=pretrained, source=source, path=pretrained, gguf_file=gguf_file,
+                                  dtype=dtype, revision=revision, device="cpu"))
 
 
 @register_model("spd")
@@ -128,8 +119,8 @@ class SPDLM(TemplateLM):
         if isinstance(model, str):
             model, tokenizer = self._load_by_name(model)
         elif pretrained is not None:
-            hf_kwargs = {"revision": revision} if revision else {}
-            model, tokenizer = load_pretrained(pretrained, tokenizer, gguf_file, dtype, **hf_kwargs)
+            model, loaded_tokenizer = load_pretrained(pretrained, gguf_file, dtype, revision)
+            tokenizer = tokenizer or loaded_tokenizer
         if model is None or tokenizer is None:
             raise SPDError("SPDLM needs model= and tokenizer=, or pretrained=PATH, or model=<conf/model name>")
         if isinstance(tokenizer, str):

@@ -102,6 +102,11 @@ def _load_hf(cfg: ModelConfig, dtype: torch.dtype, config_only: bool = False):
     except Exception as e:  # safetensors, torch.load and hub errors have no common base class
         raise ModelLoadError(f"cannot load the weights or tokenizer from {path!r} ({type(e).__name__}: {e}); "
                              f"the files may be truncated or incomplete: re-download them") from None
+    if getattr(config, "spd_plan", None):  # an spd-export directory: its (permuted, distilled) weights + plan
+        from spd.plan import SPDPlan
+        from spd.surgery import apply_spd_
+
+        apply_spd_(model, SPDPlan.from_dict(config.spd_plan))
     return model, tokenizer
 
 

