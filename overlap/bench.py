@@ -13,10 +13,14 @@ parallelism; GPU only). Warm-up is excluded; each iteration is timed with CUDA e
 CPU); rank 0 appends one JSON line per measurement (schema spd.bench/1) with the median and the
 20th/80th percentiles. Job key impl (default "nccl"; symm_mem, triton: overlap.kernels) picks the
 runtime's collective implementation for every variant (ISO variants need nccl); records carry it.
+Job key fuse (default false) runs RoPE, add + RMSNorm and SwiGLU as torch.compile'd kernels (GPU only;
+records: fused). ISO variants are timed once per (iso_ctas, iso_sm_carveout) pair of the job's lists
+(default [null] each: NCCL's own thread-block count, no carve-out; Runtime.set_iso_), recorded as such.
 
-    ... -m overlap.bench --job job.json --profile DIR [--layers 4]
+    ... -m overlap.bench --job job.json --profile DIR [--layers 4] [--phase prefill|decode]
 
-instead traces one prefill per variant (the job's longest) of the same shape cut to a few blocks with
+instead traces, per variant, one prefill (the job's longest) or five decode steps (batch 1; CUDA-graph
+replays when the job uses graphs, plus the same steps eager) of the same shape cut to a few blocks with
 torch.profiler; rank 0 writes DIR/<variant>.trace.json and the timeline DIR/timeline.png (+ .json).
 """
 
@@ -24,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
+import os
 import re
 import sys
 import time
@@ -113,6 +119,16 @@ def apply_variant_(model, variant: str) -> int:
     return len(plan.tiers) if plan else 0
 
 
+def fuse_on(job: dict, ctx: TPContext) -> bool:
+    """Fused elementwise kernels when asked for and on a GPU (torch.compile's CPU code is not timed here)."""
+    return bool(job.get("fuse")) and ctx.device.type == "cuda"
+
+
+def iso_settings(job: dict) -> list[tuple[int | None, int | None]]:
+    """(max NCCL thread blocks, cuBLAS SM carve-out) pairs to time every ISO variant with."""
+    return list(itertools.product(job.get("iso_ctas") or [None], job.get("iso_sm_carveout") or [None]))
+
+
 def graphs_on(job: dict, ctx: TPContext) -> bool:
     """CUDA graphs for decode when asked for and on a GPU (bench.cuda_graphs is ignored on CPU)."""
     return bool(job.get("cuda_graphs")) and ctx.device.type == "cuda"
@@ -133,7 +149,8 @@ class Recorder:
         self.common = dict(schema=SCHEMA, model=job["model"].get("name", "?"), tp=ctx.world_size,
                            interconnect=job["interconnect"], dtype=job["model"].get("dtype", "bfloat16"),
                            warmup=b["warmup"], iters=b["iters"], cuda_graphs=graphs_on(job, ctx),
-                           compile=bool(job.get("compile")), impl=job.get("impl", "nccl"), device=device_name(),
+                           compile=bool(job.get("compile")), impl=job.get("impl", "nccl"), fused=fuse_on(job, ctx),
+                           device=device_name(),
                            torch=torch.__version__, commit=git_commit())
 
     def __call__(self, times: list[float], **fields) -> None:
@@ -162,21 +179,25 @@ def run_ours(job: dict, ctx: TPContext, record: Recorder) -> None:
     gen = torch.Generator().manual_seed(seed)
     if "prefill" in b["phases"]:
         for S in b["tokens"]:
-            rt = Runtime(model, ctx, 1, _round_up(S), cuda_graphs=False, impl=job.get("impl", "nccl"))
+            rt = Runtime(model, ctx, 1, _round_up(S), cuda_graphs=False, impl=job.get("impl", "nccl"),
+                         fuse=fuse_on(job, ctx))
             ids = torch.randint(0, args.vocab_size, (1, S), generator=gen).to(ctx.device)  # (1, S)
             for v in variants:
                 spd = apply_variant_(model, v)
                 k = int(b.get("iso_chunks", ISO_CHUNKS)) if is_iso(v) else 1
-                times = measure(lambda: rt.prefill(ids, last_only=True, iso=k), ctx, b["warmup"], b["iters"])
-                record(times, phase="prefill", tokens=S, batch=1, context=0, variant=v, spd_blocks=spd,
-                       iso_chunks=k)
+                for ctas, carveout in iso_settings(job) if k > 1 else [(None, None)]:
+                    if k > 1:
+                        rt.set_iso_(ctas, carveout, high_priority=ctas is not None)
+                    times = measure(lambda: rt.prefill(ids, last_only=True, iso=k), ctx, b["warmup"], b["iters"])
+                    record(times, phase="prefill", tokens=S, batch=1, context=0, variant=v, spd_blocks=spd,
+                           iso_chunks=k, iso_ctas=ctas, iso_sm_carveout=carveout)
             del rt
     variants = [v for v in variants if not is_iso(v)]  # decode has one token a sequence: nothing to split
     if "decode" in b["phases"] and variants:
         context = int(b["context"])
         for B in b["batches"]:
             rt = Runtime(model, ctx, B, _round_up(context + 1), cuda_graphs=graphs_on(job, ctx),
-                         compile=job.get("compile", False), impl=job.get("impl", "nccl"))
+                         compile=job.get("compile", False), impl=job.get("impl", "nccl"), fuse=fuse_on(job, ctx))
             tok = torch.randint(0, args.vocab_size, (B, 1), generator=gen).to(ctx.device)  # (B, 1)
 
             def step():
@@ -196,48 +217,81 @@ def run_ours(job: dict, ctx: TPContext, record: Recorder) -> None:
         torch.cuda.empty_cache()
 
 
-def run_profile(job: dict, ctx: TPContext, out_dir: Path, layers: int) -> list[tuple[str, Path]]:
-    """One traced prefill per variant (the longest of bench.tokens) on the job's shape cut to `layers` blocks.
+def run_profile(job: dict, ctx: TPContext, out_dir: Path, layers: int, phase: str = "prefill") -> list[tuple[str, Path]]:
+    """Traces per variant on the job's shape cut to `layers` blocks: one prefill (the longest of
+    bench.tokens) or five decode steps at batch 1 (graph replays when the job uses CUDA graphs, and the
+    same steps eager as '<variant>-eager').
 
-    Rank 0 writes out_dir/<variant>.trace.json (chrome traces; '+' becomes '-') and returns [(variant,
+    Rank 0 writes out_dir/<label>.trace.json (chrome traces; '+' becomes '-') and returns [(label,
     path)]; the other ranks run the same calls and return []. Warm-up excluded, as in the benchmark.
     """
     from torch.profiler import ProfilerActivity, profile
 
+    if phase not in ("prefill", "decode"):
+        raise SPDError(f"--phase must be prefill or decode, got {phase!r}")
     b, seed = job["bench"], int(job["model"].get("seed", 0))
     args = dataclasses.replace(ModelArgs.from_model_config(job["model"]), n_layers=layers)
     model = build_sharded(args, ctx, dtype=DTYPES[job["model"].get("dtype", "bfloat16")], seed=seed)
-    S = max(b["tokens"])
-    rt = Runtime(model, ctx, 1, _round_up(S), cuda_graphs=False, impl=job.get("impl", "nccl"))
-    ids = torch.randint(0, args.vocab_size, (1, S), generator=torch.Generator().manual_seed(seed)).to(ctx.device)
+    gen = torch.Generator().manual_seed(seed)
+    impl, fuse = job.get("impl", "nccl"), fuse_on(job, ctx)
     cuda = ctx.device.type == "cuda"
+    runs = []  # (label, runtime, the traced call, iso setting or None)
+    if phase == "prefill":
+        S = max(b["tokens"])
+        rt = Runtime(model, ctx, 1, _round_up(S), cuda_graphs=False, impl=impl, fuse=fuse)
+        ids = torch.randint(0, args.vocab_size, (1, S), generator=gen).to(ctx.device)  # (1, S)
+        k_iso = int(b.get("iso_chunks", ISO_CHUNKS))
+        for v in [v for v in b["variants"] if v != "hf_tp"]:
+            k = k_iso if is_iso(v) else 1
+            runs.append((v, rt, lambda k=k: rt.prefill(ids, last_only=True, iso=k), iso_settings(job)[0] if k > 1 else None))
+    else:
+        context = int(b["context"])
+        tok = torch.randint(0, args.vocab_size, (1, 1), generator=gen).to(ctx.device)  # (1, 1)
+        modes = [(True, ""), (False, "-eager")] if graphs_on(job, ctx) else [(False, "")]
+        for graphs, suffix in modes:
+            rt = Runtime(model, ctx, 1, _round_up(context + 1), cuda_graphs=graphs, impl=impl, fuse=fuse)
+
+            def steps(rt=rt):
+                for _ in range(5):
+                    rt.pos = context
+                    rt.decode_one(tok)
+
+            for v in [v for v in b["variants"] if v != "hf_tp" and not is_iso(v)]:
+                runs.append((v + suffix, rt, steps, None))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     out_dir.mkdir(parents=True, exist_ok=True)
     traces = []
-    for v in [v for v in b["variants"] if v != "hf_tp"]:
-        apply_variant_(model, v)
-        k = int(b.get("iso_chunks", ISO_CHUNKS)) if is_iso(v) else 1
-        measure(lambda: rt.prefill(ids, last_only=True, iso=k), ctx, max(1, b["warmup"]), 1)  # warm, in step
+    for label, rt, call, iso in runs:
+        apply_variant_(model, label.removesuffix("-eager"))
+        rt.invalidate()
+        if iso is not None:
+            rt.set_iso_(iso[0], iso[1], high_priority=iso[0] is not None)
+        measure(call, ctx, max(1, b["warmup"]), 1)  # warm (and capture), in step
         with profile(activities=activities) as prof:
-            rt.prefill(ids, last_only=True, iso=k)
+            call()
             if cuda:
                 torch.cuda.synchronize(ctx.device)
         if ctx.is_main:
-            path = out_dir / f"{v.replace('+', '-')}.trace.json"
+            path = out_dir / f"{label.replace('+', '-')}.trace.json"
             prof.export_chrome_trace(str(path))
-            traces.append((v, path))
+            traces.append((label, path))
     return traces
 
 
-def run_job(job: dict, profile_dir: Path | None = None, layers: int = 4) -> None:
+def run_job(job: dict, profile_dir: Path | None = None, layers: int = 4, phase: str = "prefill") -> None:
     """One benchmark job on this rank (all ranks call it with the same job); profile_dir: trace instead."""
     check_variants(job["bench"]["variants"])
     check_impl(job.get("impl", "nccl"), job["bench"]["variants"])
+    # The interconnect profile (overlap.cli.child_env) also when torchrun starts this module directly.
+    if job.get("interconnect") == "nop2p":
+        os.environ["NCCL_P2P_DISABLE"] = "1"
+    elif job.get("interconnect") == "nvlink":
+        os.environ.pop("NCCL_P2P_DISABLE", None)
     ctx = init_tp(job.get("backend", "auto"), float(job.get("timeout_s", 600)))
     try:
         torch.manual_seed(int(job["model"].get("seed", 0)))
         if profile_dir is not None:
-            traces = run_profile(job, ctx, profile_dir, layers)
+            traces = run_profile(job, ctx, profile_dir, layers, phase)
             if ctx.is_main:
                 from overlap.timeline import report
 
@@ -264,8 +318,9 @@ def main(argv=None) -> None:
     parser.add_argument("--job", required=True, help="job.json written by spd-bench")
     parser.add_argument("--profile", type=Path, help="trace one prefill per variant into this directory instead")
     parser.add_argument("--layers", type=int, default=4, help="blocks of the traced model (with --profile)")
+    parser.add_argument("--phase", default="prefill", choices=("prefill", "decode"), help="what --profile traces")
     a = parser.parse_args(argv)
-    run_job(json.loads(Path(a.job).read_text()), a.profile, a.layers)
+    run_job(json.loads(Path(a.job).read_text()), a.profile, a.layers, a.phase)
 
 
 if __name__ == "__main__":

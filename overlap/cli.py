@@ -66,7 +66,21 @@ def bench_job(cfg) -> dict:
         interconnect=cfg.parallel.interconnect, out=str(Path(b.out).expanduser()), cuda_graphs=bool(b.cuda_graphs),
         compile=bool(cfg.extra.get("compile", False)), timeout_s=float(cfg.extra.get("timeout_s", 600)),
         impl=check_impl(str(cfg.extra.get("impl", "nccl")), b.variants),  # ++extra.impl=symm_mem|triton
+        fuse=bool(cfg.extra.get("fuse", False)),  # ++extra.fuse=true: compiled RoPE / add+norm / SwiGLU
+        iso_ctas=_int_list(cfg.extra.get("iso_ctas"), "iso_ctas"),  # ++extra.iso_ctas=[4,8]
+        iso_sm_carveout=_int_list(cfg.extra.get("iso_sm_carveout"), "iso_sm_carveout"),
     )
+
+
+def _int_list(value, name: str) -> list:
+    """An extra.<name> setting as a list of ints or None (null: the default setting), validated."""
+    if value is None:
+        return [None]
+    items = list(value) if not isinstance(value, (int, str)) else [value]
+    try:
+        return [None if v in (None, "null") else int(v) for v in items]
+    except (TypeError, ValueError):
+        raise SPDError(f"extra.{name} must be an int or a list of ints (null for the default), got {value!r}") from None
 
 
 def launch(job: dict, run_dir: Path, timeout_s: float | None = None, dry_run: bool = False) -> None:

@@ -119,7 +119,35 @@ def init_tp(
     return TPContext(rank=rank, world_size=world_size, device=device, group=dist.group.WORLD, backend=backend)
 
 
+_COMM_GROUPS: dict[tuple, Any] = {}
+
+
+def comm_group(ctx: TPContext, max_ctas: int | None = None, high_priority: bool = True):
+    """A second process group over the context's ranks for overlapped collectives (ISO), made once per setting.
+
+    NCCL only (elsewhere: the context's own group). max_ctas caps the thread blocks (one per channel) an
+    all-reduce of this group occupies: overlapped with a GEMM, every SM NCCL holds is one the GEMM waits
+    for, and a collective hidden under compute needs little bandwidth. high_priority puts the group's
+    NCCL stream at high priority, so its kernels start as soon as an SM frees. Collective: every rank calls
+    it with the same arguments in the same order (the first call per setting creates the communicator).
+    """
+    if ctx.group is None or ctx.backend != "nccl" or (max_ctas is None and not high_priority):
+        return ctx.group
+    if max_ctas is not None and max_ctas < 1:
+        raise ParallelConfigError(f"max_ctas must be >= 1 (thread blocks of an NCCL collective), got {max_ctas}")
+    key = (id(ctx.group), max_ctas, high_priority)
+    if key not in _COMM_GROUPS:
+        opts = dist.ProcessGroupNCCL.Options(is_high_priority_stream=high_priority)
+        if max_ctas is not None:
+            opts.config.min_ctas = 1
+            opts.config.max_ctas = max_ctas
+        _COMM_GROUPS[key] = dist.new_group(list(range(ctx.world_size)), backend="nccl", pg_options=opts,
+                                           device_id=ctx.device)
+    return _COMM_GROUPS[key]
+
+
 def shutdown(ctx: TPContext) -> None:
     """Destroy the process group (if any) so the process exits cleanly."""
     if ctx.group is not None and dist.is_initialized():
+        _COMM_GROUPS.clear()
         dist.destroy_process_group()

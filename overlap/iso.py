@@ -96,17 +96,25 @@ class _Piece:
             self.pending = None
         return self.resid
 
+    def value_normed(self, block) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, mlp_norm(h)) after the attention all-reduce: Block.add_norm, as Block.forward does it."""
+        s, self.pending = self.pending.wait(), None
+        self.resid, n = block.add_norm(self.resid, s)
+        return self.resid, n
+
     def defer(self, resid: torch.Tensor, pending: Pending) -> None:
         self.resid, self.pending = resid, pending
 
 
 @torch.no_grad()
 def iso_forward(model: Transformer, tokens: torch.Tensor, bounds: list[int], stream=None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, group=None) -> torch.Tensor:
     """tokens (B, S) at positions [bounds[0], bounds[-1]) in pieces [bounds[j], bounds[j+1]) -> logits.
 
     Returns (B, S, V), or (B, 1, V) for the last token if last_only. Writes every piece's K/V into the
-    cache like Transformer.forward. stream: the CUDA stream to issue all-reduces from (None on CPU).
+    cache like Transformer.forward. stream: the CUDA stream to issue all-reduces from (None on CPU);
+    group: the process group of ISO's all-reduces (None: the model's; overlap.context.comm_group gives
+    one whose NCCL kernels take at most a few SMs from the compute they overlap).
     """
     if model.max_seq == 0:
         raise RuntimeError("no KV cache: call setup_caches(max_batch, max_seq) (or use overlap.runtime.Runtime)")
@@ -125,14 +133,14 @@ def iso_forward(model: Transformer, tokens: torch.Tensor, bounds: list[int], str
             for c in pieces:
                 x = c.value()
                 a = block.attn(block.attn_norm(x), *c.attn_args)  # (B, n, D) partial
-                c.defer(x, block.block_sync.start(a + block.mlp(block.mlp_norm(x + a)), stream))  # the only sync
+                c.defer(x, block.block_sync.start(a + block.mlp(block.add_norm(x, a)[1]), stream, group))  # the only sync
             continue
         for c in pieces:
             x = c.value()
-            c.defer(x, block.attn_sync.start(block.attn(block.attn_norm(x), *c.attn_args), stream))  # sync 1
+            c.defer(x, block.attn_sync.start(block.attn(block.attn_norm(x), *c.attn_args), stream, group))  # sync 1
         for c in pieces:
-            h = c.value()
-            c.defer(h, block.mlp_sync.start(block.mlp(block.mlp_norm(h)), stream))  # sync 2
+            h, n = c.value_normed(block)  # h = x + sum_r a_r, n = mlp_norm(h)
+            c.defer(h, block.mlp_sync.start(block.mlp(n), stream, group))  # sync 2
     outs = [c.value() for c in pieces]  # wait for every piece: no collective is left in flight
     x = outs[-1][:, -1:] if last_only else torch.cat(outs, dim=1)  # (B, 1, D) or (B, S, D)
     return model.output(model.norm(x))  # (B, S, V); replicated lm_head, so logits agree on all ranks

@@ -113,6 +113,44 @@ def rope_(qk: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torc
     return torch.addcmul(qk * cos, qk.roll(qk.shape[-1] // 2, dims=-1), sin_signed)
 
 
+def add_rms_norm(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(h, rms_norm(h)) for h = x + a: a residual add and the norm after it (B, S, D) each."""
+    h = x + a
+    return h, F.rms_norm(h, weight.shape, weight, eps)
+
+
+def swiglu(gate_up: torch.Tensor, ffn_dim: int) -> torch.Tensor:
+    """silu(gate) * up of the fused [gate; up] projection (..., 2 F/R) -> (..., F/R)."""
+    gate, up = gate_up.split(ffn_dim, dim=-1)
+    return F.silu(gate) * up
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The elementwise steps between a block's GEMMs: RoPE, residual add + RMSNorm, SwiGLU."""
+
+    rope: object
+    add_norm: object
+    swiglu: object
+
+
+EAGER_OPS = Ops(rope_, add_rms_norm, swiglu)  # plain torch: the reference, and what CPU runs
+_FUSED: list[Ops] = []
+
+
+def fused_ops() -> Ops:
+    """EAGER_OPS, each torch.compile'd once (lazily; shared by every model): one generated kernel per step
+    instead of 2-4 (roll/mul/addcmul; add, norm; silu, mul), so the same arithmetic with fewer launches and
+    memory passes (inductor may keep an intermediate in fp32 instead of rounding it to bf16)."""
+    if not _FUSED:
+        import torch._dynamo.config as dynamo_config
+
+        # One specialisation per (shape, dtype): prefill lengths, ISO pieces, decode batches of one job.
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+        _FUSED.append(Ops(*(torch.compile(f, fullgraph=True, dynamic=False) for f in (rope_, add_rms_norm, swiglu))))
+    return _FUSED[0]
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
     """Grouped-query attention: q (B, Hq, S, Dh), k/v (B, Hkv, L, Dh) -> (B, Hq, S, Dh).
 
@@ -191,11 +229,12 @@ class Sync(nn.Module):
         dist.all_reduce(x, group=self.ctx.group)  # (B, S, D) summed over ranks
         return x
 
-    def start(self, x: torch.Tensor, stream=None) -> "Pending":
+    def start(self, x: torch.Tensor, stream=None, group=None) -> "Pending":
         """The same sync point, asynchronous (eager only; leave x alone until Pending.wait()).
 
         With a CUDA stream the collective is issued from it after all the compute stream has queued (x
         included), and wait() makes the compute stream, not the host, wait; on gloo wait() blocks the host.
+        group: another process group over the same ranks (default: the context's).
         """
         self.calls += 1
         if self.ctx is None or self.ctx.group is None or self.nocomm:
@@ -203,7 +242,8 @@ class Sync(nn.Module):
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(x.device))  # x is complete before NCCL reads it
         with torch.cuda.stream(stream):  # stream None: a no-op
-            return Pending(x, dist.all_reduce(x, group=self.ctx.group, async_op=True))  # (B, S, D) in flight
+            work = dist.all_reduce(x, group=group or self.ctx.group, async_op=True)
+            return Pending(x, work)  # (B, S, D) in flight
 
     def extra_repr(self) -> str:
         return f"{self.name}, calls={self.calls}, nocomm={self.nocomm}"
@@ -249,6 +289,7 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.kv_cache: KVCache | None = None
+        self.ops = EAGER_OPS  # Transformer.set_fused_
 
     def forward(self, x, cos, sin, input_pos, mask, kv_len):
         return self.wo(self.heads(x, cos, sin, input_pos, mask, kv_len))  # (B, S, D), this rank's partial
@@ -258,7 +299,7 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         H, KV, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(x)  # (B, S, (H/R + 2 KV/R) Dh)
-        qk = rope_(qkv[..., : (H + KV) * Dh].view(B, S, H + KV, Dh), cos, sin)  # (B, S, H/R + KV/R, Dh)
+        qk = self.ops.rope(qkv[..., : (H + KV) * Dh].view(B, S, H + KV, Dh), cos, sin)  # (B, S, H/R + KV/R, Dh)
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # (B, H/R, S, Dh), (B, KV/R, S, Dh)
         v = qkv[..., (H + KV) * Dh :].view(B, S, KV, Dh).transpose(1, 2)  # (B, KV/R, S, Dh)
         k, v = self.kv_cache.update(input_pos, k, v, kv_len)  # (B, KV/R, L, Dh)
@@ -274,14 +315,14 @@ class MLP(nn.Module):
         self.ffn_dim = args.ffn_dim
         self.w13 = nn.Linear(args.dim, 2 * args.ffn_dim, bias=False)
         self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)
+        self.ops = EAGER_OPS  # Transformer.set_fused_
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(self.act(x))  # (B, S, D), this rank's partial
 
     def act(self, x: torch.Tensor) -> torch.Tensor:
         """The MLP up to (not including) w2: (B, S, F/R)."""
-        gate, up = self.w13(x).split(self.ffn_dim, dim=-1)  # (B, S, F/R) each
-        return F.silu(gate) * up
+        return self.ops.swiglu(self.w13(x), self.ffn_dim)  # (B, S, F/R)
 
 
 class Block(nn.Module):
@@ -293,22 +334,27 @@ class Block(nn.Module):
         self.mlp = MLP(args)
         self.attn_sync, self.mlp_sync, self.block_sync = Sync("attn"), Sync("mlp"), Sync("block")
         self.spd = False  # set by overlap.tp.set_plan_
+        self.ops = EAGER_OPS  # Transformer.set_fused_
+
+    def add_norm(self, x: torch.Tensor, a: torch.Tensor):
+        """(x + a, mlp_norm(x + a)): the residual add before the MLP and its norm (one kernel when fused)."""
+        return self.ops.add_norm(x, a, self.mlp_norm.weight, self.mlp_norm.eps)
 
     def forward(self, x, cos, sin, input_pos, mask, kv_len):
         if self.attn_sync.impl is not None:  # overlap.kernels' fused GEMM + all-reduce (impl != nccl)
             return self.forward_fused(x, cos, sin, input_pos, mask, kv_len)
         a = self.attn(self.attn_norm(x), cos, sin, input_pos, mask, kv_len)  # (B, S, D) partial
         if self.spd:
-            return x + self.block_sync(a + self.mlp(self.mlp_norm(x + a)))  # the only sync
-        h = x + self.attn_sync(a)  # sync 1
-        return h + self.mlp_sync(self.mlp(self.mlp_norm(h)))  # sync 2
+            return x + self.block_sync(a + self.mlp(self.add_norm(x, a)[1]))  # the only sync
+        h, n = self.add_norm(x, self.attn_sync(a))  # sync 1; h = x + sum_r a_r
+        return h + self.mlp_sync(self.mlp(n))  # sync 2
 
     def forward_fused(self, x, cos, sin, input_pos, mask, kv_len):
         """forward's arithmetic with wo / w2 and their sync fused: impl.matmul_all_reduce (docs/kernels.md)."""
         heads = self.attn.heads(self.attn_norm(x), cos, sin, input_pos, mask, kv_len)  # (B, S, H/R Dh)
         if self.spd:
             a = self.attn.wo(heads)  # (B, S, D) rank-local partial a_r, no sync
-            g = self.mlp.act(self.mlp_norm(x + a))  # (B, S, F/R)
+            g = self.mlp.act(self.add_norm(x, a)[1])  # (B, S, F/R)
             return self.block_sync.matmul(g, self.mlp.w2.weight, add=a, residual=x)  # the only sync
         h = self.attn_sync.matmul(heads, self.attn.wo.weight, residual=x)  # sync 1
         return self.mlp_sync.matmul(self.mlp.act(self.mlp_norm(h)), self.mlp.w2.weight, residual=h)  # sync 2
@@ -328,6 +374,18 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.max_batch = self.max_seq = 0
         self.tp, self.rank = 1, 0  # set by overlap.tp.shard_
+
+    @property
+    def fused(self) -> bool:
+        return self.layers[0].ops is not EAGER_OPS if len(self.layers) else False
+
+    def set_fused_(self, on: bool = True) -> "Transformer":
+        """Run RoPE, residual add + RMSNorm and SwiGLU as torch.compile'd kernels (fused_ops) or eagerly."""
+        ops = fused_ops() if on else EAGER_OPS
+        for m in self.modules():
+            if isinstance(m, (Block, Attention, MLP)):
+                m.ops = ops
+        return self
 
     @property
     def syncs(self) -> list[Sync]:

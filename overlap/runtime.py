@@ -17,13 +17,18 @@ lives in a device tensor, so no host sync happens inside a step.
 impl ("nccl", "symm_mem", "triton"; overlap.kernels) picks how the row-parallel output projections and
 their all-reduces run: nccl is the plain path (GEMM, then Sync's all-reduce); the others fuse each GEMM
 with its sync point (impl.matmul_all_reduce). ISO (iso >= 2) and torch.compile need impl="nccl".
+
+fuse=True runs the elementwise steps between the GEMMs (RoPE, residual add + RMSNorm, SwiGLU) as
+torch.compile'd kernels (overlap.model.fused_ops), in prefill and decode alike. set_iso_ picks ISO's
+process group (NCCL thread blocks capped, overlap.context.comm_group) and an SM carve-out for cuBLAS
+GEMMs during ISO prefill (the GEMMs leave SMs to the NCCL kernels they overlap).
 """
 
 from __future__ import annotations
 
 import torch
 
-from overlap.context import TPContext
+from overlap.context import TPContext, comm_group
 from overlap.iso import attention_weight, iso_forward, split_bounds
 from overlap.model import Transformer
 from overlap.tp import set_impl_
@@ -37,8 +42,9 @@ class Runtime:
     """Prefill/decode state of one model: its cache, the next position and the captured decode graphs."""
 
     def __init__(self, model: Transformer, ctx: TPContext, max_batch: int, max_seq: int,
-                 cuda_graphs: bool | None = None, compile: bool = False, impl: str = "nccl"):
+                 cuda_graphs: bool | None = None, compile: bool = False, impl: str = "nccl", fuse: bool = False):
         self.model, self.ctx = model, ctx
+        model.set_fused_(fuse)
         self.device = model.output.weight.device
         if compile and impl != "nccl":
             raise ValueError(f"compile=True needs impl='nccl' (impl {impl!r}'s kernels and symmetric-memory "
@@ -66,6 +72,18 @@ class Runtime:
         self.pos = 0  # next position to write (same on every rank)
         # ISO's all-reduces, all issued from this one stream (CUDA); None on CPU, where gloo needs none.
         self.comm_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.iso_group, self.iso_sm_carveout = None, None  # set_iso_: the context's group, no carve-out
+
+    def set_iso_(self, max_ctas: int | None = None, sm_carveout: int | None = None, high_priority: bool = False):
+        """ISO's all-reduces on a group with at most max_ctas NCCL thread blocks (None: NCCL's choice) and a
+        high-priority NCCL stream; sm_carveout SMs left free by cuBLAS GEMMs during ISO prefill (None: none).
+
+        Collective when it creates a group (overlap.context.comm_group): call it on every rank alike.
+        """
+        if sm_carveout is not None and not 0 <= sm_carveout < 128:
+            raise ValueError(f"sm_carveout must be in [0, 128) SMs, got {sm_carveout}")
+        self.iso_group = comm_group(self.ctx, max_ctas, high_priority)
+        self.iso_sm_carveout = sm_carveout or None
 
     @property
     def max_batch(self) -> int:
@@ -107,7 +125,15 @@ class Runtime:
                              f"{self.impl_name!r}, or impl='nccl' for ISO")
         if iso > 1:
             bounds = split_bounds(start, start + S, iso, attention_weight(self.model.args), align=ISO_ALIGN)
-            logits = iso_forward(self.model, tokens, bounds, self.comm_stream, last_only=last_only)
+            carveout = self.iso_sm_carveout is not None and self.device.type == "cuda"
+            if carveout:
+                torch._C._set_sm_carveout_experimental(self.iso_sm_carveout)
+            try:
+                logits = iso_forward(self.model, tokens, bounds, self.comm_stream, last_only=last_only,
+                                     group=self.iso_group)
+            finally:
+                if carveout:
+                    torch._C._set_sm_carveout_experimental(None)
             self.pos = start + S
             return logits
         input_pos = torch.arange(start, start + S, device=self.device)  # (S,)

@@ -121,7 +121,7 @@ def render(panels: list[tuple[str, list[dict]]], png: str | Path) -> None:
 KINDS = (  # (kind, substrings of the kernel name), first match wins; names as cuBLAS/cuDNN/NCCL/ATen emit them
     ("nccl", ("nccl",)),
     ("attention", ("flash", "fmha", "sdpa", "attention")),
-    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90_xmma")),
+    ("gemm", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "sm90_xmma")),
 )
 
 
@@ -136,6 +136,16 @@ def breakdown(kernels: list[dict]) -> dict[str, float]:
     for k in kernels:
         out[kind(k["name"])] += (k["end"] - k["start"]) / 1000
     return out
+
+
+def top_kernels(kernels: list[dict], n: int = 15) -> list[tuple[str, int, float]]:
+    """The n kernel names with the most busy time: (name, launches, total ms), largest first."""
+    acc: dict[str, list] = {}
+    for k in kernels:
+        a = acc.setdefault(k["name"], [0, 0.0])
+        a[0] += 1
+        a[1] += (k["end"] - k["start"]) / 1000
+    return sorted(((name, c, ms) for name, (c, ms) in acc.items()), key=lambda t: -t[2])[:n]
 
 
 def report(traces: list[tuple[str, Path]], png: str | Path) -> dict:
@@ -155,12 +165,19 @@ def main(argv=None) -> None:
     parser.add_argument("traces", nargs="+", type=Path, help="chrome trace files (.json or .json.gz)")
     parser.add_argument("-o", "--out", type=Path, default=Path("timeline.png"), help="PNG (the summary: .json)")
     parser.add_argument("--breakdown", action="store_true", help="print busy ms per kernel kind instead")
+    parser.add_argument("--top", type=int, default=0, help="with --breakdown: also the N costliest kernel names")
     a = parser.parse_args(argv)
     if a.breakdown:
         for p in a.traces:
-            b = breakdown(load_kernels(p))
-            total = sum(b.values())
-            print(f"{p.name}: " + ", ".join(f"{k} {v:.2f} ms ({v / total:.0%})" for k, v in b.items()))
+            ks = load_kernels(p)
+            b = breakdown(ks)
+            total = sum(b.values()) or 1.0
+            s = summary(ks)
+            idle = s["span_ms"] - _length(union((k["start"], k["end"]) for k in ks)) / 1e3
+            print(f"{p.name}: " + ", ".join(f"{k} {v:.2f} ms ({v / total:.0%})" for k, v in b.items())
+                  + f"; {len(ks)} kernels, span {s['span_ms']:.2f} ms, idle {idle:.2f} ms")
+            for name, count, ms in top_kernels(ks, a.top):
+                print(f"    {name[:110]} x{count} {ms:.3f} ms")
         return
     report([(p.name.split(".")[0], p) for p in a.traces], a.out)
 

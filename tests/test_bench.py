@@ -21,22 +21,25 @@ def test_cpu_smoke_run_writes_one_record_per_measurement(tmp_path):
     out, run_dir = tmp_path / "bench.jsonl", tmp_path / "run"
     cmd = [sys.executable, "-m", "overlap.cli", "model=tiny", "bench=smoke", "parallel.tp=2",
            f"bench.out={out}", f"run_dir={run_dir}", "bench.variants=[base,spd50,iso,spd50+iso,nocomm,hf_tp]",
-           "++extra.timeout_s=60"]
+           "++extra.timeout_s=60", "++extra.iso_ctas=[null,4]", "++extra.fuse=true"]
     done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "hf_tp skipped" in done.stdout
     recs = [json.loads(line) for line in out.read_text().splitlines()]
-    # prefill 32 tokens x (base, spd50, iso, spd50+iso, nocomm) + decode batches 1, 2 x (base, spd50, nocomm)
-    assert len(recs) == 5 + 2 * 3
+    # prefill 32 tokens x (base, spd50, nocomm, 2 ISO settings x (iso, spd50+iso)) + decode 2 batches x 3
+    assert len(recs) == 3 + 2 * 2 + 2 * 3
     for rec in recs:
         assert FIELDS <= set(rec), FIELDS - set(rec)
         assert rec["schema"] == "spd.bench/1" and rec["tp"] == 2 and rec["model"] == "tiny"
         assert rec["impl"] == "nccl"  # the default collective implementation
+        assert rec["fused"] is False  # extra.fuse applies on GPUs only
         assert rec["p20_ms"] <= rec["median_ms"] <= rec["p80_ms"]
     assert {r["variant"]: r["spd_blocks"] for r in recs} == {"base": 0, "spd50": 2, "iso": 0, "spd50+iso": 2,
                                                               "nocomm": 0}
     assert {(r["phase"], r["variant"], r["iso_chunks"]) for r in recs if "iso" in r["variant"]} == {
         ("prefill", "iso", 2), ("prefill", "spd50+iso", 2)}  # decode has no ISO
+    assert sorted((r["variant"], str(r["iso_ctas"])) for r in recs if "iso" in r["variant"]) == [
+        ("iso", "4"), ("iso", "None"), ("spd50+iso", "4"), ("spd50+iso", "None")]
     assert sorted({(r["phase"], r["tokens"], r["batch"]) for r in recs}) == [
         ("decode", 1, 1), ("decode", 1, 2), ("prefill", 32, 1)]
     for name in ("config.yaml", "meta.json", "job.json"):
@@ -63,6 +66,18 @@ def test_dry_run_passes_extra_impl_into_the_job(tmp_path):
     done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "job.json").read_text())["impl"] == "triton"
+
+
+def test_iso_settings_and_their_validation():
+    from overlap.bench import iso_settings
+    from overlap.cli import _int_list
+
+    assert iso_settings({}) == [(None, None)]
+    assert iso_settings({"iso_ctas": [None, 4], "iso_sm_carveout": [8]}) == [(None, 8), (4, 8)]
+    assert _int_list(None, "iso_ctas") == [None] and _int_list(4, "iso_ctas") == [4]
+    assert _int_list(["null", "2", 8], "iso_ctas") == [None, 2, 8]
+    with pytest.raises(SPDError, match="extra.iso_ctas must be an int or a list of ints"):
+        _int_list(["four"], "iso_ctas")
 
 
 def test_impl_is_validated():

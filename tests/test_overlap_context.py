@@ -71,3 +71,12 @@ def test_a_missing_rank_fails_instead_of_hanging(tmp_path):
     with pytest.raises(Exception, match="(?i)timed? ?out"):
         spawn_ranks(_one_rank_goes_missing, 2, tmp_path, timeout_s=60, pg_timeout_s=HANG_TIMEOUT_S)
     assert time.monotonic() - t0 < 5 * HANG_TIMEOUT_S
+
+
+def test_comm_group_is_the_context_group_off_nccl():
+    from overlap.context import comm_group, single
+
+    ctx = single()
+    assert comm_group(ctx, max_ctas=4) is None  # one process: nothing to all-reduce
+    fake = TPContext(rank=0, world_size=2, device=torch.device("cpu"), group=object(), backend="gloo")
+    assert comm_group(fake, max_ctas=4) is fake.group  # gloo has no thread blocks to cap

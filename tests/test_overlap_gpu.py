@@ -107,6 +107,28 @@ def test_compiled_decode_equals_eager():
     assert (outs[0] - outs[1]).abs().max() <= FP32_GPU_ATOL
 
 
+@need_gpus(1)
+@torch.no_grad()
+def test_fused_elementwise_kernels_equal_eager():
+    """Runtime(fuse=True) (inductor's Triton kernels for RoPE, add + RMSNorm, SwiGLU) against eager, with
+    CUDA-graph decode; fp32 to FP32_GPU_ATOL, bf16 within BF16_REL_TOL of bf16 eager."""
+    pytest.importorskip("triton")
+    hf, ids = small_hf(), torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(6))
+    for dtype in (torch.float32, torch.bfloat16):
+        full = Transformer.from_hf(hf).to(device="cuda:0", dtype=dtype)
+        outs = []
+        for fuse in (False, True):
+            rt = Runtime(copy.deepcopy(full), torch_ctx(), 2, 64, fuse=fuse)
+            pre = rt.prefill(ids[:, :16].cuda()).float()
+            dec = torch.cat([rt.decode_one(ids[:, i : i + 1].cuda()).float() for i in range(16, 24)], 1)
+            outs.append((pre, dec))
+        for eager, fused in zip(*outs):
+            if dtype == torch.float32:
+                assert (eager - fused).abs().max() <= FP32_GPU_ATOL
+            else:
+                assert rel_err(fused, eager) <= BF16_REL_TOL
+
+
 def small_worker(ctx, full: Transformer, ids: torch.Tensor, plans: dict, dtype: torch.dtype):
     model = shard_(full.to(device=ctx.device, dtype=dtype), ctx)
     rt = Runtime(model, ctx, ids.shape[0], 64)  # CUDA graphs on

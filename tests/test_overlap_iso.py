@@ -99,7 +99,7 @@ def test_schedule_overlaps_each_all_reduce_with_the_other_pieces(monkeypatch):
             log.append(("wait", self.name, piece[self.x.shape[1]]))
             return super().wait()
 
-    def start(self, x, stream=None):
+    def start(self, x, stream=None, group=None):
         self.calls += 1
         log.append(("start", self.name, piece[x.shape[1]]))
         p = LoggedPending(x)
@@ -248,6 +248,10 @@ def nccl_worker(ctx, state: dict, args: ModelArgs, ids: torch.Tensor, plans: dic
                 rt.prefill(ids[:, :GPU_PREFIX], iso=k)
                 res[f"decode{k}"] = torch.cat([rt.decode_one(ids[:, i : i + 1]).float().cpu()
                                                for i in range(GPU_PREFIX, GPU_SEQ)], dim=1)
+            rt.set_iso_(max_ctas=2, sm_carveout=16, high_priority=True)  # ISO's capped NCCL group, GEMMs carved
+            rt.reset()
+            res["capped"] = rt.prefill(ids, iso=2).float().cpu()
+            rt.set_iso_()
             out[(str(dtype), name)] = res
         del rt, model
         torch.cuda.empty_cache()
@@ -266,6 +270,10 @@ def test_iso_on_nccl_equals_plain_prefill(tmp_path, tp):
     for res in results:
         for name in plans:
             f32, b16 = res[(str(torch.float32), name)], res[(str(torch.bfloat16), name)]
+            assert _maxdiff(f32["capped"], f32[1]) <= FP32_GPU_ATOL, name
+            ref = f32[1]
+            err_capped = ((b16["capped"] - ref).norm() / ref.norm()).item()
+            assert err_capped <= BF16_VS_PLAIN * ((b16[1] - ref).norm() / ref.norm()).item() + 1e-3, name
             for k in (2, 3):
                 assert _maxdiff(f32[k], f32[1]) <= FP32_GPU_ATOL, (name, k)
                 assert _maxdiff(f32[f"decode{k}"], f32["decode1"]) <= FP32_GPU_ATOL, (name, k)

@@ -152,3 +152,31 @@ def test_user_errors_say_what_is_right():
         layout_of(ModelArgs.from_hf_config(hf.config), 3)
     with pytest.raises(RuntimeError, match="setup_caches"):
         Transformer.from_hf(hf)(tokens(), torch.arange(24), kv_len=24, chunk_start=0)
+
+
+FUSED_FP32_ATOL = 1e-5  # fp32; inductor's kernels may keep x + a unrounded before the norm and reorder the norm's sum
+
+
+@torch.no_grad()
+def test_fused_elementwise_ops_equal_eager_in_prefill_decode_and_iso():
+    """Runtime(fuse=True): RoPE, add + RMSNorm and SwiGLU as torch.compile'd kernels (inductor's CPU code here;
+    the GPU test in test_overlap_gpu.py runs its Triton code), SPD and baseline blocks, ISO pieces."""
+    from overlap.model import EAGER_OPS, fused_ops
+
+    hf, ids = tiny_hf(heads=8, kv=2, layers=3), tokens(2, 20)
+    ctx = single()
+    model = shard_(Transformer.from_hf(hf), ctx, SPDPlan.zero_shot(1, 3, [1]))
+    outs = {}
+    for fuse in (False, True):
+        rt = Runtime(model, ctx, 2, 64, fuse=fuse)
+        assert model.fused is fuse and model.layers[0].attn.ops is (fused_ops() if fuse else EAGER_OPS)
+        full = rt.prefill(ids)
+        rt.reset()
+        iso = rt.prefill(ids[:, :16], iso=2)
+        dec = torch.cat([rt.decode_one(ids[:, i : i + 1]) for i in range(16, 20)], dim=1)
+        outs[fuse] = (full, iso, dec)
+    for a, b in zip(outs[False], outs[True]):
+        assert (a - b).abs().max() <= FUSED_FP32_ATOL
+    assert (outs[True][0] - hf(ids).logits).abs().max() <= 10 * FUSED_FP32_ATOL  # and against transformers
+    model.set_fused_(False)
+    assert not model.fused

@@ -77,8 +77,8 @@ def test_render_and_report_write_png_and_summary(tmp_path):
     assert (tmp_path / "cli.png").is_file() and "iso" in json.loads((tmp_path / "cli.json").read_text())
 
 
-def profile_worker(ctx, job, out_dir):
-    traces = run_profile(job, ctx, out_dir, layers=2)
+def profile_worker(ctx, job, out_dir, phase="prefill"):
+    traces = run_profile(job, ctx, out_dir, layers=2, phase=phase)
     if ctx.is_main:
         report(traces, out_dir / "timeline.png")
     return [v for v, _ in traces]
@@ -96,3 +96,29 @@ def test_bench_profile_mode_writes_a_trace_per_variant(tmp_path):
         assert (out / f"{name}.trace.json").is_file(), name
     assert (out / "timeline.png").is_file()
     assert set(json.loads((out / "timeline.json").read_text())) == {"base", "iso", "spd100+iso", "nocomm"}
+
+
+def test_bench_profile_mode_traces_decode_steps(tmp_path):
+    job = dict(model=dict(name="tiny", dtype="float32", hidden_size=64, intermediate_size=172, num_layers=4,
+                          num_heads=8, num_kv_heads=4, vocab_size=512),
+               bench=dict(tokens=[16], context=24, variants=["base", "iso", "spd100", "nocomm"], warmup=1),
+               cuda_graphs=True)  # ignored on CPU: eager steps, one trace per variant (ISO has no decode)
+    out = tmp_path / "prof"
+    results = spawn_ranks(profile_worker, 2, tmp_path / "ranks", args=(job, out, "decode"), timeout_s=RANKS_TIMEOUT_S)
+    assert results[0] == ["base", "spd100", "nocomm"] and results[1] == []
+    assert all((out / f"{v}.trace.json").is_file() for v in results[0])
+
+
+def test_top_kernels_and_idle_time(tmp_path, capsys):
+    from overlap.timeline import top_kernels
+
+    ks = [dict(name=n, start=s, end=e, row=(0, 7), comm=False) for n, s, e in
+          [("gemv2T_kernel", 0.0, 10.0), ("gemv2T_kernel", 20.0, 40.0), ("triton_poi_fused_add", 40.0, 45.0)]]
+    assert top_kernels(ks, 1) == [("gemv2T_kernel", 2, 0.03)]
+    assert breakdown(ks)["gemm"] == pytest.approx(0.03)  # cuBLAS GEMV is GEMM work
+    path = tmp_path / "d.trace.json"
+    path.write_text(json.dumps({"traceEvents": [dict(ph="X", cat="kernel", name=k["name"], ts=k["start"],
+                                                     dur=k["end"] - k["start"], args={}) for k in ks]}))
+    main(["--breakdown", "--top", "2", str(path)])
+    out = capsys.readouterr().out
+    assert "idle 0.01 ms" in out and "gemv2T_kernel x2 0.030 ms" in out
