@@ -6,7 +6,9 @@
 #     bench.out=runs/gpu/dec_nccl.jsonl ++extra.dry_run=true
 # Every step is bounded (seconds), appends to $OUT/log.txt and copies what it made into $OUT as soon as it
 # ends, so a step cut off by its bound (or the call's) keeps what finished: bench records are appended one
-# line per measurement. Set SPD_COMMIT to the commit the job files were made at (no .git travels).
+# line per measurement. Few files come back from a call: records go to $OUT/records.jsonl (all jobs),
+# a profile to one $OUT/prof_<job>_<phase>.tgz (its breakdown also in log.txt). Set SPD_COMMIT to the
+# commit the job files were made at (no .git travels).
 source scripts/device_setup.sh
 OUT=${OUT:-runs/gpu_out}
 mkdir -p "$OUT"
@@ -18,7 +20,7 @@ _worker() {  # the torchrun command of a job directory
   echo "python3 -m torch.distributed.run --standalone --nproc-per-node $tp -m overlap.bench --job $1/job.json"
 }
 
-bench() {  # bench DIR SECONDS: the job's records (new lines of its out file) -> $OUT/<name>.jsonl
+bench() {  # bench DIR SECONDS: the job's records (new lines of its out file) -> $OUT/records.jsonl
   local dir=$1 secs=$2 name recs before
   name=$(basename "$dir")
   recs=$(python3 -c "import json; print(json.load(open('$dir/job.json'))['out'])")
@@ -26,24 +28,23 @@ bench() {  # bench DIR SECONDS: the job's records (new lines of its out file) ->
   before=$(wc -l < "$recs")
   echo "== bench $name $(date +%T)" | tee -a "$OUT/log.txt"
   timeout -k 5 "$secs" $(_worker "$dir") >> "$OUT/log.txt" 2>&1 || echo "bench $name exit $?" | tee -a "$OUT/log.txt"
-  tail -n +"$((before + 1))" "$recs" >> "$OUT/$name.jsonl"
+  tail -n +"$((before + 1))" "$recs" >> "$OUT/records.jsonl"
   return 0
 }
 
-profile() {  # profile DIR PHASE LAYERS SECONDS: traces (gzip) + timeline -> $OUT/prof_<name>_<phase>/
-  local dir=$1 phase=$2 layers=$3 secs=$4 name dest
+profile() {  # profile DIR PHASE LAYERS SECONDS: traces (gzip), timeline, breakdown -> $OUT/prof_<name>_<phase>.tgz
+  local dir=$1 phase=$2 layers=$3 secs=$4 name src
   name=$(basename "$dir")
-  dest="$OUT/prof_${name}_$phase"
+  src="runs/prof/$name-$phase"
   echo "== profile $name $phase $(date +%T)" | tee -a "$OUT/log.txt"
-  timeout -k 5 "$secs" $(_worker "$dir") --profile "runs/prof/$name-$phase" --layers "$layers" --phase "$phase" \
+  timeout -k 5 "$secs" $(_worker "$dir") --profile "$src" --layers "$layers" --phase "$phase" \
     >> "$OUT/log.txt" 2>&1 || echo "profile $name exit $?" | tee -a "$OUT/log.txt"
-  mkdir -p "$dest"
-  for t in runs/prof/"$name-$phase"/*.trace.json; do
+  for t in "$src"/*.trace.json; do
     [ -f "$t" ] || continue
-    python3 -m overlap.timeline --breakdown --top 25 "$t" >> "$dest/breakdown.txt" 2>&1
-    gzip -c "$t" > "$dest/$(basename "$t").gz"
+    python3 -m overlap.timeline --breakdown --top 25 "$t" 2>&1 | tee -a "$src/breakdown.txt" >> "$OUT/log.txt"
+    gzip -f "$t"
   done
-  cp runs/prof/"$name-$phase"/timeline.* "$dest"/ 2>/dev/null
+  tar czf "$OUT/prof_${name}_$phase.tgz" -C "$src" . 2>/dev/null
   return 0
 }
 
