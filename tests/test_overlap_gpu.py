@@ -130,6 +130,28 @@ def test_fused_elementwise_kernels_equal_eager():
     assert fused <= BF16_VS_R1 * eager, f"bf16 relative error to fp32: fused {fused:.3e}, eager {eager:.3e}"
 
 
+@need_gpus(1)
+@torch.no_grad()
+def test_cudnn_attention_after_a_prefix_equals_the_masked_reference():
+    """attend_after_prefix's CUDA path (two cuDNN calls merged by log-sum-exp), LLaMA-2-70B heads at TP 4
+    (16 query heads, 2 KV heads, Dh 128), bf16, against fp32 math with the bottom-right causal mask."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    from overlap.model import attend_after_prefix
+
+    g = torch.Generator(device="cuda").manual_seed(8)
+    P, S = 640, 384
+    q = torch.randn(1, 16, S, 128, device="cuda", generator=g)
+    k, v = (torch.randn(1, 2, P + S, 128, device="cuda", generator=g) for _ in range(2))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(S, P + S),
+                                                           enable_gqa=True)
+    masked = torch.nn.functional.scaled_dot_product_attention(*(t.bfloat16() for t in (q, k, v)),
+                                                              attn_mask=causal_lower_right(S, P + S), enable_gqa=True)
+    out = attend_after_prefix(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    assert rel_err(out, ref) <= BF16_VS_R1 * rel_err(masked, ref) + 1e-3
+
+
 def small_worker(ctx, full: Transformer, ids: torch.Tensor, plans: dict, dtype: torch.dtype):
     model = shard_(full.to(device=ctx.device, dtype=dtype), ctx)
     rt = Runtime(model, ctx, ids.shape[0], 64)  # CUDA graphs on

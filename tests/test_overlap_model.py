@@ -180,3 +180,21 @@ def test_fused_elementwise_ops_equal_eager_in_prefill_decode_and_iso():
     assert (outs[True][0] - hf(ids).logits).abs().max() <= 10 * FUSED_FP32_ATOL  # and against transformers
     model.set_fused_(False)
     assert not model.fused
+
+
+@pytest.mark.parametrize("prefix,S", [(5, 7), (16, 3), (1, 1)])
+@torch.no_grad()
+def test_attention_after_a_prefix_merges_two_dense_parts(prefix, S):
+    """attend_after_prefix (the CUDA path of a later prefill chunk) equals SDPA's bottom-right causal mask."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    from overlap.model import attend_after_prefix, attention_lse
+
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 8, S, 16, generator=g)
+    k, v = torch.randn(2, 2, prefix + S, 16, generator=g), torch.randn(2, 2, prefix + S, 16, generator=g)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(S, prefix + S),
+                                                           enable_gqa=True)
+    assert (attend_after_prefix(q, k, v) - ref).abs().max() <= 1e-5
+    out, lse = attention_lse(q, k[:, :1].expand(2, 8, -1, -1)[:, :, :S], v[:, :1].expand(2, 8, -1, -1)[:, :, :S], True)
+    assert lse.shape == (2, 8, S, 1) and torch.isfinite(lse).all()
