@@ -1,9 +1,12 @@
 """Markdown tables from spd-bench records (JSON lines, schema spd.bench/1); tables come from files only.
 
-One table per (model, device, dtype, phase); a row per (R, interconnect, size), where size is the
-prefill length or the decode batch and context; a column per variant with "median (p20-p80)" in ms,
-then two derived columns: what SPD on every block saves against base, and the communication share
-of base, (base - nocomm) / base. When a measurement was repeated, the last record wins.
+One table per (model, device, dtype, phase, impl, fused elementwise kernels, commit), so a table holds
+one setup of one code version; a row per (R, interconnect, size), where size is the prefill length or
+the decode batch and context; a column per variant with "median (p20-p80)" in ms (ISO variants timed
+with a capped NCCL group or an SM carve-out are labelled e.g. "iso c8 s16": at most 8 NCCL thread
+blocks, 16 SMs left free by cuBLAS), then two derived columns: what SPD on every block saves against
+base, and the communication share of base, (base - nocomm) / base. When a measurement was repeated,
+the last record wins.
 
     python scripts/bench_table.py docs/benchmarks/spd_bench.jsonl [more.jsonl] [-o table.md]
 """
@@ -36,11 +39,22 @@ def read_records(paths) -> list[dict]:
     return out
 
 
-def _variant_key(v: str):
+def _variant_key(label: str):
+    v, _, settings = label.partition(" ")
+    return (*_order(v), settings)
+
+
+def _order(v: str):
     if v in ORDER:
         return (ORDER.index(v), 0)
     m = re.match(r"spd(\d+)(\+iso)?$", v)  # other SPD shares (with or without ISO) sit before spd100
     return (ORDER.index("spd100") - 0.5, int(m.group(1)), bool(m.group(2))) if m else (len(ORDER), v)
+
+
+def _label(rec: dict) -> str:
+    """The column of a record: its variant, with the ISO settings it was timed with (if not the defaults)."""
+    extra = [f"{k}{rec[f]}" for k, f in (("c", "iso_ctas"), ("s", "iso_sm_carveout")) if rec.get(f) is not None]
+    return " ".join([rec["variant"], *extra])
 
 
 def _size(rec: dict) -> tuple:
@@ -69,19 +83,19 @@ def tables(records: list[dict]) -> str:
     """The markdown text: one titled table per (model, device, dtype, phase)."""
     latest: dict[tuple, dict] = {}
     for rec in records:
-        key = (rec["model"], rec["device"], rec.get("dtype", ""), rec["phase"], rec["tp"], rec["interconnect"],
-               _size(rec), rec["variant"])
-        latest[key] = rec
+        setup = (rec["model"], rec["device"], rec.get("dtype", ""), rec["phase"], rec.get("impl", "nccl"),
+                 bool(rec.get("fused", False)), rec["commit"])
+        latest[(setup, rec["tp"], rec["interconnect"], _size(rec), _label(rec))] = rec
     groups: dict[tuple, dict] = {}
-    for (model, device, dtype, phase, tp, ic, size, variant), rec in latest.items():
-        rows = groups.setdefault((model, device, dtype, phase), {})
-        rows.setdefault((tp, ic, size), {})[variant] = rec
+    for (setup, tp, ic, size, label), rec in latest.items():
+        groups.setdefault(setup, {}).setdefault((tp, ic, size), {})[label] = rec
     parts = []
-    for (model, device, dtype, phase), rows in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+    for setup, rows in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        model, device, dtype, phase, impl, fused, commit = setup
         variants = sorted({v for cells in rows.values() for v in cells}, key=_variant_key)
         any_rec = next(iter(next(iter(rows.values())).values()))
-        parts.append(f"### {model}, {phase}, {dtype} on {device} (torch {any_rec['torch']}, "
-                     f"commit {any_rec['commit'][:12]})\n")
+        parts.append(f"### {model}, {phase}, {dtype}, impl {impl}, {'fused' if fused else 'unfused'} elementwise, "
+                     f"on {device} (torch {any_rec['torch']}, commit {commit[:12]})\n")
         head = ["R", "interconnect", "size", *variants, "SPD100 saves", "comm share"]
         parts.append("| " + " | ".join(head) + " |")
         parts.append("|" + "---|" * len(head))

@@ -132,4 +132,12 @@ def test_table_from_records(tmp_path):
     assert "| R | interconnect | size | base | spd50 | spd100 | nocomm | SPD100 saves | comm share |" in text
     assert "| 4 | nvlink | batch 1, ctx 2048 | 14.85 (14.75-14.95) | 14.40 (14.30-14.50) | 14.00 (13.90-14.10) " \
            "| 12.60 (12.50-12.70) | 5.7% | 15.2% |" in text
-    assert "### llama2_70b, prefill, bfloat16 on 4x H200" in text and "| 2048 tokens | 144.50" in text
+    assert "### llama2_70b, prefill, bfloat16, impl nccl, unfused elementwise, on 4x H200" in text
+    assert "| 2048 tokens | 144.50" in text
+    # another setup (fused kernels) gets its own table; ISO settings their own columns
+    more = [dict(_rec("base", 140.0, phase="prefill", tokens=2048, context=0), fused=True),
+            dict(_rec("iso", 139.0, phase="prefill", tokens=2048, context=0), fused=True, iso_ctas=8, iso_sm_carveout=None),
+            dict(_rec("iso", 141.0, phase="prefill", tokens=2048, context=0), fused=True, iso_ctas=None)]
+    text = tables(read_records([path]) + more)
+    assert "### llama2_70b, prefill, bfloat16, impl nccl, fused elementwise" in text
+    assert "| R | interconnect | size | base | iso | iso c8 | SPD100 saves | comm share |" in text

@@ -8,6 +8,8 @@ bad names and unsupported combinations (ISO, compile) fail with messages naming 
 GPU (marked gpu, 2 GPUs, NCCL): symm_mem and triton against nccl in bf16.
 """
 
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -21,7 +23,10 @@ from overlap.tp import set_plan_, shard_
 from spd.plan import SPDPlan
 
 FP32_ATOL = 1e-4  # fp32: the fused path adds the residual after the sum (and a_r inside it), another rounding order
-BF16_REL_TOL = 2e-2  # GPU, bf16: ||impl - nccl|| / ||nccl||; reductions in other orders (one-shot sums fp32 in rank order)
+# GPU, bf16: each impl's error against the fp32 nccl run may be at most BF16_VS_NCCL times bf16 nccl's error
+# (reductions in other orders; one-shot sums fp32 in rank order). A fixed 2% between two bf16 runs failed
+# for triton's decode at 2.15% on 2x H200 (session 2): the bf16 noise floor of this random model, not a bug.
+BF16_VS_NCCL = 2.0
 RANKS_TIMEOUT_S = 150
 LAYERS, SEQ, SPLIT = 3, 12, 8
 PLANS = {"base": [], "spd_some": [1], "spd_all": list(range(LAYERS))}
@@ -199,11 +204,15 @@ GPU_PLANS = {"base": [], "spd_half": [2, 3]}
 
 
 def gpu_worker(ctx, ids: torch.Tensor, impls: tuple):
-    """bf16, same weights on every rank (seed 0), sharded; per impl and plan: prefill + graph-captured decode."""
-    model = shard_(make_model(layers=4, dim=128, ffn=344, vocab=512).to(device=ctx.device, dtype=torch.bfloat16), ctx)
+    """Same weights on every rank (seed 0), sharded; per impl and plan: prefill + graph-captured decode in bf16,
+    and the nccl run in fp32 as ("fp32", plan), the reference."""
+    full = make_model(layers=4, dim=128, ffn=344, vocab=512).to(ctx.device)
     ids = ids.to(ctx.device)
     out = {}
-    for impl in impls:
+    for impl in ("fp32",) + tuple(impls):
+        dtype = torch.float32 if impl == "fp32" else torch.bfloat16
+        model = shard_(copy.deepcopy(full).to(dtype), ctx)
+        impl = "nccl" if impl == "fp32" else impl
         rt = Runtime(model, ctx, ids.shape[0], 256, impl=impl)  # CUDA graphs on: reserve() before capture
         for name, blocks in GPU_PLANS.items():
             set_plan_(model, SPDPlan.zero_shot(ctx.world_size, 4, blocks))
@@ -213,8 +222,9 @@ def gpu_worker(ctx, ids: torch.Tensor, impls: tuple):
             prefill = rt.prefill(ids[:, :160]).float().cpu()
             syncs = model.sync_calls - c0
             decode = torch.cat([rt.decode_one(ids[:, i : i + 1]).float().cpu() for i in range(160, 168)], dim=1)
-            out[(impl, name)] = dict(prefill=prefill, decode=decode, syncs=syncs,
-                                     path=getattr(rt.impl, "last_path", "nccl"))
+            key = "fp32" if dtype == torch.float32 else impl
+            out[(key, name)] = dict(prefill=prefill, decode=decode, syncs=syncs,
+                                    path=getattr(rt.impl, "last_path", "nccl"))
         if rt.impl is not None and hasattr(rt.impl, "check_status"):
             rt.impl.check_status()
         rt.invalidate()
@@ -236,7 +246,8 @@ def test_fused_impl_on_gpus_equals_nccl_in_bf16(tmp_path, impl):
     results = spawn_ranks(gpu_worker, 2, tmp_path, args=(ids, ("nccl", impl)), backend="nccl", timeout_s=300)
     for res in results:
         for name, blocks in GPU_PLANS.items():
-            ref, got = res[("nccl", name)], res[(impl, name)]
-            assert got["syncs"] == ref["syncs"] == 2 * 4 - len(blocks)
-            assert _rel(got["prefill"], ref["prefill"]) <= BF16_REL_TOL, (name, got["path"])
-            assert _rel(got["decode"], ref["decode"]) <= BF16_REL_TOL, (name, got["path"])
+            ref, nccl, got = res[("fp32", name)], res[("nccl", name)], res[(impl, name)]
+            assert got["syncs"] == nccl["syncs"] == ref["syncs"] == 2 * 4 - len(blocks)
+            for part in ("prefill", "decode"):
+                err, floor = _rel(got[part], ref[part]), _rel(nccl[part], ref[part])
+                assert err <= BF16_VS_NCCL * floor, (name, part, got["path"], err, floor)

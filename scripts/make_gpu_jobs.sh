@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The spd-bench job files of the recorded GPU runs (docs/benchmarks/spd_bench.md, iso.md, kernels.md), made here
+# (Hydra is not on the GPU machine) into runs/gpujobs/<name>/job.json; run them there with scripts/gpu_jobs.sh:
+#   bash scripts/make_gpu_jobs.sh
+#   # device tool, kind nvidia-h200-x4, carry [.whl, runs/gpujobs]:
+#   export SPD_COMMIT=<commit>; source scripts/gpu_jobs.sh && bench runs/gpujobs/dec_fused 45 && ...
+# Records go to runs/gpu/<name>.jsonl there, and to $OUT/records.jsonl.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mk() {
+  local name=$1
+  shift
+  rm -rf "runs/gpujobs/$name"
+  python -m overlap.cli run_dir="runs/gpujobs/$name" bench.out="runs/gpu/$name.jsonl" ++extra.dry_run=true "$@" > /dev/null
+}
+DEC=(bench.phases=[decode] bench.batches=[1,16] bench.variants=[base,spd100,nocomm] bench.iters=15 bench.warmup=3)
+PRE=(bench.phases=[prefill] bench.iters=10 bench.warmup=2)
+# decode, R = 4: plain, fused elementwise kernels, and the fused GEMM + all-reduce impls (overlap.kernels)
+mk dec_nccl parallel.tp=4 "${DEC[@]}"
+mk dec_fused parallel.tp=4 "${DEC[@]}" ++extra.fuse=true
+mk dec_symm parallel.tp=4 "${DEC[@]}" ++extra.fuse=true ++extra.impl=symm_mem
+mk dec_triton parallel.tp=4 "${DEC[@]}" ++extra.fuse=true ++extra.impl=triton
+# prefill, R = 4: every SPD share, ISO with NCCL thread blocks capped (c) and cuBLAS SM carve-out (s)
+mk pre_fused parallel.tp=4 "${PRE[@]}" 'bench.tokens=[512,2048,8192]' \
+  'bench.variants=[base,spd25,spd50,spd75,spd100,nocomm,iso,spd100+iso]' ++extra.fuse=true \
+  '++extra.iso_ctas=[null,2,8]' '++extra.iso_sm_carveout=[null,16]'
+mk pre_nccl parallel.tp=4 "${PRE[@]}" 'bench.tokens=[2048,8192]' 'bench.variants=[base,nocomm,iso]'
+mk pre_iso2 parallel.tp=4 "${PRE[@]}" 'bench.tokens=[2048,8192]' 'bench.variants=[base,spd100,nocomm,iso,spd100+iso]' \
+  ++extra.fuse=true '++extra.iso_ctas=[null,8]' '++extra.iso_sm_carveout=[null,16]'
+mk pre_nop2p parallel.tp=4 parallel=nop2p bench.phases=[prefill] bench.iters=8 bench.warmup=2 'bench.tokens=[2048,8192]' \
+  'bench.variants=[base,spd100,nocomm,iso,spd100+iso]' ++extra.fuse=true
+mk pre_triton parallel.tp=4 "${PRE[@]}" 'bench.tokens=[2048,8192]' 'bench.variants=[base,spd100]' ++extra.fuse=true \
+  ++extra.impl=triton
+# R = 2 and R = 1 (LLaMA-2-70B in bf16 is 129 GiB: R = 1 fits one H200 at batch 1 only)
+mk r2_nvlink parallel.tp=2 'bench.tokens=[512,2048,8192]' 'bench.batches=[1,16]' bench.iters=8 bench.warmup=2 \
+  'bench.variants=[base,spd25,spd50,spd75,spd100,nocomm,iso,spd100+iso]' ++extra.fuse=true
+mk r1 parallel.tp=1 'bench.tokens=[512,2048,8192]' 'bench.batches=[1]' 'bench.variants=[base]' bench.iters=10 \
+  bench.warmup=2 ++extra.fuse=true
+# profiles: decode steps (8 blocks) and an 8192-token ISO prefill (4 blocks)
+mk prof_dec parallel.tp=4 'bench.phases=[decode]' 'bench.batches=[1]' 'bench.variants=[base,nocomm]'
+mk prof_dec_fused parallel.tp=4 'bench.phases=[decode]' 'bench.batches=[1]' 'bench.variants=[base,nocomm]' ++extra.fuse=true
+mk prof_iso parallel.tp=4 'bench.phases=[prefill]' 'bench.tokens=[8192]' 'bench.variants=[base,iso,spd100+iso,nocomm]' \
+  ++extra.fuse=true '++extra.iso_ctas=[8]' '++extra.iso_sm_carveout=[16]'
+ls runs/gpujobs
