@@ -66,7 +66,7 @@ def bench_job(cfg) -> dict:
         interconnect=cfg.parallel.interconnect, out=str(Path(b.out).expanduser()), cuda_graphs=bool(b.cuda_graphs),
         compile=bool(cfg.extra.get("compile", False)), timeout_s=float(cfg.extra.get("timeout_s", 600)),
         impl=check_impl(str(cfg.extra.get("impl", "nccl")), b.variants),  # ++extra.impl=symm_mem|triton
-        fuse=bool(cfg.extra.get("fuse", False)),  # ++extra.fuse=true: compiled RoPE / add+norm / SwiGLU
+        fuse=bool(cfg.extra.get("fuse", True)),  # ++extra.fuse=false: eager RoPE / add+norm / SwiGLU / RMSNorm
         iso_ctas=_int_list(cfg.extra.get("iso_ctas"), "iso_ctas"),  # ++extra.iso_ctas=[4,8]
         iso_sm_carveout=_int_list(cfg.extra.get("iso_sm_carveout"), "iso_sm_carveout"),
     )

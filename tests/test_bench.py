@@ -58,6 +58,7 @@ def test_dry_run_writes_a_portable_job_and_launches_nothing(tmp_path):
     assert job["out"] == "docs/benchmarks/spd_bench.jsonl"  # relative: resolved where the job runs
     assert "--nproc-per-node=4 -m overlap.bench --job" in done.stdout
     assert job["impl"] == "nccl"
+    assert job["fuse"] is True and job["iso_ctas"] == [None]  # the fast elementwise path unless ++extra.fuse=false
 
 
 def test_dry_run_passes_extra_impl_into_the_job(tmp_path):
