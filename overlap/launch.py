@@ -3,11 +3,14 @@
 Each rank r runs fn(ctx, *args) with ctx = init_tp(rank=r, world_size=R) over a file:// store in
 workdir (no ports, so parallel test runs cannot collide). What fn returns is saved per rank and handed
 back as a list. The whole group must finish within timeout_s: otherwise every rank is killed and
-TimeoutError raised, and the process group's own timeout makes a stuck collective fail sooner.
+TimeoutError raised, and the process group's own timeout makes a stuck collective fail sooner. Shortly
+before that kill (10% of timeout_s, at most 10 s) every rank still running prints its Python stacks
+(faulthandler) to stderr.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import time
 import uuid
 from pathlib import Path
@@ -20,8 +23,9 @@ from overlap.context import init_tp, shutdown
 DEFAULT_TIMEOUT_S = 120.0
 
 
-def _entry(rank, fn, world_size, workdir, store, backend, pg_timeout_s, threads, args):
+def _entry(rank, fn, world_size, workdir, store, backend, pg_timeout_s, threads, args, dump_at):
     torch.set_num_threads(threads)  # R ranks share the machine's cores
+    faulthandler.dump_traceback_later(max(0.5, dump_at - time.time()), exit=False)  # a hung rank says where it is
     ctx = init_tp(backend, pg_timeout_s, rank=rank, world_size=world_size, local_rank=rank,
                   init_method=f"file://{store}")
     try:
@@ -47,7 +51,9 @@ def spawn_ranks(fn, world_size: int, workdir: str | Path, args: tuple = (), back
     for old in workdir.glob("result-*.pt"):
         old.unlink()
     store = workdir / f"store-{uuid.uuid4().hex}"
-    entry_args = (fn, world_size, str(workdir), str(store), backend, pg_timeout_s or timeout_s, threads, args)
+    dump_at = time.time() + timeout_s - min(10.0, 0.1 * timeout_s)  # wall clock, before the kill at timeout_s
+    entry_args = (fn, world_size, str(workdir), str(store), backend, pg_timeout_s or timeout_s, threads, args,
+                  dump_at)
     pc = mp.start_processes(_entry, args=entry_args, nprocs=world_size, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
     while not pc.join(timeout=max(0.1, min(5.0, deadline - time.monotonic())), grace_period=1):

@@ -80,3 +80,16 @@ def test_comm_group_is_the_context_group_off_nccl():
     assert comm_group(ctx, max_ctas=4) is None  # one process: nothing to all-reduce
     fake = TPContext(rank=0, world_size=2, device=torch.device("cpu"), group=object(), backend="gloo")
     assert comm_group(fake, max_ctas=4) is fake.group  # gloo has no thread blocks to cap
+
+
+def _rank_1_never_returns(ctx: TPContext):
+    if ctx.rank == 1:
+        time.sleep(600)
+    return ctx.rank
+
+
+def test_a_hung_rank_prints_its_stack_before_it_is_killed(tmp_path, capfd):
+    with pytest.raises(TimeoutError, match="did not finish within 20 s"):
+        spawn_ranks(_rank_1_never_returns, 2, tmp_path, timeout_s=20)
+    err = capfd.readouterr().err
+    assert "_rank_1_never_returns" in err and "Timeout" in err  # faulthandler's "Timeout (0:00:..)!" dump

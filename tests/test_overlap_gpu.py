@@ -2,9 +2,11 @@
 
     python -m pytest tests/test_overlap_gpu.py -m gpu -q
 
-Shapes: stories260K-sized (dim 64, 5 blocks, 8 heads, 4 KV heads, FFN 172, vocab 512; random weights,
-the checkpoint does not travel to GPU boxes) and LLaMA-2-7B-shaped (random bf16). References: the
-single-device SPD emulation in fp32 (small model) and this runtime at R = 1 on one GPU (7B).
+Models: stories260K (the real checkpoint from the offline assets, $SPD_ASSETS on a GPU box; where it is
+missing, random weights of its shape: dim 64, 5 blocks, 8 heads, 4 KV heads, FFN 172, vocab 512) and
+LLaMA-2-7B-shaped (random bf16). References: the single-device SPD emulation in fp32 (small model) and
+this runtime at R = 1 on one GPU (7B). A rank that hangs dumps its Python stacks before spawn_ranks
+kills it (overlap.launch), so a timeout says where it stood.
 """
 
 import copy
@@ -56,6 +58,14 @@ def torch_ctx():
 
 
 def small_hf(seed=0):
+    """stories260K from the assets if present, else random weights of its shape (std 0.2: SPD shows)."""
+    from spd.config import assets_dir
+
+    d = assets_dir() / "models" / "stories260K"
+    if (d / "stories260K.bin").is_file() and (d / "tok512.bin").is_file():
+        from spd.llama2c import load_llama2c
+
+        return load_llama2c(d / "stories260K.bin", d / "tok512.bin")[0].eval()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
