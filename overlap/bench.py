@@ -12,7 +12,8 @@ wrong numbers, the lower bound) and hf_tp (the same shape through transformers' 
 parallelism; GPU only). Warm-up is excluded; each iteration is timed with CUDA events (perf_counter on
 CPU); rank 0 appends one JSON line per measurement (schema spd.bench/1) with the median and the
 20th/80th percentiles. Job key impl (default "nccl"; symm_mem, triton: overlap.kernels) picks the
-runtime's collective implementation for every variant (ISO variants need nccl); records carry it.
+runtime's collective implementation for every variant (ISO's fused ops then run on its comm stream);
+records carry it.
 Job key fuse (default false) runs RoPE, add + RMSNorm and SwiGLU as torch.compile'd kernels (GPU only;
 records: fused). ISO variants are timed once per (iso_ctas, iso_sm_carveout) pair of the job's lists
 (default [null] each: NCCL's own thread-block count, no carve-out; Runtime.set_iso_), recorded as such.
@@ -67,9 +68,6 @@ def check_impl(impl: str, variants) -> str:
 
     if impl not in IMPLS:
         raise SPDError(f"unknown collective impl {impl!r} (extra.impl); valid: {', '.join(IMPLS)}")
-    if impl != "nccl" and (iso := [v for v in variants if is_iso(v)]):
-        raise SPDError(f"ISO variants ({', '.join(iso)}) run with impl=nccl only, not {impl!r}: ISO issues async "
-                       f"NCCL all-reduces from its comm stream; drop them or use ++extra.impl=nccl")
     return impl
 
 

@@ -31,6 +31,9 @@ flash-attention row tiles) when every piece keeps at least `align` tokens.
 Streams. On CUDA all ISO collectives are issued from one dedicated stream (Runtime.comm_stream), each
 after the compute stream's work so far (the partial is complete); NCCL runs them in issue order on its
 own stream, identically on every rank; Pending.wait() makes the compute stream (never the host) wait.
+With a fused impl (symm_mem, triton) each stage's row-parallel GEMM moves onto that stream with its
+all-reduce (Sync.start_matmul): the one-stream rule of symmetric-memory collectives holds within an ISO
+prefill, and the compute stream waits for all of them before it returns.
 On CPU (gloo) the same code runs: gloo sums on its own thread while the main thread computes.
 """
 
@@ -129,6 +132,9 @@ def iso_forward(model: Transformer, tokens: torch.Tensor, bounds: list[int], str
         cos, sin, mask = model.chunk_inputs(pos, b, a, x.dtype)
         pieces.append(_Piece(x, (cos, sin, pos, mask, b)))
     for block in model.layers:
+        if block.attn_sync.impl is not None:  # impl != nccl: the fused GEMM + all-reduce per piece and stage
+            _fused_layer(block, pieces, stream)
+            continue
         if block.spd:
             for c in pieces:
                 x = c.value()
@@ -144,3 +150,22 @@ def iso_forward(model: Transformer, tokens: torch.Tensor, bounds: list[int], str
     outs = [c.value() for c in pieces]  # wait for every piece: no collective is left in flight
     x = outs[-1][:, -1:] if last_only else torch.cat(outs, dim=1)  # (B, 1, D) or (B, S, D)
     return model.output(model.norm(x))  # (B, S, V); replicated lm_head, so logits agree on all ranks
+
+
+def _fused_layer(block, pieces: list[_Piece], stream) -> None:
+    """One layer of ISO with a fused impl: Block.forward_fused's arithmetic, each wo / w2 GEMM with its
+    all-reduce (Sync.start_matmul) on the comm stream while the other pieces compute."""
+    if block.spd:
+        for c in pieces:
+            x = c.value()
+            a = block.attn.wo(block.attn.heads(block.attn_norm(x), *c.attn_args))  # (B, n, D) rank-local partial
+            g = block.mlp.act(block.add_norm(x, a)[1])  # (B, n, F/R)
+            c.defer(x, block.block_sync.start_matmul(g, block.mlp.w2.weight, add=a, stream=stream))  # the only sync
+        return
+    for c in pieces:
+        x = c.value()
+        heads = block.attn.heads(block.attn_norm(x), *c.attn_args)  # (B, n, H/R Dh)
+        c.defer(x, block.attn_sync.start_matmul(heads, block.attn.wo.weight, stream=stream))  # sync 1
+    for c in pieces:
+        h, n = c.value_normed(block)  # h = x + sum_r heads_r wo_r^T
+        c.defer(h, block.mlp_sync.start_matmul(block.mlp.act(n), block.mlp.w2.weight, stream=stream))  # sync 2

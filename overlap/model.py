@@ -297,8 +297,42 @@ class Sync(nn.Module):
             work = dist.all_reduce(x, group=group or self.ctx.group, async_op=True)
             return Pending(x, work)  # (B, S, D) in flight
 
+    def start_matmul(self, x: torch.Tensor, w: torch.Tensor, *, add=None, stream=None) -> "Pending":
+        """Sync.matmul (impl != nccl: the fused GEMM + all-reduce), asynchronous: sum_r (x_r @ w_r.T + add_r).
+
+        With a CUDA stream the fused op runs on it after all the compute stream has queued, the inputs are
+        kept alive for it (record_stream) and wait() makes the compute stream wait for its event; every
+        fused collective of an ISO prefill is issued from that one stream, in the same order on every rank
+        (the symmetric-memory rule), and the compute stream waits for all of them before plain calls resume.
+        Without a stream (CPU) it runs at once.
+        """
+        if stream is None:
+            return Pending(self.matmul(x, w, add=add))
+        compute = torch.cuda.current_stream(x.device)
+        stream.wait_stream(compute)  # x (and add) complete before the fused op reads them
+        with torch.cuda.stream(stream):
+            y = self.matmul(x, w, add=add)  # (..., N), allocated on the comm stream
+            done = torch.cuda.Event()
+            done.record(stream)
+        for t in (x, add):
+            if t is not None:
+                t.record_stream(stream)  # freed on the compute stream only after the comm stream used it
+        return Pending(y, _EventWork(done, y))
+
     def extra_repr(self) -> str:
         return f"{self.name}, calls={self.calls}, nocomm={self.nocomm}"
+
+
+class _EventWork:
+    """The wait() of a fused op on another CUDA stream: the current stream waits for its event."""
+
+    def __init__(self, event, out: torch.Tensor):
+        self.event, self.out = event, out
+
+    def wait(self) -> None:
+        current = torch.cuda.current_stream(self.out.device)
+        current.wait_event(self.event)
+        self.out.record_stream(current)  # made on the comm stream, read on this one
 
 
 class Pending:

@@ -16,7 +16,8 @@ lives in a device tensor, so no host sync happens inside a step.
 
 impl ("nccl", "symm_mem", "triton"; overlap.kernels) picks how the row-parallel output projections and
 their all-reduces run: nccl is the plain path (GEMM, then Sync's all-reduce); the others fuse each GEMM
-with its sync point (impl.matmul_all_reduce). ISO (iso >= 2) and torch.compile need impl="nccl".
+with its sync point (impl.matmul_all_reduce); with ISO (iso >= 2) those fused ops run on ISO's comm
+stream (overlap.iso). torch.compile needs impl="nccl".
 
 fuse=True runs the elementwise steps between the GEMMs (RoPE, residual add + RMSNorm, SwiGLU) as
 torch.compile'd kernels (overlap.model.fused_ops), in prefill and decode alike. set_iso_ picks ISO's
@@ -118,11 +119,6 @@ class Runtime:
         """
         B, S = tokens.shape
         self._check(B, start + S)
-        if iso > 1 and self.impl_name != "nccl":
-            raise ValueError(f"ISO (iso={iso}) runs its pieces' all-reduces as async NCCL from comm_stream and "
-                             f"is supported with impl='nccl' only, not {self.impl_name!r} (symmetric-memory "
-                             f"collectives of one group must all come from one stream); use iso=1 with "
-                             f"{self.impl_name!r}, or impl='nccl' for ISO")
         if iso > 1:
             bounds = split_bounds(start, start + S, iso, attention_weight(self.model.args), align=ISO_ALIGN)
             carveout = self.iso_sm_carveout is not None and self.device.type == "cuda"

@@ -101,11 +101,14 @@ def impl_worker(ctx, full: Transformer, ids: torch.Tensor):
             c0 = rt.impl.calls
             out["fused"][name] = run_plan(model, rt, blocks, ids)
             out["impl_calls"][name] = rt.impl.calls - c0
-        try:
-            rt.prefill(ids, iso=2)
-            out["iso_error"] = None
-        except ValueError as e:
-            out["iso_error"] = str(e)
+        out["iso"] = {}
+        for name, blocks in PLANS.items():  # ISO with the fused impl: each stage's fused op per piece
+            set_plan_(model, SPDPlan.zero_shot(model.tp, LAYERS, blocks))
+            rt.reset()
+            plain = rt.prefill(ids)
+            c0 = rt.impl.calls
+            rt.reset()
+            out["iso"][name] = dict(plain=plain, iso=rt.prefill(ids, iso=2), calls=rt.impl.calls - c0)
         Runtime(model, ctx, B, 32, impl="triton")  # a second runtime reuses the model's impl object
         out["made"] = made
         back = Runtime(model, ctx, B, 32)  # the default again: the plain path, no impl bound
@@ -161,9 +164,12 @@ def test_impl_is_built_once_and_unbound_by_the_default(r2):
         assert torch.equal(res["back_to_nccl"]["prefill"], res["default"]["spd_some"]["prefill"])
 
 
-def test_iso_with_a_fused_impl_is_refused(r2):
+@pytest.mark.parametrize("plan", PLANS)
+def test_iso_with_a_fused_impl_equals_plain_prefill(r2, plan):
     for res in r2:
-        assert res["iso_error"] is not None and "impl='nccl' only" in res["iso_error"]
+        r = res["iso"][plan]
+        assert _maxdiff(r["iso"], r["plain"]) <= FP32_ATOL
+        assert r["calls"] == 2 * (2 * LAYERS - len(PLANS[plan]))  # k = 2 pieces, every sync point fused
 
 
 def test_r1_fused_path_equals_default_and_nccl_is_exact():
@@ -190,12 +196,12 @@ def test_compile_needs_nccl():
         Runtime(model, single(), 1, 16, compile=True, impl="triton")
 
 
-def test_iso_with_fused_impl_at_r1_is_refused_too():
+def test_iso_with_fused_impl_at_r1_equals_plain():
     model = make_model(layers=1)
-    rt = Runtime(model, single(), 1, 16, impl="symm_mem")
-    with pytest.raises(ValueError, match="supported with impl='nccl' only"):
-        rt.prefill(ids_of(1, 8), iso=2)
-    assert rt.prefill(ids_of(1, 8)).shape == (1, 8, 128)  # iso=1 works
+    rt = Runtime(model, single(), 1, 16, impl="symm_mem")  # one rank: the impl's local path
+    plain = rt.prefill(ids_of(1, 8))
+    rt.reset()
+    assert _maxdiff(rt.prefill(ids_of(1, 8), iso=2), plain) <= FP32_ATOL
 
 
 # ---- GPU: the real symm_mem / triton collectives against nccl ------------------------------------------
@@ -222,9 +228,11 @@ def gpu_worker(ctx, ids: torch.Tensor, impls: tuple):
             prefill = rt.prefill(ids[:, :160]).float().cpu()
             syncs = model.sync_calls - c0
             decode = torch.cat([rt.decode_one(ids[:, i : i + 1]).float().cpu() for i in range(160, 168)], dim=1)
+            path = getattr(rt.impl, "last_path", "nccl")
+            rt.reset()
+            iso = rt.prefill(ids[:, :160], iso=2).float().cpu()  # pieces of 128 + 32 tokens, fused ops on comm stream
             key = "fp32" if dtype == torch.float32 else impl
-            out[(key, name)] = dict(prefill=prefill, decode=decode, syncs=syncs,
-                                    path=getattr(rt.impl, "last_path", "nccl"))
+            out[(key, name)] = dict(prefill=prefill, decode=decode, iso=iso, syncs=syncs, path=path)
         if rt.impl is not None and hasattr(rt.impl, "check_status"):
             rt.impl.check_status()
         rt.invalidate()
@@ -248,6 +256,7 @@ def test_fused_impl_on_gpus_equals_nccl_in_bf16(tmp_path, impl):
         for name, blocks in GPU_PLANS.items():
             ref, nccl, got = res[("fp32", name)], res[("nccl", name)], res[(impl, name)]
             assert got["syncs"] == nccl["syncs"] == ref["syncs"] == 2 * 4 - len(blocks)
-            for part in ("prefill", "decode"):
-                err, floor = _rel(got[part], ref[part]), _rel(nccl[part], ref[part])
+            for part in ("prefill", "decode", "iso"):  # ISO's reference: the fp32 plain prefill
+                target = ref["prefill" if part == "iso" else part]
+                err, floor = _rel(got[part], target), _rel(nccl[part], target)
                 assert err <= BF16_VS_NCCL * floor, (name, part, got["path"], err, floor)
