@@ -36,6 +36,14 @@ mk r2_nvlink parallel.tp=2 'bench.tokens=[512,2048,8192]' 'bench.batches=[1,16]'
   'bench.variants=[base,spd25,spd50,spd75,spd100,nocomm,iso,spd100+iso]' ++extra.fuse=true
 mk r1 parallel.tp=1 'bench.tokens=[512,2048,8192]' 'bench.batches=[1]' 'bench.variants=[base]' bench.iters=10 \
   bench.warmup=2 ++extra.fuse=true
+# not run yet: the whole decode step torch.compile'd (graphs after), ISO with the fused impls, R = 2 without P2P
+mk dec_compile parallel.tp=4 "${DEC[@]}" ++extra.compile=true ++extra.fuse=false
+mk pre_iso_triton parallel.tp=4 "${PRE[@]}" 'bench.tokens=[2048,8192]' 'bench.variants=[base,spd100,iso,spd100+iso]' \
+  ++extra.fuse=true ++extra.impl=triton
+mk pre_iso_symm parallel.tp=4 "${PRE[@]}" 'bench.tokens=[2048,8192]' 'bench.variants=[base,spd100,iso,spd100+iso]' \
+  ++extra.fuse=true ++extra.impl=symm_mem
+mk r2_nop2p parallel.tp=2 parallel=nop2p 'bench.tokens=[2048]' 'bench.batches=[16]' 'bench.variants=[base,spd100,nocomm]' \
+  bench.iters=10 bench.warmup=2 ++extra.fuse=true
 # profiles: decode steps (8 blocks) and an 8192-token ISO prefill (4 blocks)
 mk prof_dec parallel.tp=4 'bench.phases=[decode]' 'bench.batches=[1]' 'bench.variants=[base,nocomm]'
 mk prof_dec_fused parallel.tp=4 'bench.phases=[decode]' 'bench.batches=[1]' 'bench.variants=[base,nocomm]' ++extra.fuse=true

@@ -33,7 +33,7 @@ BF16_REL_TOL = 3e-2  # bf16 TP against bf16 on one GPU (same weights)
 FP32_GPU_ATOL = 5e-4  # fp32 (TF32 off by default): GPU kernels sum in other orders than the CPU; logits are O(10)
 MARGIN_FP32 = 1e-3  # greedy tokens must agree while the reference's top-1/top-2 logit gap exceeds fp32 noise
 BF16_VS_R1 = 2.0  # bf16 TP may be at most this many times farther from fp32 than bf16 on one GPU is
-NCCL_TIMEOUT_S = 300
+NCCL_TIMEOUT_S = 180  # a hung group fails (and its ranks dump their stacks, overlap.launch) within 3 minutes
 SMALL = dict(heads=8, kv=4, hidden=64, ffn=172, layers=5)
 LLAMA2_7B = ModelArgs(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008)
 
