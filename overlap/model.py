@@ -498,18 +498,21 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin_signed", torch.cat([-sin[:, :half], sin[:, half:]], -1), persistent=False)
         self.max_batch, self.max_seq = max_batch, max_seq
 
-    def forward(self, tokens, input_pos, kv_len: int, chunk_start: int | None, last_only: bool = False):
+    def forward(self, tokens, input_pos, kv_len: int, chunk_start: int | None, last_only: bool = False,
+                block_fn=None):
         """tokens (B, S) at positions input_pos (S,) -> logits (B, S, V) (or (B, 1, V) if last_only).
 
         Attention reads cache positions [0, kv_len). chunk_start is the Python position of tokens[:, 0]
         in prefill (0: plain causal, flash attention) or None in decode (positions only on the device).
+        block_fn(block, x, cos, sin, input_pos, mask, kv_len) runs each block instead of block(...)
+        (run_block, or compiled_block(): torch.compile'd once for every block of a kind).
         """
         if self.max_seq == 0:
             raise RuntimeError("no KV cache: call setup_caches(max_batch, max_seq) (or use overlap.runtime.Runtime)")
         x = self.tok_embeddings(tokens)  # (B, S, D)
         cos, sin, mask = self.chunk_inputs(input_pos, kv_len, chunk_start, x.dtype)
         for block in self.layers:
-            x = block(x, cos, sin, input_pos, mask, kv_len)
+            x = (block_fn or run_block)(block, x, cos, sin, input_pos, mask, kv_len)
         if last_only:
             x = x[:, -1:]  # (B, 1, D)
         return self.output(self.norm(x))  # (B, S, V); replicated lm_head, so logits agree on all ranks
@@ -565,6 +568,29 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             model.output.weight = model.tok_embeddings.weight
         return init_weights_(model, seed).eval()
+
+
+def run_block(block: Block, x, cos, sin, input_pos, mask, kv_len: int) -> torch.Tensor:
+    """One block's forward, as a function of the block (what compiled_block compiles)."""
+    return block(x, cos, sin, input_pos, mask, kv_len)
+
+
+_COMPILED_BLOCK: list = []
+
+
+def compiled_block():
+    """run_block torch.compile'd (fullgraph, static shapes), shared by every model: regional compilation.
+
+    The block is an input (its parameters lifted as graph inputs), so one graph serves every block of a
+    kind (baseline, SPD, nocomm) and batch size instead of tracing all 80 layers of a step: seconds, not
+    minutes. Sync.forward traces as a functional all-reduce, kept a single collective in the graph.
+    """
+    if not _COMPILED_BLOCK:
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)  # kinds x batch sizes of a job
+        _COMPILED_BLOCK.append(torch.compile(run_block, fullgraph=True, dynamic=False))
+    return _COMPILED_BLOCK[0]
 
 
 @torch.no_grad()

@@ -11,7 +11,8 @@ on a communication stream while the other pieces compute (overlap.iso), with the
 decode_one(token) runs one position for every sequence of the batch, attending over the whole static
 cache (masked beyond the position), so its shapes never change: on CUDA the step is captured once per
 batch size in a CUDA graph (warm-up on a side stream first; NCCL collectives are captured too) and
-replayed; optionally the step is torch.compile'd before capture to fuse the small ops. The position
+replayed; optionally (compile=True) each block of the step runs torch.compile'd before capture, one
+graph per block kind reused across layers, to fuse the small ops. The position
 lives in a device tensor, so no host sync happens inside a step.
 
 impl ("nccl", "symm_mem", "triton"; overlap.kernels) picks how the row-parallel output projections and
@@ -31,11 +32,10 @@ import torch
 
 from overlap.context import TPContext, comm_group
 from overlap.iso import attention_weight, iso_forward, split_bounds
-from overlap.model import Transformer
+from overlap.model import Transformer, compiled_block
 from overlap.tp import set_impl_
 
 GRAPH_WARMUP = 3  # eager steps on a side stream before capture (allocator, cuBLAS and NCCL setup)
-COMPILE_RECOMPILE_LIMIT = 64  # variants x batch sizes of one benchmark job, with room to spare
 ISO_ALIGN = 128  # ISO boundaries on multiples of 128 tokens: whole GEMM and flash-attention row tiles
 
 
@@ -59,14 +59,10 @@ class Runtime:
             raise ValueError("cuda_graphs=True needs a model on a CUDA device")
         if self.impl is not None and self.cuda_graphs:  # workspaces may not grow during capture
             self.impl.reserve(max_tokens=max_batch, n=model.args.dim, dtype=model.output.weight.dtype)
+        # compile: every block of a decode step through one torch.compile'd function (regional compilation,
+        # overlap.model.compiled_block); embedding, mask and lm_head stay eager. All inside the CUDA graph.
+        self._block_fn = compiled_block() if compile else None
         self._step = self._eager_step
-        if compile:
-            import torch._dynamo.config as dynamo_config
-
-            # Each (plan, nocomm, batch) is its own specialisation; past the default limit dynamo would
-            # silently fall back to eager and the benchmark would time the wrong thing.
-            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
-            self._step = torch.compile(self._eager_step, fullgraph=True, dynamic=False)
         self._pos_t = torch.zeros(1, dtype=torch.long, device=self.device)  # (1,) decode position
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._pool = None
@@ -138,7 +134,7 @@ class Runtime:
         return logits
 
     def _eager_step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.model(token, pos, kv_len=self.max_seq, chunk_start=None)  # (B, 1, V)
+        return self.model(token, pos, kv_len=self.max_seq, chunk_start=None, block_fn=self._block_fn)  # (B, 1, V)
 
     def _graph(self, batch: int):
         if batch not in self._graphs:

@@ -198,3 +198,23 @@ def test_attention_after_a_prefix_merges_two_dense_parts(prefix, S):
     assert (attend_after_prefix(q, k, v) - ref).abs().max() <= 1e-5
     out, lse = attention_lse(q, k[:, :1].expand(2, 8, -1, -1)[:, :, :S], v[:, :1].expand(2, 8, -1, -1)[:, :, :S], True)
     assert lse.shape == (2, 8, S, 1) and torch.isfinite(lse).all()
+
+
+@torch.no_grad()
+def test_compiled_decode_compiles_one_graph_per_block_kind():
+    """Runtime(compile=True): decode through overlap.model.compiled_block (inductor's CPU code here) equals eager,
+    and 6 blocks of two kinds (baseline, SPD) cost two graphs, not a trace of the whole step."""
+    from torch._dynamo.utils import counters
+
+    hf, ids = tiny_hf(heads=8, kv=2, layers=6), tokens(1, 12)
+    ctx = single()
+    outs = []
+    for compile in (False, True):
+        model = shard_(Transformer.from_hf(hf), ctx, SPDPlan.zero_shot(1, 6, [4, 5]))
+        rt = Runtime(model, ctx, 1, 32, compile=compile)
+        rt.prefill(ids[:, :8])
+        before = counters["stats"]["unique_graphs"]
+        outs.append(torch.cat([rt.decode_one(ids[:, i : i + 1]) for i in range(8, 12)], dim=1))
+        graphs = counters["stats"]["unique_graphs"] - before
+    assert (outs[0] - outs[1]).abs().max() <= FUSED_FP32_ATOL
+    assert 1 <= graphs <= 2, graphs
