@@ -215,7 +215,8 @@ def run_ours(job: dict, ctx: TPContext, record: Recorder) -> None:
         torch.cuda.empty_cache()
 
 
-def run_profile(job: dict, ctx: TPContext, out_dir: Path, layers: int, phase: str = "prefill") -> list[tuple[str, Path]]:
+def run_profile(job: dict, ctx: TPContext, out_dir: Path, layers: int,
+                phase: str = "prefill") -> list[tuple[str, Path]]:
     """Traces per variant on the job's shape cut to `layers` blocks: one prefill (the longest of
     bench.tokens) or five decode steps at batch 1 (graph replays when the job uses CUDA graphs, and the
     same steps eager as '<variant>-eager').
@@ -241,7 +242,8 @@ def run_profile(job: dict, ctx: TPContext, out_dir: Path, layers: int, phase: st
         k_iso = int(b.get("iso_chunks", ISO_CHUNKS))
         for v in [v for v in b["variants"] if v != "hf_tp"]:
             k = k_iso if is_iso(v) else 1
-            runs.append((v, rt, lambda k=k: rt.prefill(ids, last_only=True, iso=k), iso_settings(job)[0] if k > 1 else None))
+            iso = iso_settings(job)[0] if k > 1 else None  # the first (ctas, carve-out) setting
+            runs.append((v, rt, lambda k=k: rt.prefill(ids, last_only=True, iso=k), iso))
     else:
         context = int(b["context"])
         tok = torch.randint(0, args.vocab_size, (1, 1), generator=gen).to(ctx.device)  # (1, 1)

@@ -139,7 +139,8 @@ def iso_forward(model: Transformer, tokens: torch.Tensor, bounds: list[int], str
             for c in pieces:
                 x = c.value()
                 a = block.attn(block.attn_norm(x), *c.attn_args)  # (B, n, D) partial
-                c.defer(x, block.block_sync.start(a + block.mlp(block.add_norm(x, a)[1]), stream, group))  # the only sync
+                m = block.mlp(block.add_norm(x, a)[1])  # (B, n, D) partial
+                c.defer(x, block.block_sync.start(a + m, stream, group))  # the only sync
             continue
         for c in pieces:
             x = c.value()

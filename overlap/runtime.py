@@ -20,7 +20,7 @@ their all-reduces run: nccl is the plain path (GEMM, then Sync's all-reduce); th
 with its sync point (impl.matmul_all_reduce); with ISO (iso >= 2) those fused ops run on ISO's comm
 stream (overlap.iso). torch.compile needs impl="nccl".
 
-fuse=True runs the elementwise steps between the GEMMs (RoPE, residual add + RMSNorm, SwiGLU) as
+fuse=True runs the elementwise steps between the GEMMs (RoPE, residual add + RMSNorm, SwiGLU, RMSNorm) as
 torch.compile'd kernels (overlap.model.fused_ops), in prefill and decode alike. set_iso_ picks ISO's
 process group (NCCL thread blocks capped, overlap.context.comm_group) and an SM carve-out for cuBLAS
 GEMMs during ISO prefill (the GEMMs leave SMs to the NCCL kernels they overlap).
@@ -62,7 +62,6 @@ class Runtime:
         # compile: every block of a decode step through one torch.compile'd function (regional compilation,
         # overlap.model.compiled_block); embedding, mask and lm_head stay eager. All inside the CUDA graph.
         self._block_fn = compiled_block() if compile else None
-        self._step = self._eager_step
         self._pos_t = torch.zeros(1, dtype=torch.long, device=self.device)  # (1,) decode position
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._pool = None
@@ -133,7 +132,7 @@ class Runtime:
         self.pos = start + S
         return logits
 
-    def _eager_step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return self.model(token, pos, kv_len=self.max_seq, chunk_start=None, block_fn=self._block_fn)  # (B, 1, V)
 
     def _graph(self, batch: int):
