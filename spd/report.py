@@ -33,13 +33,34 @@ def _match(r: dict, target: dict) -> bool:
     return all(r.get(k) == v for k, v in target.items())
 
 
-def latency_curve(records: list[dict], target: dict) -> dict[float, float] | None:
-    """{SPD fraction: median ms} for a target, or None when base is not measured (newest record wins)."""
-    curve = {}
+def setup_of(r: dict) -> tuple:
+    """What a bench record was measured with: code version, device, collective impl, fused kernels, compile."""
+    return (r.get("commit"), r.get("device"), r.get("impl", "nccl"), bool(r.get("fused")), bool(r.get("compile")))
+
+
+def newest_by_setup(records: list[dict], keep) -> dict[tuple, dict[str, dict]]:
+    """{setup: {variant: newest record}} of the records keep() accepts, setups ordered oldest to newest
+    (by their last record in file order)."""
+    out: dict[tuple, dict[str, dict]] = {}
     for r in records:
-        if _match(r, target) and r.get("variant") in SPD_VARIANTS:
-            curve[SPD_VARIANTS[r["variant"]]] = r["median_ms"]
-    return curve if 0.0 in curve else None
+        if keep(r):
+            setup = setup_of(r)
+            out.setdefault(setup, {})[r["variant"]] = r
+            out[setup] = out.pop(setup)  # move to the end: the most recently measured setup is last
+    return out
+
+
+def latency_curve(records: list[dict], target: dict) -> dict[float, float] | None:
+    """{SPD fraction: median ms} for a target from one setup (setup_of), or None when no setup measured base.
+
+    The newest setup that measured base wins, newest record per variant: mixing setups would interpolate
+    between, say, an eager spd50 and a fused base of another commit.
+    """
+    setups = newest_by_setup(records, lambda r: _match(r, target) and r.get("variant") in SPD_VARIANTS)
+    for recs in reversed(setups.values()):
+        if "base" in recs:
+            return {SPD_VARIANTS[v]: r["median_ms"] for v, r in recs.items()}
+    return None
 
 
 def latency_saving(curve: dict[float, float], fraction: float) -> float:
@@ -157,13 +178,19 @@ def pareto_plot(rows: list[dict], curve_name: str, path: Path) -> Path:
 
 def breakdown_plot(records: list[dict], path: Path) -> Path | None:
     """Compute (nocomm) and communication (base - nocomm; spd100 - nocomm) per measured setting."""
-    groups = {}
+    groups = {}  # per measured setting: the newest setup (setup_of) that timed all three variants
     for r in records:
         if r.get("variant") in ("base", "spd100", "nocomm"):
             size = r.get("tokens") if r["phase"] == "prefill" else r.get("batch")
             key = (r["model"], r["tp"], r["interconnect"], r["phase"], size)
-            groups.setdefault(key, {})[r["variant"]] = r["median_ms"]
-    groups = {k: v for k, v in sorted(groups.items(), key=lambda kv: str(kv[0])) if len(v) == 3}
+            groups.setdefault(key, []).append(r)
+    complete = {}
+    for key, recs in groups.items():
+        for setup in reversed(newest_by_setup(recs, lambda r: True).values()):
+            if len(setup) == 3:
+                complete[key] = {v: r["median_ms"] for v, r in setup.items()}
+                break
+    groups = dict(sorted(complete.items(), key=lambda kv: str(kv[0])))
     if not groups:
         return None
     plt = _plt()
