@@ -130,17 +130,33 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, weight.shape, weight, eps)
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query a sequence: q (B, Hq, 1, Dh), k/v (B, Hkv, L, Dh), additive mask (1, L) -> (B, Hq, 1, Dh).
+
+    The query heads of a KV head are folded into rows, so K/V are never repeated: two batched GEMMs and a
+    softmax (fp32 accumulation inside, like transformers' eager path). Fused (Ops.decode_attention), the
+    mask add and the softmax become one kernel between the two GEMMs.
+    """
+    B, Hq, _, Dh = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    qg = q.reshape(B * Hkv, Hq // Hkv, Dh)  # (B*KV, G, Dh): row g is query head kv*G + g
+    scores = torch.baddbmm(mask, qg, k.reshape(B * Hkv, L, Dh).transpose(1, 2), alpha=Dh**-0.5)  # (B*KV, G, L)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.bmm(probs, v.reshape(B * Hkv, L, Dh)).view(B, Hq, 1, Dh)
+
+
 @dataclass(frozen=True)
 class Ops:
-    """The elementwise steps between a block's GEMMs: RoPE, residual add + RMSNorm, SwiGLU, RMSNorm."""
+    """The steps between a block's weight GEMMs: RoPE, residual add + RMSNorm, SwiGLU, RMSNorm, decode attention."""
 
     rope: object
     add_norm: object
     swiglu: object
     norm: object
+    decode_attention: object
 
 
-EAGER_OPS = Ops(rope_, add_rms_norm, swiglu, rms_norm)  # plain torch: the reference, and what CPU runs
+EAGER_OPS = Ops(rope_, add_rms_norm, swiglu, rms_norm, decode_attention)  # plain torch: the reference, CPU's
 _FUSED: list[Ops] = []
 
 
@@ -154,7 +170,7 @@ def fused_ops() -> Ops:
 
         # One specialisation per (shape, dtype): prefill lengths, ISO pieces, decode batches of one job.
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
-        fns = (rope_, add_rms_norm, swiglu, rms_norm)
+        fns = (rope_, add_rms_norm, swiglu, rms_norm, decode_attention)
         _FUSED.append(Ops(*(torch.compile(f, fullgraph=True, dynamic=False) for f in fns)))
     return _FUSED[0]
 
@@ -217,13 +233,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                               enable_gqa=q.shape[1] != k.shape[1])
     B, Hq, S, Dh = q.shape
-    Hkv, L = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     G = Hq // Hkv
     if S == 1:
-        qg = q.reshape(B * Hkv, G, Dh)  # (B*KV, G, Dh): row g is query head kv*G + g
-        scores = torch.baddbmm(mask, qg, k.reshape(B * Hkv, L, Dh).transpose(1, 2), alpha=Dh**-0.5)  # (B*KV, G, L)
-        probs = torch.softmax(scores, dim=-1)  # fp32 accumulation inside, like transformers' eager path
-        return torch.bmm(probs, v.reshape(B * Hkv, L, Dh)).view(B, Hq, 1, Dh)
+        return decode_attention(q, k, v, mask)
     qg = q.reshape(B, Hkv, G * S, Dh)  # (B, Hkv, G*S, Dh): row g*S + i is head kv*G + g, token i
     return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask.repeat(G, 1)).view(B, Hq, S, Dh)
 
@@ -389,7 +402,10 @@ class Attention(nn.Module):
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # (B, H/R, S, Dh), (B, KV/R, S, Dh)
         v = qkv[..., (H + KV) * Dh :].view(B, S, KV, Dh).transpose(1, 2)  # (B, KV/R, S, Dh)
         k, v = self.kv_cache.update(input_pos, k, v, kv_len)  # (B, KV/R, L, Dh)
-        y = attend(q, k, v, mask)  # (B, H/R, S, Dh)
+        if S == 1 and mask is not None and not isinstance(mask, CausalBias):  # decode: an additive (1, L) mask
+            y = self.ops.decode_attention(q, k, v, mask)  # (B, H/R, 1, Dh)
+        else:
+            y = attend(q, k, v, mask)  # (B, H/R, S, Dh)
         return y.transpose(1, 2).reshape(B, S, H * Dh)  # (B, S, H/R Dh)
 
 

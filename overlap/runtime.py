@@ -20,7 +20,7 @@ their all-reduces run: nccl is the plain path (GEMM, then Sync's all-reduce); th
 with its sync point (impl.matmul_all_reduce); with ISO (iso >= 2) those fused ops run on ISO's comm
 stream (overlap.iso). torch.compile needs impl="nccl".
 
-fuse=True runs the elementwise steps between the GEMMs (RoPE, residual add + RMSNorm, SwiGLU, RMSNorm) as
+fuse=True runs the steps between the weight GEMMs (RoPE, residual add + RMSNorm, SwiGLU, RMSNorm, decode attention) as
 torch.compile'd kernels (overlap.model.fused_ops), in prefill and decode alike. set_iso_ picks ISO's
 process group (NCCL thread blocks capped, overlap.context.comm_group) and an SM carve-out for cuBLAS
 GEMMs during ISO prefill (the GEMMs leave SMs to the NCCL kernels they overlap).
