@@ -14,8 +14,12 @@ CPU); rank 0 appends one JSON line per measurement (schema spd.bench/1) with the
 20th/80th percentiles. Job key impl (default "nccl"; symm_mem, triton: overlap.kernels) picks the
 runtime's collective implementation for every variant (ISO's fused ops then run on its comm stream);
 records carry it.
+Job key virtual_tp = R (with tp 1 and only the nocomm variant) times rank 0's shard of an R-way split on
+one device: one rank's compute at degree R (what nocomm measures) without R devices; records say
+virtual_tp.
 Job key fuse (default false) runs RoPE, add + RMSNorm and SwiGLU as torch.compile'd kernels (GPU only;
-records: fused). ISO variants are timed once per (iso_ctas, iso_sm_carveout) pair of the job's lists
+records: fused); with it, decode attention runs as one Triton pass unless decode_kernel is false (records:
+decode_kernel). ISO variants are timed once per (iso_ctas, iso_sm_carveout) pair of the job's lists
 (default [null] each: NCCL's own thread-block count, no carve-out; Runtime.set_iso_), recorded as such.
 
     ... -m overlap.bench --job job.json --profile DIR [--layers 4] [--phase prefill|decode]
@@ -71,6 +75,25 @@ def check_impl(impl: str, variants) -> str:
     return impl
 
 
+def shard_context(job: dict, ctx: TPContext) -> TPContext:
+    """The context the model is sharded for: ctx, or with job key virtual_tp = R > 1 on a single process,
+    rank 0 of an R-way split with no process group (its sync points are identities): one rank's compute at
+    degree R measured on one device, i.e. `nocomm` at R without R devices (only nocomm is then honest)."""
+    R = check_virtual(job)
+    return ctx if R == 1 else TPContext(rank=0, world_size=R, device=ctx.device)
+
+
+def check_virtual(job: dict) -> int:
+    """The job's virtual_tp (1: off), validated: it needs tp 1, only the nocomm variant and impl nccl."""
+    R = int(job.get("virtual_tp") or 1)
+    others = [v for v in job["bench"]["variants"] if v != "nocomm"]
+    if R < 1 or (R > 1 and (job.get("tp", 1) != 1 or others or job.get("impl", "nccl") != "nccl")):
+        raise SPDError(f"extra.virtual_tp={R} times one rank's shard of a {R}-way split on one process, with no "
+                       f"communication: it needs parallel.tp=1, bench.variants=[nocomm] and impl nccl (got tp="
+                       f"{job.get('tp', 1)}, other variants {others}, impl {job.get('impl', 'nccl')})")
+    return R
+
+
 def is_iso(variant: str) -> bool:
     return variant == "iso" or variant.endswith("+iso")
 
@@ -122,6 +145,12 @@ def fuse_on(job: dict, ctx: TPContext) -> bool:
     return bool(job.get("fuse")) and ctx.device.type == "cuda"
 
 
+def decode_kernel_on(job: dict, ctx: TPContext) -> bool:
+    """The one-pass Triton decode attention (overlap.decode_attention) with the fused kernels, unless the job
+    says decode_kernel: false (then fused_ops' compiled attention, the A/B reference)."""
+    return fuse_on(job, ctx) and job.get("decode_kernel", True) is not False
+
+
 def iso_settings(job: dict) -> list[tuple[int | None, int | None]]:
     """(max NCCL thread blocks, cuBLAS SM carve-out) pairs to time every ISO variant with."""
     return list(itertools.product(job.get("iso_ctas") or [None], job.get("iso_sm_carveout") or [None]))
@@ -146,8 +175,10 @@ class Recorder:
         b = job["bench"]
         self.common = dict(schema=SCHEMA, model=job["model"].get("name", "?"), tp=ctx.world_size,
                            interconnect=job["interconnect"], dtype=job["model"].get("dtype", "bfloat16"),
+                           virtual_tp=bool(job.get("virtual_tp")) and ctx.world_size > 1,
                            warmup=b["warmup"], iters=b["iters"], cuda_graphs=graphs_on(job, ctx),
                            compile=bool(job.get("compile")), impl=job.get("impl", "nccl"), fused=fuse_on(job, ctx),
+                           decode_kernel=decode_kernel_on(job, ctx),
                            device=device_name(),
                            torch=torch.__version__, commit=git_commit())
 
@@ -195,7 +226,8 @@ def run_ours(job: dict, ctx: TPContext, record: Recorder) -> None:
         context = int(b["context"])
         for B in b["batches"]:
             rt = Runtime(model, ctx, B, _round_up(context + 1), cuda_graphs=graphs_on(job, ctx),
-                         compile=job.get("compile", False), impl=job.get("impl", "nccl"), fuse=fuse_on(job, ctx))
+                         compile=job.get("compile", False), impl=job.get("impl", "nccl"), fuse=fuse_on(job, ctx),
+                         decode_kernel=decode_kernel_on(job, ctx))
             tok = torch.randint(0, args.vocab_size, (B, 1), generator=gen).to(ctx.device)  # (B, 1)
 
             def step():
@@ -249,7 +281,8 @@ def run_profile(job: dict, ctx: TPContext, out_dir: Path, layers: int,
         tok = torch.randint(0, args.vocab_size, (1, 1), generator=gen).to(ctx.device)  # (1, 1)
         modes = [(True, ""), (False, "-eager")] if graphs_on(job, ctx) else [(False, "")]
         for graphs, suffix in modes:
-            rt = Runtime(model, ctx, 1, _round_up(context + 1), cuda_graphs=graphs, impl=impl, fuse=fuse)
+            rt = Runtime(model, ctx, 1, _round_up(context + 1), cuda_graphs=graphs, impl=impl, fuse=fuse,
+                         decode_kernel=decode_kernel_on(job, ctx))
 
             def steps(rt=rt):
                 for _ in range(5):
@@ -287,9 +320,10 @@ def run_job(job: dict, profile_dir: Path | None = None, layers: int = 4, phase: 
         os.environ["NCCL_P2P_DISABLE"] = "1"
     elif job.get("interconnect") == "nvlink":
         os.environ.pop("NCCL_P2P_DISABLE", None)
-    ctx = init_tp(job.get("backend", "auto"), float(job.get("timeout_s", 600)))
+    ctx = real = init_tp(job.get("backend", "auto"), float(job.get("timeout_s", 600)))
     try:
         torch.manual_seed(int(job["model"].get("seed", 0)))
+        ctx = shard_context(job, ctx)  # the real one is shut down in `finally` either way
         if profile_dir is not None:
             traces = run_profile(job, ctx, profile_dir, layers, phase)
             if ctx.is_main:
@@ -310,7 +344,7 @@ def run_job(job: dict, profile_dir: Path | None = None, layers: int = 4, phase: 
                 run_hf_tp(job, ctx, record, measure)
         ctx.barrier()
     finally:
-        shutdown(ctx)
+        shutdown(real)
 
 
 def main(argv=None) -> None:

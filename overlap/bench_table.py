@@ -1,6 +1,6 @@
 """Markdown tables from spd-bench records (JSON lines, schema spd.bench/1); tables come from files only.
 
-One table per (model, device, dtype, phase, impl, fused elementwise kernels, commit), so a table holds
+One table per (model, device, dtype, phase, impl, fused kernels, commit, virtual R), so a table holds
 one setup of one code version; a row per (R, interconnect, size), where size is the prefill length or
 the decode batch and context; a column per variant with "median (p20-p80)" in ms (ISO variants timed
 with a capped NCCL group or an SM carve-out are labelled e.g. "iso c8 s16": at most 8 NCCL thread
@@ -57,6 +57,13 @@ def _label(rec: dict) -> str:
     return " ".join([rec["variant"], *extra])
 
 
+def _kernels(rec: dict) -> str:
+    """The kernels between the weight GEMMs: eager, fused (compiled) elementwise, and the Triton decode pass."""
+    if not rec.get("fused"):
+        return "unfused elementwise"
+    return "fused elementwise" + (" + Triton decode attention" if rec.get("decode_kernel") else "")
+
+
 def _size(rec: dict) -> tuple:
     if rec["phase"] == "prefill":
         return (rec["tokens"],)
@@ -84,18 +91,19 @@ def tables(records: list[dict]) -> str:
     latest: dict[tuple, dict] = {}
     for rec in records:
         setup = (rec["model"], rec["device"], rec.get("dtype", ""), rec["phase"], rec.get("impl", "nccl"),
-                 bool(rec.get("fused", False)), rec["commit"])
+                 _kernels(rec), rec["commit"], bool(rec.get("virtual_tp")))
         latest[(setup, rec["tp"], rec["interconnect"], _size(rec), _label(rec))] = rec
     groups: dict[tuple, dict] = {}
     for (setup, tp, ic, size, label), rec in latest.items():
         groups.setdefault(setup, {}).setdefault((tp, ic, size), {})[label] = rec
     parts = []
     for setup, rows in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        model, device, dtype, phase, impl, fused, commit = setup
+        model, device, dtype, phase, impl, kernels, commit, virtual = setup
         variants = sorted({v for cells in rows.values() for v in cells}, key=_variant_key)
         any_rec = next(iter(next(iter(rows.values())).values()))
-        parts.append(f"### {model}, {phase}, {dtype}, impl {impl}, {'fused' if fused else 'unfused'} elementwise, "
-                     f"on {device} (torch {any_rec['torch']}, commit {commit[:12]})\n")
+        alone = ", one rank's shard alone (virtual R)" if virtual else ""
+        parts.append(f"### {model}, {phase}, {dtype}, impl {impl}, {kernels}"
+                     f"{alone}, on {device} (torch {any_rec['torch']}, commit {commit[:12]})\n")
         head = ["R", "interconnect", "size", *variants, "SPD100 saves", "comm share"]
         parts.append("| " + " | ".join(head) + " |")
         parts.append("|" + "---|" * len(head))

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from overlap.bench import check_impl, check_variants
+from overlap.bench import check_impl, check_variants, check_virtual
 from overlap.context import NO_MULTICAST
 from spd.cli import hydra_app
 from spd.errors import ParallelConfigError, SPDError
@@ -59,7 +59,7 @@ def bench_job(cfg) -> dict:
     check_variants(b.variants)
     if cfg.model.source != "random":
         print(f"note: spd-bench times random weights of {cfg.model.name}'s shape (model.source is ignored)")
-    return dict(
+    job = dict(
         model=to_plain(cfg.model), bench=to_plain(b), tp=cfg.parallel.tp, backend=cfg.parallel.backend,
         # A relative path stays relative (to the directory the job runs in), so a job file written here
         # also runs from the repository root of another machine.
@@ -69,7 +69,11 @@ def bench_job(cfg) -> dict:
         fuse=bool(cfg.extra.get("fuse", True)),  # ++extra.fuse=false: eager RoPE / add+norm / SwiGLU / RMSNorm
         iso_ctas=_int_list(cfg.extra.get("iso_ctas"), "iso_ctas"),  # ++extra.iso_ctas=[4,8]
         iso_sm_carveout=_int_list(cfg.extra.get("iso_sm_carveout"), "iso_sm_carveout"),
+        decode_kernel=bool(cfg.extra.get("decode_kernel", True)),  # ++extra.decode_kernel=false: compiled ops instead
+        virtual_tp=int(cfg.extra.get("virtual_tp", 1)),  # ++extra.virtual_tp=4: one rank's nocomm work on one device
     )
+    check_virtual(job)
+    return job
 
 
 def _int_list(value, name: str) -> list:

@@ -19,6 +19,7 @@ are fused into one weight each (one GEMM). Decode shapes are static: CUDA graphs
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
+from overlap.decode_attention import supports
 from spd.errors import ModelLoadError
 
 INIT_STD = 0.02  # random weights: LLaMA's initializer_range, keeps 80 random bf16 blocks finite
@@ -154,6 +156,7 @@ class Ops:
     swiglu: object
     norm: object
     decode_attention: object
+    decode_heads: object = None  # RoPE + cache write + decode attention in one pass (where supports() holds)
 
 
 EAGER_OPS = Ops(rope_, add_rms_norm, swiglu, rms_norm, decode_attention)  # plain torch: the reference, CPU's
@@ -164,14 +167,18 @@ def fused_ops() -> Ops:
     """EAGER_OPS, each torch.compile'd once (lazily; shared by every model): one generated kernel per step
     instead of 2-4 (roll/mul/addcmul; add, norm; silu, mul), so the same arithmetic with fewer launches and
     memory passes (inductor may keep an intermediate in fp32 instead of rounding it to bf16); its RMSNorm
-    spreads a decode row over more threads than ATen's one-block-a-row kernel (10 us for 1 x 8192)."""
+    spreads a decode row over more threads than ATen's one-block-a-row kernel (10 us for 1 x 8192). On CUDA a
+    decode step's RoPE, cache write and attention run as one Triton pass (overlap.decode_attention)."""
     if not _FUSED:
         import torch._dynamo.config as dynamo_config
 
         # One specialisation per (shape, dtype): prefill lengths, ISO pieces, decode batches of one job.
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+        from overlap.decode_attention import decode_attention_rope
+
         fns = (rope_, add_rms_norm, swiglu, rms_norm, decode_attention)
-        _FUSED.append(Ops(*(torch.compile(f, fullgraph=True, dynamic=False) for f in fns)))
+        _FUSED.append(Ops(*(torch.compile(f, fullgraph=True, dynamic=False) for f in fns),
+                          decode_heads=decode_attention_rope))
     return _FUSED[0]
 
 
@@ -398,11 +405,15 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         H, KV, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(x)  # (B, S, (H/R + 2 KV/R) Dh)
+        decode = S == 1 and mask is not None and not isinstance(mask, CausalBias)  # an additive (1, L) mask
+        if decode and self.ops.decode_heads is not None and supports(qkv, Dh):  # one Triton pass (fused ops)
+            cache = self.kv_cache
+            return self.ops.decode_heads(qkv, cos, sin, input_pos, cache.k[:B], cache.v[:B], H, KV)  # (B, 1, H/R Dh)
         qk = self.ops.rope(qkv[..., : (H + KV) * Dh].view(B, S, H + KV, Dh), cos, sin)  # (B, S, H/R + KV/R, Dh)
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # (B, H/R, S, Dh), (B, KV/R, S, Dh)
         v = qkv[..., (H + KV) * Dh :].view(B, S, KV, Dh).transpose(1, 2)  # (B, KV/R, S, Dh)
         k, v = self.kv_cache.update(input_pos, k, v, kv_len)  # (B, KV/R, L, Dh)
-        if S == 1 and mask is not None and not isinstance(mask, CausalBias):  # decode: an additive (1, L) mask
+        if decode:
             y = self.ops.decode_attention(q, k, v, mask)  # (B, H/R, 1, Dh)
         else:
             y = attend(q, k, v, mask)  # (B, H/R, S, Dh)
@@ -481,9 +492,12 @@ class Transformer(nn.Module):
     def fused(self) -> bool:
         return self.layers[0].ops is not EAGER_OPS if len(self.layers) else False
 
-    def set_fused_(self, on: bool = True) -> "Transformer":
-        """Run RoPE, residual add + RMSNorm and SwiGLU as torch.compile'd kernels (fused_ops) or eagerly."""
+    def set_fused_(self, on: bool = True, decode_kernel: bool = True) -> "Transformer":
+        """Run RoPE, residual add + RMSNorm and SwiGLU as torch.compile'd kernels (fused_ops) or eagerly;
+        decode_kernel=False keeps fused_ops' compiled decode attention instead of the one-pass Triton kernel."""
         ops = fused_ops() if on else EAGER_OPS
+        if on and not decode_kernel:
+            ops = dataclasses.replace(ops, decode_heads=None)
         for m in self.modules():
             if isinstance(m, (Block, Attention, MLP, RMSNorm)):
                 m.ops = ops

@@ -21,7 +21,8 @@ with its sync point (impl.matmul_all_reduce); with ISO (iso >= 2) those fused op
 stream (overlap.iso). torch.compile needs impl="nccl".
 
 fuse=True runs the steps between the weight GEMMs (RoPE, residual add + RMSNorm, SwiGLU, RMSNorm, decode attention) as
-torch.compile'd kernels (overlap.model.fused_ops), in prefill and decode alike. set_iso_ picks ISO's
+torch.compile'd kernels (overlap.model.fused_ops), in prefill and decode alike; on CUDA a decode step's RoPE, cache
+write and attention then run as one Triton pass (overlap.decode_attention; decode_kernel=False: compiled ops instead). set_iso_ picks ISO's
 process group (NCCL thread blocks capped, overlap.context.comm_group) and an SM carve-out for cuBLAS
 GEMMs during ISO prefill (the GEMMs leave SMs to the NCCL kernels they overlap).
 """
@@ -43,9 +44,10 @@ class Runtime:
     """Prefill/decode state of one model: its cache, the next position and the captured decode graphs."""
 
     def __init__(self, model: Transformer, ctx: TPContext, max_batch: int, max_seq: int,
-                 cuda_graphs: bool | None = None, compile: bool = False, impl: str = "nccl", fuse: bool = False):
+                 cuda_graphs: bool | None = None, compile: bool = False, impl: str = "nccl", fuse: bool = False,
+                 decode_kernel: bool = True):
         self.model, self.ctx = model, ctx
-        model.set_fused_(fuse)
+        model.set_fused_(fuse, decode_kernel)
         self.device = model.output.weight.device
         if compile and impl != "nccl":
             raise ValueError(f"compile=True needs impl='nccl' (impl {impl!r}'s kernels and symmetric-memory "

@@ -1,0 +1,196 @@
+"""Decode attention in one pass over the static KV cache (flash-decoding), RoPE and the cache write fused.
+
+One new token per sequence at position p (the same for the whole batch), KV head j of this rank with
+its G = H/KV query heads (rows g of q are heads j*G + g, as overlap.model.decode_attention folds them):
+
+    q_g  = rope(q_g, p),  k_p = rope(k_raw, p),  v_p = v_raw          (rotate halves, as transformers)
+    K[p] = k_p,  V[p] = v_p                                           (the static cache, in place)
+    o_g  = softmax(q_g K[0..p]^T / sqrt(Dh)) V[0..p]
+
+Kernel 1 cuts the cache positions [0, Lmax) into NSPLIT chunks; program (b*KV + j, s) computes chunk s's
+normalised partial o_s and its log-sum-exp l_s for the G heads of KV head j (positions after p masked,
+chunks after p run no tile). The program whose chunk holds p writes K[p], V[p] and takes them from registers,
+so no program reads a row another is writing. Kernel 2 merges the chunks:
+
+    o = sum_s e^(l_s - m) o_s / sum_s e^(l_s - m),   m = max_s l_s
+
+p is read from a device tensor, so one CUDA graph serves every step. Two launches replace the eager
+path's RoPE, two cache writes, two batched GEMMs, the softmax and a copy (overlap.model's decode step).
+
+The reference is decode_reference: rope_, the cache write and decode_attention in plain torch, what the
+eager runtime runs. Supported: head_dim a power of two >= 16 (tl.dot's smallest tile); supports()
+says so, and the model falls back to the reference elsewhere (stories260K's head_dim is 8).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+BLOCK_N = 64  # cache positions per inner tile
+PROGRAMS_PER_SM = 2  # chunks are sized so that B * KV * NSPLIT is about this many programs per SM
+
+
+def supports(qkv: torch.Tensor, head_dim: int) -> bool:
+    """Whether the Triton path runs here: a CUDA tensor (or Triton's CPU interpreter) and a usable head_dim."""
+    on_device = qkv.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return on_device and head_dim >= 16 and head_dim & (head_dim - 1) == 0 and not torch.compiler.is_compiling()
+
+
+def decode_reference(qkv, cos, sin_signed, pos, k_cache, v_cache, n_heads: int, n_kv_heads: int) -> torch.Tensor:
+    """Plain torch: qkv (B, 1, (H + 2 KV) Dh), cos / sin_signed (1, 1, Dh), pos (1,) long, caches
+    (B, KV, Lmax, Dh) written at pos -> (B, 1, H Dh), attending to positions <= pos."""
+    from overlap.model import decode_attention, rope_
+
+    B = qkv.shape[0]
+    Dh = k_cache.shape[-1]
+    H, KV = n_heads, n_kv_heads
+    qk = rope_(qkv[..., : (H + KV) * Dh].view(B, 1, H + KV, Dh), cos, sin_signed)  # (B, 1, H + KV, Dh)
+    q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # (B, H, 1, Dh), (B, KV, 1, Dh)
+    v = qkv[..., (H + KV) * Dh :].view(B, 1, KV, Dh).transpose(1, 2)  # (B, KV, 1, Dh)
+    k_cache.index_copy_(2, pos, k)
+    v_cache.index_copy_(2, pos, v)
+    L = k_cache.shape[2]
+    allowed = torch.arange(L, device=pos.device)[None, :] <= pos[:, None]  # (1, L)
+    mask = torch.zeros(allowed.shape, dtype=qkv.dtype, device=pos.device).masked_fill_(~allowed, float("-inf"))
+    return decode_attention(q, k_cache, v_cache, mask).transpose(1, 2).reshape(B, 1, H * Dh)
+
+
+def num_splits(batch_kv: int, max_seq: int, sm_count: int) -> tuple[int, int]:
+    """(NSPLIT, SPLIT): chunks of SPLIT positions (a multiple of BLOCK_N) filling about PROGRAMS_PER_SM
+    programs per SM over batch_kv = B * KV (sequence, KV head) pairs."""
+    tiles = -(-max_seq // BLOCK_N)
+    want = max(1, min(tiles, -(-PROGRAMS_PER_SM * sm_count // batch_kv)))
+    split = -(-tiles // want) * BLOCK_N
+    return -(-max_seq // split), split
+
+
+_KERNELS: list = []
+
+
+def _kernels():
+    """The two Triton kernels, defined on first use (importing triton is deferred: CPU runs without it)."""
+    if _KERNELS:
+        return _KERNELS
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def split_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, o_ptr, lse_ptr,
+                     stride_qkv, stride_cb, stride_ch, stride_cl, scale,
+                     KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, DH: tl.constexpr,
+                     SPLIT: tl.constexpr, NSPLIT: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr):
+        bh = tl.program_id(0)  # b * KV + j
+        s = tl.program_id(1)
+        b, j = bh // KV, bh % KV
+        pos = tl.load(pos_ptr)
+        start = s * SPLIT
+        offs_g = tl.arange(0, G_PAD)
+        offs_d = tl.arange(0, DH)
+        rot_d = (offs_d + DH // 2) % DH  # roll by Dh/2: rotate_half up to sin's sign
+        g_ok = offs_g < G
+        out_row = (bh * NSPLIT + s) * G_PAD + offs_g  # rows of the (B KV, NSPLIT, G_PAD) partials
+        dtype = qkv_ptr.dtype.element_ty
+        cos = tl.load(cos_ptr + offs_d).to(tl.float32)
+        sin = tl.load(sin_ptr + offs_d).to(tl.float32)
+        q_rows = qkv_ptr + b * stride_qkv + (j * G + offs_g[:, None]) * DH
+        q = tl.load(q_rows + offs_d[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+        q_rot = tl.load(q_rows + rot_d[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+        q = (q * cos[None, :] + q_rot * sin[None, :]).to(dtype)  # (G_PAD, DH), rounded as eager rounds it
+        # The new token's k and v: rotated, rounded to the cache's dtype, written by this chunk's owner.
+        k_raw = qkv_ptr + b * stride_qkv + (KV * G + j) * DH
+        k_new = (tl.load(k_raw + offs_d).to(tl.float32) * cos + tl.load(k_raw + rot_d).to(tl.float32) * sin).to(dtype)
+        v_new = tl.load(qkv_ptr + b * stride_qkv + (KV * G + KV + j) * DH + offs_d)
+        cache = b * stride_cb + j * stride_ch
+        end = tl.minimum(start + SPLIT, pos + 1)  # <= start for a chunk after p: no tile, l_s = -inf
+        owner = (offs_d * 0 + pos) < start + SPLIT  # (DH,): this chunk holds p (chunks after p hold p neither)
+        owner = owner & (offs_d * 0 + pos >= start)
+        tl.store(kc_ptr + cache + pos * stride_cl + offs_d, k_new, mask=owner)
+        tl.store(vc_ptr + cache + pos * stride_cl + offs_d, v_new, mask=owner)
+        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, DH], tl.float32)
+        for n0 in range(start, end, BLOCK):
+            offs_n = n0 + tl.arange(0, BLOCK)
+            valid = offs_n < end
+            at_pos = (offs_n == pos)[:, None]
+            rows = cache + offs_n[:, None] * stride_cl + offs_d[None, :]
+            k = tl.load(kc_ptr + rows, mask=valid[:, None] & ~at_pos, other=0.0)  # (BLOCK, DH)
+            v = tl.load(vc_ptr + rows, mask=valid[:, None] & ~at_pos, other=0.0)
+            k = tl.where(at_pos, k_new[None, :], k)
+            v = tl.where(at_pos, v_new[None, :], v)
+            if IEEE:
+                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                scores = tl.dot(q, tl.trans(k))
+            scores = tl.where(valid[None, :], scores * scale, float("-inf"))  # (G_PAD, BLOCK)
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        tl.store(o_ptr + out_row[:, None] * DH + offs_d[None, :], acc / l_i[:, None])  # NaN for a skipped chunk
+        tl.store(lse_ptr + out_row, m_i + tl.log(l_i))  # -inf for a skipped chunk: merge ignores it
+
+    @triton.jit
+    def merge_kernel(o_ptr, lse_ptr, out_ptr, stride_out,
+                     KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, DH: tl.constexpr,
+                     NSPLIT: tl.constexpr, S_PAD: tl.constexpr):
+        bh = tl.program_id(0)
+        g = tl.program_id(1)
+        b, j = bh // KV, bh % KV
+        offs_s = tl.arange(0, S_PAD)
+        offs_d = tl.arange(0, DH)
+        rows = (bh * NSPLIT + offs_s) * G_PAD + g
+        lse = tl.load(lse_ptr + rows, mask=offs_s < NSPLIT, other=float("-inf"))  # (S_PAD,)
+        w = tl.exp(lse - tl.max(lse, axis=0))  # chunk 0 always holds position 0: max is finite
+        o = tl.load(o_ptr + rows[:, None] * DH + offs_d[None, :], mask=(w > 0)[:, None], other=0.0)  # skip NaNs
+        out = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
+        tl.store(out_ptr + b * stride_out + (j * G + g) * DH + offs_d, out.to(out_ptr.dtype.element_ty))
+
+    _KERNELS.extend([split_kernel, merge_kernel])
+    return _KERNELS
+
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # Triton's interpreter: a few programs keep the CPU test short
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device]
+
+
+def decode_attention_rope(qkv, cos, sin_signed, pos, k_cache, v_cache, n_heads: int, n_kv_heads: int) -> torch.Tensor:
+    """decode_reference in two Triton launches: qkv (B, 1, (H + 2 KV) Dh), cos / sin_signed (1, 1, Dh) (or
+    (Dh,)), pos (1,) long on the device, caches (B, KV, Lmax, Dh) with unit stride in Dh -> (B, 1, H Dh)."""
+    split_kernel, merge_kernel = _kernels()
+    B, S, width = qkv.shape
+    _, KV, L, Dh = k_cache.shape
+    H = n_heads
+    if S != 1 or width != (H + 2 * KV) * Dh or KV != n_kv_heads or H % KV:
+        raise ValueError(f"decode_attention_rope: qkv {tuple(qkv.shape)} does not fit {H} query heads, "
+                         f"{n_kv_heads} KV heads of dim {Dh} (cache {tuple(k_cache.shape)})")
+    if k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride() or qkv.stride(-1) != 1:
+        raise ValueError("decode_attention_rope needs caches of one layout with unit stride in head_dim")
+    G = H // KV
+    g_pad = max(16, 1 << (G - 1).bit_length())  # tl.dot's smallest M
+    nsplit, split = num_splits(B * KV, L, _sm_count(qkv.device))
+    o = torch.empty(B * KV * nsplit * g_pad, Dh, dtype=torch.float32, device=qkv.device)  # partials
+    lse = torch.empty(B * KV * nsplit * g_pad, dtype=torch.float32, device=qkv.device)
+    out = torch.empty(B, 1, H * Dh, dtype=qkv.dtype, device=qkv.device)
+    split_kernel[(B * KV, nsplit)](
+        qkv, cos.reshape(-1), sin_signed.reshape(-1), pos, k_cache, v_cache, o, lse,
+        qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), Dh**-0.5,
+        KV=KV, G=G, G_PAD=g_pad, DH=Dh, SPLIT=split, NSPLIT=nsplit, BLOCK=BLOCK_N,
+        IEEE=qkv.dtype == torch.float32)
+    merge_kernel[(B * KV, G)](o, lse, out, out.stride(0), KV=KV, G=G, G_PAD=g_pad, DH=Dh, NSPLIT=nsplit,
+                              S_PAD=max(2, 1 << (nsplit - 1).bit_length()))
+    return out
