@@ -1,0 +1,186 @@
+"""Single-GPU micro-benchmark of a decode step's pieces at LLaMA-2-70B's TP-4 shard (one H200 is enough).
+
+    python scripts/decode_microbench.py --out runs/decode_micro.jsonl
+
+1. Row-parallel GEMV (o: 8192 x 2048, down: 8192 x 7168; M = 1, 16): cuBLAS (F.linear) against the GEMV
+   of overlap.kernels.gemv_all_reduce run at world size 1 (its own buffer and signal pad: the barrier
+   is local), over configurations (block_k, warps, stages, programs). What the fused decode kernel's
+   GEMV costs, apart from NVLink, against what it must beat.
+2. Decode attention (16 query heads, 2 KV heads, Dh 128, cache 2112, position 2048; batch 1, 16): the
+   eager path (RoPE, two cache writes, two batched GEMMs, softmax), fused_ops' compiled version, and
+   overlap.decode_attention's Triton pass at several programs-per-SM settings.
+
+Each op is timed inside a CUDA graph of CALLS calls that cycle over enough weight copies (> L2) that no
+call reads a weight from L2 (as in a real step, where every layer has its own weights); medians of
+REPLAYS replays, per call. One JSON line per measurement (schema spd.decode_micro/1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+CALLS = 24  # ops per captured graph
+REPLAYS = 30
+L2_BYTES = 60 << 20  # H200's L2 is 60 MB: weight copies together at least 4x this
+
+
+def time_graph(fn) -> float:
+    """Median microseconds per call of fn(i) for i in range(CALLS), replayed from one CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(3):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(CALLS):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(REPLAYS + 1)]
+    ev[0].record()
+    for i in range(REPLAYS):
+        graph.replay()
+        ev[i + 1].record()
+    torch.cuda.synchronize()
+    return statistics.median(ev[i].elapsed_time(ev[i + 1]) for i in range(REPLAYS)) * 1e3 / CALLS
+
+
+def copies(shape, dtype, gen) -> list[torch.Tensor]:
+    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    n = max(2, -(-4 * L2_BYTES // nbytes))
+    return [torch.randn(shape, generator=gen, device="cuda", dtype=torch.float32).to(dtype) for _ in range(n)]
+
+
+def world1_tables(n: int):
+    from overlap.kernels.gemv_all_reduce import workspace_bytes
+    from overlap.kernels.symm import PeerTables
+
+    buf = torch.zeros(workspace_bytes(n, 1), dtype=torch.uint8, device="cuda")
+    pad = torch.zeros(2048 // 4, dtype=torch.int32, device="cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    t = PeerTables(buf_table=torch.tensor([buf.data_ptr()], dtype=torch.int64, device="cuda"),
+                   pad_table=torch.tensor([pad.data_ptr()], dtype=torch.int64, device="cuda"),
+                   state=torch.zeros(4, dtype=torch.int32, device="cuda"), rank=0, world=1, nbytes=buf.numel(),
+                   pad_bytes=2048, sm_count=sms)
+    t._keep = (buf, pad)
+    return t
+
+
+def gemv_cases(emit) -> None:
+    from overlap.kernels.gemv_all_reduce import gemv_all_reduce
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for layer, (n, k) in {"o": (8192, 2048), "down": (8192, 7168)}.items():
+        ws = copies((n, k), torch.bfloat16, gen)
+        t = world1_tables(n)
+        for m in (1, 16):
+            x = torch.randn(m, k, generator=gen, device="cuda").bfloat16()
+            ref = F.linear(x, ws[0])
+            us = time_graph(lambda i: F.linear(x, ws[i % len(ws)]))
+            gbps = n * k * 2 / us / 1e3
+            emit(dict(piece="gemv", layer=layer, m=m, n=n, k=k, impl="cublas", us=us, tb_s=gbps / 1e3))
+            for block_k in (64, 128, 256):
+                for warps in (4, 8):
+                    for stages in (3, 4, 6):
+                        for programs in (None, 64):
+                            cap = t.sm_count if programs is None else programs
+                            t.sm_count = cap
+                            try:
+                                out = gemv_all_reduce(x, ws[0], t, block_k=block_k, num_warps=warps, num_stages=stages)
+                                err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                                us = time_graph(lambda i: gemv_all_reduce(x, ws[i % len(ws)], t, block_k=block_k,
+                                                                          num_warps=warps, num_stages=stages))
+                            except Exception as e:  # a config Triton cannot build (shared memory)
+                                emit(dict(piece="gemv", layer=layer, m=m, impl="triton_w1", block_k=block_k,
+                                          warps=warps, stages=stages, programs=cap, error=str(e)[:200]))
+                                continue
+                            finally:
+                                t.sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+                            emit(dict(piece="gemv", layer=layer, m=m, n=n, k=k, impl="triton_w1", block_k=block_k,
+                                      warps=warps, stages=stages, programs=cap, us=us,
+                                      tb_s=n * k * 2 / us / 1e6, rel_err=err))
+
+
+def attention_cases(emit) -> None:
+    from overlap import decode_attention as da
+    from overlap.model import fused_ops
+
+    H, KV, Dh, L, pos = 16, 2, 128, 2112, 2048
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    compiled = fused_ops()
+    for B in (1, 16):
+        qkv = torch.randn(B, 1, (H + 2 * KV) * Dh, generator=gen, device="cuda").bfloat16()
+        caches = [(torch.randn(B, KV, L, Dh, generator=gen, device="cuda").bfloat16(),
+                   torch.randn(B, KV, L, Dh, generator=gen, device="cuda").bfloat16())
+                  for _ in range(max(2, -(-4 * L2_BYTES // (2 * B * KV * L * Dh * 2))))]
+        cos = torch.randn(1, 1, Dh, device="cuda").bfloat16()
+        sin = torch.randn(1, 1, Dh, device="cuda").bfloat16()
+        p = torch.tensor([pos], device="cuda")
+        allowed = torch.arange(L, device="cuda")[None, :] <= p[:, None]
+        mask = torch.zeros(allowed.shape, dtype=torch.bfloat16, device="cuda").masked_fill_(~allowed, float("-inf"))
+
+        def path(ops):
+            def run(i):
+                kc, vc = caches[i % len(caches)]
+                qk = ops.rope(qkv[..., : (H + KV) * Dh].view(B, 1, H + KV, Dh), cos, sin)
+                q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
+                v = qkv[..., (H + KV) * Dh :].view(B, 1, KV, Dh).transpose(1, 2)
+                kc.index_copy_(2, p, k)
+                vc.index_copy_(2, p, v)
+                return ops.decode_attention(q, kc, vc, mask).transpose(1, 2).reshape(B, 1, H * Dh)
+            return run
+
+        from overlap.model import EAGER_OPS
+
+        emit(dict(piece="attention", batch=B, impl="eager", us=time_graph(path(EAGER_OPS))))
+        emit(dict(piece="attention", batch=B, impl="compiled", us=time_graph(path(compiled))))
+        default = (da.PROGRAMS_PER_SM, da.MERGE_IN_SPLIT)
+        ref = path(EAGER_OPS)(0).float()
+        for merge in (True, False):
+            for per_sm in (0.25, 0.5, 1, 2, 4):
+                da.PROGRAMS_PER_SM, da.MERGE_IN_SPLIT = per_sm, merge
+                out = da.decode_attention_rope(qkv, cos, sin, p, *caches[0], H, KV).float()
+                err = ((out - ref).norm() / ref.norm()).item()
+                us = time_graph(lambda i: da.decode_attention_rope(qkv, cos, sin, p, *caches[i % len(caches)], H, KV))
+                sms = torch.cuda.get_device_properties(0).multi_processor_count
+                emit(dict(piece="attention", batch=B, impl="triton", merge_in_split=merge, programs_per_sm=per_sm,
+                          nsplit=da.num_splits(B * KV, L, sms)[0], us=us, rel_err_vs_eager=err))
+        da.PROGRAMS_PER_SM, da.MERGE_IN_SPLIT = default
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--only", choices=("gemv", "attention"))
+    a = parser.parse_args()
+    from spd.run import git_commit
+
+    prov = dict(schema="spd.decode_micro/1", device=torch.cuda.get_device_name(), torch=torch.__version__,
+                commit=git_commit(), time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def emit(rec):
+        rec = {**rec, **prov}
+        with open(a.out, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()
+                       if k not in prov), flush=True)
+
+    if a.only in (None, "attention"):
+        attention_cases(emit)
+    if a.only in (None, "gemv"):
+        gemv_cases(emit)
+
+
+if __name__ == "__main__":
+    main()
