@@ -61,7 +61,8 @@ def _kernels(rec: dict) -> str:
     """The kernels between the weight GEMMs: eager, fused (compiled) elementwise, and the Triton decode pass."""
     if not rec.get("fused"):
         return "unfused elementwise"
-    return "fused elementwise" + (" + Triton decode attention" if rec.get("decode_kernel") else "")
+    triton = rec.get("decode_kernel") and rec["phase"] == "decode"  # prefill never runs it
+    return "fused elementwise" + (" + Triton decode attention" if triton else "")
 
 
 def _size(rec: dict) -> tuple:

@@ -10,14 +10,11 @@ its G = H/KV query heads (rows g of q are heads j*G + g, as overlap.model.decode
 Kernel 1 cuts the cache positions [0, Lmax) into NSPLIT chunks; program (b*KV + j, s) computes chunk s's
 normalised partial o_s and its log-sum-exp l_s for the G heads of KV head j (positions after p masked,
 chunks after p run no tile). The program whose chunk holds p writes K[p], V[p] and takes them from registers,
-so no program reads a row another is writing. The chunks are merged by their log-sum-exps
+so no program reads a row another is writing. Kernel 2 merges the chunks:
 
     o = sum_s e^(l_s - m) o_s / sum_s e^(l_s - m),   m = max_s l_s
 
-by the last program of (b, j) to finish (it counts arrivals with an atomic, acquire/release, and zeroes the
-counter again), or with MERGE_IN_SPLIT off by a second launch (merge_kernel).
-
-p is read from a device tensor, so one CUDA graph serves every step. One launch replaces the eager
+p is read from a device tensor, so one CUDA graph serves every step. Two launches replace the eager
 path's RoPE, two cache writes, two batched GEMMs, the softmax and a copy (overlap.model's decode step).
 
 The reference is decode_reference: rope_, the cache write and decode_attention in plain torch, what the
@@ -33,8 +30,10 @@ import os
 import torch
 
 BLOCK_N = 64  # cache positions per inner tile
-MERGE_IN_SPLIT = True  # the last chunk program merges (atomic count); False: a second launch merges
-PROGRAMS_PER_SM = 2  # chunks are sized so that B * KV * NSPLIT is about this many programs per SM
+PROGRAMS_PER_SM = 2  # chunks are sized so that B * KV * NSPLIT is about this many programs per SM (measured
+# best of 0.25..4 on one H200 at LLaMA-2-70B's TP-4 shape, batch 16; batch 1 is capped by whole tiles:
+# docs/benchmarks/decode_single_gpu.md). Merging in the last chunk program instead of a second launch was
+# measured too: 2.6x slower at batch 1 (one program reads every chunk's partial serially).
 
 
 def supports(qkv: torch.Tensor, head_dim: int) -> bool:
@@ -82,11 +81,10 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def split_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, o_ptr, lse_ptr, out_ptr, count_ptr,
-                     stride_qkv, stride_cb, stride_ch, stride_cl, stride_out, scale,
+    def split_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, o_ptr, lse_ptr,
+                     stride_qkv, stride_cb, stride_ch, stride_cl, scale,
                      KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, DH: tl.constexpr,
-                     SPLIT: tl.constexpr, NSPLIT: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr,
-                     MERGE: tl.constexpr, S_PAD: tl.constexpr):
+                     SPLIT: tl.constexpr, NSPLIT: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr):
         bh = tl.program_id(0)  # b * KV + j
         s = tl.program_id(1)
         b, j = bh // KV, bh % KV
@@ -142,28 +140,6 @@ def _kernels():
             m_i = m_new
         tl.store(o_ptr + out_row[:, None] * DH + offs_d[None, :], acc / l_i[:, None])  # NaN for a skipped chunk
         tl.store(lse_ptr + out_row, m_i + tl.log(l_i))  # -inf for a skipped chunk: merge ignores it
-        if MERGE:  # the last chunk of (b, j) to finish merges all of them: no second launch
-            tl.debug_barrier()  # every thread's stores before the release (CUTLASS's semaphore pattern)
-            done = tl.atomic_add(count_ptr + bh, 1, sem="acq_rel", scope="gpu")
-            if done == NSPLIT - 1:
-                tl.store(count_ptr + bh, 0)  # zero again for the next step (graph replays included)
-                offs_s = tl.arange(0, S_PAD)
-                rows = (bh * NSPLIT + offs_s[:, None]) * G_PAD + offs_g[None, :]  # (S_PAD, G_PAD)
-                lse = tl.load(lse_ptr + rows, mask=offs_s[:, None] < NSPLIT, other=float("-inf"),
-                              cache_modifier=".cg")
-                m = tl.max(lse, axis=0)  # (G_PAD,) finite: chunk 0 holds position 0
-                total = tl.zeros([G_PAD, DH], tl.float32)
-                wsum = tl.zeros([G_PAD], tl.float32)
-                for c in range(0, NSPLIT):
-                    l_c = tl.load(lse_ptr + (bh * NSPLIT + c) * G_PAD + offs_g, cache_modifier=".cg")
-                    w = tl.exp(l_c - m)
-                    o_c = tl.load(o_ptr + ((bh * NSPLIT + c) * G_PAD + offs_g[:, None]) * DH + offs_d[None, :],
-                                  mask=((w > 0) & g_ok)[:, None], other=0.0, cache_modifier=".cg")
-                    total += w[:, None] * o_c
-                    wsum += w
-                res = total / wsum[:, None]
-                tl.store(out_ptr + b * stride_out + (j * G + offs_g[:, None]) * DH + offs_d[None, :],
-                         res.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
 
     @triton.jit
     def merge_kernel(o_ptr, lse_ptr, out_ptr, stride_out,
@@ -214,28 +190,11 @@ def decode_attention_rope(qkv, cos, sin_signed, pos, k_cache, v_cache, n_heads: 
     o = torch.empty(B * KV * nsplit * g_pad, Dh, dtype=torch.float32, device=qkv.device)  # partials
     lse = torch.empty(B * KV * nsplit * g_pad, dtype=torch.float32, device=qkv.device)
     out = torch.empty(B, 1, H * Dh, dtype=qkv.dtype, device=qkv.device)
-    s_pad = max(2, 1 << (nsplit - 1).bit_length())
     split_kernel[(B * KV, nsplit)](
-        qkv, cos.reshape(-1), sin_signed.reshape(-1), pos, k_cache, v_cache, o, lse, out,
-        _counters(B * KV, qkv.device), qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        out.stride(0), Dh**-0.5, KV=KV, G=G, G_PAD=g_pad, DH=Dh, SPLIT=split, NSPLIT=nsplit, BLOCK=BLOCK_N,
-        IEEE=qkv.dtype == torch.float32, MERGE=MERGE_IN_SPLIT, S_PAD=s_pad)
-    if not MERGE_IN_SPLIT:
-        merge_kernel[(B * KV, G)](o, lse, out, out.stride(0), KV=KV, G=G, G_PAD=g_pad, DH=Dh, NSPLIT=nsplit,
-                                  S_PAD=s_pad)
+        qkv, cos.reshape(-1), sin_signed.reshape(-1), pos, k_cache, v_cache, o, lse,
+        qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), Dh**-0.5,
+        KV=KV, G=G, G_PAD=g_pad, DH=Dh, SPLIT=split, NSPLIT=nsplit, BLOCK=BLOCK_N,
+        IEEE=qkv.dtype == torch.float32)
+    merge_kernel[(B * KV, G)](o, lse, out, out.stride(0), KV=KV, G=G, G_PAD=g_pad, DH=Dh, NSPLIT=nsplit,
+                              S_PAD=max(2, 1 << (nsplit - 1).bit_length()))
     return out
-
-
-_COUNTERS: dict = {}
-
-
-def _counters(n: int, device: torch.device) -> torch.Tensor:
-    """n int32 zeros on device, kept between calls (the merging program zeroes its entry again); grown only
-    outside CUDA-graph capture (the runtime's eager warm-up steps come first)."""
-    have = _COUNTERS.get(device)
-    if have is None or have.numel() < n:
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"decode_attention_rope: first call for {n} (sequence, KV head) pairs inside a "
-                               f"CUDA-graph capture; run one step eagerly first")
-        _COUNTERS[device] = have = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
-    return have

@@ -144,18 +144,17 @@ def attention_cases(emit) -> None:
 
         emit(dict(piece="attention", batch=B, impl="eager", us=time_graph(path(EAGER_OPS))))
         emit(dict(piece="attention", batch=B, impl="compiled", us=time_graph(path(compiled))))
-        default = (da.PROGRAMS_PER_SM, da.MERGE_IN_SPLIT)
+        default = da.PROGRAMS_PER_SM
         ref = path(EAGER_OPS)(0).float()
-        for merge in (True, False):
-            for per_sm in (0.25, 0.5, 1, 2, 4):
-                da.PROGRAMS_PER_SM, da.MERGE_IN_SPLIT = per_sm, merge
-                out = da.decode_attention_rope(qkv, cos, sin, p, *caches[0], H, KV).float()
-                err = ((out - ref).norm() / ref.norm()).item()
-                us = time_graph(lambda i: da.decode_attention_rope(qkv, cos, sin, p, *caches[i % len(caches)], H, KV))
-                sms = torch.cuda.get_device_properties(0).multi_processor_count
-                emit(dict(piece="attention", batch=B, impl="triton", merge_in_split=merge, programs_per_sm=per_sm,
-                          nsplit=da.num_splits(B * KV, L, sms)[0], us=us, rel_err_vs_eager=err))
-        da.PROGRAMS_PER_SM, da.MERGE_IN_SPLIT = default
+        for per_sm in (0.25, 0.5, 1, 2, 4):
+            da.PROGRAMS_PER_SM = per_sm
+            out = da.decode_attention_rope(qkv, cos, sin, p, *caches[0], H, KV).float()
+            err = ((out - ref).norm() / ref.norm()).item()
+            us = time_graph(lambda i: da.decode_attention_rope(qkv, cos, sin, p, *caches[i % len(caches)], H, KV))
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
+            emit(dict(piece="attention", batch=B, impl="triton", programs_per_sm=per_sm,
+                      nsplit=da.num_splits(B * KV, L, sms)[0], us=us, rel_err_vs_eager=err))
+        da.PROGRAMS_PER_SM = default
 
 
 def main() -> None:

@@ -141,3 +141,34 @@ def test_table_from_records(tmp_path):
     text = tables(read_records([path]) + more)
     assert "### llama2_70b, prefill, bfloat16, impl nccl, fused elementwise" in text
     assert "| R | interconnect | size | base | iso | iso c8 | SPD100 saves | comm share |" in text
+
+
+def test_virtual_tp_times_one_rank_shard_alone(tmp_path):
+    """++extra.virtual_tp=2 on one process: rank 0's shard of a 2-way split, nocomm, recorded as tp 2."""
+    out = tmp_path / "v.jsonl"
+    cmd = [sys.executable, "-m", "overlap.cli", "model=tiny", "bench=smoke", "parallel.tp=1", "++extra.virtual_tp=2",
+           "bench.variants=[nocomm]", f"bench.out={out}", f"run_dir={tmp_path / 'run'}"]
+    done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(recs) == 3 and all(r["tp"] == 2 and r["virtual_tp"] is True for r in recs)
+    assert "one rank's shard alone (virtual R)" in tables(recs)
+
+
+@pytest.mark.parametrize("bad", [["parallel.tp=2"], ["bench.variants=[base,nocomm]"], ["++extra.impl=triton"]])
+def test_virtual_tp_refuses_what_it_cannot_measure(tmp_path, bad):
+    cmd = [sys.executable, "-m", "overlap.cli", "model=tiny", "bench=smoke", "parallel.tp=1", "++extra.virtual_tp=2",
+           "bench.variants=[nocomm]", f"run_dir={tmp_path}", "++extra.dry_run=true", *bad]
+    done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+    assert done.returncode != 0
+    assert "virtual_tp=2" in done.stderr + done.stdout and "bench.variants=[nocomm]" in done.stderr + done.stdout
+    assert not (tmp_path / "job.json").exists()
+
+
+def test_table_labels_the_triton_decode_attention_on_decode_rows_only():
+    dec = dict(_rec("nocomm", 11.0), fused=True, decode_kernel=True)
+    pre = dict(_rec("nocomm", 117.0, phase="prefill", tokens=2048, context=0), fused=True, decode_kernel=True)
+    text = tables([dec, pre, dict(_rec("nocomm", 11.8), fused=True, decode_kernel=False)])
+    assert "decode, bfloat16, impl nccl, fused elementwise + Triton decode attention, on" in text
+    assert "prefill, bfloat16, impl nccl, fused elementwise, on" in text
+    assert "decode, bfloat16, impl nccl, fused elementwise, on" in text  # the A/B reference: its own table
