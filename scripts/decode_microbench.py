@@ -6,7 +6,8 @@
    of overlap.kernels.gemv_all_reduce run at world size 1 (its own buffer and signal pad: the barrier
    is local), over configurations (block_k, warps, stages, programs). What the fused decode kernel's
    GEMV costs, apart from NVLink, against what it must beat.
-2. Decode attention (16 query heads, 2 KV heads, Dh 128, cache 2112, position 2048; batch 1, 16): the
+2. Every weight GEMV of a step (wqkv, wo, w13, w2 at M = 1) through F.linear, torch.mv and w @ x.T.
+3. Decode attention (16 query heads, 2 KV heads, Dh 128, cache 2112, position 2048; batch 1, 16): the
    eager path (RoPE, two cache writes, two batched GEMMs, softmax), fused_ops' compiled version, and
    overlap.decode_attention's Triton pass at several programs-per-SM settings.
 
@@ -111,6 +112,19 @@ def gemv_cases(emit) -> None:
                                       tb_s=n * k * 2 / us / 1e6, rel_err=err))
 
 
+def weight_cases(emit) -> None:
+    """Every weight GEMV of a decode step at M = 1 through three torch entry points (cuBLAS picks per call)."""
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    for layer, (n, k) in {"wqkv": (2560, 8192), "wo": (8192, 2048), "w13": (14336, 8192), "w2": (8192, 7168)}.items():
+        ws = copies((n, k), torch.bfloat16, gen)
+        x = torch.randn(1, k, generator=gen, device="cuda").bfloat16()
+        ways = {"linear": lambda i: F.linear(x, ws[i % len(ws)]), "mv": lambda i: torch.mv(ws[i % len(ws)], x[0]),
+                "matmul_t": lambda i: (ws[i % len(ws)] @ x.T).T}
+        for name, fn in ways.items():
+            us = time_graph(fn)
+            emit(dict(piece="weight_gemv", layer=layer, m=1, n=n, k=k, impl=name, us=us, tb_s=n * k * 2 / us / 1e6))
+
+
 def attention_cases(emit) -> None:
     from overlap import decode_attention as da
     from overlap.model import fused_ops
@@ -160,7 +174,7 @@ def attention_cases(emit) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--only", choices=("gemv", "attention"))
+    parser.add_argument("--only", choices=("gemv", "attention", "weights"))
     a = parser.parse_args()
     from spd.run import git_commit
 
@@ -177,6 +191,8 @@ def main() -> None:
 
     if a.only in (None, "attention"):
         attention_cases(emit)
+    if a.only in (None, "weights"):
+        weight_cases(emit)
     if a.only in (None, "gemv"):
         gemv_cases(emit)
 
