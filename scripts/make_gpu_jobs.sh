@@ -44,6 +44,14 @@ mk pre_iso_symm parallel.tp=4 "${PRE[@]}" 'bench.tokens=[2048,8192]' 'bench.vari
   ++extra.fuse=true ++extra.impl=symm_mem
 mk r2_nop2p parallel.tp=2 parallel=nop2p 'bench.tokens=[2048]' 'bench.batches=[16]' 'bench.variants=[base,spd100,nocomm]' \
   bench.iters=10 bench.warmup=2 ++extra.fuse=true
+# one rank's shard alone on one GPU (kind nvidia-h200 is enough): nocomm at R = 4 and 8, decode attention A/B
+V=(parallel.tp=1 'bench.variants=[nocomm]' ++extra.fuse=true)
+mk v4_dec "${V[@]}" ++extra.virtual_tp=4 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 bench.warmup=3
+mk v4_dec_nok "${V[@]}" ++extra.virtual_tp=4 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 \
+  bench.warmup=3 ++extra.decode_kernel=false
+mk v4_pre "${V[@]}" ++extra.virtual_tp=4 'bench.phases=[prefill]' 'bench.tokens=[2048,8192]' bench.iters=10 bench.warmup=2
+mk v4_prof "${V[@]}" ++extra.virtual_tp=4 'bench.phases=[decode]' 'bench.batches=[1]'
+mk v8_all "${V[@]}" ++extra.virtual_tp=8 'bench.tokens=[2048,8192]' 'bench.batches=[1,16]' bench.iters=10 bench.warmup=3
 # profiles: decode steps (8 blocks) and an 8192-token ISO prefill (4 blocks)
 mk prof_dec parallel.tp=4 'bench.phases=[decode]' 'bench.batches=[1]' 'bench.variants=[base,nocomm]'
 mk prof_dec_fused parallel.tp=4 'bench.phases=[decode]' 'bench.batches=[1]' 'bench.variants=[base,nocomm]' ++extra.fuse=true
