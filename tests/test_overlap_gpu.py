@@ -29,7 +29,6 @@ pytestmark = pytest.mark.gpu
 GPUS = torch.cuda.device_count()
 # bf16 keeps 8 mantissa bits (eps 3.9e-3): R ranks sum partials in another order than one device, and
 # rounding errors add up over the blocks; measured as ||out - ref|| / ||ref|| over all logits.
-BF16_REL_TOL = 3e-2  # bf16 TP against bf16 on one GPU (same weights)
 FP32_GPU_ATOL = 5e-4  # fp32 (TF32 off by default): GPU kernels sum in other orders than the CPU; logits are O(10)
 MARGIN_FP32 = 1e-3  # greedy tokens must agree while the reference's top-1/top-2 logit gap exceeds fp32 noise
 BF16_VS_R1 = 2.0  # bf16 TP may be at most this many times farther from fp32 than bf16 on one GPU is
@@ -246,7 +245,13 @@ def test_llama2_7b_shape_bf16_parity_and_fp32_greedy(tmp_path, tp):
                           timeout_s=NCCL_TIMEOUT_S)
     bf16, fp32 = str(torch.bfloat16), str(torch.float32)
     for res in results:
-        assert rel_err(res[("tp", bf16)]["prefill"], res[("ref", bf16)]["prefill"]) <= BF16_REL_TOL
+        # bf16 TP may be at most BF16_VS_R1 times farther from fp32 than bf16 on one GPU is (a fixed bound on
+        # bf16 TP against bf16 R = 1 failed at R = 2: 5.5% relative on this random 32-block model, whose bf16
+        # rounding itself moves the logits by a similar amount; both measured against fp32 say which is noise)
+        exact = res[("ref", fp32)]["prefill"]
+        r1_err = rel_err(res[("ref", bf16)]["prefill"], exact)
+        tp_err = rel_err(res[("tp", bf16)]["prefill"], exact)
+        assert tp_err <= BF16_VS_R1 * r1_err, f"bf16 TP {tp_err:.3e} vs bf16 R = 1 {r1_err:.3e} from fp32"
         ref, tp_run = res[("ref", fp32)], res[("tp", fp32)]
         ref_gen, gen = ref["gen"][0, 96:], tp_run["gen"][0, 96:]
         for i, margin in enumerate(ref["margins"]):
