@@ -21,6 +21,8 @@ from pathlib import Path
 
 from overlap.bench import check_impl, check_variants, check_virtual
 from overlap.context import NO_MULTICAST
+from overlap.model import ModelArgs
+from overlap.tp import layout_of
 from spd.cli import hydra_app
 from spd.errors import ParallelConfigError, SPDError
 from spd.run import PROJECT_ROOT, start_run, to_plain, write_json_atomic
@@ -73,6 +75,8 @@ def bench_job(cfg) -> dict:
         virtual_tp=int(cfg.extra.get("virtual_tp", 1)),  # ++extra.virtual_tp=4: one rank's nocomm work on one device
     )
     check_virtual(job)
+    # The shard layout fits the shape (else: which degrees do), checked here rather than inside the torchrun job.
+    layout_of(ModelArgs.from_model_config(job["model"]), max(job["tp"], job["virtual_tp"]))
     return job
 
 

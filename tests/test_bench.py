@@ -172,3 +172,12 @@ def test_table_labels_the_triton_decode_attention_on_decode_rows_only():
     assert "decode, bfloat16, impl nccl, fused elementwise + Triton decode attention, on" in text
     assert "prefill, bfloat16, impl nccl, fused elementwise, on" in text
     assert "decode, bfloat16, impl nccl, fused elementwise, on" in text  # the A/B reference: its own table
+
+
+@pytest.mark.parametrize("degree", [["parallel.tp=3"], ["++extra.virtual_tp=3", "bench.variants=[nocomm]"]])
+def test_a_degree_the_shape_cannot_take_fails_before_launching(tmp_path, degree):
+    cmd = [sys.executable, "-m", "overlap.cli", "model=tiny", "bench=smoke", f"run_dir={tmp_path}", *degree]
+    done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+    assert done.returncode != 0
+    assert "valid degrees: 1, 2, 4, 8" in done.stderr + done.stdout  # tiny: 8 heads, 4 KV heads
+    assert "torch.distributed.run" not in done.stdout and not (tmp_path / "job.json").exists()
