@@ -32,7 +32,7 @@ import torch
 BLOCK_N = 64  # cache positions per inner tile
 PROGRAMS_PER_SM = 2  # chunks are sized so that B * KV * NSPLIT is about this many programs per SM (measured
 # best of 0.25..4 on one H200 at LLaMA-2-70B's TP-4 shape, batch 16; batch 1 is capped by whole tiles:
-# docs/benchmarks/decode_single_gpu.md). Merging in the last chunk program instead of a second launch was
+# docs/benchmarks/spd_bench.md, "One rank alone on one H200"). Merging in the last chunk program instead of a second launch was
 # measured too: 2.6x slower at batch 1 (one program reads every chunk's partial serially).
 
 
@@ -45,7 +45,7 @@ def supports(qkv: torch.Tensor, head_dim: int) -> bool:
 def decode_reference(qkv, cos, sin_signed, pos, k_cache, v_cache, n_heads: int, n_kv_heads: int) -> torch.Tensor:
     """Plain torch: qkv (B, 1, (H + 2 KV) Dh), cos / sin_signed (1, 1, Dh), pos (1,) long, caches
     (B, KV, Lmax, Dh) written at pos -> (B, 1, H Dh), attending to positions <= pos."""
-    from overlap.model import decode_attention, rope_
+    from overlap.model import decode_attention, decode_mask, rope_
 
     B = qkv.shape[0]
     Dh = k_cache.shape[-1]
@@ -55,9 +55,7 @@ def decode_reference(qkv, cos, sin_signed, pos, k_cache, v_cache, n_heads: int, 
     v = qkv[..., (H + KV) * Dh :].view(B, 1, KV, Dh).transpose(1, 2)  # (B, KV, 1, Dh)
     k_cache.index_copy_(2, pos, k)
     v_cache.index_copy_(2, pos, v)
-    L = k_cache.shape[2]
-    allowed = torch.arange(L, device=pos.device)[None, :] <= pos[:, None]  # (1, L)
-    mask = torch.zeros(allowed.shape, dtype=qkv.dtype, device=pos.device).masked_fill_(~allowed, float("-inf"))
+    mask = decode_mask(pos, k_cache.shape[2], qkv.dtype)  # (1, Lmax)
     return decode_attention(q, k_cache, v_cache, mask).transpose(1, 2).reshape(B, 1, H * Dh)
 
 
@@ -84,7 +82,7 @@ def _kernels():
     def split_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, o_ptr, lse_ptr,
                      stride_qkv, stride_cb, stride_ch, stride_cl, scale,
                      KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, DH: tl.constexpr,
-                     SPLIT: tl.constexpr, NSPLIT: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr):
+                     SPLIT: tl.constexpr, NSPLIT: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
         bh = tl.program_id(0)  # b * KV + j
         s = tl.program_id(1)
         b, j = bh // KV, bh % KV
@@ -108,8 +106,8 @@ def _kernels():
         v_new = tl.load(qkv_ptr + b * stride_qkv + (KV * G + KV + j) * DH + offs_d)
         cache = b * stride_cb + j * stride_ch
         end = tl.minimum(start + SPLIT, pos + 1)  # <= start for a chunk after p: no tile, l_s = -inf
-        owner = (offs_d * 0 + pos) < start + SPLIT  # (DH,): this chunk holds p (chunks after p hold p neither)
-        owner = owner & (offs_d * 0 + pos >= start)
+        p_vec = offs_d * 0 + pos  # (DH,): p as a vector, so the store mask has the store's shape
+        owner = (p_vec >= start) & (p_vec < start + SPLIT)  # this chunk holds p
         tl.store(kc_ptr + cache + pos * stride_cl + offs_d, k_new, mask=owner)
         tl.store(vc_ptr + cache + pos * stride_cl + offs_d, v_new, mask=owner)
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
@@ -124,19 +122,13 @@ def _kernels():
             v = tl.load(vc_ptr + rows, mask=valid[:, None] & ~at_pos, other=0.0)
             k = tl.where(at_pos, k_new[None, :], k)
             v = tl.where(at_pos, v_new[None, :], v)
-            if IEEE:
-                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                scores = tl.dot(q, tl.trans(k))
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             scores = tl.where(valid[None, :], scores * scale, float("-inf"))  # (G_PAD, BLOCK)
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(scores - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         tl.store(o_ptr + out_row[:, None] * DH + offs_d[None, :], acc / l_i[:, None])  # NaN for a skipped chunk
         tl.store(lse_ptr + out_row, m_i + tl.log(l_i))  # -inf for a skipped chunk: merge ignores it
@@ -194,7 +186,7 @@ def decode_attention_rope(qkv, cos, sin_signed, pos, k_cache, v_cache, n_heads: 
         qkv, cos.reshape(-1), sin_signed.reshape(-1), pos, k_cache, v_cache, o, lse,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), Dh**-0.5,
         KV=KV, G=G, G_PAD=g_pad, DH=Dh, SPLIT=split, NSPLIT=nsplit, BLOCK=BLOCK_N,
-        IEEE=qkv.dtype == torch.float32)
+        PRECISION="ieee" if qkv.dtype == torch.float32 else None)  # fp32: exact dots, not TF32
     merge_kernel[(B * KV, G)](o, lse, out, out.stride(0), KV=KV, G=G, G_PAD=g_pad, DH=Dh, NSPLIT=nsplit,
                               S_PAD=max(2, 1 << (nsplit - 1).bit_length()))
     return out

@@ -132,6 +132,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, weight.shape, weight, eps)
 
 
+def decode_mask(input_pos: torch.Tensor, kv_len: int, dtype) -> torch.Tensor:
+    """Additive (S, kv_len) mask: 0 where cache position j <= input_pos[i], -inf after it."""
+    allowed = torch.arange(kv_len, device=input_pos.device)[None, :] <= input_pos[:, None]  # (S, L)
+    return torch.zeros(allowed.shape, dtype=dtype, device=input_pos.device).masked_fill_(~allowed, float("-inf"))
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """One query a sequence: q (B, Hq, 1, Dh), k/v (B, Hkv, L, Dh), additive mask (1, L) -> (B, Hq, 1, Dh).
 
@@ -557,9 +563,7 @@ class Transformer(nn.Module):
         sin = self.rope_sin_signed[input_pos].to(dtype)[:, None]  # (S, 1, Dh)
         if chunk_start is not None:  # prefill
             return cos, sin, causal_lower_right(input_pos.shape[0], kv_len) if chunk_start else None
-        allowed = torch.arange(kv_len, device=input_pos.device)[None, :] <= input_pos[:, None]  # (S, L)
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=input_pos.device).masked_fill_(~allowed, float("-inf"))
-        return cos, sin, mask
+        return cos, sin, decode_mask(input_pos, kv_len, dtype)
 
     @classmethod
     def from_hf(cls, hf_model) -> "Transformer":
