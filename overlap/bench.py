@@ -175,7 +175,7 @@ class Recorder:
         b = job["bench"]
         self.common = dict(schema=SCHEMA, model=job["model"].get("name", "?"), tp=ctx.world_size,
                            interconnect=job["interconnect"], dtype=job["model"].get("dtype", "bfloat16"),
-                           virtual_tp=bool(job.get("virtual_tp")) and ctx.world_size > 1,
+                           virtual_tp=check_virtual(job) > 1,
                            warmup=b["warmup"], iters=b["iters"], cuda_graphs=graphs_on(job, ctx),
                            compile=bool(job.get("compile")), impl=job.get("impl", "nccl"), fused=fuse_on(job, ctx),
                            decode_kernel=decode_kernel_on(job, ctx),

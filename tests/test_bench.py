@@ -33,6 +33,7 @@ def test_cpu_smoke_run_writes_one_record_per_measurement(tmp_path):
         assert rec["schema"] == "spd.bench/1" and rec["tp"] == 2 and rec["model"] == "tiny"
         assert rec["impl"] == "nccl"  # the default collective implementation
         assert rec["fused"] is False  # extra.fuse applies on GPUs only
+        assert rec["virtual_tp"] is False  # two real ranks, not one shard alone
         assert rec["p20_ms"] <= rec["median_ms"] <= rec["p80_ms"]
     assert {r["variant"]: r["spd_blocks"] for r in recs} == {"base": 0, "spd50": 2, "iso": 0, "spd50+iso": 2,
                                                               "nocomm": 0}
