@@ -4,16 +4,11 @@ Every rank loads the whole checkpoint on the CPU as a transformers LlamaForCausa
 Transformer (from_hf), keeps only its own slices (shard_ with the plan's SPD blocks), and only then
 moves its shard to ctx.device in the requested dtype: no GPU ever holds the whole model.
 
-Head order, by where the weights come from (the runtime never permutes heads itself, see overlap/tp.py):
-
-    spd-export directory (config.json has spd_plan)   weights are stored permuted and distilled: used as
-                                                       they are; the plan is the export's (or a given plan
-                                                       with the same head permutations)
-    any other checkpoint (ModelConfig, plain HF dir)   a given plan's head_perm[i] is applied to block i
-                                                       first (spd.heads.permute_heads_), as spd-export does
-
-so the sharded model computes exactly the single-device emulation apply_spd_(model, plan) of the same
-(permuted) weights, at R = plan.tp.
+Head order and distilled blocks: the plan goes on the CPU model through spd.surgery.apply_plan_ (emulate=False),
+the one path every entry point takes: an spd-export directory carries its plan's permuted, distilled weights
+(used as they are; another plan is refused), any other checkpoint gets the plan's head permutations and
+distilled blocks applied. So the sharded model computes exactly the single-device emulation
+apply_plan_(model, plan) at R = plan.tp.
 """
 
 from __future__ import annotations
@@ -50,13 +45,6 @@ def is_export(path: str | Path) -> bool:
     return cfg.is_file() and "spd_plan" in json.loads(cfg.read_text())
 
 
-def _check_head_perm(exported: SPDPlan, plan: SPDPlan, where) -> None:
-    if plan.head_perm and plan.head_perm != exported.head_perm:
-        raise PlanError(f"{where} was exported with head permutations {exported.head_perm}, but the plan given "
-                        f"has {plan.head_perm}; its weights are stored permuted: pass plan=None to use the "
-                        f"export's plan, or a plan with the same head_perm")
-
-
 def load_hf(source, dtype: torch.dtype | str = torch.float32, plan: SPDPlan | None = None):
     """(LlamaForCausalLM on the CPU with the heads in the plan's order, tokenizer or None, plan or None).
 
@@ -64,9 +52,9 @@ def load_hf(source, dtype: torch.dtype | str = torch.float32, plan: SPDPlan | No
     spd.load.load_model knows; its device is overridden to the CPU, its dtype by dtype).
     """
     from spd.config import ModelConfig
-    from spd.export import load_exported
-    from spd.heads import permute_heads_
+    from spd.export import read_plan
     from spd.load import load_model
+    from spd.surgery import apply_plan_
 
     dtype = as_dtype(dtype)
     if isinstance(source, (str, Path)):
@@ -74,25 +62,16 @@ def load_hf(source, dtype: torch.dtype | str = torch.float32, plan: SPDPlan | No
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is not a model directory (no config.json); pass an spd-export or HF "
                                  f"directory, or a spd.config.ModelConfig")
-        if is_export(path):
-            hf, tokenizer, exported = load_exported(path, dtype=dtype, apply=False)
-            if plan is not None:
-                _check_head_perm(exported, plan, path)
-            return hf, tokenizer, plan or exported
+        plan = plan or (read_plan(path) if is_export(path) else None)
         source = ModelConfig(name=path.name, source="hf", path=str(path))
     if not isinstance(source, ModelConfig):
         raise ModelLoadError(f"cannot load a model from a {type(source).__name__}; pass an spd-export or HF "
                              f"directory, or a spd.config.ModelConfig")
     hf, tokenizer = load_model(dataclasses.replace(source, device="cpu", dtype=DTYPE_NAMES[dtype]))
     stored = getattr(hf.config, "spd_plan", None)
-    if stored:  # a ModelConfig naming an spd-export directory (source hf): permuted already
-        exported = SPDPlan.from_dict(stored)
-        if plan is not None:
-            _check_head_perm(exported, plan, source.path)
-        return hf, tokenizer, plan or exported
+    plan = plan or (SPDPlan.from_dict(stored) if stored else None)
     if plan is not None:
-        for i, perm in sorted(plan.head_perm.items()):  # the plan's permutations describe permuted weights
-            permute_heads_(hf.model.layers[i], perm)
+        apply_plan_(hf, plan, emulate=False)
     return hf, tokenizer, plan
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import sys
 
 import hydra
@@ -91,19 +90,20 @@ def evaluate(cfg) -> None:
     """spd-eval: lm-eval tasks in-process on the model (with spd.plan applied, if any)."""
     from spd.evaluate import main as eval_main
     from spd.plan import SPDPlan
-    from spd.surgery import apply_spd_
+    from spd.surgery import apply_plan_
 
-    prepare = (lambda model, c: apply_spd_(model, SPDPlan.load(c.spd.plan))) if cfg.spd.plan else None
+    prepare = (lambda model, c: apply_plan_(model, SPDPlan.load(c.spd.plan))) if cfg.spd.plan else None
     eval_main(cfg, prepare)
 
 
 @hydra_app("study")
 def study(cfg) -> None:
     """spd-study: the main job (rank, plan, distill, evaluate, export); -m sweeps fraction x strategy."""
-    from spd.study import run_study
+    from spd.study import run_study, study_table
 
     summary = run_study(cfg)
-    print(json.dumps({k: summary[k] for k in ("model", "tp", "strategy", "fraction", "perplexity", "eval")}, indent=1))
+    print(study_table(summary))
+    print(f"-> {cfg.run_dir}/study.json")
 
 
 @hydra_app("plan")

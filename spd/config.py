@@ -154,6 +154,7 @@ class PerplexityConfig:
     max_length: int = 2048
     batch_size: int = 4
     limit: Optional[int] = None  # first N documents only
+    preprocess: Optional[str] = "wikitext"  # the text scored: lm-eval's wikitext detokenizer, or null (as is)
 
 
 @dataclass

@@ -12,13 +12,17 @@ order, in fp32. Every block trains against original-model inputs, so blocks are 
 does not matter. Resumable: each finished block's weights go to out_dir/block_{i}.safetensors, then its
 entry to out_dir/manifest.json, both atomically; a restart loads finished blocks instead of training them,
 and a block whose manifest entry is missing is trained again from the original weights.
+
+Settings come from one typed config, spd.config.DistillConfig (`distill.*`), for spd-distill and the study
+alike. The plan returned names each distilled block's file and sha256 (plan.weights), so every later stage
+puts exactly these weights on the model through spd.surgery.apply_plan_.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -28,16 +32,15 @@ from tqdm.auto import tqdm
 
 from spd.activations import capture_hidden_states, state_bytes
 from spd.block import SPDDecoderLayer, decoder_layers, remove_spd_
+from spd.config import DistillConfig
 from spd.errors import PlanError, SPDError
 from spd.heads import group_heads_
 from spd.plan import SPDPlan
 from spd.run import read_json, write_bytes_atomic, write_json_atomic
-from spd.surgery import apply_spd_
+from spd.surgery import apply_plan_, mark_carried_
 
 SCHEMA = "spd.distill/1"
-STATE_SCHEMA = "spd.distill-state/1"
-DEFAULTS = dict(epochs=10, lr=5e-5, batch_size=4, weight_decay=0.0, seed=0, head_grouping=True,
-                max_rows=256, spill_gb=4.0)
+STATE_SCHEMA = "spd.distill-state/2"
 
 
 @torch.no_grad()
@@ -90,28 +93,30 @@ def _fingerprint(plan: SPDPlan, tokens: torch.Tensor, dtype: torch.dtype, opts: 
     }
 
 
-def distill_blocks_(model, plan: SPDPlan, tokens: torch.Tensor, out_dir: str | Path, *, epochs: int = 10,
-                    lr: float = 5e-5, batch_size: int = 4, weight_decay: float = 0.0, seed: int = 0,
-                    head_grouping: bool = True, max_rows: int = 256, dtype: torch.dtype = torch.float32,
-                    spill_dir: str | Path | None = None, spill_gb: float = 4.0,
-                    progress: bool = True, activations=None) -> tuple[SPDPlan, dict]:
-    """HG on ESB blocks, then B2B on SB and ESB blocks of plan; the model ends with the plan applied.
+def distill_blocks_(model, plan: SPDPlan, tokens: torch.Tensor, out_dir: str | Path, cfg: DistillConfig,
+                    *, head_grouping: bool = True, dtype: torch.dtype = torch.float32,
+                    spill_dir: str | Path | None = None, progress: bool = True,
+                    activations=None) -> tuple[SPDPlan, dict]:
+    """HG on ESB blocks (when head_grouping), then B2B on SB and ESB blocks of plan; the model ends with
+    the returned plan applied.
 
     model: the ORIGINAL LlamaForCausalLM (no head permutation; SPD blocks, if any, are removed first).
-    tokens: (N, L) calibration windows. Returns (plan with head_perm of the grouped blocks, report).
-    Activations are spilled to spill_dir (default out_dir/activations) when they exceed spill_gb;
+    tokens: (N, L) calibration windows. cfg: the distillation settings (epochs, lr, batch size...).
+    Returns (plan with head_perm of the grouped blocks and the weights of every distilled block, report).
+    Activations are spilled to spill_dir (default out_dir/activations) when they exceed cfg.spill_gb;
     `activations`, a callable returning an ActivationStore that holds every needed h_i of the original
     model (a persistent capture shared by a sweep), replaces the capture; it is called only when some
     block still needs training.
     """
-    if plan.head_perm:
-        raise PlanError(f"the plan already has head permutations for blocks {sorted(plan.head_perm)}; "
-                        "distill starts from the original model and a plan without head_perm (spd-rank's)")
-    opts = dict(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, seed=seed,
-                head_grouping=head_grouping, max_rows=max_rows, spill_gb=spill_gb)
+    if plan.head_perm or plan.weights:
+        raise PlanError(f"the plan already has head permutations or distilled weights (blocks "
+                        f"{sorted(set(plan.head_perm) | set(plan.weights))}); distill starts from the original "
+                        "model and a plan without them (spd-rank's plan.json)")
+    opts = {**asdict(cfg), "head_grouping": head_grouping}
+    spill_gb = cfg.spill_gb
     out_dir = Path(out_dir)
     remove_spd_(model)
-    apply_spd_(model, plan)  # validates the plan against the model before anything is computed
+    apply_plan_(model, plan)  # validates the plan against the model before anything is computed
     remove_spd_(model)
     layers = decoder_layers(model)
     todo = plan.blocks_in("SB", "ESB")
@@ -124,14 +129,14 @@ def distill_blocks_(model, plan: SPDPlan, tokens: torch.Tensor, out_dir: str | P
     # blocks (all train on original-model inputs): any plan may reuse it, so sweeps share one directory.
     hg = {i: plan.tiers[i] == "ESB" and head_grouping for i in todo}
     done = {int(i): e for i, e in state["blocks"].items()
-            if (out_dir / e["file"]).is_file() and int(i) in hg and e.get("hg") == hg[int(i)]}
+            if (out_dir / e["file"]).is_file() and int(i) in hg and e.get("hg") == hg[int(i)] and "sha256" in e}
     need = [i for i in todo if i not in done]
 
     store = activations() if need and activations is not None else None
     if need and store is None:  # the teacher: original-model hidden states, before any block is changed or loaded
         model_dtype = next(model.parameters()).dtype
         spill = state_bytes(*tokens.shape, model.config.hidden_size, need, model_dtype) > spill_gb * 2**30
-        store = capture_hidden_states(model, tokens, need, batch_size,
+        store = capture_hidden_states(model, tokens, need, cfg.batch_size,
                                       (spill_dir or out_dir / "activations") if spill else None, progress)
     report: dict[int, dict] = {}
     try:
@@ -148,8 +153,11 @@ def distill_blocks_(model, plan: SPDPlan, tokens: torch.Tensor, out_dir: str | P
         if store is not None:
             store.cleanup()
     perms = {i: r["head_perm"] for i, r in report.items() if r.get("head_perm") is not None}
-    new_plan = replace(plan, head_perm=perms, source={**plan.source, "distill": {k: fp[k] for k in opts if k in fp}})
-    apply_spd_(model, new_plan)
+    weights = {i: {"file": str(out_dir / r["file"]), "sha256": r["sha256"]} for i, r in report.items()}
+    new_plan = replace(plan, head_perm=perms, weights=weights,
+                       source={**plan.source, "distill": {k: fp[k] for k in opts if k in fp}})
+    mark_carried_(model, new_plan)  # the blocks in memory are exactly the files just written or loaded
+    apply_plan_(model, new_plan)
     return new_plan, {"schema": SCHEMA, "settings": fp, "blocks": {str(i): report[i] for i in sorted(report)}}
 
 
@@ -182,16 +190,18 @@ def _distill_one(layer, i: int, plan: SPDPlan, store, out_dir: Path, dtype, opts
     entry["minutes"] = (time.perf_counter() - t0) / 60
     entry["hg"] = entry["head_perm"] is not None or (plan.tiers[i] == "ESB" and opts["head_grouping"])
     entry["file"] = f"block_{i}{'_hg' if entry['hg'] else ''}.safetensors"
-    weights = {k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}
-    write_bytes_atomic(out_dir / entry["file"], save(weights))
+    data = save({k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()})
+    entry["sha256"] = hashlib.sha256(data).hexdigest()
+    write_bytes_atomic(out_dir / entry["file"], data)
     return entry
 
 
 def distill_main(cfg) -> dict:
-    """spd-distill: HG on ESB blocks, then B2B on SB + ESB blocks; writes distill.json and an export dir.
+    """spd-distill: HG on ESB blocks, then B2B on SB + ESB blocks of cfg.spd.plan, with cfg.distill's settings.
 
-    cfg: spd.config.RunApp. Reads cfg.spd.plan (plan.json); distill options from cfg.extra (keys of DEFAULTS,
-    plus "device": default cuda when available).
+    cfg: spd.config.RunApp. Writes run_dir/distill/ (one file per block, resumable), run_dir/plan.json (the
+    plan with head_perm and the distilled blocks' weights: what spd-ppl, spd-eval and spd-export take),
+    distill.json and the export run_dir/model. Runs on the model's device (model.device).
     """
     from spd.calibration import calibration_tokens
     from spd.export import export_
@@ -201,28 +211,28 @@ def distill_main(cfg) -> dict:
 
     if not cfg.spd.plan:
         raise PlanError("spd-distill needs spd.plan=PATH/plan.json (written by spd-rank)")
-    opts = {**DEFAULTS, **{k: v for k, v in dict(cfg.extra or {}).items() if k in DEFAULTS}}
     run_dir = start_run(cfg.run_dir, cfg, stage="distill", tp=cfg.parallel.tp)
     plan = SPDPlan.load(cfg.spd.plan)
     if plan.tp != cfg.parallel.tp:
         raise PlanError(f"the plan is for tp={plan.tp} but parallel.tp={cfg.parallel.tp}; set parallel.tp={plan.tp}")
     model, tokenizer = load_model(cfg.model)
-    device = (cfg.extra or {}).get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)  # activations stay on the CPU (or spill); one block's batches move to the device
     tokens = calibration_tokens(tokenizer, cfg.calib)
     ppl = {"calibration_original": windows_perplexity(model, tokens, cfg.calib.batch_size)}
-    apply_spd_(model, plan)
+    apply_plan_(model, plan)
     ppl["calibration_zero_shot"] = windows_perplexity(model, tokens, cfg.calib.batch_size)
     remove_spd_(model)
     t0 = time.perf_counter()
-    plan, report = distill_blocks_(model, plan, tokens, run_dir / "distill", **opts)
+    plan, report = distill_blocks_(model, plan, tokens, run_dir / "distill", cfg.distill)
     minutes = (time.perf_counter() - t0) / 60
     ppl["calibration_distilled"] = windows_perplexity(model, tokens, cfg.calib.batch_size)
     plan.save(run_dir / "plan.json")
     provenance = {"source_model": to_plain(cfg.model), "plan_file": str(cfg.spd.plan), "ranking": plan.source,
-                  "calib": to_plain(cfg.calib), "distill": opts}
+                  "calib": to_plain(cfg.calib), "distill": to_plain(cfg.distill)}
     export_(model, tokenizer, plan, run_dir / "model", provenance=provenance, perplexity=ppl)
     out = {**report, "perplexity": ppl, "minutes": minutes, "export": str(run_dir / "model"),
            "meta": meta(stage="distill", tp=plan.tp)}
     write_json_atomic(run_dir / "distill.json", out)
+    print(f"distilled {len(report['blocks'])} blocks in {minutes:.2f} min; calibration ppl "
+          + ", ".join(f"{k.removeprefix('calibration_')} {v:.3f}" for k, v in ppl.items())
+          + f" -> {run_dir / 'plan.json'}")
     return out

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from lm_eval import simple_evaluate
 from lm_eval.api.model import LM
 from lm_eval.tasks import TaskManager
-from lm_eval.utils import handle_non_serializable
+from lm_eval.utils import handle_non_serializable, make_table
 
 from spd.config import EvalConfig, RunApp
 from spd.errors import SPDError
@@ -123,6 +123,7 @@ def evaluate(
         run_dir = Path(run_dir)
         write_json_atomic(run_dir / "results.json", results)
         write_json_atomic(run_dir / "summary.json", summarize(results))
+        print(make_table(results))
     return results
 
 

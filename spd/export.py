@@ -3,23 +3,25 @@
 The exported model computes exactly the in-memory emulation (spd/block.py): for every SPD block i of
 the plan, out = x + sum_r (a_r + mlp_r(norm2(x + a_r))) at degree R, other blocks unchanged. Contents:
 
-    config.json              LlamaConfig + spd_plan (schema spd.plan/1) + spd_provenance
+    config.json              LlamaConfig + spd_plan (schema spd.plan/1) + spd_weights (what the weights
+                             carry: head_perm and distilled blocks' sha256, see spd.surgery) + spd_provenance
                              + auto_map {AutoModelForCausalLM: modeling_spd_llama.SPDLlamaForCausalLM}
     model.safetensors        the SPD model's state dict (same keys as the original LLaMA's); head-grouped
-                             blocks are stored ALREADY permuted, so head_perm is provenance, not an action
+                             and distilled blocks are stored ALREADY applied, so head_perm is provenance
     modeling_spd_llama.py    LlamaForCausalLM subclass whose __init__ applies the plan with set_spd_
     block.py                 a verbatim copy of spd/block.py (torch + transformers only), imported
                              relatively: transformers' dynamic-module loader copies it alongside
     plan.json, tokenizer files, README.md (model card: plan and measured perplexity)
 
-model_type stays "llama" so spd.load and the TP runtime read the directory as a LLaMA (load_exported
-then re-applies the plan); loading WITHOUT trust_remote_code silently gives the non-SPD model.
+model_type stays "llama" so spd.load and the TP runtime read the directory as a LLaMA (apply_plan_ then
+recognises the weights as the plan's and only swaps in the SPD blocks); loading WITHOUT trust_remote_code silently gives the non-SPD model.
 The directory is built beside out_dir and renamed into place: an interrupted export leaves no out_dir.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -28,7 +30,8 @@ from pathlib import Path
 import torch
 
 from spd.plan import SPDPlan
-from spd.run import git_commit, write_json_atomic
+from spd.run import git_commit, user_mode, write_json_atomic
+from spd.surgery import apply_plan_, carried_weights
 
 MODELING = "modeling_spd_llama"
 CLASS = "SPDLlamaForCausalLM"
@@ -112,34 +115,34 @@ def _write_dir(model, tokenizer, plan: SPDPlan, d: Path, provenance: dict, perpl
     cfg.update({
         "architectures": [CLASS],
         "auto_map": {"AutoModelForCausalLM": f"{MODELING}.{CLASS}"},
-        "spd_plan": plan.to_dict(),
+        "spd_plan": plan.to_dict(base=d),
+        "spd_weights": carried_weights(model),
         "spd_provenance": provenance,
     })
     (d / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
     (d / f"{MODELING}.py").write_text(MODELING_SRC)
     shutil.copyfile(BLOCK_SRC, d / "block.py")
-    plan.save(d / "plan.json")
     (d / "README.md").write_text(model_card(plan, provenance, perplexity))
 
 
 def export_(model, tokenizer, plan: SPDPlan, out_dir: str | Path, provenance: dict | None = None,
-            perplexity: dict | None = None) -> Path:
-    """Write the SPD model (plan already applied, as after apply_spd_ or distill) to out_dir, atomically.
+            perplexity: dict | None = None, marker: dict | None = None) -> Path:
+    """Write the model with `plan` put on it (spd.surgery.apply_plan_; a no-op when it is on) to out_dir.
 
-    An existing out_dir is replaced only after the new directory is complete.
+    Atomic: an existing out_dir is replaced only after the new directory is complete; `marker`, if given,
+    is written into it as spd_export.json (the study's key for the export).
     """
-    from spd.block import spd_blocks
-
-    if spd_blocks(model) != plan.blocks:
-        raise ValueError(f"the model's SPD blocks {spd_blocks(model)} are not the plan's {plan.blocks}: "
-                         "apply the plan (spd.surgery.apply_spd_) before exporting")
+    apply_plan_(model, plan)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     provenance = {"commit": git_commit(), "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(provenance or {})}
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    os.chmod(tmp, user_mode(0o777))
     old = None
     try:
         _write_dir(model, tokenizer, plan, tmp, provenance, perplexity)
+        if marker is not None:
+            write_json_atomic(tmp / "spd_export.json", marker)
         if out_dir.exists():  # move the old export aside; the new one appears whole or not at all
             old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
             out_dir.rename(old / "dir")
@@ -163,23 +166,15 @@ def read_plan(path: str | Path) -> SPDPlan:
     return SPDPlan.from_dict(cfg["spd_plan"])
 
 
-def load_exported(path: str | Path, dtype: torch.dtype = torch.float32, apply: bool = True):
-    """(model, tokenizer or None, plan) without remote code: stock LlamaForCausalLM + apply_spd_ (if apply).
-
-    With apply=False the model is the plain LLaMA holding the exported (distilled, permuted) weights:
-    what the TP runtime shards, given the plan.
-    """
+def load_exported(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer or None, plan) without remote code: stock LlamaForCausalLM + apply_plan_."""
     from transformers import AutoTokenizer, LlamaForCausalLM
-
-    from spd.surgery import apply_spd_
 
     path = Path(path)
     plan = read_plan(path)
     model = LlamaForCausalLM.from_pretrained(path, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
-    if apply:
-        apply_spd_(model, plan)
-    return model, tokenizer, plan
+    return apply_plan_(model, plan), tokenizer, plan
 
 
 def export_main(cfg) -> Path:
@@ -190,27 +185,18 @@ def export_main(cfg) -> Path:
     """
     from spd.calibration import calibration_tokens
     from spd.errors import PlanError
-    from spd.heads import permute_heads_
     from spd.load import load_model
     from spd.perplexity import windows_perplexity
     from spd.run import meta, start_run, to_plain
-    from spd.surgery import apply_spd_
 
     if not cfg.spd.plan:
-        raise PlanError("spd-export needs spd.plan=PATH/plan.json (from spd-rank or spd-distill)")
+        raise PlanError("spd-export needs spd.plan=PATH/plan.json (from spd-rank, spd-distill or spd-study)")
     run_dir = start_run(cfg.run_dir, cfg, stage="export", tp=cfg.parallel.tp)
     plan = SPDPlan.load(cfg.spd.plan)
     if plan.tp != cfg.parallel.tp:
         raise PlanError(f"the plan is for tp={plan.tp} but parallel.tp={cfg.parallel.tp}; set parallel.tp={plan.tp}")
     model, tokenizer = load_model(cfg.model)
-    if getattr(model.config, "spd_plan", None):
-        # an spd-study export: its weights are already permuted (and distilled)
-        if plan.head_perm and SPDPlan.from_dict(model.config.spd_plan).head_perm != plan.head_perm:
-            raise PlanError(f"{cfg.model.path} was exported with other head permutations than {cfg.spd.plan}")
-    else:
-        for i, perm in plan.head_perm.items():  # the plan's permutations describe permuted weights
-            permute_heads_(model.model.layers[i], perm)
-    apply_spd_(model, plan)
+    apply_plan_(model, plan)
     ppl = None
     if (cfg.extra or {}).get("perplexity", True) and tokenizer is not None:
         ppl = {"calibration": windows_perplexity(model, calibration_tokens(tokenizer, cfg.calib),

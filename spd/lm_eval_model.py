@@ -26,9 +26,8 @@ from tqdm import tqdm
 import lm_eval.models  # noqa: F401  (fills lm-eval's model registry first, so `--model hf` still resolves)
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-
 from spd.errors import ModelLoadError, SPDError
+from spd.perplexity import rolling_windows, score_windows
 from spd.tasks import TASKS_DIR
 
 log = logging.getLogger(__name__)
@@ -94,7 +93,8 @@ class SPDLM(TemplateLM):
 
     In-process: SPDLM(model=module_or_runtime, tokenizer=tok, batch_size=8, max_length=2048).
     From lm-eval's command line: --model spd --model_args pretrained=DIR[,gguf_file=F][,dtype=bfloat16]
-    or model=<name of conf/model/*.yaml> (loaded with spd.load.load_model).
+    or model=<name of conf/model/*.yaml> (loaded with spd.load.load_model), plus plan=PATH/plan.json to
+    evaluate with an SPD plan (spd.surgery.apply_plan_: tiers, head permutations, distilled blocks).
     """
 
     def __init__(
@@ -113,6 +113,7 @@ class SPDLM(TemplateLM):
         add_bos_token: bool | None = None,
         progress: bool = True,
         max_batch_size: int | None = None,  # passed by lm-eval's CLI; only meaningful with "auto"
+        plan: str | None = None,
     ) -> None:
         super().__init__()
         loaded = isinstance(model, str) or pretrained is not None
@@ -123,6 +124,11 @@ class SPDLM(TemplateLM):
             tokenizer = tokenizer or loaded_tokenizer
         if model is None or tokenizer is None:
             raise SPDError("SPDLM needs model= and tokenizer=, or pretrained=PATH, or model=<conf/model name>")
+        if plan is not None:  # an SPD plan file (spd-rank, spd-distill, spd-study), put on through apply_plan_
+            from spd.plan import SPDPlan
+            from spd.surgery import apply_plan_
+
+            apply_plan_(model, SPDPlan.load(plan))
         if isinstance(tokenizer, str):
             from transformers import AutoTokenizer
 
@@ -240,13 +246,17 @@ class SPDLM(TemplateLM):
 
     # ------------------------------------------------------------------ forward
     @torch.no_grad()
+    def forward_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, S, V) of input ids (B, S)."""
+        return self._logits(ids.to(self._device))
+
     def forward(self, rows: list[list[int]]) -> torch.Tensor:
-        """Logits (B, S, V) of right-padded rows, S = the longest row."""
+        """Logits (B, S, V) of right-padded rows, S = the longest row (greedy decoding)."""
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)  # (B, S)
         for b, row in enumerate(rows):
             ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-        logits = self._logits(ids.to(self._device))
+        logits = self.forward_logits(ids)
         if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(ids.shape):
             raise SPDError(
                 f"the model returned logits of shape {tuple(logits.shape)} for input ids {tuple(ids.shape)}; "
@@ -254,55 +264,37 @@ class SPDLM(TemplateLM):
             )
         return logits
 
-    def _batches(self, order: list[int]):
-        for start in range(0, len(order), self.batch_size):
-            yield order[start : start + self.batch_size]
-
     # ------------------------------------------------------------------ lm-eval requests
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        """(sum of continuation log-probs, is_greedy) for each ((context, continuation), ctx_ids, cont_ids)."""
-        order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
-        out: list[tuple[float, bool] | None] = [None] * len(requests)
-        bar = tqdm(total=len(requests), desc="loglikelihood", disable=disable_tqdm or not self.progress)
-        for idx in self._batches(order):
-            rows = []
-            for i in idx:
-                _, ctx, cont = requests[i]
-                if not 0 < len(cont) <= self.max_length:
-                    raise SPDError(
-                        f"a continuation of {len(cont)} tokens does not fit max_length={self.max_length}; "
-                        "raise max_length (up to the model's positions)"
-                    )
-                rows.append((ctx + cont)[-(self.max_length + 1) :][:-1])  # left-truncated input
-            logits = self.forward(rows)  # (B, S, V)
-            for b, i in enumerate(idx):
-                key, _, cont = requests[i]
-                n, k = len(rows[b]), len(cont)
-                target = torch.tensor(cont, device=logits.device)  # (k,)
-                logp = logits[b, n - k : n].float().log_softmax(-1)  # (k, V)
-                greedy = bool((logp.argmax(-1) == target).all())
-                answer = (float(logp.gather(-1, target[:, None]).sum()), greedy)
-                out[i] = answer
-                if key is not None:
-                    self.cache_hook.add_partial("loglikelihood", key, answer)
-            bar.update(len(idx))
-        bar.close()
+        """(sum of continuation log-probs, is_greedy) for each ((context, continuation), ctx_ids, cont_ids),
+        scored by spd.perplexity.score_windows (the project's one scorer) on left-truncated rows."""
+        windows = []
+        for _, ctx, cont in requests:
+            if not 0 < len(cont) <= self.max_length:
+                raise SPDError(
+                    f"a continuation of {len(cont)} tokens does not fit max_length={self.max_length}; "
+                    "raise max_length (up to the model's positions)"
+                )
+            row = (ctx + cont)[-(self.max_length + 1):]  # left-truncated: the input is row[:-1]
+            windows.append((row[: len(row) - len(cont)], cont))
+        out = score_windows(self.forward_logits, windows, self.batch_size, self.pad_token_id, self._device,
+                            progress=not disable_tqdm and self.progress, desc="loglikelihood")
+        for (key, _, _), answer in zip(requests, out):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, answer)
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """Log-likelihood of each whole text, in disjoint windows of max_length tokens (lm-eval's scheme)."""
+        """Log-likelihood of each whole text, in lm-eval's disjoint rolling windows (spd.perplexity)."""
         windows, owner = [], []  # owner[w]: the text window w belongs to
         texts = [req.args[0] for req in requests]
         for j, text in enumerate(texts):
             # No special tokens: the prefix token is the text's only conditioning, as lm-eval documents.
-            tokens = self.tok_encode(text, add_special_tokens=False)
-            for ctx, cont in map(
-                make_disjoint_window,
-                get_rolling_token_windows(tokens, self.prefix_token_id, self.max_length, context_len=1),
-            ):
+            for ctx, cont in rolling_windows(self.tok_encode(text, add_special_tokens=False),
+                                             self.prefix_token_id, self.max_length):
                 windows.append((None, ctx, cont))
                 owner.append(j)
         totals = [0.0] * len(texts)

@@ -104,9 +104,9 @@ def _load_hf(cfg: ModelConfig, dtype: torch.dtype, config_only: bool = False):
                              f"the files may be truncated or incomplete: re-download them") from None
     if getattr(config, "spd_plan", None):  # an spd-export directory: its (permuted, distilled) weights + plan
         from spd.plan import SPDPlan
-        from spd.surgery import apply_spd_
+        from spd.surgery import apply_plan_
 
-        apply_spd_(model, SPDPlan.from_dict(config.spd_plan))
+        apply_plan_(model, SPDPlan.from_dict(config.spd_plan, base=path if _looks_local(cfg.path) else None))
     return model, tokenizer
 
 
@@ -135,6 +135,10 @@ def _load_gguf(cfg: ModelConfig, dtype: torch.dtype, config_only: bool = False):
         return AutoConfig.from_pretrained(str(file.parent), **kw)
     model = LlamaForCausalLM.from_pretrained(str(file.parent), dtype=dtype, **kw)
     tokenizer = AutoTokenizer.from_pretrained(str(file.parent), **kw)
+    # The weights are dequantised to `dtype` on load; transformers (>= 5.2x) still marks the model as
+    # GGUF-quantised, which makes save_pretrained (spd-export) refuse it. Drop the stale marker.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
     return model, tokenizer
 
 

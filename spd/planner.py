@@ -35,14 +35,15 @@ class BlockForms:
     def __init__(self, model):
         self.model, self.layers = model, decoder_layers(model)
         self.orig = {i: {k: v.detach().clone() for k, v in l.state_dict().items()} for i, l in enumerate(self.layers)}
-        self.b2b = {}
+        self.b2b, self.refs = {}, {}  # block -> distilled state dict; block -> {"file", "sha256"} (plan.weights)
 
     def load_distilled(self, distilled_dir: Path) -> None:
         """Distilled block weights from a distill directory (blocks without head permutation)."""
         manifest = read_json(distilled_dir / "manifest.json")
         for i, entry in ((manifest or {}).get("blocks") or {}).items():
-            if entry.get("head_perm") is None and (distilled_dir / entry["file"]).is_file():
+            if entry.get("head_perm") is None and (distilled_dir / entry["file"]).is_file() and "sha256" in entry:
                 self.b2b[int(i)] = load_file(str(distilled_dir / entry["file"]))
+                self.refs[int(i)] = {"file": str(distilled_dir / entry["file"]), "sha256": entry["sha256"]}
 
     def forms(self, i: int) -> list[str]:
         return ["zs", "b2b"] if i in self.b2b else ["zs"]
@@ -103,16 +104,21 @@ def threshold_rule_within_budget(forms: BlockForms, tokens: torch.Tensor, plan_f
     return {"baseline_ppl": base, **best, "trace": trace}
 
 
-def choice_plan(choice: dict[str, str], tp: int, num_layers: int, model: str, source: dict) -> SPDPlan:
+def choice_plan(choice: dict[str, str], tp: int, num_layers: int, model: str, source: dict,
+                refs: dict[int, dict] | None = None) -> SPDPlan:
+    """The plan of a planner choice: b2b blocks are SB and name their distilled weights (refs)."""
+    refs = refs or {}
     return SPDPlan(tp=tp, num_layers=num_layers, model=model, source=source,
-                   tiers={int(i): ("SB" if f == "b2b" else "ISB") for i, f in choice.items()})
+                   tiers={int(i): ("SB" if f == "b2b" else "ISB") for i, f in choice.items()},
+                   weights={int(i): refs[int(i)] for i, f in choice.items() if f == "b2b"})
 
 
 def run_planner(cfg) -> dict:
     """spd-plan: distill every block once (shared), then plan within cfg.planner.budget; compare with the
     threshold rule; writes planner.json, plan.json (the planner's) and plan_threshold.json in cfg.run_dir."""
-    from dataclasses import asdict, replace
+    from dataclasses import replace
 
+    from spd.artifacts import shared
     from spd.calibration import calibration_tokens
     from spd.distill import distill_blocks_
     from spd.load import load_model
@@ -127,10 +133,10 @@ def run_planner(cfg) -> dict:
     tokens = calibration_tokens(tokenizer, cfg.calib)
     ranking = shared_ranking(model, tokens, cfg)
     forms = BlockForms(model)  # the original weights, before distillation changes them in place
-    ddir = distill_dir(replace(cfg, study=replace(cfg.study, strategy="b2b")))
-    distill_blocks_(model, SPDPlan(tp=tp, num_layers=n, tiers={i: "SB" for i in range(n)}), tokens, ddir,
-                    **(asdict(cfg.distill) | {"head_grouping": False}),
-                    activations=lambda: shared_activations(model, tokens, cfg))
+    ddir = distill_dir(replace(cfg, study=replace(cfg.study, strategy="b2b")), model)
+    with shared(ddir, "distilled blocks"):
+        distill_blocks_(model, SPDPlan(tp=tp, num_layers=n, tiers={i: "SB" for i in range(n)}), tokens, ddir,
+                        cfg.distill, head_grouping=False, activations=lambda: shared_activations(model, tokens, cfg))
     forms.load_distilled(ddir)
     budget = cfg.planner.budget
     ours = plan_within_budget(forms, tokens, tp, budget, cfg.calib.batch_size)
@@ -146,9 +152,10 @@ def run_planner(cfg) -> dict:
     out = {"schema": SCHEMA, "model": cfg.model.name, "tp": tp, "num_layers": n, "budget_rel": budget,
            "planner": ours, "threshold_rule": paper, "latency_saving": savings}
     write_json_atomic(run_dir / "planner.json", out)
-    choice_plan(ours["choice"], tp, n, cfg.model.name, {"planner": "budget", "budget_rel": budget}).save(run_dir / "plan.json")
-    choice_plan(paper["choice"], tp, n, cfg.model.name, {"planner": "threshold_rule", "budget_rel": budget}).save(
-        run_dir / "plan_threshold.json")
+    choice_plan(ours["choice"], tp, n, cfg.model.name, {"planner": "budget", "budget_rel": budget},
+                forms.refs).save(run_dir / "plan.json")
+    choice_plan(paper["choice"], tp, n, cfg.model.name, {"planner": "threshold_rule", "budget_rel": budget},
+                forms.refs).save(run_dir / "plan_threshold.json")
     print(f"budget {budget:.1%}: planner {ours['spd_blocks']}/{n} SPD blocks (ppl {ours['ppl']:.3f}), "
           f"threshold rule {paper['spd_blocks']}/{n} (ppl {paper['ppl']:.3f}); baseline {ours['baseline_ppl']:.3f}")
     return out

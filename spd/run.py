@@ -22,7 +22,15 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 _PACKAGES = ("torch", "transformers", "lm_eval", "hydra-core", "triton", "datasets", "safetensors")
 
 
+def user_mode(mode: int = 0o666) -> int:
+    """`mode` under the process umask: what open() would give a new file (mkstemp/mkdtemp give 0600/0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write data to path whole or not at all (a temporary file renamed), with the user's normal permissions."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -31,6 +39,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, user_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -14,6 +14,7 @@ here (SB above 1% of baseline ppl, ESB above 10%) are ours, and configurable.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -33,16 +34,17 @@ DEFAULT_SB_REL, DEFAULT_ESB_REL = 0.01, 0.10
 
 
 def rank_blocks(model, tokens, tp: int, method: str = "backward", batch_size: int = 4,
-                progress_file: Path | None = None, spec: dict | None = None) -> dict:
+                progress_file: Path | None = None, spec: dict | None = None, key: str | None = None) -> dict:
     """Per-block sensitivity of `model` at degree tp on (N, L) calibration tokens (see module doc).
 
-    With progress_file, every finished block is recorded there atomically and a re-run resumes after it.
+    With progress_file, every finished block is recorded there atomically and a re-run with the same key
+    (spd.artifacts: model, R, method, calibration) resumes after it.
     """
     if method not in METHODS:
         raise SPDError(f"unknown ranking method {method!r}; valid: {', '.join(METHODS)}")
     n = len(decoder_layers(model))
     done = read_json(progress_file) if progress_file else None
-    key = {"tp": tp, "method": method, "calibration": spec or {}}
+    key = key or {"tp": tp, "method": method, "calibration": spec or {}}
     if not done or done.get("key") != key:
         done = {"key": key, "baseline_ppl": None, "ppl": {}, "seconds": {}}
     remove_spd_(model)
@@ -77,13 +79,19 @@ def rank_blocks(model, tokens, tp: int, method: str = "backward", batch_size: in
     }
 
 
+def spd_block_count(fraction: float, n: int) -> int:
+    """SPD blocks for a fraction of n blocks: the nearest whole number, halves rounded UP (0.75 of 30 -> 23;
+    Python's round() would give 22, rounding halves to even). A float's error (0.1 * 30) is not a half."""
+    if not 0.0 <= fraction <= 1.0:
+        raise SPDError(f"spd.fraction={fraction} must lie in [0, 1] (the share of blocks that become SPD blocks)")
+    return min(n, math.floor(fraction * n + 0.5 + 1e-9))
+
+
 def plan_from_ranking(ranking: dict, cfg: SPDConfig, model_name: str = "", fraction: float | None = None) -> SPDPlan:
     """The SPD plan of a ranking: which blocks (least sensitive first) and their tiers (see module doc)."""
     n, order = ranking["num_layers"], ranking["order"]
     fraction = cfg.fraction if fraction is None else fraction
-    k = n if fraction is None else round(fraction * n)
-    if not 0 <= k <= n:
-        raise SPDError(f"spd.fraction={fraction} must lie in [0, 1]")
+    k = n if fraction is None else spd_block_count(fraction, n)
     chosen = order[:k]
     rel = {b["block"]: b["relative"] for b in ranking["blocks"]}
     if cfg.sb_count is not None or cfg.esb_count is not None:
@@ -99,6 +107,17 @@ def plan_from_ranking(ranking: dict, cfg: SPDConfig, model_name: str = "", fract
         rule = {"sb_threshold_rel": sb_t, "esb_threshold_rel": esb_t}
     return SPDPlan(tp=ranking["tp"], num_layers=n, tiers=tiers, model=model_name,
                    source={"ranking": ranking["method"], "fraction": k / n, **rule})
+
+
+def ranking_table(ranking: dict, plan: SPDPlan | None = None) -> str:
+    """A short Markdown table: blocks least sensitive first, with their perplexity increase and tier."""
+    rows = sorted(ranking["blocks"], key=lambda b: ranking["order"].index(b["block"]))
+    tiers = plan.tiers if plan else {}
+    lines = [f"baseline calibration perplexity {ranking['baseline_ppl']:.4f} ({ranking['method']}, R={ranking['tp']})",
+             "| block | ppl increase | relative | tier |", "|---|---|---|---|"]
+    lines += [f"| {b['block']} | {b['sensitivity']:+.4f} | {b['relative']:+.2%} | {tiers.get(b['block'], '-')} |"
+              for b in rows]
+    return "\n".join(lines)
 
 
 def plot_sensitivity(ranking: dict, path: Path) -> Path:
@@ -125,22 +144,36 @@ def calibration_spec(cfg: CalibConfig) -> dict:
     return asdict(cfg)
 
 
+RANK_ALGO = 2  # bump when a ranking's numbers change for the same settings (2: lm-eval's rolling windows)
+
+
+def rank_settings(cfg, model=None) -> dict:
+    """What a ranking depends on (cfg: RunApp): the model's weights, R, the method and the calibration set."""
+    from spd.artifacts import model_fingerprint
+
+    return {"model": model_fingerprint(cfg.model, model), "tp": cfg.parallel.tp, "method": cfg.spd.ranking,
+            "calibration": calibration_spec(cfg.calib), "algo": RANK_ALGO}
+
+
 def ranking_in(run_dir: Path, model, tokens, cfg) -> dict:
-    """The ranking stored in run_dir for (R, method, calibration) of cfg (RunApp), computed there when it is
-    missing or was made for other settings; resumes block by block. tokens: (N, L) or a callable giving them."""
-    spec = calibration_spec(cfg.calib)
+    """The ranking stored in run_dir for cfg's settings (RunApp: rank_settings), computed there when it is
+    missing or was made with other settings; resumes block by block. tokens: (N, L) or a callable giving them.
+    Returns it with "reused": whether it was read rather than computed."""
+    from spd.artifacts import key_of, read_if
+
+    key = key_of(rank_settings(cfg, model))
     out = Path(run_dir) / "sensitivity.json"
-    ranking = read_json(out)
-    key = (cfg.parallel.tp, cfg.spd.ranking, spec)
-    if ranking and (ranking.get("tp"), ranking.get("method"), ranking.get("calibration")) == key:
-        return ranking
+    ranking = read_if(out, key)
+    if ranking:
+        return ranking | {"reused": True}
     ranking = rank_blocks(model, tokens() if callable(tokens) else tokens, cfg.parallel.tp, cfg.spd.ranking,
-                          cfg.calib.batch_size, progress_file=Path(run_dir) / "sensitivity.progress.json", spec=spec)
-    ranking["model"] = cfg.model.name
+                          cfg.calib.batch_size, progress_file=Path(run_dir) / "sensitivity.progress.json",
+                          spec=calibration_spec(cfg.calib), key=key)
+    ranking |= {"model": cfg.model.name, "key": key, "settings": rank_settings(cfg, model)}
     write_json_atomic(out, ranking)
     (Path(run_dir) / "sensitivity.progress.json").unlink(missing_ok=True)
     plot_sensitivity(ranking, Path(run_dir) / "sensitivity.png")
-    return ranking
+    return ranking | {"reused": False}
 
 
 def run_rank(cfg) -> dict:
@@ -148,14 +181,14 @@ def run_rank(cfg) -> dict:
     from spd.calibration import calibration_tokens
     from spd.load import load_model
     from spd.run import start_run
-    from spd.surgery import apply_spd_
+    from spd.surgery import apply_plan_
 
     run_dir = start_run(cfg.run_dir, cfg, stage="rank", tp=cfg.parallel.tp)
     model, tokenizer = load_model(cfg.model)
-    apply_spd_(model, SPDPlan(tp=cfg.parallel.tp, num_layers=len(decoder_layers(model))))  # validates R
+    apply_plan_(model, SPDPlan(tp=cfg.parallel.tp, num_layers=len(decoder_layers(model))))  # validates R
     ranking = ranking_in(run_dir, model, lambda: calibration_tokens(tokenizer, cfg.calib), cfg)
     plan = plan_from_ranking(ranking, cfg.spd, cfg.model.name)
     plan.save(run_dir / "plan.json")
-    print(f"baseline ppl {ranking['baseline_ppl']:.3f}; least sensitive first: {ranking['order']}")
+    print(ranking_table(ranking, plan))
     print(f"plan: {len(plan.blocks)}/{plan.num_layers} SPD blocks at R={plan.tp} -> {run_dir / 'plan.json'}")
     return ranking

@@ -1,45 +1,62 @@
 """The study, one job: load -> rank -> plan -> distill -> evaluate -> export, resumable stage by stage.
 
-A job directory holds config.yaml, meta.json and one artifact per stage: plan.json, distill.json,
-perplexity.json, eval/results.json, model/ (the export) and study.json (the job's summary, written last).
-A stage is skipped when its artifact exists, parses and belongs to the same plan; anything else is
-recomputed. Work that does not depend on the job's fraction or strategy lives in study.shared_dir and
-is computed once per sweep: the sensitivity ranking (per model, R, method and calibration set), the
-teacher activations (per model and calibration set, every block boundary, on disk) and the distilled blocks (per model, R, calibration set, distillation settings and head-grouping switch; blocks
-are distilled on the original model's hidden states, so a block's result does not depend on which other
-blocks are SPD).
+A job directory holds config.yaml, meta.json and one artifact per stage: plan.json (the plan every number
+below was measured with: tiers, head permutations, distilled blocks' files and sha256), distill.json,
+perplexity.json, eval/ (results.json, summary.json), model/ (the export, spd_export.json inside) and
+study.json (the job's summary, written last). Each artifact records its settings and key (spd.artifacts):
+a re-run deletes what was made with other settings before any work, reuses an artifact only when its key
+matches, and recomputes it and everything downstream otherwise. Work that does not depend on the job's
+fraction or strategy lives in study.shared_dir, keyed the same way and computed once per sweep under a
+file lock: the sensitivity ranking (per model, R, method and calibration set), the teacher activations
+(per model and calibration set) and the distilled blocks (per model, R, calibration set, distillation
+settings and head-grouping switch; blocks are distilled on the original model's hidden states, so a
+block's result does not depend on which other blocks are SPD).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+from spd.artifacts import atomic_dir, file_fingerprint, key_of, model_fingerprint, purge_stale, read_if, remove, shared
 from spd.block import decoder_layers
 from spd.errors import SPDError
 from spd.plan import SPDPlan
-from spd.run import read_json, start_run, write_json_atomic
+from spd.run import start_run, write_json_atomic
 
-SCHEMA = "spd.study/1"
+SCHEMA = "spd.study/2"
 STRATEGIES = ("zs", "b2b", "b2b_hg")
+ALGO = {"distill": 2, "perplexity": 2, "eval": 1, "export": 1}  # bump when a stage's numbers change
 
 
-def short_hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+def job_settings(cfg, model) -> dict[str, dict]:
+    """Per stage, every setting that can change its artifact (upstream stages' included); cfg: RunApp."""
+    from spd.sensitivity import rank_settings
+
+    if cfg.spd.plan:
+        planning = {"plan_file": file_fingerprint(cfg.spd.plan), "model": model_fingerprint(cfg.model, model)}
+    else:
+        planning = {"rank": rank_settings(cfg, model), "spd": {k: v for k, v in asdict(cfg.spd).items() if k != "plan"}}
+    repair = {**planning, "strategy": cfg.study.strategy, "algo": ALGO["distill"],
+              "distill": None if cfg.study.strategy == "zs" else asdict(cfg.distill),
+              "calib": None if cfg.study.strategy == "zs" else asdict(cfg.calib)}
+    return {"distill": repair,
+            "perplexity": {"model": repair, "ppl": asdict(cfg.ppl), "algo": ALGO["perplexity"]},
+            "eval": {"model": repair, "eval": asdict(cfg.eval), "algo": ALGO["eval"]},
+            "export": {"model": repair, "algo": ALGO["export"]}}
 
 
 def shared_ranking(model, tokens, cfg) -> dict:
     """The ranking for (model, R, method, calibration): read from study.shared_dir or computed there once."""
-    from spd.sensitivity import calibration_spec, ranking_in
+    from spd.sensitivity import rank_settings, ranking_in
 
     d = (Path(cfg.study.shared_dir) / cfg.model.name / f"tp{cfg.parallel.tp}"
-         / f"rank-{cfg.spd.ranking}-{short_hash(calibration_spec(cfg.calib))}")
-    if not (d / "meta.json").is_file():
-        start_run(d, cfg, stage="rank", tp=cfg.parallel.tp)
-    return ranking_in(d, model, tokens, cfg)
+         / f"rank-{cfg.spd.ranking}-{key_of(rank_settings(cfg, model))}")
+    with shared(d, "sensitivity ranking"):
+        if not (d / "meta.json").is_file():
+            start_run(d, cfg, stage="rank", tp=cfg.parallel.tp)
+        return ranking_in(d, model, tokens, cfg)
 
 
 def shared_activations(model, tokens, cfg):
@@ -47,103 +64,176 @@ def shared_activations(model, tokens, cfg):
     into study.shared_dir and reopened by every later job (they depend on neither R nor the plan)."""
     from spd.activations import ActivationStore, capture_hidden_states
 
-    key = {"model": {k: v for k, v in asdict(cfg.model).items() if k != "device"}, "calib": asdict(cfg.calib)}
-    d = Path(cfg.study.shared_dir) / cfg.model.name / f"activations-{short_hash(key)}"
-    store = ActivationStore.reopen(d)
-    if store is None:
-        store = capture_hidden_states(model, tokens, range(len(decoder_layers(model))), cfg.calib.batch_size, d)
-        store.persist()
+    key = key_of({"model": model_fingerprint(cfg.model, model), "calib": asdict(cfg.calib)})
+    d = Path(cfg.study.shared_dir) / cfg.model.name / f"activations-{key}"
+    with shared(d, "teacher activations"):
+        store = ActivationStore.reopen(d)
+        if store is None:
+            store = capture_hidden_states(model, tokens, range(len(decoder_layers(model))), cfg.calib.batch_size, d)
+            store.persist()
     return store
 
 
-def distill_dir(cfg) -> Path:
-    key = {"calib": asdict(cfg.calib), "distill": asdict(cfg.distill), "hg": cfg.study.strategy == "b2b_hg"}
-    return Path(cfg.study.shared_dir) / cfg.model.name / f"tp{cfg.parallel.tp}" / f"distill-{cfg.study.strategy}-{short_hash(key)}"
-
-
-def _fresh(path: Path, plan: SPDPlan) -> dict | None:
-    """The artifact at path if it exists, parses and was made for this plan (blocks, tiers, R)."""
-    art = read_json(path)
-    if art and art.get("plan", {}).get("tiers") == plan.to_dict()["tiers"] and art["plan"].get("tp") == plan.tp:
-        return art
-    return None
+def distill_dir(cfg, model) -> Path:
+    """The shared folder of distilled blocks for (model, R, calibration, distillation settings, HG switch)."""
+    key = key_of({"model": model_fingerprint(cfg.model, model), "tp": cfg.parallel.tp, "calib": asdict(cfg.calib),
+                  "distill": asdict(cfg.distill), "hg": cfg.study.strategy == "b2b_hg", "algo": ALGO["distill"]})
+    return Path(cfg.study.shared_dir) / cfg.model.name / f"tp{cfg.parallel.tp}" / f"distill-{cfg.study.strategy}-{key}"
 
 
 def run_study(cfg) -> dict:
     """One study job (RunApp cfg) in cfg.run_dir; returns the job summary (study.json)."""
     from spd.calibration import calibration_tokens
-    from spd.distill import distill_blocks_
     from spd.load import load_model
     from spd.sensitivity import plan_from_ranking
-    from spd.surgery import apply_spd_
+    from spd.surgery import apply_plan_
 
     if cfg.study.strategy not in STRATEGIES:
         raise SPDError(f"study.strategy={cfg.study.strategy!r}; valid: {', '.join(STRATEGIES)}")
     t0 = time.perf_counter()
     job = start_run(cfg.run_dir, cfg, stage="study", tp=cfg.parallel.tp)
+    (job / "study.json").unlink(missing_ok=True)  # the summary of this run is written last
     model, tokenizer = load_model(cfg.model)
-    n = len(decoder_layers(model))
-    apply_spd_(model, SPDPlan(tp=cfg.parallel.tp, num_layers=n))  # validates R before any work
+    apply_plan_(model, SPDPlan(tp=cfg.parallel.tp, num_layers=len(decoder_layers(model))))  # validates R
+    settings_of = job_settings(cfg, model)
+    settings = {stage: key_of(s) for stage, s in settings_of.items()}
+    gone = purge_stale(job, {"distill.json": ("distill.json", settings["distill"]),
+                             "perplexity.json": ("perplexity.json", settings["perplexity"]),
+                             "eval": ("eval/summary.json", settings["eval"]),
+                             "model": ("model/spd_export.json", settings["export"])})
+    if gone:
+        print(f"settings changed: removed {', '.join(gone)} (made with other settings) from {job}")
     tokens = calibration_tokens(tokenizer, cfg.calib)
-    stages = {}
+    stages: dict[str, str] = {}
 
     # rank and plan
-    ranking = shared_ranking(model, tokens, cfg)
-    plan = SPDPlan.load(cfg.spd.plan) if cfg.spd.plan else plan_from_ranking(ranking, cfg.spd, cfg.model.name)
+    ranking = None
+    if cfg.spd.plan:
+        plan, stages["rank"] = SPDPlan.load(cfg.spd.plan), "given"
+    else:
+        ranking = shared_ranking(model, tokens, cfg)
+        stages["rank"] = "reused" if ranking["reused"] else "computed"
+        plan = plan_from_ranking(ranking, cfg.spd, cfg.model.name)
     plan.save(job / "plan.json")
 
-    # distill the SB and ESB blocks (zero-shot: nothing to train)
-    repaired = plan.blocks_in("SB", "ESB") if cfg.study.strategy != "zs" else []
-    distill = _fresh(job / "distill.json", plan)
-    if repaired:
-        d0 = time.perf_counter()
-        opts = asdict(cfg.distill) | {"head_grouping": cfg.study.strategy == "b2b_hg"}
-        plan_after, report = distill_blocks_(model, plan, tokens, distill_dir(cfg), **opts,
-                                             activations=lambda: shared_activations(model, tokens, cfg))
-        if distill is None:
-            distill = {**report, "plan": plan.to_dict(), "minutes": (time.perf_counter() - d0) / 60}
-            write_json_atomic(job / "distill.json", distill)
-        plan = plan_after
-    else:
-        apply_spd_(model, plan)
-    stages["distill_minutes"] = (distill or {}).get("minutes", 0.0)
+    # repair the SB and ESB blocks (zero-shot: nothing to train)
+    plan, stages["distill"] = _distill(model, plan, tokens, cfg, job, settings["distill"])
+    apply_plan_(model, plan)
+    plan.save(job / "plan.json")  # the plan every number below is measured with
+    keys = {stage: key_of({"settings": settings[stage], "plan": plan.identity()})
+            for stage in ("perplexity", "eval", "export")}
 
     # evaluate: perplexity and the lm-eval suite
-    if cfg.study.perplexity and not _fresh(job / "perplexity.json", plan):
-        from spd.calibration import read_texts
-        from spd.perplexity import document_perplexity
-
-        docs = read_texts(cfg.ppl.data, cfg.ppl.field)[: cfg.ppl.limit]
-        ppl = document_perplexity(model, tokenizer, docs, cfg.ppl.max_length, cfg.ppl.batch_size)
-        write_json_atomic(job / "perplexity.json", {**ppl, "data": cfg.ppl.data, "plan": plan.to_dict()})
-    if cfg.study.evaluate and not _fresh(job / "eval" / "summary.json", plan):
-        from spd.evaluate import evaluate
-
-        evaluate(model, tokenizer, cfg.eval, job / "eval")
-        summary = read_json(job / "eval" / "summary.json")
-        write_json_atomic(job / "eval" / "summary.json", {**summary, "plan": plan.to_dict()})
-
-    # export
-    if cfg.study.export and not _fresh(job / "model" / "spd_export.json", plan):
-        from spd.export import export_
-
-        export_(model, tokenizer, plan, job / "model", provenance={"job": str(job), "strategy": cfg.study.strategy},
-                perplexity=read_json(job / "perplexity.json"))
-        write_json_atomic(job / "model" / "spd_export.json", {"plan": plan.to_dict()})
+    stages["perplexity"] = _stage(job / "perplexity.json", job / "perplexity.json", keys["perplexity"],
+                                  cfg.study.perplexity, lambda: _perplexity(model, tokenizer, cfg, job, plan,
+                                                                             keys["perplexity"], settings["perplexity"]))
+    stages["eval"] = _stage(job / "eval", job / "eval" / "summary.json", keys["eval"], cfg.study.evaluate,
+                            lambda: _evaluate(model, tokenizer, cfg, job, plan, keys["eval"], settings["eval"]))
+    stages["export"] = _stage(job / "model", job / "model" / "spd_export.json", keys["export"], cfg.study.export,
+                              lambda: _export(model, tokenizer, cfg, job, plan, keys["export"], settings["export"]))
 
     summary = summarize_job(job, cfg, plan, ranking, stages, (time.perf_counter() - t0) / 60)
+    summary["key"] = key_of(keys)
     write_json_atomic(job / "study.json", summary)
     return summary
 
 
-def summarize_job(job: Path, cfg, plan: SPDPlan, ranking: dict, stages: dict, minutes: float) -> dict:
+def _stage(path: Path, marker: Path, key: str, enabled: bool, compute) -> str:
+    """Reuse the artifact at path when its marker records key; else compute it (or remove it when disabled)."""
+    if read_if(marker, key):
+        return "reused"
+    if path.exists():
+        remove(path)  # made for another plan (e.g. shared blocks distilled again)
+    if not enabled:
+        return "off"
+    compute()
+    return "computed"
+
+
+def _distill(model, plan: SPDPlan, tokens, cfg, job: Path, settings: str) -> tuple[SPDPlan, str]:
+    """(the plan after head grouping and B2B of its SB/ESB blocks, stage status); writes distill.json."""
+    from spd.distill import distill_blocks_
+
+    repaired = plan.blocks_in("SB", "ESB") if cfg.study.strategy != "zs" else []
+    key = key_of({"settings": settings, "plan": plan.identity()})
+    art = read_if(job / "distill.json", key)
+    if plan.weights or plan.head_perm:  # a given plan.json that was repaired already (spd-distill, a study)
+        (job / "distill.json").unlink(missing_ok=True)
+        return plan, "given"
+    if not repaired:
+        (job / "distill.json").unlink(missing_ok=True)
+        return plan, "none"
+    if art:
+        return SPDPlan.from_dict(art["plan"], base=job), "reused"
+    t0 = time.perf_counter()
+    with shared(distill_dir(cfg, model), "distilled blocks") as d:
+        plan_after, report = distill_blocks_(model, plan, tokens, d, cfg.distill,
+                                             head_grouping=cfg.study.strategy == "b2b_hg",
+                                             activations=lambda: shared_activations(model, tokens, cfg))
+    trained = [i for i, b in report["blocks"].items() if not b.get("resumed")]
+    write_json_atomic(job / "distill.json", {**report, "key": key, "settings": settings, "trained": trained,
+                                             "plan": plan_after.to_dict(base=job),
+                                             "minutes": (time.perf_counter() - t0) / 60})
+    return plan_after, "computed" if trained else "reused"
+
+
+def _perplexity(model, tokenizer, cfg, job: Path, plan: SPDPlan, key: str, settings: str) -> None:
+    from spd.calibration import read_texts
+    from spd.perplexity import document_perplexity, perplexity_table
+
+    docs = read_texts(cfg.ppl.data, cfg.ppl.field)[: cfg.ppl.limit]
+    ppl = document_perplexity(model, tokenizer, docs, cfg.ppl.max_length, cfg.ppl.batch_size, cfg.ppl.preprocess)
+    write_json_atomic(job / "perplexity.json", {"schema": "spd.perplexity/1", **ppl, "data": cfg.ppl.data,
+                                                "key": key, "settings": settings, "plan": plan.to_dict(base=job)})
+    print(perplexity_table(ppl))
+
+
+def _evaluate(model, tokenizer, cfg, job: Path, plan: SPDPlan, key: str, settings: str) -> None:
+    from spd.evaluate import evaluate
+    from spd.run import read_json
+
+    with atomic_dir(job / "eval") as tmp:
+        evaluate(model, tokenizer, cfg.eval, tmp)
+        summary = read_json(tmp / "summary.json")
+        write_json_atomic(tmp / "summary.json", {**summary, "key": key, "settings": settings,
+                                                 "plan": plan.to_dict(base=job)})
+
+
+def _export(model, tokenizer, cfg, job: Path, plan: SPDPlan, key: str, settings: str) -> None:
+    from spd.export import export_
+    from spd.run import read_json
+
+    export_(model, tokenizer, plan, job / "model", provenance={"job": str(job), "strategy": cfg.study.strategy},
+            perplexity=read_json(job / "perplexity.json"),
+            marker={"schema": "spd.export/1", "key": key, "settings": settings})
+
+
+def summarize_job(job: Path, cfg, plan: SPDPlan, ranking: dict | None, stages: dict, minutes: float) -> dict:
+    from spd.run import read_json
+
     ppl = read_json(job / "perplexity.json") or {}
     ev = read_json(job / "eval" / "summary.json") or {}
+    distill = read_json(job / "distill.json") or {}
     return {
         "schema": SCHEMA, "model": cfg.model.name, "tp": plan.tp, "num_layers": plan.num_layers,
         "strategy": cfg.study.strategy, "fraction": plan.fraction, "spd_blocks": len(plan.blocks),
-        "plan": plan.to_dict(), "ranking": {"method": ranking["method"], "baseline_ppl": ranking["baseline_ppl"]},
+        "plan": plan.to_dict(base=job),
+        "ranking": ranking and {"method": ranking["method"], "baseline_ppl": ranking["baseline_ppl"]},
         "perplexity": {k: ppl.get(k) for k in ("token_perplexity", "word_perplexity", "bits_per_byte")},
-        "eval": {k: v for k, v in ev.items() if k != "plan"},
-        "distill_minutes": stages.get("distill_minutes", 0.0), "minutes": minutes,
+        "eval": {k: v for k, v in ev.items() if k not in ("plan", "settings")},
+        "stages": stages, "distill_minutes": distill.get("minutes", 0.0), "minutes": minutes,
     }
+
+
+def study_table(summary: dict) -> str:
+    """A short Markdown table of a finished job: stages and headline numbers."""
+    acc = [m["acc"]["value"] for m in summary["eval"].get("tasks", {}).values() if "acc" in m]
+    ppl = summary["perplexity"].get("word_perplexity")
+    lines = [f"{summary['model']} R={summary['tp']}: {summary['spd_blocks']}/{summary['num_layers']} SPD blocks, "
+             f"strategy {summary['strategy']}, {summary['minutes']:.1f} min",
+             "| stage | status |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in summary["stages"].items()]
+    lines += ["", "| measure | value |", "|---|---|",
+              f"| word perplexity | {'-' if ppl is None else f'{ppl:.4f}'} |",
+              f"| mean acc over {len(acc)} tasks | {'-' if not acc else f'{sum(acc) / len(acc):.4f}'} |"]
+    return "\n".join(lines)

@@ -8,7 +8,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from spd.block import SPDDecoderLayer, decoder_layers
 from spd.errors import ParallelConfigError, PlanError
 from spd.plan import SPDPlan
-from spd.surgery import apply_spd_, remove_spd_, spd_blocks
+from spd.surgery import apply_plan_, remove_spd_, spd_blocks
 
 EXACT_FP32 = 1e-5  # reassociating sums of O(1) fp32 values; the bound for R = 1
 NAIVE_FP32 = 1e-4  # a different summation order over R ranks and a manual softmax
@@ -34,7 +34,7 @@ def tokens(b=2, s=11, v=97, seed=1):
 def test_tp1_equals_original():
     model, ids = tiny(), tokens()
     ref = model(ids).logits
-    apply_spd_(model, SPDPlan.zero_shot(1, 3, [0, 1, 2]))
+    apply_plan_(model, SPDPlan.zero_shot(1, 3, [0, 1, 2]))
     assert (model(ids).logits - ref).abs().max() <= EXACT_FP32
 
 
@@ -43,9 +43,9 @@ def test_empty_plan_equals_original_and_remove_restores():
     model, ids = tiny(), tokens()
     ref = model(ids).logits
     keys = list(model.state_dict())
-    apply_spd_(model, SPDPlan(tp=2, num_layers=3))
+    apply_plan_(model, SPDPlan(tp=2, num_layers=3))
     assert torch.equal(model(ids).logits, ref)
-    apply_spd_(model, SPDPlan.zero_shot(2, 3, [1, 2]))
+    apply_plan_(model, SPDPlan.zero_shot(2, 3, [1, 2]))
     assert spd_blocks(model) == [1, 2]
     assert list(model.state_dict()) == keys  # same parameter names: export and load stay stock
     assert not torch.allclose(model(ids).logits, ref)
@@ -73,7 +73,7 @@ def test_partials_sum_to_attention_output(tp):
 def test_spd_block_leaves_earlier_hidden_states_alone():
     model, ids = tiny(layers=4), tokens()
     ref = model(ids, output_hidden_states=True).hidden_states
-    apply_spd_(model, SPDPlan.zero_shot(4, 4, [2]))
+    apply_plan_(model, SPDPlan.zero_shot(4, 4, [2]))
     got = model(ids, output_hidden_states=True).hidden_states
     for i in range(3):  # embeddings and the outputs of blocks 0 and 1
         assert torch.equal(got[i], ref[i])
@@ -129,14 +129,14 @@ def naive_forward(model, ids, tp, spd):
 def test_emulation_equals_naive_per_rank_loop(tp, heads, kv, blocks):
     model, ids = tiny(heads=heads, kv=kv, hidden=heads * 8), tokens()
     ref = naive_forward(model, ids, tp, set(blocks))
-    apply_spd_(model, SPDPlan.zero_shot(tp, 3, blocks))
+    apply_plan_(model, SPDPlan.zero_shot(tp, 3, blocks))
     torch.testing.assert_close(model(ids).logits, ref, atol=NAIVE_FP32, rtol=0)
 
 
 @torch.no_grad()
 def test_generate_works_on_spd_model():
     model = tiny()
-    apply_spd_(model, SPDPlan.zero_shot(2, 3, [0, 1, 2]))
+    apply_plan_(model, SPDPlan.zero_shot(2, 3, [0, 1, 2]))
     ids = tokens(b=1, s=4)
     model.generation_config.eos_token_id = None  # no early stop: compare all six steps
     out = model.generate(ids, max_new_tokens=6, do_sample=False)
@@ -148,9 +148,9 @@ def test_generate_works_on_spd_model():
 def test_bad_plans_fail_clearly():
     model = tiny(heads=9, kv=3, hidden=72)
     with pytest.raises(ParallelConfigError, match="valid degrees: 1, 3, 9"):
-        apply_spd_(model, SPDPlan.zero_shot(4, 3, [0]))
+        apply_plan_(model, SPDPlan.zero_shot(4, 3, [0]))
     with pytest.raises(PlanError, match="has 3"):
-        apply_spd_(model, SPDPlan.zero_shot(3, 4, [0]))
+        apply_plan_(model, SPDPlan.zero_shot(3, 4, [0]))
     with pytest.raises(PlanError, match="blocks 0..2"):
         SPDPlan.zero_shot(3, 3, [3])
     assert spd_blocks(model) == []

@@ -5,7 +5,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from spd.config import CONF_DIR, ModelConfig, as_dataclass
+from spd.config import CONF_DIR, InfoApp, ModelConfig, RunApp, as_dataclass
 from spd.load import load_config
 
 PRIMARY = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
@@ -18,17 +18,45 @@ def hydra_conf():
         yield
 
 
+def values(node, prefix=""):
+    """(dotted key, value) of every leaf a YAML file sets (its defaults list and hydra section left out)."""
+    if OmegaConf.is_config(node):
+        node = OmegaConf.to_container(node, resolve=False)
+    for k, v in node.items():
+        if k in ("defaults", "hydra"):
+            continue
+        if isinstance(v, dict):
+            yield from values(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _get(cfg, key):
+    v = OmegaConf.select(cfg, key)
+    return OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+
+
 @pytest.mark.parametrize("name", PRIMARY)
-def test_primary_configs_compose(name):
+def test_primary_configs_compose_with_their_values(name):
     cfg = compose(name)
-    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    own = list(values(OmegaConf.load(CONF_DIR / f"{name}.yaml")))
+    for key, value in own:  # every value the file sets is what the composed config holds (none silently lost)
+        if not (isinstance(value, str) and "${" in value):
+            assert OmegaConf.to_container(cfg, resolve=True) and _get(cfg, key) == value, key
+    assert isinstance(as_dataclass(cfg), (RunApp, InfoApp)) and resolved
 
 
 @pytest.mark.parametrize("group,name", GROUPED)
-def test_group_configs_compose(group, name):
-    cfg = as_dataclass(compose("rank", overrides=[f"{group}={name}"]))
-    OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    assert getattr(cfg, group) is not None
+def test_group_configs_compose_with_their_values(group, name):
+    cfg = compose("rank", overrides=[f"{group}={name}"])
+    node = OmegaConf.load(CONF_DIR / group / f"{name}.yaml")
+    own = {k for k, _ in values(OmegaConf.load(CONF_DIR / "rank.yaml"))}  # rank.yaml's own values win
+    for key, value in values(node):
+        if f"{group}.{key}" not in own:
+            assert _get(cfg, f"{group}.{key}") == value, key
+    schema = type(getattr(as_dataclass(cfg), group))
+    assert schema.__name__.endswith("Config")  # typed by its dataclass, not a plain dict
 
 
 def test_unknown_key_is_rejected():

@@ -8,13 +8,15 @@ import torch
 import spd.distill as distill
 from spd.activations import capture_hidden_states
 from spd.block import decoder_layers, spd_blocks
-from spd.config import CalibConfig, ModelConfig, ParallelConfig, RunApp, SPDConfig
+from dataclasses import replace
+
+from spd.config import CalibConfig, DistillConfig, ModelConfig, ParallelConfig, RunApp, SPDConfig
 from spd.errors import PlanError, SPDError
 from spd.plan import SPDPlan
 from test_block import EXACT_FP32, tiny
 
 PLAN = SPDPlan(tp=2, num_layers=4, tiers={0: "ISB", 1: "SB", 3: "ESB"})
-FAST = dict(epochs=2, lr=1e-3, batch_size=2, progress=False)  # lr above the paper's 5e-5: visible in 2 epochs
+FAST = DistillConfig(epochs=2, lr=1e-3, batch_size=2)  # lr above the paper's 5e-5: visible in 2 epochs
 
 
 def calib(n=4, length=24, seed=0):
@@ -47,7 +49,7 @@ def test_captured_targets_are_the_original_blocks(tmp_path, attn):
 def test_only_the_distilled_blocks_change_and_loss_drops(tmp_path):
     model = tiny(layers=4)
     before = snapshot(model)
-    plan, report = distill.distill_blocks_(model, PLAN, calib(), tmp_path / "d", **FAST)
+    plan, report = distill.distill_blocks_(model, PLAN, calib(), tmp_path / "d", FAST, progress=False)
     after = model.state_dict()
     for k, v in before.items():
         trained = k.startswith(("model.layers.1.", "model.layers.3."))
@@ -58,14 +60,17 @@ def test_only_the_distilled_blocks_change_and_loss_drops(tmp_path):
     assert report["blocks"]["1"]["head_perm"] is None and "loss_before_hg" in report["blocks"]["3"]
     assert plan.head_perm == {3: report["blocks"]["3"]["head_perm"]}
     assert model.config.spd_plan == plan.to_dict()
+    assert sorted(plan.weights) == [1, 3]  # the plan names the distilled blocks' files and hashes
+    for i, ref in plan.weights.items():
+        assert ref["sha256"] == report["blocks"][str(i)]["sha256"] and (tmp_path / "d" / ref["file"]).is_file()
 
 
 def test_spilled_activations_give_the_same_result(tmp_path):
     runs = []
     for spill in (None, 0.0):
         model = tiny(layers=4)
-        opts = {**FAST, "epochs": 1} if spill is None else {**FAST, "epochs": 1, "spill_gb": spill}
-        runs.append(distill.distill_blocks_(model, PLAN, calib(), tmp_path / str(spill), **opts)[1])
+        opts = replace(FAST, epochs=1) if spill is None else replace(FAST, epochs=1, spill_gb=spill)
+        runs.append(distill.distill_blocks_(model, PLAN, calib(), tmp_path / str(spill), opts, progress=False)[1])
     for i in ("1", "3"):
         assert runs[0]["blocks"][i]["loss_after"] == runs[1]["blocks"][i]["loss_after"]
     assert not list((tmp_path / "0.0" / "activations").glob("*.safetensors"))  # spill files removed
@@ -73,7 +78,7 @@ def test_spilled_activations_give_the_same_result(tmp_path):
 
 def test_interrupted_run_resumes_without_retraining(tmp_path, monkeypatch):
     ref_model = tiny(layers=4)
-    distill.distill_blocks_(ref_model, PLAN, calib(), tmp_path / "ref", **FAST)
+    distill.distill_blocks_(ref_model, PLAN, calib(), tmp_path / "ref", FAST, progress=False)
 
     model, out = tiny(layers=4), tmp_path / "run"
     real_train = distill.train_block
@@ -86,7 +91,7 @@ def test_interrupted_run_resumes_without_retraining(tmp_path, monkeypatch):
 
     monkeypatch.setattr(distill, "train_block", crash_in_block_3)
     with pytest.raises(KeyboardInterrupt):
-        distill.distill_blocks_(model, PLAN, calib(), out, **FAST)
+        distill.distill_blocks_(model, PLAN, calib(), out, FAST, progress=False)
     manifest = json.loads((out / "manifest.json").read_text())
     assert sorted(manifest["blocks"]) == ["1"]
     assert not (out / "block_3.safetensors").exists()  # no half-trained block is kept
@@ -95,7 +100,7 @@ def test_interrupted_run_resumes_without_retraining(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(distill, "train_block", lambda block, *a: calls.append(a[8]) or real_train(block, *a))
     fresh = tiny(layers=4)
-    plan, report = distill.distill_blocks_(fresh, PLAN, calib(), out, **FAST)
+    plan, report = distill.distill_blocks_(fresh, PLAN, calib(), out, FAST, progress=False)
     assert calls == ["block 3"]  # block 1 was loaded, not trained again
     assert report["blocks"]["1"]["resumed"] and not report["blocks"]["3"].get("resumed")
     ref = ref_model.state_dict()
@@ -104,13 +109,13 @@ def test_interrupted_run_resumes_without_retraining(tmp_path, monkeypatch):
     assert plan.head_perm == {3: report["blocks"]["3"]["head_perm"]}
 
     with pytest.raises(SPDError, match="other settings"):
-        distill.distill_blocks_(tiny(layers=4), PLAN, calib(), out, **{**FAST, "lr": 1e-4})
+        distill.distill_blocks_(tiny(layers=4), PLAN, calib(), out, replace(FAST, lr=1e-4), progress=False)
 
 
 def test_plan_with_head_permutations_is_refused(tmp_path):
     plan = SPDPlan(tp=2, num_layers=4, tiers={3: "ESB"}, head_perm={3: list(range(8))})
-    with pytest.raises(PlanError, match="head_perm"):
-        distill.distill_blocks_(tiny(layers=4), plan, calib(), tmp_path, **FAST)
+    with pytest.raises(PlanError, match="already has head permutations"):
+        distill.distill_blocks_(tiny(layers=4), plan, calib(), tmp_path, FAST, progress=False)
 
 
 def test_distill_main_on_stories260k(tmp_path, assets_dir):
@@ -124,7 +129,7 @@ def test_distill_main_on_stories260k(tmp_path, assets_dir):
                           tokenizer=str(d / "tok512.bin")),
         parallel=ParallelConfig(tp=2), spd=SPDConfig(plan=str(plan_file)), run_dir=str(tmp_path / "run"),
         calib=CalibConfig(data="tinystories_val.jsonl", num_samples=4, seq_len=32, batch_size=2),
-        extra={"epochs": 1, "batch_size": 2},
+        distill=DistillConfig(epochs=1, lr=1e-3, batch_size=2),
     )
     out = distill.distill_main(cfg)
     run = tmp_path / "run"
@@ -132,5 +137,7 @@ def test_distill_main_on_stories260k(tmp_path, assets_dir):
         assert (run / f).is_file(), f
     saved = json.loads((run / "distill.json").read_text())
     assert sorted(saved["blocks"]) == ["3", "4"] and saved["blocks"]["4"]["head_perm"] is not None
+    assert all(len(b["epoch_losses"]) == 1 for b in saved["blocks"].values())  # distill.epochs=1 was used
+    assert saved["settings"]["lr"] == 1e-3
     assert set(out["perplexity"]) == {"calibration_original", "calibration_zero_shot", "calibration_distilled"}
     assert read_plan(run / "model").head_perm == {4: saved["blocks"]["4"]["head_perm"]}

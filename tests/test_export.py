@@ -10,11 +10,13 @@ import pytest
 import torch
 
 import spd.export as export
+from spd.config import DistillConfig
 from spd.distill import distill_blocks_
 from spd.heads import permute_heads_
+from spd.errors import PlanError
 from spd.plan import SPDPlan
 from spd.run import PROJECT_ROOT
-from spd.surgery import apply_spd_
+from spd.surgery import apply_plan_
 from test_block import tiny, tokens
 
 ROUND_TRIP = 1e-5  # fp32, same weights; sdpa after loading vs eager in memory reorders sums only
@@ -69,12 +71,11 @@ def exported(tmp_path_factory, stories260k):
     tmp = tmp_path_factory.mktemp("export")
     small = tiny(heads=8, kv=2, layers=3)
     plan_small = SPDPlan(tp=4, num_layers=3, tiers={0: "ISB", 2: "ESB"}, head_perm={2: [4, 5, 6, 7, 0, 1, 2, 3]})
-    permute_heads_(small.model.layers[2], plan_small.head_perm[2])
-    apply_spd_(small, plan_small)
+    apply_plan_(small, plan_small)  # permutes block 2's heads
     model, tok = copy.deepcopy(stories260k[0]), stories260k[1]  # the fixture is shared: never change it
     calib = torch.randint(3, 512, (4, 24), generator=torch.Generator().manual_seed(0))
     plan, _ = distill_blocks_(model, SPDPlan(tp=2, num_layers=5, tiers={1: "ISB", 3: "SB", 4: "ESB"}), calib,
-                              tmp / "distill", epochs=1, batch_size=2, progress=False)
+                              tmp / "distill", DistillConfig(epochs=1, batch_size=2), progress=False)
     dirs = {"tiny": export.export_(small, None, plan_small, tmp / "tiny", provenance={"source_model": "random"}),
             "stories": export.export_(model, tok, plan, tmp / "stories", provenance={"source_model": "stories260K"},
                                       perplexity={"calibration": 12.5})}
@@ -101,11 +102,12 @@ def test_fresh_process_reproduces_the_spd_logits(exported, name):
 def test_directory_holds_plan_code_and_card(exported, name):
     d, plan = exported["dirs"][name], exported["plans"][name]
     cfg = json.loads((d / "config.json").read_text())
-    assert cfg["spd_plan"] == plan.to_dict() and cfg["model_type"] == "llama"
+    assert cfg["spd_plan"] == plan.to_dict(base=d) and cfg["model_type"] == "llama"
+    assert cfg["spd_weights"] == {k: plan.identity()[k] for k in ("head_perm", "weights")}
     assert cfg["auto_map"] == {"AutoModelForCausalLM": "modeling_spd_llama.SPDLlamaForCausalLM"}
     assert cfg["spd_provenance"]["commit"] and cfg["spd_provenance"]["source_model"]
     assert (d / "block.py").read_text() == (PROJECT_ROOT / "spd" / "block.py").read_text()
-    assert export.read_plan(d) == plan
+    assert export.read_plan(d).identity() == plan.identity()
     card = (d / "README.md").read_text()
     assert "trust_remote_code=True" in card and f"degree R = {plan.tp}" in card
     if name == "stories":
@@ -117,7 +119,7 @@ def test_directory_holds_plan_code_and_card(exported, name):
 @torch.no_grad()
 def test_load_exported_without_remote_code(exported, name):
     model, tok, plan = export.load_exported(exported["dirs"][name])
-    assert plan == exported["plans"][name] and (tok is None) == (name == "tiny")
+    assert plan.identity() == exported["plans"][name].identity() and (tok is None) == (name == "tiny")
     logits = model(exported["ids"][name]).logits
     assert (logits - exported["ref"][name]).abs().max() <= ROUND_TRIP
     assert list(model.state_dict()) == list(exported["models"][name].state_dict())
@@ -137,7 +139,7 @@ def test_lm_eval_hf_model_scores_the_spd_model(exported):
 def test_interrupted_export_leaves_no_directory(tmp_path, monkeypatch):
     model = tiny()
     plan = SPDPlan.zero_shot(2, 3, [1])
-    apply_spd_(model, plan)
+    apply_plan_(model, plan)
 
     def boom(*a, **k):
         raise KeyboardInterrupt  # killed after the weights were written, before the model card
@@ -155,9 +157,10 @@ def test_interrupted_export_leaves_no_directory(tmp_path, monkeypatch):
     assert json.loads((first / "config.json").read_text())["spd_provenance"]["n"] == 1
 
 
-def test_export_refuses_a_model_without_the_plan(tmp_path):
-    with pytest.raises(ValueError, match="apply the plan"):
-        export.export_(tiny(), None, SPDPlan.zero_shot(2, 3, [1]), tmp_path / "out")
+def test_export_refuses_a_model_carrying_another_plan(tmp_path):
+    model = apply_plan_(tiny(), SPDPlan(tp=2, num_layers=3, tiers={1: "ESB"}, head_perm={1: [4, 5, 6, 7, 0, 1, 2, 3]}))
+    with pytest.raises(PlanError, match="already carry head permutations"):
+        export.export_(model, None, SPDPlan.zero_shot(2, 3, [1]), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -176,9 +179,9 @@ def test_export_main_applies_the_plan_and_its_permutation(tmp_path, assets_dir, 
     out = export.export_main(cfg)
     ref = copy.deepcopy(stories260k[0])
     permute_heads_(ref.model.layers[4], perm)
-    apply_spd_(ref, plan)
+    apply_plan_(ref, plan)
     model, _, got_plan = export.load_exported(out)
     ids = tokens(v=512)
-    assert got_plan == plan and (model(ids).logits - ref(ids).logits).abs().max() <= ROUND_TRIP
+    assert got_plan.identity() == plan.identity() and (model(ids).logits - ref(ids).logits).abs().max() <= ROUND_TRIP
     saved = json.loads((tmp_path / "run" / "export.json").read_text())
     assert saved["perplexity"]["calibration"] > 1 and (tmp_path / "run" / "meta.json").is_file()

@@ -12,7 +12,7 @@ from spd.block import decoder_layers
 from spd.heads import (_partitions, assign_groups, diversity, exact_partition, group_heads, group_heads_, head_outputs,
                        local_search_partition, num_partitions, partition, permute_heads_)
 from spd.plan import SPDPlan
-from spd.surgery import apply_spd_
+from spd.surgery import apply_plan_
 from test_block import EXACT_FP32, tiny, tokens
 
 
@@ -30,7 +30,7 @@ def test_head_permutation_keeps_logits(heads, kv):
     for i, layer in enumerate(decoder_layers(model)):
         permute_heads_(layer, gqa_perm(heads, kv, i))
     assert (model(ids).logits - ref).abs().max() <= EXACT_FP32  # non-SPD model: any R
-    apply_spd_(model, SPDPlan.zero_shot(1, 3, [0, 1, 2]))
+    apply_plan_(model, SPDPlan.zero_shot(1, 3, [0, 1, 2]))
     assert (model(ids).logits - ref).abs().max() <= EXACT_FP32  # SPD at R = 1 is the original block
 
 

@@ -133,11 +133,11 @@ def test_cached_asset_with_wrong_checksum_is_rejected(tmp_path, monkeypatch):
 def test_exported_directory_loads_with_its_plan(tmp_path):
     from spd.export import export_
     from spd.plan import SPDPlan
-    from spd.surgery import apply_spd_, spd_blocks
+    from spd.surgery import apply_plan_, spd_blocks
 
     ref = _tiny_hf(tmp_path / "src", num_key_value_heads=2)
     plan = SPDPlan.zero_shot(2, 2, [1])
-    apply_spd_(ref, plan)
+    apply_plan_(ref, plan)
     from transformers import AutoTokenizer
 
     export_(ref, AutoTokenizer.from_pretrained(tmp_path / "src"), plan, tmp_path / "exported")

@@ -38,14 +38,14 @@ def make_hf(heads, kv, hidden, seed=0):
 
 
 def emulate(hf, plan: SPDPlan, permute: bool = True):
-    """The single-device reference: heads permuted as the plan says, then apply_spd_."""
+    """The single-device reference: heads permuted as the plan says, then apply_plan_."""
     from spd.heads import permute_heads_
-    from spd.surgery import apply_spd_
+    from spd.surgery import apply_plan_
 
     model = copy.deepcopy(hf)
     for i, perm in plan.head_perm.items() if permute else ():
         permute_heads_(model.model.layers[i], perm)
-    return apply_spd_(model, plan)
+    return apply_plan_(model, plan)
 
 
 def load_worker(ctx, jobs: dict, ids: torch.Tensor):

@@ -185,7 +185,7 @@ def small_worker(ctx, full: Transformer, ids: torch.Tensor, plans: dict, dtype: 
 @pytest.mark.parametrize("tp", degrees())
 @need_gpus(1)
 def test_small_model_nccl_parity_with_emulation(tmp_path, tp, dtype):
-    from spd.surgery import apply_spd_
+    from spd.surgery import apply_plan_
 
     hf, ids = small_hf(), torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(3))
     plans = {"base": [], "spd_half": [3, 4], "spd_all": list(range(SMALL["layers"]))}
@@ -196,7 +196,7 @@ def test_small_model_nccl_parity_with_emulation(tmp_path, tp, dtype):
         with torch.no_grad():
             r1_err = rel_err(rt.prefill(ids.cuda()), hf(ids).logits)
     for name, blocks in plans.items():
-        emu = apply_spd_(copy.deepcopy(hf), SPDPlan.zero_shot(tp, SMALL["layers"], blocks))
+        emu = apply_plan_(copy.deepcopy(hf), SPDPlan.zero_shot(tp, SMALL["layers"], blocks))
         with torch.no_grad():
             ref = emu(ids).logits
         gen = greedy_reference(emu, ids[:, :6], 10)

@@ -129,11 +129,11 @@ def test_from_args_is_seeded_and_runs():
 
 def test_from_hf_copies_an_spd_emulated_model():
     """SPD emulation keeps parameter names, so from_hf reads an emulated (or exported) model unchanged."""
-    from spd.surgery import apply_spd_
+    from spd.surgery import apply_plan_
 
     hf = tiny_hf()
     plain = Transformer.from_hf(hf)
-    emulated = Transformer.from_hf(apply_spd_(copy.deepcopy(hf), SPDPlan.zero_shot(2, 3, [1])))
+    emulated = Transformer.from_hf(apply_plan_(copy.deepcopy(hf), SPDPlan.zero_shot(2, 3, [1])))
     assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), emulated.parameters()))
 
 

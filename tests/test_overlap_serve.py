@@ -4,7 +4,7 @@ Two parts. (1) RuntimeLogits on 2 spawned gloo ranks: full-sequence logits equal
 larger than the runtime's max_batch included), and a rank-dependent call shape raises LockstepError on
 both ranks instead of hanging. (2) The real entry: `torchrun --nproc-per-node 2 -m overlap.serve` on
 stories260K with an SPD plan, two offline tasks, limit 10: rank 0 alone writes the run directory, rank
-1 gets no results from lm-eval, and the metrics equal spd.evaluate.evaluate on apply_spd_(model, plan).
+1 gets no results from lm-eval, and the metrics equal spd.evaluate.evaluate on apply_plan_(model, plan).
 """
 
 import copy
@@ -46,14 +46,14 @@ def logits_worker(ctx, full: Transformer, plan: SPDPlan, ids: torch.Tensor):
 
 
 def test_runtime_logits_equal_emulation_and_lockstep_is_checked(tmp_path, stories260k):
-    from spd.surgery import apply_spd_
+    from spd.surgery import apply_plan_
 
     hf = stories260k[0]
     ids = torch.randint(3, 512, (3, 20), generator=torch.Generator().manual_seed(0))
     results = spawn_ranks(logits_worker, 2, tmp_path, args=(Transformer.from_hf(hf), PLAN, ids),
                           timeout_s=RANKS_TIMEOUT_S)
     with torch.no_grad():
-        ref = apply_spd_(copy.deepcopy(hf), PLAN)(ids).logits
+        ref = apply_plan_(copy.deepcopy(hf), PLAN)(ids).logits
         assert (ref - hf(ids).logits).abs().max() > 100 * TP_FP32_ATOL  # the plan is visible in the logits
     for r, res in enumerate(results):
         assert (res["logits"] - ref).abs().max() <= TP_FP32_ATOL, f"rank {r}"
@@ -98,7 +98,7 @@ def torchrun_eval(tmp_path_factory, assets_dir, stories260k):
     """(the torchrun job's output and run directory, the single-process emulation's summary)."""
     from spd.config import EvalConfig
     from spd.evaluate import evaluate
-    from spd.surgery import apply_spd_
+    from spd.surgery import apply_plan_
 
     tmp = tmp_path_factory.mktemp("serve")
     plan_file = PLAN.save(tmp / "plan.json")
@@ -110,7 +110,7 @@ def torchrun_eval(tmp_path_factory, assets_dir, stories260k):
                          "--backend", "gloo", "--timeout", "60", "--out", str(tmp / "tp2")],
                         env, TORCHRUN_TIMEOUT_S)
     model, tokenizer = stories260k
-    emulated = apply_spd_(copy.deepcopy(model), PLAN)
+    emulated = apply_plan_(copy.deepcopy(model), PLAN)
     cfg = EvalConfig(tasks=TASKS, limit=10, batch_size=4, max_length=512)
     evaluate(emulated, tokenizer, cfg, tmp / "emulated")
     evaluate(copy.deepcopy(model), tokenizer, cfg, tmp / "dense")

@@ -1,4 +1,4 @@
-"""Real tensor parallelism (gloo ranks on CPU) against the single-device SPD emulation (spd.surgery.apply_spd_).
+"""Real tensor parallelism (gloo ranks on CPU) against the single-device SPD emulation (spd.surgery.apply_plan_).
 
 Cases: R=2 with 8 heads / 4 KV heads; R=3 with 9 heads / 3 KV heads (one KV head per rank, uneven FFN
 slices 58/57/57); R=4 with 8 heads / 2 KV heads (each KV head replicated on two ranks). Plans: baseline,
@@ -17,7 +17,7 @@ from overlap.model import ModelArgs, Transformer
 from overlap.runtime import Runtime
 from overlap.tp import build_sharded, layout_of, set_plan_, shard_
 from spd.plan import SPDPlan
-from spd.surgery import apply_spd_
+from spd.surgery import apply_plan_
 
 TP_FP32_ATOL = 1e-4  # fp32; gloo sums the R partials in another order than the emulation's stack().sum(0)
 RANKS_TIMEOUT_S = 150  # whole group, spawn and imports included (R processes share 2 CPU cores in CI)
@@ -91,7 +91,7 @@ def case(request, tmp_path_factory):
     refs = {}
     with torch.no_grad():
         for name, blocks in PLANS.items():
-            emu = apply_spd_(copy.deepcopy(hf), SPDPlan.zero_shot(tp, LAYERS, blocks))
+            emu = apply_plan_(copy.deepcopy(hf), SPDPlan.zero_shot(tp, LAYERS, blocks))
             refs[name] = dict(logits=emu(ids).logits, gen=greedy_reference(emu, ids[:, :PROMPT], NEW_TOKENS))
     return dict(tp=tp, hf=hf, ids=ids, results=results, refs=refs)
 

@@ -1,11 +1,12 @@
-"""Rolling perplexity against direct computation."""
+"""Perplexity: lm-eval's own windowing, the one scorer, against direct per-window sums written here."""
 
 import math
 
 import torch
 import torch.nn.functional as F
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from spd.perplexity import document_perplexity, rolling_windows, windows_perplexity
+from spd.perplexity import document_perplexity, preprocess, rolling_windows, score_windows, windows_perplexity
 from test_block import tiny
 
 CLOSE = 1e-4  # fp32 NLL sums over a few hundred tokens, batched vs one by one
@@ -20,18 +21,22 @@ class CharTok:
         return type("E", (), {"input_ids": [1 + (ord(c) - 97 if c != " " else 26) for c in text]})()
 
 
-def test_rolling_windows_score_every_token_once():
+def test_rolling_windows_are_lm_evals():
     ids = list(range(10, 33))
-    wins = rolling_windows(ids, bos=0, max_length=8)
-    assert [t for _, t in wins] == [ids[0:8], ids[8:16], ids[16:23]]
-    assert wins[0][0] == [0] + ids[:7] and wins[1][0] == ids[7:15]
+    ours = rolling_windows(ids, 0, 8)
+    theirs = [make_disjoint_window(w) for w in get_rolling_token_windows(ids, 0, 8, context_len=1)]
+    assert ours == theirs
+    assert [t for _, t in ours] == [ids[0:8], ids[8:16], ids[16:23]]  # every token scored once, in order
 
 
 def direct_nll(model, ids, bos, max_length):
+    """Each window by hand: input [BOS] + first tokens, or the max_length tokens before the window's targets."""
     total = 0.0
-    for inp, tgt in rolling_windows(ids, bos, max_length):
+    for start in range(0, len(ids), max_length):
+        tgt = ids[start:start + max_length]
+        inp = ([bos] + ids)[max(0, start + len(tgt) - max_length):start + len(tgt)]  # the max_length inputs
         logits = model(torch.tensor([inp])).logits[0]
-        total += F.cross_entropy(logits[: len(tgt)], torch.tensor(tgt), reduction="sum").item()
+        total += F.cross_entropy(logits[-len(tgt):], torch.tensor(tgt), reduction="sum").item()
     return total
 
 
@@ -49,9 +54,29 @@ def test_document_perplexity_matches_direct_sum():
 
 
 @torch.no_grad()
-def test_windows_perplexity():
+def test_windows_perplexity_scores_every_token_given_bos():
     model = tiny()
-    tokens = torch.randint(0, 97, (5, 12), generator=torch.Generator().manual_seed(0))
-    logits = model(tokens).logits
-    nll = F.cross_entropy(logits[:, :-1].reshape(-1, 97), tokens[:, 1:].reshape(-1))
+    tokens = torch.randint(1, 97, (5, 12), generator=torch.Generator().manual_seed(0))
+    bos = model.config.bos_token_id
+    inputs = torch.cat([torch.full((5, 1), bos), tokens[:, :-1]], 1)  # (5, 12): [BOS] + all but the last
+    nll = F.cross_entropy(model(inputs).logits.reshape(-1, 97), tokens.reshape(-1))
     assert math.isclose(windows_perplexity(model, tokens, batch_size=2), math.exp(nll.item()), rel_tol=CLOSE)
+
+
+@torch.no_grad()
+def test_score_windows_keeps_order_and_pads_right():
+    model = tiny()
+    windows = [([5], [6, 7, 8]), ([1, 2, 3, 4, 5, 6], [9]), ([3, 3], [4, 4])]
+    got = score_windows(lambda ids: model(ids).logits, windows, batch_size=2)
+    for (ctx, cont), (logp, _) in zip(windows, got):
+        logits = model(torch.tensor([(ctx + cont)[:-1]])).logits[0, -len(cont):]
+        ref = -F.cross_entropy(logits, torch.tensor(cont), reduction="sum").item()
+        assert math.isclose(logp, ref, rel_tol=CLOSE)
+
+
+def test_wikitext_preprocessing_is_lm_evals():
+    from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
+
+    page = " = Valkyria = \n Senjō no Valkyria 3 @-@ 1 : it 's a game , isn 't it ? \n"
+    assert preprocess(page, "wikitext") == wikitext_detokenizer({"page": page}) != page
+    assert preprocess(page, None) == page

@@ -5,7 +5,7 @@ import torch
 from spd.perplexity import windows_perplexity
 from spd.plan import SPDPlan
 from spd.planner import BlockForms, plan_within_budget, threshold_rule_within_budget
-from spd.surgery import apply_spd_, spd_blocks
+from spd.surgery import apply_plan_, spd_blocks
 from test_block import tiny
 
 TOKENS = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(0))
@@ -17,10 +17,16 @@ def test_budget_bounds_the_measured_perplexity():
     forms = BlockForms(model)
     tight, loose = (plan_within_budget(forms, TOKENS, 2, b) for b in (0.0, 1e9))
     assert spd_blocks(model) == []  # the model is left dense
-    assert loose["spd_blocks"] == 4 and tight["spd_blocks"] <= loose["spd_blocks"]
-    assert tight["ppl"] <= tight["baseline_ppl"]
+    assert loose["spd_blocks"] == 4 and tight["ppl"] <= tight["baseline_ppl"]
+    base = loose["baseline_ppl"]
+    incs = [t["ppl"] - base for t in loose["trace"]]  # after 1, 2, 3, 4 blocks in the greedy order
+    mid_budget = (min(incs) + max(incs)) / 2 / base  # between the measured increases (this model: decreases)
+    mid = plan_within_budget(forms, TOKENS, 2, mid_budget)
+    assert [t["kept"] for t in mid["trace"]] == [t["ppl"] - base <= mid_budget * base for t in mid["trace"]]
+    assert not all(t["kept"] for t in mid["trace"])  # some block was refused
+    assert mid["spd_blocks"] == 0 or mid["ppl"] - base <= mid_budget * base
     choice = {int(i): f for i, f in loose["choice"].items()}
-    apply_spd_(model, SPDPlan.zero_shot(2, 4, choice))  # zs only: no distilled forms were loaded
+    apply_plan_(model, SPDPlan.zero_shot(2, 4, choice))  # zs only: no distilled forms were loaded
     assert windows_perplexity(model, TOKENS) == loose["ppl"]
 
 

@@ -8,7 +8,7 @@ from spd.config import SPDConfig
 from spd.perplexity import windows_perplexity
 from spd.plan import SPDPlan
 from spd.sensitivity import plan_from_ranking, rank_blocks
-from spd.surgery import apply_spd_, spd_blocks
+from spd.surgery import apply_plan_, spd_blocks
 from test_block import tiny
 
 TOKENS = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(0))
@@ -20,7 +20,7 @@ def test_backward_sweep_accumulates_and_ends_at_all_spd():
     r = rank_blocks(model, TOKENS, tp=2, method="backward")
     assert spd_blocks(model) == []  # the model is left as it was
     ppl = {b["block"]: b["ppl"] for b in r["blocks"]}
-    apply_spd_(model, SPDPlan.zero_shot(2, 4, [0, 1, 2, 3]))
+    apply_plan_(model, SPDPlan.zero_shot(2, 4, [0, 1, 2, 3]))
     assert ppl[0] == pytest.approx(windows_perplexity(model, TOKENS))  # block 0 is switched last
     total = sum(b["sensitivity"] for b in r["blocks"])
     assert total == pytest.approx(ppl[0] - r["baseline_ppl"])  # the increments telescope
@@ -32,7 +32,7 @@ def test_backward_sweep_accumulates_and_ends_at_all_spd():
 def test_isolated_ranking():
     model = tiny(layers=3)
     r = rank_blocks(model, TOKENS, tp=4, method="isolated")
-    apply_spd_(model, SPDPlan.zero_shot(4, 3, [1]))
+    apply_plan_(model, SPDPlan.zero_shot(4, 3, [1]))
     assert r["blocks"][1]["ppl"] == pytest.approx(windows_perplexity(model, TOKENS))
 
 

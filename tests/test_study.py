@@ -1,23 +1,36 @@
-"""The main job end to end on stories260K (conf/study_quick.yaml), resuming, and the report."""
+"""The main job end to end on stories260K (conf/study_quick.yaml): keyed artifacts, resuming, shared work, report."""
 
 import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
 
 import pytest
 from hydra import compose, initialize_config_dir
 
+import spd.study as study
 from spd.config import CONF_DIR, as_dataclass
 from spd.report import run_report
+from spd.run import PROJECT_ROOT
 from spd.study import run_study
 
+STAGE_FILES = ("distill.json", "perplexity.json", "eval/summary.json", "model/model.safetensors")
 
-def quick(tmp_path, *overrides):
+
+def quick(tmp_path, *overrides, name="job"):
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("study_quick", overrides=[
             f"study.shared_dir={tmp_path / 'shared'}", "eval.limit=8", "ppl.limit=5", "calib.num_samples=4",
             "distill.epochs=1", *overrides])
     cfg = as_dataclass(cfg)
-    cfg.run_dir = str(tmp_path / "study" / f"{cfg.spd.fraction}-{cfg.study.strategy}")
+    cfg.run_dir = str(tmp_path / "study" / name)
     return cfg
+
+
+def stamps(job):
+    return {f: (job / f).stat().st_mtime_ns for f in STAGE_FILES}
 
 
 @pytest.fixture(scope="module")
@@ -27,27 +40,91 @@ def done(tmp_path_factory):
     return tmp, cfg, run_study(cfg)
 
 
-def test_pipeline_writes_every_artifact(done):
+def test_pipeline_writes_every_artifact_with_its_key(done):
     tmp, cfg, summary = done
-    job = tmp / "study" / "1.0-b2b_hg"
-    for name in ("config.yaml", "meta.json", "plan.json", "distill.json", "perplexity.json", "eval/results.json",
-                 "model/config.json", "model/model.safetensors", "study.json"):
+    job = tmp / "study" / "job"
+    for name in ("config.yaml", "meta.json", "plan.json", "eval/results.json", "model/config.json",
+                 "model/spd_export.json", "study.json", *STAGE_FILES):
         assert (job / name).is_file(), name
-    assert summary["spd_blocks"] == 5 and summary["strategy"] == "b2b_hg"
+    assert summary["spd_blocks"] == 5 and summary["stages"] == {
+        "rank": "computed", "distill": "computed", "perplexity": "computed", "eval": "computed", "export": "computed"}
     plan = json.loads((job / "plan.json").read_text())
     assert sorted(plan["tiers"].values()) == ["ESB", "ISB", "ISB", "SB", "SB"]
-    exported = json.loads((job / "model" / "config.json").read_text())["spd_plan"]
-    assert exported["tp"] == 2 and len(exported["head_perm"]) == 1  # head grouping ran on the ESB block
-    assert summary["eval"]["tasks"]["spd_tinystories_cloze"]["acc"]["value"] >= 0
+    assert len(plan["head_perm"]) == 1 and sorted(plan["weights"]) == sorted(
+        i for i, t in plan["tiers"].items() if t != "ISB")  # the saved plan is the measured one
+    exported = json.loads((job / "model" / "config.json").read_text())
+    assert exported["spd_plan"]["head_perm"] == plan["head_perm"] and exported["spd_weights"]["weights"] == {
+        i: w["sha256"] for i, w in plan["weights"].items()}
+    results = json.loads((job / "eval" / "results.json").read_text())["results"]["spd_tinystories_cloze"]
+    acc = summary["eval"]["tasks"]["spd_tinystories_cloze"]["acc"]["value"]
+    assert acc == results["acc,none"] and 0.0 <= acc <= 1.0
+    ppl = json.loads((job / "perplexity.json").read_text())
+    assert summary["perplexity"]["word_perplexity"] == ppl["word_perplexity"]
+    assert math.isclose(ppl["word_perplexity"], math.exp(ppl["nll"] / ppl["words"]))
+    for f in ("perplexity.json", "eval/summary.json", "model/spd_export.json", "distill.json"):
+        art = json.loads((job / f).read_text())
+        assert len(art["key"]) == 16 and len(art["settings"]) == 16, f
+    mode = (job / "plan.json").stat().st_mode & 0o777
+    assert mode == 0o666 & ~_umask() and (job / "model").stat().st_mode & 0o777 == 0o777 & ~_umask()
 
 
-def test_rerun_skips_complete_stages(done):
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_unchanged_rerun_redoes_nothing(done):
     tmp, cfg, _ = done
-    job = tmp / "study" / "1.0-b2b_hg"
-    stamps = {p: p.stat().st_mtime_ns for p in (job / "perplexity.json", job / "eval" / "results.json",
-                                                  job / "distill.json", job / "model" / "model.safetensors")}
-    run_study(cfg)
-    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    job = tmp / "study" / "job"
+    before = stamps(job)
+    summary = run_study(cfg)
+    assert stamps(job) == before
+    assert set(summary["stages"].values()) == {"reused"}
+
+
+def test_changed_distill_setting_redoes_everything_downstream(done):
+    tmp, cfg, first = done
+    job = tmp / "study" / "lr"
+    base = replace(cfg, run_dir=str(job))
+    run_study(base)  # same settings as the fixture's job: everything shared is reused
+    before = stamps(job)
+    changed = replace(base, distill=replace(base.distill, lr=1e-2, epochs=2))
+    summary = run_study(changed)
+    after = stamps(job)
+    assert all(after[f] != before[f] for f in STAGE_FILES)  # distill, perplexity, eval and export redone
+    assert {k: v for k, v in summary["stages"].items() if k != "rank"} == {
+        "distill": "computed", "perplexity": "computed", "eval": "computed", "export": "computed"}
+    distill = json.loads((job / "distill.json").read_text())
+    first_distill = json.loads((tmp / "study" / "job" / "distill.json").read_text())
+    assert distill["settings"] != first_distill["settings"] and distill["key"] != first_distill["key"]
+    assert all(len(b["epoch_losses"]) == 2 for b in distill["blocks"].values())  # epochs=2 ran
+    assert summary["perplexity"] != first["perplexity"]  # new weights, new numbers
+    config = (job / "config.yaml").read_text()
+    assert "lr: 0.01" in config and "epochs: 2" in config
+
+
+def test_killed_stage_is_redone_and_leaves_nothing(done, monkeypatch):
+    tmp, cfg, _ = done
+    job = tmp / "study" / "killed"
+    cfg = replace(cfg, run_dir=str(job))
+    import spd.evaluate as ev
+
+    real_evaluate = ev.evaluate
+
+    def killed(model, tokenizer, ecfg, run_dir, **kw):
+        real_evaluate(model, tokenizer, ecfg, run_dir, **kw)  # results written into the stage's temporary dir
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ev, "evaluate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(cfg)
+    assert not (job / "eval").exists() and not (job / "study.json").exists()
+    assert not [p for p in job.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    monkeypatch.setattr(ev, "evaluate", real_evaluate)
+    summary = run_study(cfg)
+    assert summary["stages"]["eval"] == "computed" and summary["stages"]["perplexity"] == "reused"
+    assert (job / "eval" / "summary.json").is_file()
 
 
 def test_sweep_jobs_share_the_ranking_and_distilled_blocks(done):
@@ -56,8 +133,9 @@ def test_sweep_jobs_share_the_ranking_and_distilled_blocks(done):
     manifest = next((tmp / "shared").glob("*/*/distill-b2b_hg-*/manifest.json"))
     before = json.loads(manifest.read_text())["blocks"]
     cfg = quick(tmp, "spd.fraction=0.6", "study.strategy=b2b_hg", "spd.sb_count=2", "spd.esb_count=1",
-                "study.evaluate=false", "study.export=false")
-    run_study(cfg)
+                "study.evaluate=false", "study.export=false", name="f0.6")
+    summary = run_study(cfg)
+    assert summary["stages"]["rank"] == "reused" and summary["stages"]["eval"] == "off"
     assert list((tmp / "shared").glob("*/*/rank-*/sensitivity.json")) == rankings
     assert len(list((tmp / "shared").glob("*/activations-*/complete.json"))) == 1  # captured once, reopened
     after = json.loads(manifest.read_text())["blocks"]
@@ -65,9 +143,39 @@ def test_sweep_jobs_share_the_ranking_and_distilled_blocks(done):
     assert same and all(after[k] == before[k] for k in same)  # reused, not retrained (same minutes, losses)
 
 
+def test_parallel_joblib_sweep_computes_shared_work_once(tmp_path):
+    """Two jobs at once under Hydra's joblib launcher: one ranking, and the same results as serial runs."""
+    common = ["eval.limit=4", "ppl.limit=3", "calib.num_samples=4",
+              "distill.epochs=1", "spd.sb_count=1", "spd.esb_count=0", "study.strategy=b2b", "study.export=false"]
+    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+
+    def spd_study(cwd, *args):
+        cwd.mkdir()
+        cmd = [sys.executable, "-m", "spd.cli", "study", "--config-name", "study_quick", "-m", *common, *args]
+        out = subprocess.run(cmd, cwd=cwd, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return {p.parent.name: json.loads(p.read_text()) for p in cwd.glob("runs/study/*/*/*/study.json")}
+
+    par = spd_study(tmp_path / "par", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                    "spd.fraction=0.6,1.0")
+    assert sorted(par) == ["backward-f0.6-b2b", "backward-f1.0-b2b"]
+    assert sorted(s["stages"]["rank"] for s in par.values()) == ["computed", "reused"]
+    assert len(list((tmp_path / "par").glob("runs/shared_quick/*/*/rank-*/sensitivity.json"))) == 1
+    serial = spd_study(tmp_path / "ser", "spd.fraction=0.6,1.0")
+    for name, s in serial.items():
+        for k in ("plan", "perplexity", "eval"):
+            p, q = par[name][k], s[k]
+            if k == "plan":
+                p, q = p["tiers"], q["tiers"]
+            if k == "eval":
+                p, q = p["tasks"], q["tasks"]
+            assert p == q, (name, k)
+
+
 def test_report_reads_artifacts_only(done, tmp_path):
     tmp, cfg, _ = done
-    cfg.report.studies = [str(tmp / "study" / "*" / "study.json")]
+    cfg.report.studies = [str(tmp / "study" / "job" / "study.json")]
     cfg.report.rankings = [str(tmp / "shared" / "*" / "*" / "rank-*" / "sensitivity.json")]
     cfg.report.bench, cfg.report.planners, cfg.report.baselines = [], [], []
     cfg.report.out_dir = str(tmp_path / "report")

@@ -58,8 +58,9 @@ def test_task_reads_offline_docs(tm, name):
         assert target.startswith(" ") and " " not in target[1:] and ctx
     else:
         assert task.instances[0].args[0].strip()
-    if name == "spd_hellaswag":
-        assert task.doc_to_text(doc) == raw["query"] and gold == raw["label"]
+    if name == "spd_hellaswag":  # HellaSwag val[0]: ctx_a "A man is sitting on a roof.", ctx_b "he"
+        assert raw["query"].endswith("roof. he") and task.doc_to_text(doc).endswith("roof. He")
+        assert gold == raw["label"] == 3
     if name.startswith("spd_arc"):
         assert choices == raw["choices"]["text"] and "ABCDE"[gold] == raw["answerKey"]
     if name == "spd_piqa":
@@ -69,6 +70,34 @@ def test_task_reads_offline_docs(tm, name):
         assert ctx + target == raw["text"]
     if name == "spd_wikitext":
         assert " @-@ " in raw["page"] and " @-@ " not in task.instances[0].args[0]  # lm-eval's detokenizer
+
+
+HELLASWAG_ORIGINALS = [  # documents in the Hugging Face data set's form (ctx_a, ctx_b split kept)
+    {"activity_label": "Clean and jerk", "ctx_a": "A lady walks to a barbell. She bends down and grabs the pole.",
+     "ctx_b": "the lady", "endings": ["swings and lands.", "stands and lifts [it] over her head."], "label": "1"},
+    {"activity_label": "Family Life", "ctx_a": "How to entertain a toddler. Visit a site like [www.kiddio.org]  to "
+     "find activities.", "ctx_b": "", "endings": ["Choose small, simple games.", "See [a guide | how to]."],
+     "label": "0"},
+    {"activity_label": "High jump", "ctx_a": "A boy is running down a track.", "ctx_b": "the boy",
+     "endings": ["runs into a car.", "gets in a mat."], "label": "1"},
+]
+
+
+def test_hellaswag_docs_match_lm_evals_process_docs():
+    """The asset's form (query = "label: ctx_a ctx_b" unprocessed) through our process_docs gives exactly what
+    lm-eval's own process_docs gives for the original documents."""
+    import datasets
+    from lm_eval.tasks.hellaswag.utils import process_docs
+
+    from spd.tasks.offline import hellaswag_docs
+
+    theirs = process_docs(datasets.Dataset.from_list(HELLASWAG_ORIGINALS))
+    asset = [{"query": f"{d['activity_label']}: {d['ctx_a']} {d['ctx_b']}".rstrip(), "choices": d["endings"],
+              "label": int(d["label"])} for d in HELLASWAG_ORIGINALS]
+    ours = hellaswag_docs(datasets.Dataset.from_list(asset))
+    for a, b in zip(ours, theirs):
+        assert (a["query"], a["choices"], a["gold"]) == (b["query"], b["choices"], b["gold"])
+    assert "[" not in "".join(ours["query"]) and ours["query"][0].endswith("the pole. The lady")
 
 
 def test_group_is_the_paper_tasks(tm):

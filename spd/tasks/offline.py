@@ -74,3 +74,29 @@ def cloze_docs(dataset: datasets.Dataset) -> datasets.Dataset:
         if pair is not None:
             rows.append({**doc, "context": pair[0], "target": pair[1]})
     return datasets.Dataset.from_list(rows)
+
+
+# The asset's HellaSwag `query` is "activity_label: ctx_a ctx_b" with ctx_b as it is in the data set; lm-eval
+# builds it from ctx_a + " " + ctx_b.capitalize(). The split point is not in the asset: ctx_b is taken to be
+# the text after the last sentence end (". ", "! ", "? ") when that text starts with a lower-case letter,
+# which is how ActivityNet items end ("... on a roof. he"). str.capitalize() then gives lm-eval's form.
+_CTX_B = re.compile(r"(?<=[.!?] )(?P<ctx_b>[a-z][^.!?]*)$")
+
+
+def hellaswag_query(query: str) -> str:
+    """lm-eval's HellaSwag query recovered from the asset's: ctx_b capitalised, then lm-eval's preprocess."""
+    from lm_eval.tasks.hellaswag.utils import preprocess
+
+    return preprocess(_CTX_B.sub(lambda m: m["ctx_b"].capitalize(), query))
+
+
+def hellaswag_docs(dataset: datasets.Dataset) -> datasets.Dataset:
+    """process_docs of spd_hellaswag: lm-eval's preprocess on query and choices (bracket spans, spaces), ctx_b
+    capitalised as recovered by hellaswag_query; `gold` as lm-eval's process_docs sets it."""
+    from lm_eval.tasks.hellaswag.utils import preprocess
+
+    def one(doc):
+        return {"query": hellaswag_query(doc["query"]), "choices": [preprocess(c) for c in doc["choices"]],
+                "gold": int(doc["label"])}
+
+    return dataset.map(one)
