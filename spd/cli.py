@@ -89,11 +89,8 @@ def export(cfg) -> None:
 def evaluate(cfg) -> None:
     """spd-eval: lm-eval tasks in-process on the model (with spd.plan applied, if any)."""
     from spd.evaluate import main as eval_main
-    from spd.plan import SPDPlan
-    from spd.surgery import apply_plan_
 
-    prepare = (lambda model, c: apply_plan_(model, SPDPlan.load(c.spd.plan))) if cfg.spd.plan else None
-    eval_main(cfg, prepare)
+    eval_main(cfg)
 
 
 @hydra_app("study")

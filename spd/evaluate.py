@@ -130,24 +130,22 @@ def evaluate(
 def main(
     cfg: RunApp, prepare: Callable[[Any, RunApp], Any] | None = None, is_writer: bool = True
 ) -> dict | None:
-    """spd-eval: load cfg.model, apply `prepare` (SPD plan, sharding), evaluate into cfg.run_dir.
+    """spd-eval: load cfg.model, put cfg.spd.plan on it (spd.surgery.apply_plan_), evaluate into cfg.run_dir.
 
-    prepare(model, cfg) returns what is evaluated: the model changed in place, or a tensor-parallel
-    runtime with a logits(input_ids) method. A plan in cfg.spd.plan needs one: without it the dense model
-    would be scored under an SPD run's name.
+    prepare(model, cfg), when given, returns what is evaluated instead: the model changed in place, or a
+    tensor-parallel runtime with a logits(input_ids) method; it is given the model with the plan's
+    weights (head permutations, distilled blocks) and emulated SPD blocks already in place.
     """
-    if cfg.spd.plan and prepare is None:
-        raise SPDError(
-            f"spd.plan={cfg.spd.plan} is set but no prepare function applies it; evaluate the dense model "
-            "with spd.plan=null, or pass prepare= to spd.evaluate.main"
-        )
     from spd.load import load_model
+    from spd.plan import SPDPlan
+    from spd.surgery import apply_plan_
 
     run_dir = Path(cfg.run_dir)
     if is_writer:
         start_run(run_dir, cfg, stage="eval", tp=cfg.parallel.tp)
     model, tokenizer = load_model(cfg.model)
+    if cfg.spd.plan:
+        apply_plan_(model, SPDPlan.load(cfg.spd.plan))
     if prepare is not None:
         model = prepare(model, cfg)
     return evaluate(model, tokenizer, cfg.eval, run_dir, is_writer=is_writer)
-

@@ -81,6 +81,13 @@ def _check_llama(config, where: str) -> None:
                              f"LlamaForCausalLM); spd-study supports LLaMA-architecture models only")
 
 
+def _no_tokenizer(path: str) -> bool:
+    """A local directory without tokenizer files (e.g. an export of a random-weight model)."""
+    d = Path(path)
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    return d.is_dir() and not any((d / n).is_file() for n in names)
+
+
 def _load_hf(cfg: ModelConfig, dtype: torch.dtype, config_only: bool = False):
     path = cfg.path
     if _looks_local(path):
@@ -98,7 +105,7 @@ def _load_hf(cfg: ModelConfig, dtype: torch.dtype, config_only: bool = False):
         return config
     try:
         model = LlamaForCausalLM.from_pretrained(path, revision=cfg.revision, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision)
+        tokenizer = None if _no_tokenizer(path) else AutoTokenizer.from_pretrained(path, revision=cfg.revision)
     except Exception as e:  # safetensors, torch.load and hub errors have no common base class
         raise ModelLoadError(f"cannot load the weights or tokenizer from {path!r} ({type(e).__name__}: {e}); "
                              f"the files may be truncated or incomplete: re-download them") from None

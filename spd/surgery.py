@@ -5,7 +5,9 @@ and plan.weights) and its forward (the SPD blocks of plan.tiers at degree R). ap
 weights a model already carries are recorded on its config as `spd_weights` (head_perm and the sha256 of
 each distilled block), so a model loaded from an spd-export, or one that distillation left in memory, is
 recognised: its weights are used as they are when they are the plan's, and anything else is refused
-rather than permuted twice or mixed with another plan's blocks.
+rather than permuted twice or mixed with another plan's blocks. A plan without head permutations or
+distilled blocks changes only the forward: it runs on whatever weights the model holds (a dense plan on an
+export evaluates the export's weights without SPD).
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ def apply_plan_(model: nn.Module, plan: SPDPlan, emulate: bool = True) -> nn.Mod
     """Put `plan` on the model in place; returns model.
 
     Weights: head permutations (plan.head_perm) and distilled blocks (plan.weights) are applied, unless the
-    model already carries exactly these. Forward: with emulate, exactly plan.blocks become SPD blocks at
+    model already carries exactly these; weights of another plan are refused. A plan with neither keeps the
+    model's weights as they are. Forward: with emulate, exactly plan.blocks become SPD blocks at
     degree plan.tp (emulated on one device); without, every block is left dense for a tensor-parallel
     runtime to shard with the plan. The plan is validated against the model first (block count, heads
     divisible by R), so a bad plan fails before anything changes; it is recorded on config.spd_plan.
@@ -83,7 +86,8 @@ def apply_plan_(model: nn.Module, plan: SPDPlan, emulate: bool = True) -> nn.Mod
     layout_for(model.config, plan.tp)  # raises ParallelConfigError listing the valid degrees
     want = {k: plan.identity()[k] for k in ("head_perm", "weights")}
     have = carried_weights(model)
-    if have != want:
+    changes = bool(plan.head_perm or plan.weights)
+    if have != want and changes:
         if have["head_perm"] or have["weights"]:
             raise PlanError(
                 f"the model's weights already carry head permutations for blocks {sorted(map(int, have['head_perm']))} "

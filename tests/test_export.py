@@ -160,7 +160,8 @@ def test_interrupted_export_leaves_no_directory(tmp_path, monkeypatch):
 def test_export_refuses_a_model_carrying_another_plan(tmp_path):
     model = apply_plan_(tiny(), SPDPlan(tp=2, num_layers=3, tiers={1: "ESB"}, head_perm={1: [4, 5, 6, 7, 0, 1, 2, 3]}))
     with pytest.raises(PlanError, match="already carry head permutations"):
-        export.export_(model, None, SPDPlan.zero_shot(2, 3, [1]), tmp_path / "out")
+        export.export_(model, None, SPDPlan(tp=2, num_layers=3, tiers={1: "ESB"}, head_perm={1: list(range(8))}),
+                       tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

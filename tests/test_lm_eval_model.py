@@ -228,13 +228,6 @@ def test_only_the_writer_writes(model, tok, tmp_path):
     assert "spd_arc_easy" in results["results"] and not any(tmp_path.iterdir())
 
 
-def test_main_refuses_a_plan_it_cannot_apply(tmp_path):
-    cfg = RunApp(run_dir=str(tmp_path))
-    cfg.spd.plan = "plan.json"
-    with pytest.raises(SPDError, match="no prepare function"):
-        main(cfg)
-
-
 def test_cli_runs_a_saved_model(model, tok, tmp_path, monkeypatch):
     """`spd-lm-eval --model spd --model_args pretrained=DIR`: lm-eval's own CLI, our tasks by default."""
     model.save_pretrained(tmp_path / "tiny")

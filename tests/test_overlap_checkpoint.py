@@ -38,14 +38,12 @@ def make_hf(heads, kv, hidden, seed=0):
 
 
 def emulate(hf, plan: SPDPlan, permute: bool = True):
-    """The single-device reference: heads permuted as the plan says, then apply_plan_."""
-    from spd.heads import permute_heads_
+    """The single-device reference: apply_plan_ (heads permuted as the plan says, unless permute=False)."""
+    from dataclasses import replace
+
     from spd.surgery import apply_plan_
 
-    model = copy.deepcopy(hf)
-    for i, perm in plan.head_perm.items() if permute else ():
-        permute_heads_(model.model.layers[i], perm)
-    return apply_plan_(model, plan)
+    return apply_plan_(copy.deepcopy(hf), plan if permute else replace(plan, head_perm={}))
 
 
 def load_worker(ctx, jobs: dict, ids: torch.Tensor):
@@ -122,7 +120,7 @@ def test_user_errors_say_what_is_right(case, tmp_path):
         load_runtime_model(case["export"], single())
     identity = list(range(case["hf"].config.num_attention_heads))
     other = SPDPlan(tp=tp, num_layers=LAYERS, tiers=plan.tiers, head_perm={2: identity})
-    with pytest.raises(PlanError, match="stored permuted"):
+    with pytest.raises(PlanError, match="already carry head permutations"):
         load_runtime_model(case["export"], single(), plan=other)
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_runtime_model(tmp_path, single())

@@ -75,3 +75,22 @@ def test_plan_by_fraction_and_thresholds():
     assert plan_from_ranking(r, SPDConfig()).fraction == 1.0
     with pytest.raises(ValueError, match="fraction"):
         plan_from_ranking(r, SPDConfig(fraction=1.5))
+
+
+@pytest.mark.parametrize("fraction, n, k", [
+    (0.25, 30, 8), (0.75, 30, 23),  # 7.5 and 22.5: halves round up (round() would give 8 and 22)
+    (0.5, 5, 3), (0.1, 30, 3), (0.7, 10, 7),  # 0.7 * 10 = 7.000000000000001, 0.1 * 30 = 3.0000000000000004
+    (0.0, 30, 0), (1.0, 30, 30), (0.49, 5, 2), (0.51, 5, 3)])
+def test_fraction_to_block_count_rounds_halves_up(fraction, n, k):
+    from spd.sensitivity import spd_block_count
+
+    assert spd_block_count(fraction, n) == k
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.5])
+def test_fraction_outside_0_1_is_refused(fraction):
+    from spd.errors import SPDError
+    from spd.sensitivity import spd_block_count
+
+    with pytest.raises(SPDError, match=r"must lie in \[0, 1\]"):
+        spd_block_count(fraction, 10)
