@@ -87,6 +87,7 @@ def summarize(results: dict) -> dict:
         "n_samples": {t: n.get("effective") for t, n in results.get("n-samples", {}).items()},
         "versions": results.get("versions", {}),
         "limit": results.get("config", {}).get("limit"),
+        "groups": sorted(results.get("groups", {})),
     }
 
 

@@ -90,12 +90,12 @@ def mean_accuracy(ev: dict) -> tuple[float | None, dict[str, float]]:
 
 def study_table(studies: list[dict], curves: dict[str, dict]) -> tuple[str, list[dict]]:
     rows = []
-    key = lambda s: (s["model"], s["tp"], s.get("ranking", {}).get("method", ""), s["fraction"], s["strategy"])  # noqa: E731
+    key = lambda s: (s["model"], s["tp"], (s.get("ranking") or {}).get("method", ""), s["fraction"], s["strategy"])  # noqa: E731
     for s in sorted(studies, key=key):
         avg, accs = mean_accuracy(s.get("eval", {}))
         savings = {name: latency_saving(c, s["fraction"]) for name, c in curves.items()}
         rows.append({"model": s["model"], "tp": s["tp"], "fraction": s["fraction"], "strategy": s["strategy"],
-                     "ranking": s.get("ranking", {}).get("method", "-"),
+                     "ranking": (s.get("ranking") or {}).get("method", "-"),
                      "token_ppl": (s.get("perplexity") or {}).get("token_perplexity"),
                      "spd_blocks": s["spd_blocks"], "avg_acc": avg, "acc": accs,
                      "word_ppl": (s.get("perplexity") or {}).get("word_perplexity"), "saving": savings,

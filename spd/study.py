@@ -23,7 +23,7 @@ from spd.artifacts import atomic_dir, file_fingerprint, key_of, model_fingerprin
 from spd.block import decoder_layers
 from spd.errors import SPDError
 from spd.plan import SPDPlan
-from spd.run import start_run, write_json_atomic
+from spd.run import meta, start_run, write_json_atomic
 
 SCHEMA = "spd.study/2"
 STRATEGIES = ("zs", "b2b", "b2b_hg")
@@ -164,7 +164,9 @@ def _distill(model, plan: SPDPlan, tokens, cfg, job: Path, settings: str) -> tup
         (job / "distill.json").unlink(missing_ok=True)
         return plan, "none"
     if art:
-        return SPDPlan.from_dict(art["plan"], base=job), "reused"
+        reused = SPDPlan.from_dict(art["plan"], base=job)
+        if all(Path(w["file"]).is_file() for w in reused.weights.values()):
+            return reused, "reused"  # else the shared blocks were deleted: distil again
     t0 = time.perf_counter()
     with shared(distill_dir(cfg, model), "distilled blocks") as d:
         plan_after, report = distill_blocks_(model, plan, tokens, d, cfg.distill,
@@ -173,7 +175,7 @@ def _distill(model, plan: SPDPlan, tokens, cfg, job: Path, settings: str) -> tup
     trained = [i for i, b in report["blocks"].items() if not b.get("resumed")]
     write_json_atomic(job / "distill.json", {**report, "key": key, "settings": settings, "trained": trained,
                                              "plan": plan_after.to_dict(base=job),
-                                             "minutes": (time.perf_counter() - t0) / 60})
+                                             "minutes": (time.perf_counter() - t0) / 60, "meta": meta(stage="distill")})
     return plan_after, "computed" if trained else "reused"
 
 
@@ -184,7 +186,8 @@ def _perplexity(model, tokenizer, cfg, job: Path, plan: SPDPlan, key: str, setti
     docs = read_texts(cfg.ppl.data, cfg.ppl.field)[: cfg.ppl.limit]
     ppl = document_perplexity(model, tokenizer, docs, cfg.ppl.max_length, cfg.ppl.batch_size, cfg.ppl.preprocess)
     write_json_atomic(job / "perplexity.json", {"schema": "spd.perplexity/1", **ppl, "data": cfg.ppl.data,
-                                                "key": key, "settings": settings, "plan": plan.to_dict(base=job)})
+                                                "key": key, "settings": settings, "plan": plan.to_dict(base=job),
+                                                "meta": meta(stage="perplexity")})
     print(perplexity_table(ppl))
 
 
@@ -196,7 +199,7 @@ def _evaluate(model, tokenizer, cfg, job: Path, plan: SPDPlan, key: str, setting
         evaluate(model, tokenizer, cfg.eval, tmp)
         summary = read_json(tmp / "summary.json")
         write_json_atomic(tmp / "summary.json", {**summary, "key": key, "settings": settings,
-                                                 "plan": plan.to_dict(base=job)})
+                                                 "plan": plan.to_dict(base=job), "meta": meta(stage="eval")})
 
 
 def _export(model, tokenizer, cfg, job: Path, plan: SPDPlan, key: str, settings: str) -> None:
@@ -205,7 +208,7 @@ def _export(model, tokenizer, cfg, job: Path, plan: SPDPlan, key: str, settings:
 
     export_(model, tokenizer, plan, job / "model", provenance={"job": str(job), "strategy": cfg.study.strategy},
             perplexity=read_json(job / "perplexity.json"),
-            marker={"schema": "spd.export/1", "key": key, "settings": settings})
+            marker={"schema": "spd.export/1", "key": key, "settings": settings, "meta": meta(stage="export")})
 
 
 def summarize_job(job: Path, cfg, plan: SPDPlan, ranking: dict | None, stages: dict, minutes: float) -> dict:
@@ -220,14 +223,15 @@ def summarize_job(job: Path, cfg, plan: SPDPlan, ranking: dict | None, stages: d
         "plan": plan.to_dict(base=job),
         "ranking": ranking and {"method": ranking["method"], "baseline_ppl": ranking["baseline_ppl"]},
         "perplexity": {k: ppl.get(k) for k in ("token_perplexity", "word_perplexity", "bits_per_byte")},
-        "eval": {k: v for k, v in ev.items() if k not in ("plan", "settings")},
+        "eval": {k: v for k, v in ev.items() if k not in ("plan", "settings", "meta")},
         "stages": stages, "distill_minutes": distill.get("minutes", 0.0), "minutes": minutes,
     }
 
 
 def study_table(summary: dict) -> str:
     """A short Markdown table of a finished job: stages and headline numbers."""
-    acc = [m["acc"]["value"] for m in summary["eval"].get("tasks", {}).values() if "acc" in m]
+    groups = set(summary["eval"].get("groups", []))
+    acc = [m["acc"]["value"] for t, m in summary["eval"].get("tasks", {}).items() if "acc" in m and t not in groups]
     ppl = summary["perplexity"].get("word_perplexity")
     lines = [f"{summary['model']} R={summary['tp']}: {summary['spd_blocks']}/{summary['num_layers']} SPD blocks, "
              f"strategy {summary['strategy']}, {summary['minutes']:.1f} min",

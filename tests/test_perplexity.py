@@ -80,3 +80,20 @@ def test_wikitext_preprocessing_is_lm_evals():
     page = " = Valkyria = \n Senjō no Valkyria 3 @-@ 1 : it 's a game , isn 't it ? \n"
     assert preprocess(page, "wikitext") == wikitext_detokenizer({"page": page}) != page
     assert preprocess(page, None) == page
+
+
+@torch.no_grad()
+def test_spd_ppl_equals_lm_evals_wikitext(stories260k, tmp_path):
+    """The same documents through spd-ppl's path and through lm-eval's spd_wikitext task (its detokenizer,
+    word counts and weighted perplexity, our adapter): the same word perplexity."""
+    from spd.calibration import read_texts
+    from spd.config import EvalConfig
+    from spd.evaluate import evaluate
+
+    model, tok = stories260k
+    docs = read_texts("wikitext2_test.jsonl", "page")[:2]
+    ours = document_perplexity(model, tok, docs, 512, 4, "wikitext", progress=False)
+    res = evaluate(model, tok, EvalConfig(tasks=["spd_wikitext"], limit=2, batch_size=4, max_length=512),
+                   tmp_path, is_writer=False)["results"]["spd_wikitext"]
+    assert math.isclose(ours["word_perplexity"], res["word_perplexity,none"], rel_tol=1e-6)
+    assert math.isclose(ours["bits_per_byte"], res["bits_per_byte,none"], rel_tol=1e-6)
