@@ -8,13 +8,17 @@ times, for every variant, prefill of S tokens (batch 1, bench.tokens) and one de
 (bench.batches) at position bench.context. Variants: base (2 syncs a block), spdNN (SPD on the last NN%
 of blocks; which blocks does not matter for latency), iso and spdNN+iso (prefill in bench.iso_chunks
 ISO pieces, overlap/iso.py; decode has no ISO, so these are not timed there), nocomm (no collectives:
-wrong numbers, the lower bound) and hf_tp (the same shape through transformers' own tensor
-parallelism; GPU only). Warm-up is excluded; each iteration is timed with CUDA events (perf_counter on
+wrong numbers, the lower bound), hf_tp (the same shape through transformers' own tensor
+parallelism; GPU only) and hf_compile (transformers' LlamaForCausalLM of one rank's shard shape alone, StaticCache
++ torch.compile(mode="reduce-overhead") decode, eager prefill: the same work as nocomm; overlap/hf_compile.py). Warm-up is excluded; each iteration is timed with CUDA events (perf_counter on
 CPU); rank 0 appends one JSON line per measurement (schema spd.bench/1) with the median and the
 20th/80th percentiles. Job key impl (default "nccl"; symm_mem, triton: overlap.kernels) picks the
 runtime's collective implementation for every variant (ISO's fused ops then run on its comm stream);
 records carry it.
-Job key virtual_tp = R (with tp 1 and only the nocomm variant) times rank 0's shard of an R-way split on
+Every job first measures its device's copy bandwidth and matmul throughput (overlap/floors.py); each record
+carries them and its floor (bytes over the copy rate or FLOPs over the matmul rate, the larger) and
+floor_frac = floor / median.
+Job key virtual_tp = R (with tp 1 and only the nocomm and hf_compile variants) times rank 0's shard of an R-way split on
 one device: one rank's compute at degree R (what nocomm measures) without R devices; records say
 virtual_tp.
 Job key fuse (default false) runs RoPE, add + RMSNorm and SwiGLU as torch.compile'd kernels (GPU only;
@@ -54,14 +58,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SEQ_ALIGN = 64  # cache lengths are rounded up to this: aligned attention masks, at most 63 masked extra positions
 _SPD = re.compile(r"spd(\d{1,3})(\+iso)?$")
 ISO_CHUNKS = 2  # default bench.iso_chunks: ISO's two pieces
+PEERS = ("hf_tp", "hf_compile")  # transformers' models, timed after ours (overlap/hf_tp.py, overlap/hf_compile.py)
+VIRTUAL_OK = ("nocomm", "hf_compile")  # what one rank's shard alone can time honestly (no communication)
 
 
 def check_variants(variants) -> list[str]:
-    """The variant names, validated: base, nocomm, hf_tp, spdNN (0 <= NN <= 100), iso or spdNN+iso."""
+    """The variant names, validated: base, nocomm, hf_tp, hf_compile, spdNN (0 <= NN <= 100), iso or spdNN+iso."""
     for v in variants:
         m = _SPD.match(v)
-        if v not in ("base", "nocomm", "hf_tp", "iso") and not (m and int(m.group(1)) <= 100):
-            raise SPDError(f"unknown bench variant {v!r}; valid: base, nocomm, hf_tp, spd0..spd100 (e.g. spd25), "
+        if v not in ("base", "nocomm", *PEERS, "iso") and not (m and int(m.group(1)) <= 100):
+            raise SPDError(f"unknown bench variant {v!r}; valid: base, nocomm, hf_tp, hf_compile, spd0..spd100 (e.g. spd25), "
                            f"iso, spd0+iso..spd100+iso (ISO prefill, e.g. spd100+iso)")
     return list(variants)
 
@@ -78,18 +84,21 @@ def check_impl(impl: str, variants) -> str:
 def shard_context(job: dict, ctx: TPContext) -> TPContext:
     """The context the model is sharded for: ctx, or with job key virtual_tp = R > 1 on a single process,
     rank 0 of an R-way split with no process group (its sync points are identities): one rank's compute at
-    degree R measured on one device, i.e. `nocomm` at R without R devices (only nocomm is then honest)."""
+    degree R measured on one device, i.e. `nocomm` at R without R devices (only nocomm, and the hf_compile
+    peer of the same shard, are then honest)."""
     R = check_virtual(job)
     return ctx if R == 1 else TPContext(rank=0, world_size=R, device=ctx.device)
 
 
 def check_virtual(job: dict) -> int:
-    """The job's virtual_tp (1: off), validated: it needs tp 1, only the nocomm variant and impl nccl."""
+    """The job's virtual_tp (1: off), validated: it needs tp 1, only the nocomm (and hf_compile) variants and
+    impl nccl."""
     R = int(job.get("virtual_tp") or 1)
-    others = [v for v in job["bench"]["variants"] if v != "nocomm"]
+    others = [v for v in job["bench"]["variants"] if v not in VIRTUAL_OK]
     if R < 1 or (R > 1 and (job.get("tp", 1) != 1 or others or job.get("impl", "nccl") != "nccl")):
         raise SPDError(f"extra.virtual_tp={R} times one rank's shard of a {R}-way split on one process, with no "
-                       f"communication: it needs parallel.tp=1, bench.variants=[nocomm] and impl nccl (got tp="
+                       f"communication: it needs parallel.tp=1, bench.variants=[nocomm] (or [nocomm,hf_compile]: "
+                       f"transformers' model of the same shard) and impl nccl (got tp="
                        f"{job.get('tp', 1)}, other variants {others}, impl {job.get('impl', 'nccl')})")
     return R
 
@@ -168,10 +177,14 @@ def _round_up(n: int, k: int = SEQ_ALIGN) -> int:
 class Recorder:
     """Rank 0 appends one JSON line per measurement to the job's output file and echoes it."""
 
-    def __init__(self, job: dict, ctx: TPContext):
+    def __init__(self, job: dict, ctx: TPContext, rates: dict | None = None):
         from spd.run import device_name, git_commit
 
-        self.ctx, self.out = ctx, Path(job["out"])
+        from overlap.floors import DTYPE_BYTES, ShardShape
+
+        self.ctx, self.out, self.rates = ctx, Path(job["out"]), rates
+        self.shape = ShardShape(ModelArgs.from_model_config(job["model"]), ctx.world_size)
+        self.dtype_bytes = DTYPE_BYTES[DTYPES[job["model"].get("dtype", "bfloat16")]]
         b = job["bench"]
         self.common = dict(schema=SCHEMA, model=job["model"].get("name", "?"), tp=ctx.world_size,
                            interconnect=job["interconnect"], dtype=job["model"].get("dtype", "bfloat16"),
@@ -180,7 +193,7 @@ class Recorder:
                            compile=bool(job.get("compile")), impl=job.get("impl", "nccl"), fused=fuse_on(job, ctx),
                            decode_kernel=decode_kernel_on(job, ctx),
                            device=device_name(),
-                           torch=torch.__version__, commit=git_commit())
+                           torch=torch.__version__, commit=git_commit(), **(rates or {}))
 
     def __call__(self, times: list[float], **fields) -> None:
         if not self.ctx.is_main:
@@ -188,18 +201,25 @@ class Recorder:
         rec = dict(self.common, **fields, median_ms=round(percentile(times, 50), 4),
                    p20_ms=round(percentile(times, 20), 4), p80_ms=round(percentile(times, 80), 4),
                    time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        if self.rates:
+            from overlap.floors import floor_fields
+
+            rec.update(floor_fields(self.shape, self.rates, fields["phase"], fields["tokens"], fields["batch"],
+                                    fields["context"], self.dtype_bytes, rec["median_ms"]))
         self.out.parent.mkdir(parents=True, exist_ok=True)
         with open(self.out, "a") as f:
             f.write(json.dumps(rec) + "\n")
         size = f"tokens={fields['tokens']}" if fields["phase"] == "prefill" else f"batch={fields['batch']}"
+        floor = f", floor {rec['floor_ms']:.3f} ({rec['floor_bound']}), {100 * rec['floor_frac']:.0f}% of it" \
+            if "floor_ms" in rec else ""
         print(f"[spd-bench] tp={self.ctx.world_size} {fields['phase']} {size} {fields['variant']}: "
-              f"{rec['median_ms']:.3f} ms (p20 {rec['p20_ms']:.3f}, p80 {rec['p80_ms']:.3f})", flush=True)
+              f"{rec['median_ms']:.3f} ms (p20 {rec['p20_ms']:.3f}, p80 {rec['p80_ms']:.3f}){floor}", flush=True)
 
 
 def run_ours(job: dict, ctx: TPContext, record: Recorder) -> None:
     """Prefill and decode latency of every variant of this project's runtime."""
     b, seed = job["bench"], int(job["model"].get("seed", 0))
-    variants = [v for v in b["variants"] if v != "hf_tp"]
+    variants = [v for v in b["variants"] if v not in PEERS]
     if not variants:
         return
     args = ModelArgs.from_model_config(job["model"])
@@ -272,7 +292,7 @@ def run_profile(job: dict, ctx: TPContext, out_dir: Path, layers: int,
         rt = Runtime(model, ctx, 1, _round_up(S), cuda_graphs=False, impl=impl, fuse=fuse)
         ids = torch.randint(0, args.vocab_size, (1, S), generator=gen).to(ctx.device)  # (1, S)
         k_iso = int(b.get("iso_chunks", ISO_CHUNKS))
-        for v in [v for v in b["variants"] if v != "hf_tp"]:
+        for v in [v for v in b["variants"] if v not in PEERS]:
             k = k_iso if is_iso(v) else 1
             iso = iso_settings(job)[0] if k > 1 else None  # the first (ctas, carve-out) setting
             runs.append((v, rt, lambda k=k: rt.prefill(ids, last_only=True, iso=k), iso))
@@ -289,7 +309,7 @@ def run_profile(job: dict, ctx: TPContext, out_dir: Path, layers: int,
                     rt.pos = context
                     rt.decode_one(tok)
 
-            for v in [v for v in b["variants"] if v != "hf_tp" and not is_iso(v)]:
+            for v in [v for v in b["variants"] if v not in PEERS and not is_iso(v)]:
                 runs.append((v + suffix, rt, steps, None))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -332,8 +352,18 @@ def run_job(job: dict, profile_dir: Path | None = None, layers: int = 4, phase: 
                 report(traces, profile_dir / "timeline.png")
             ctx.barrier()
             return
-        record = Recorder(job, ctx)
+        from overlap.floors import measure_rates
+
+        rates = measure_rates(ctx.device, DTYPES[job["model"].get("dtype", "bfloat16")])
+        if ctx.is_main:
+            print(f"[spd-bench] floors: copy {rates['copy_tbps']:.3f} TB/s (read + write), matmul "
+                  f"{rates['matmul_tflops']:.1f} TFLOP/s ({rates['matmul_n']}^3 {rates['matmul_dtype']})", flush=True)
+        record = Recorder(job, ctx, rates)
         run_ours(job, ctx, record)
+        if "hf_compile" in job["bench"]["variants"]:
+            from overlap.hf_compile import run_hf_compile
+
+            run_hf_compile(job, ctx, record, measure)
         if "hf_tp" in job["bench"]["variants"]:
             if ctx.device.type != "cuda":
                 if ctx.is_main:
