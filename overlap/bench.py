@@ -174,6 +174,19 @@ def _round_up(n: int, k: int = SEQ_ALIGN) -> int:
     return -(-n // k) * k
 
 
+def _versions() -> dict:
+    """torch, triton and transformers versions of the process (triton / transformers when importable)."""
+    from importlib import metadata
+
+    out = {"torch": torch.__version__}
+    for name in ("triton", "transformers"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
 class Recorder:
     """Rank 0 appends one JSON line per measurement to the job's output file and echoes it."""
 
@@ -193,7 +206,8 @@ class Recorder:
                            compile=bool(job.get("compile")), impl=job.get("impl", "nccl"), fused=fuse_on(job, ctx),
                            decode_kernel=decode_kernel_on(job, ctx),
                            device=device_name(),
-                           torch=torch.__version__, commit=git_commit(), **(rates or {}))
+                           torch=torch.__version__, versions=_versions(), commit=git_commit(),
+                           **({"command": job["command"]} if job.get("command") else {}), **(rates or {}))
 
     def __call__(self, times: list[float], **fields) -> None:
         if not self.ctx.is_main:

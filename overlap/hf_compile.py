@@ -29,7 +29,7 @@ from overlap.context import TPContext
 from overlap.floors import ShardShape
 from overlap.model import ModelArgs
 
-CACHE_MARGIN = 16  # positions beyond context + warm-up + iterations + compile calls, before rounding up
+CACHE_MARGIN = 16  # positions beyond context + warm-up + iterations + the compiling call, before rounding up
 
 
 def shard_config(args: ModelArgs, tp: int):
@@ -103,9 +103,11 @@ def run_hf_compile(job: dict, ctx: TPContext, record, measure) -> None:
             record(times, phase="prefill", tokens=S, batch=1, context=0, cuda_graphs=False, compile=False, **peer)
     if "decode" in b["phases"]:
         context, kw = int(b["context"]), _cache_kwarg(model)
-        # One compiled callable for every batch: Dynamo specialises (recompiles) on the batch size.
-        step_fn = (torch.compile(model.forward, mode="reduce-overhead", fullgraph=True, dynamic=False) if cuda
-                   else torch.compile(model.forward, backend="eager", fullgraph=True, dynamic=False))
+        # One compiled callable for every batch: Dynamo specialises (recompiles) on the batch size. Should this
+        # transformers version break the graph, compile without fullgraph and say so (hf_fullgraph false).
+        opts = dict(mode="reduce-overhead") if cuda else dict(backend="eager")
+        fullgraph = True
+        step_fn = torch.compile(model.forward, fullgraph=True, dynamic=False, **opts)
         for B in b["batches"]:
             max_len = _round_up(context + b["warmup"] + b["iters"] + CACHE_MARGIN)
             cache = static_cache(model, max_len, B, ctx.device, dtype)
@@ -119,9 +121,20 @@ def run_hf_compile(job: dict, ctx: TPContext, record, measure) -> None:
                     torch.compiler.cudagraph_mark_step_begin()
                 step_fn(tok, position_ids=pos, use_cache=True, logits_to_keep=1, **{kw: cache})
 
+            try:
+                step()  # compiles (the first call of this batch size)
+            except Exception as e:  # noqa: BLE001 - a graph break under fullgraph: retry as a user would
+                if not fullgraph:
+                    raise
+                print(f"[spd-bench] hf_compile: fullgraph capture failed ({type(e).__name__}: {str(e)[:300]}); "
+                      f"compiling with graph breaks", flush=True)
+                torch._dynamo.reset()
+                fullgraph = False
+                step_fn = torch.compile(model.forward, fullgraph=False, dynamic=False, **opts)
+                step()
             times = measure(step, ctx, b["warmup"], b["iters"])
             record(times, phase="decode", tokens=1, batch=B, context=context, cuda_graphs=cuda, compile=True,
-                   hf_cache_len=max_len, **peer)
+                   hf_cache_len=max_len, hf_fullgraph=fullgraph, **peer)
             del cache
     del model
     if cuda:
