@@ -13,8 +13,8 @@ rate (overlap/floors.py), then traces with torch.profiler
 and labels every kernel: a GEMM by the weight shape of the aten::mm that launched it (wqkv, wo, w13, w2,
 lm_head; a split-K reduce kernel counts with its GEMM), the Triton decode attention's split and merge
 kernels, flash attention, the compiled elementwise kernels (RMSNorm, add + RMSNorm, RoPE, SwiGLU) and the
-rest by name. Graph-replayed kernels carry no operator, so they take the label of the eager kernel with the
-same (name, grid, block). Per label: launches and microseconds per step and per block, the bytes it must
+rest by name. Graph-replayed kernels carry no operator, so they take the label of the eager kernel at the
+same place in the step (the same kernel sequence; else the one with the same name, grid and block). Per label: launches and microseconds per step and per block, the bytes it must
 move (GEMM: weight + activations; decode attention: the K/V cache read) and FLOPs, and the achieved
 TB/s and TFLOP/s against the measured ceilings. Writes DIR/kernel_kinds.json, DIR/kernel_kinds.md and the
 traces (gzip); prints the markdown.
@@ -92,10 +92,15 @@ def by_name(name: str) -> str:
 
 def label_eager(kernels: list[dict], ops: dict[int, dict], names: dict) -> tuple[list[tuple[dict, str, tuple]], dict]:
     """[(kernel, label, (M, K, N) or None)], and {signature: (label, mkn)} for the graph trace."""
-    out, sigs = [], {}
+    out, sigs, seen = [], {}, set()
     for k in kernels:
-        op = ops.get(k.get("args", {}).get("External id"))
+        eid = k.get("args", {}).get("External id")
+        op = ops.get(eid)
         label, mkn = by_name(k["name"]), None
+        if op is not None and op["name"] in GEMM_OPS and eid in seen:  # a split-K reduce: its GEMM's, no work
+            out.append((k, out[-1][1] if out else label, None))
+            continue
+        seen.add(eid)
         if op is not None and op["name"] in GEMM_OPS:
             dims = [d for d in op["args"].get("Input Dims", []) if isinstance(d, list) and len(d) >= 2]
             if len(dims) >= 2:
@@ -112,10 +117,20 @@ def label_eager(kernels: list[dict], ops: dict[int, dict], names: dict) -> tuple
     return out, sigs
 
 
+def positional(eager: list[tuple[dict, str, tuple]], graph: list[dict]) -> list | None:
+    """Graph-replayed kernels labelled by their place in the step: a replay runs the eager step's kernels in
+    the same order (the same names); None when the sequences differ (then signatures are used)."""
+    if len(eager) != len(graph) or any(e[0]["name"] != g["name"] for e, g in zip(eager, graph)):
+        return None
+    return [(g, label, mkn) for (_, label, mkn), g in zip(eager, graph)]
+
+
 def work(label: str, mkn, phase: str, shape, batch: int, tokens: int, context: int, nbytes_el: int = 2):
     """(bytes, FLOPs) one launch of a kernel of this label must do; (None, None) where not counted."""
     a, Dh = shape.args, shape.args.head_dim
-    if mkn and label.startswith("gemm"):
+    if label.startswith("gemm"):  # the work once per GEMM: its split-K reduce kernel adds none
+        if not mkn:
+            return 0.0, 0.0
         M, K, N = mkn
         return (K * N + M * K + M * N) * nbytes_el, 2.0 * M * K * N
     if label.startswith("attention: Triton split") and phase == "decode":
@@ -195,6 +210,43 @@ def markdown(s: dict, title: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def analyse(out: Path, rates: dict, shape, layers: int, batch: int, context: int, tokens: list[int]) -> tuple[dict, str]:
+    """Label and summarise the traces in out (decode_eager, decode_graph, prefill_<S>; .json or .json.gz)."""
+    def find(stem):
+        for suffix in (".trace.json", ".trace.json.gz"):
+            if (out / (stem + suffix)).exists():
+                return load(out / (stem + suffix))
+        return None
+
+    names, summaries = gemm_names(shape), {}
+    md = [f"Measured ceilings: copy {rates['copy_tbps']:.2f} TB/s (read + write), bf16 matmul "
+          f"{rates['matmul_tflops']:.0f} TFLOP/s ({rates['matmul_n']}^3).", ""]
+    eager = sigs = None
+    for kind in ("eager", "graph"):
+        tr = find(f"decode_{kind}")
+        if tr is None:
+            continue
+        kernels, ops = tr
+        if kind == "eager":
+            labelled, sigs = label_eager(kernels, ops, names)
+            eager = labelled
+        else:
+            labelled = (eager and positional(eager, kernels)) or [
+                (k, *(sigs or {}).get(_sig(k), (by_name(k["name"]), None))) for k in kernels]
+        s = summarize(labelled, STEPS, layers, "decode", shape, batch, 1, context, rates)
+        summaries[f"decode_{kind}"] = s
+        md.append(markdown(s, f"decode, batch {batch}, position {context}, {kind} ({STEPS} steps, R = {shape.tp} shard)"))
+    for S in tokens:
+        tr = find(f"prefill_{S}")
+        if tr is None:
+            continue
+        labelled, _ = label_eager(*tr, names)
+        s = summarize(labelled, 1, layers, "prefill", shape, 1, S, 0, rates)
+        summaries[f"prefill_{S}"] = s
+        md.append(markdown(s, f"prefill of {S} tokens (eager, R = {shape.tp} shard)"))
+    return summaries, "\n".join(md)
+
+
 def main(argv=None) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -211,7 +263,18 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, nargs="*", default=[2048])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--reanalyse", action="store_true",
+                   help="only label and summarise the traces already in --out (rates from its kernel_kinds.json)")
     a = p.parse_args(argv)
+    if a.reanalyse:
+        prev = json.loads((a.out / "kernel_kinds.json").read_text())
+        args = dataclasses.replace(ModelArgs.from_model_config(LLAMA2_70B), n_layers=prev["layers"])
+        summaries, text = analyse(a.out, prev["rates"], ShardShape(args, prev["virtual_tp"]), prev["layers"],
+                                  a.batch, a.context, a.tokens)
+        (a.out / "kernel_kinds.json").write_text(json.dumps(dict(prev, summaries=summaries), indent=1) + "\n")
+        (a.out / "kernel_kinds.md").write_text(text)
+        print(text)
+        return
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = dev.type == "cuda"
     args = dataclasses.replace(ModelArgs.from_model_config(LLAMA2_70B), n_layers=a.layers)
@@ -227,21 +290,16 @@ def main(argv=None) -> None:
     gen = torch.Generator().manual_seed(0)
     result = dict(rates=rates, virtual_tp=a.virtual_tp, layers=a.layers, device=torch.cuda.get_device_name(0)
                   if cuda else "cpu", torch=torch.__version__, summaries={})
-    md = [f"Measured ceilings: copy {rates['copy_tbps']:.2f} TB/s (read + write), bf16 matmul "
-          f"{rates['matmul_tflops']:.0f} TFLOP/s ({rates['matmul_n']}^3).", ""]
-
     def trace(fn, path: Path, shapes: bool):
         with profile(activities=acts, record_shapes=shapes) as prof:
             fn()
             if cuda:
                 torch.cuda.synchronize()
         prof.export_chrome_trace(str(path))
-        return load(path)
 
     # decode: eager (attribution) then graphs (timing)
     pos = a.context
     tok = torch.randint(0, args.vocab_size, (a.batch, 1), generator=gen).to(dev)
-    sigs = {}
     for graphs in ([False, True] if cuda else [False]):
         rt = Runtime(model, ctx, a.batch, -(-(pos + 1) // 64) * 64, cuda_graphs=graphs, fuse=cuda, decode_kernel=cuda)
 
@@ -252,31 +310,19 @@ def main(argv=None) -> None:
 
         steps()
         steps()
-        kind = "graph" if graphs else "eager"
-        kernels, ops = trace(steps, a.out / f"decode_{kind}.trace.json", not graphs)
-        if not graphs:
-            labelled, sigs = label_eager(kernels, ops, names)
-        else:
-            labelled = [(k, *sigs.get(_sig(k), (by_name(k["name"]), None))) for k in kernels]
-        s = summarize(labelled, STEPS, a.layers, "decode", shape, a.batch, 1, pos, rates)
-        result["summaries"][f"decode_{kind}"] = s
-        md.append(markdown(s, f"decode, batch {a.batch}, position {pos}, {kind} ({STEPS} steps, R = {a.virtual_tp} shard)"))
-        print(md[-1], flush=True)
+        trace(steps, a.out / f"decode_{'graph' if graphs else 'eager'}.trace.json", not graphs)
         rt.invalidate()
         del rt
     for S in a.tokens:
         rt = Runtime(model, ctx, 1, -(-S // 64) * 64, cuda_graphs=False, fuse=cuda)
         ids = torch.randint(0, args.vocab_size, (1, S), generator=gen).to(dev)
         rt.prefill(ids, last_only=True)
-        kernels, ops = trace(lambda: rt.prefill(ids, last_only=True), a.out / f"prefill_{S}.trace.json", True)
-        labelled, _ = label_eager(kernels, ops, names)
-        s = summarize(labelled, 1, a.layers, "prefill", shape, 1, S, 0, rates)
-        result["summaries"][f"prefill_{S}"] = s
-        md.append(markdown(s, f"prefill of {S} tokens (eager, R = {a.virtual_tp} shard)"))
-        print(md[-1], flush=True)
+        trace(lambda: rt.prefill(ids, last_only=True), a.out / f"prefill_{S}.trace.json", True)
         del rt
+    result["summaries"], text = analyse(a.out, rates, shape, a.layers, a.batch, pos, a.tokens)
+    print(text, flush=True)
     (a.out / "kernel_kinds.json").write_text(json.dumps(result, indent=1) + "\n")
-    (a.out / "kernel_kinds.md").write_text("\n".join(md))
+    (a.out / "kernel_kinds.md").write_text(text)
     for t in a.out.glob("*.trace.json"):
         with open(t, "rb") as src, gzip.open(str(t) + ".gz", "wb") as dst:
             shutil.copyfileobj(src, dst)
