@@ -8,9 +8,10 @@ no communication: the same work as our `nocomm` variant. Timed as transformers r
 
     decode   a StaticCache filled by an eager prefill of `context` tokens, then model.forward compiled with
              torch.compile(mode="reduce-overhead", fullgraph=True) (Inductor + CUDA graphs) and replayed at
-             batch B; each replay appends one position (transformers' static cache advances its own counter),
-             so timed steps attend over context + 1 .. context + warmup + iters + a few positions of a
-             cache of max_cache_len = the next multiple of 64 above that (ours: position context of 2112)
+             batch B; transformers keeps the static cache's position count itself (5.2x: a counter that
+             each replay advances), so timed steps may decode positions context .. context + warmup + iters
+             + 1 of a cache of max_cache_len = the next multiple of 64 above context + warmup + iters + 16
+             (ours: position context every step, cache 2112 at context 2048)
     prefill  eager forward of S tokens, use_cache=False, logits of the last token only (as our prefill)
 
 On CPU the decode step is compiled with backend="eager" (Dynamo's full-graph capture, no Inductor, no CUDA
