@@ -21,6 +21,8 @@ floor_frac = floor / median.
 Job key virtual_tp = R (with tp 1 and only the nocomm and hf_compile variants) times rank 0's shard of an R-way split on
 one device: one rank's compute at degree R (what nocomm measures) without R devices; records say
 virtual_tp.
+Job key prefill_graphs (default false) captures each plain prefill in a CUDA graph and times its replays
+(GPU, impl nccl; records: prefill_graphs).
 Job key fuse (default false) runs RoPE, add + RMSNorm and SwiGLU as torch.compile'd kernels (GPU only;
 records: fused); with it, decode attention runs as one Triton pass unless decode_kernel is false (records:
 decode_kernel). ISO variants are timed once per (iso_ctas, iso_sm_carveout) pair of the job's lists
@@ -160,6 +162,12 @@ def decode_kernel_on(job: dict, ctx: TPContext) -> bool:
     return fuse_on(job, ctx) and job.get("decode_kernel", True) is not False
 
 
+def prefill_graphs_on(job: dict, ctx: TPContext) -> bool:
+    """Captured prefills (Runtime(prefill_graphs=True)) when the job says prefill_graphs, on a GPU with impl
+    nccl; ISO variants stay eager (records: prefill_graphs)."""
+    return bool(job.get("prefill_graphs")) and ctx.device.type == "cuda" and job.get("impl", "nccl") == "nccl"
+
+
 def iso_settings(job: dict) -> list[tuple[int | None, int | None]]:
     """(max NCCL thread blocks, cuBLAS SM carve-out) pairs to time every ISO variant with."""
     return list(itertools.product(job.get("iso_ctas") or [None], job.get("iso_sm_carveout") or [None]))
@@ -243,17 +251,19 @@ def run_ours(job: dict, ctx: TPContext, record: Recorder) -> None:
     if "prefill" in b["phases"]:
         for S in b["tokens"]:
             rt = Runtime(model, ctx, 1, _round_up(S), cuda_graphs=False, impl=job.get("impl", "nccl"),
-                         fuse=fuse_on(job, ctx))
+                         fuse=fuse_on(job, ctx), prefill_graphs=prefill_graphs_on(job, ctx))
             ids = torch.randint(0, args.vocab_size, (1, S), generator=gen).to(ctx.device)  # (1, S)
             for v in variants:
                 spd = apply_variant_(model, v)
+                rt.invalidate()  # a captured prefill follows the variant's sync points
                 k = int(b.get("iso_chunks", ISO_CHUNKS)) if is_iso(v) else 1
                 for ctas, carveout in iso_settings(job) if k > 1 else [(None, None)]:
                     if k > 1:
                         rt.set_iso_(ctas, carveout, high_priority=ctas is not None)
                     times = measure(lambda: rt.prefill(ids, last_only=True, iso=k), ctx, b["warmup"], b["iters"])
                     record(times, phase="prefill", tokens=S, batch=1, context=0, variant=v, spd_blocks=spd,
-                           iso_chunks=k, iso_ctas=ctas, iso_sm_carveout=carveout)
+                           iso_chunks=k, iso_ctas=ctas, iso_sm_carveout=carveout,
+                           prefill_graphs=rt.prefill_graphs and k == 1)
             del rt
     variants = [v for v in variants if not is_iso(v)]  # decode has one token a sequence: nothing to split
     if "decode" in b["phases"] and variants:

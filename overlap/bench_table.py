@@ -67,7 +67,8 @@ def _kernels(rec: dict) -> str:
     if not rec.get("fused"):
         return "unfused elementwise"
     triton = rec.get("decode_kernel") and rec["phase"] == "decode"  # prefill never runs it
-    return "fused elementwise" + (" + Triton decode attention" if triton else "")
+    graphs = rec.get("prefill_graphs") and rec["phase"] == "prefill"
+    return "fused elementwise" + (" + Triton decode attention" if triton else "") + (" + prefill CUDA graph" if graphs else "")
 
 
 def _size(rec: dict) -> tuple:

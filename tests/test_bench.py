@@ -34,6 +34,7 @@ def test_cpu_smoke_run_writes_one_record_per_measurement(tmp_path):
         assert rec["impl"] == "nccl"  # the default collective implementation
         assert rec["fused"] is False  # extra.fuse applies on GPUs only
         assert rec["virtual_tp"] is False  # two real ranks, not one shard alone
+        assert rec.get("prefill_graphs", False) is False  # eager prefill (captured ones need a GPU)
         assert rec["p20_ms"] <= rec["median_ms"] <= rec["p80_ms"]
     assert {r["variant"]: r["spd_blocks"] for r in recs} == {"base": 0, "spd50": 2, "iso": 0, "spd50+iso": 2,
                                                               "nocomm": 0}
@@ -60,6 +61,7 @@ def test_dry_run_writes_a_portable_job_and_launches_nothing(tmp_path):
     assert "--nproc-per-node=4 -m overlap.bench --job" in done.stdout
     assert job["impl"] == "nccl"
     assert job["fuse"] is True and job["iso_ctas"] == [None]  # the fast elementwise path unless ++extra.fuse=false
+    assert job["prefill_graphs"] is False  # eager prefill unless ++extra.prefill_graphs=true
 
 
 def test_dry_run_passes_extra_impl_into_the_job(tmp_path):
