@@ -8,15 +8,21 @@ times, for every variant, prefill of S tokens (batch 1, bench.tokens) and one de
 (bench.batches) at position bench.context. Variants: base (2 syncs a block), spdNN (SPD on the last NN%
 of blocks; which blocks does not matter for latency), iso and spdNN+iso (prefill in bench.iso_chunks
 ISO pieces, overlap/iso.py; decode has no ISO, so these are not timed there), nocomm (no collectives:
-wrong numbers, the lower bound) and hf_tp (the same shape through transformers' own tensor
-parallelism; GPU only). Warm-up is excluded; each iteration is timed with CUDA events (perf_counter on
+wrong numbers, the lower bound), hf_tp (the same shape through transformers' own tensor
+parallelism; GPU only) and hf_compile (transformers' LlamaForCausalLM of one rank's shard shape alone, StaticCache
++ torch.compile(mode="reduce-overhead") decode, eager prefill: the same work as nocomm; overlap/hf_compile.py). Warm-up is excluded; each iteration is timed with CUDA events (perf_counter on
 CPU); rank 0 appends one JSON line per measurement (schema spd.bench/1) with the median and the
 20th/80th percentiles. Job key impl (default "nccl"; symm_mem, triton: overlap.kernels) picks the
 runtime's collective implementation for every variant (ISO's fused ops then run on its comm stream);
 records carry it.
-Job key virtual_tp = R (with tp 1 and only the nocomm variant) times rank 0's shard of an R-way split on
+Every job first measures its device's copy bandwidth and matmul throughput (overlap/floors.py); each record
+carries them and its floor (bytes over the copy rate or FLOPs over the matmul rate, the larger) and
+floor_frac = floor / median.
+Job key virtual_tp = R (with tp 1 and only the nocomm and hf_compile variants) times rank 0's shard of an R-way split on
 one device: one rank's compute at degree R (what nocomm measures) without R devices; records say
 virtual_tp.
+Job key prefill_graphs (default false) captures each plain prefill in a CUDA graph and times its replays
+(GPU, impl nccl; records: prefill_graphs).
 Job key fuse (default false) runs RoPE, add + RMSNorm and SwiGLU as torch.compile'd kernels (GPU only;
 records: fused); with it, decode attention runs as one Triton pass unless decode_kernel is false (records:
 decode_kernel). ISO variants are timed once per (iso_ctas, iso_sm_carveout) pair of the job's lists
@@ -54,14 +60,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SEQ_ALIGN = 64  # cache lengths are rounded up to this: aligned attention masks, at most 63 masked extra positions
 _SPD = re.compile(r"spd(\d{1,3})(\+iso)?$")
 ISO_CHUNKS = 2  # default bench.iso_chunks: ISO's two pieces
+PEERS = ("hf_tp", "hf_compile")  # transformers' models, timed after ours (overlap/hf_tp.py, overlap/hf_compile.py)
+VIRTUAL_OK = ("nocomm", "hf_compile")  # what one rank's shard alone can time honestly (no communication)
 
 
 def check_variants(variants) -> list[str]:
-    """The variant names, validated: base, nocomm, hf_tp, spdNN (0 <= NN <= 100), iso or spdNN+iso."""
+    """The variant names, validated: base, nocomm, hf_tp, hf_compile, spdNN (0 <= NN <= 100), iso or spdNN+iso."""
     for v in variants:
         m = _SPD.match(v)
-        if v not in ("base", "nocomm", "hf_tp", "iso") and not (m and int(m.group(1)) <= 100):
-            raise SPDError(f"unknown bench variant {v!r}; valid: base, nocomm, hf_tp, spd0..spd100 (e.g. spd25), "
+        if v not in ("base", "nocomm", *PEERS, "iso") and not (m and int(m.group(1)) <= 100):
+            raise SPDError(f"unknown bench variant {v!r}; valid: base, nocomm, hf_tp, hf_compile, spd0..spd100 (e.g. spd25), "
                            f"iso, spd0+iso..spd100+iso (ISO prefill, e.g. spd100+iso)")
     return list(variants)
 
@@ -78,18 +86,21 @@ def check_impl(impl: str, variants) -> str:
 def shard_context(job: dict, ctx: TPContext) -> TPContext:
     """The context the model is sharded for: ctx, or with job key virtual_tp = R > 1 on a single process,
     rank 0 of an R-way split with no process group (its sync points are identities): one rank's compute at
-    degree R measured on one device, i.e. `nocomm` at R without R devices (only nocomm is then honest)."""
+    degree R measured on one device, i.e. `nocomm` at R without R devices (only nocomm, and the hf_compile
+    peer of the same shard, are then honest)."""
     R = check_virtual(job)
     return ctx if R == 1 else TPContext(rank=0, world_size=R, device=ctx.device)
 
 
 def check_virtual(job: dict) -> int:
-    """The job's virtual_tp (1: off), validated: it needs tp 1, only the nocomm variant and impl nccl."""
+    """The job's virtual_tp (1: off), validated: it needs tp 1, only the nocomm (and hf_compile) variants and
+    impl nccl."""
     R = int(job.get("virtual_tp") or 1)
-    others = [v for v in job["bench"]["variants"] if v != "nocomm"]
+    others = [v for v in job["bench"]["variants"] if v not in VIRTUAL_OK]
     if R < 1 or (R > 1 and (job.get("tp", 1) != 1 or others or job.get("impl", "nccl") != "nccl")):
         raise SPDError(f"extra.virtual_tp={R} times one rank's shard of a {R}-way split on one process, with no "
-                       f"communication: it needs parallel.tp=1, bench.variants=[nocomm] and impl nccl (got tp="
+                       f"communication: it needs parallel.tp=1, bench.variants=[nocomm] (or [nocomm,hf_compile]: "
+                       f"transformers' model of the same shard) and impl nccl (got tp="
                        f"{job.get('tp', 1)}, other variants {others}, impl {job.get('impl', 'nccl')})")
     return R
 
@@ -151,6 +162,12 @@ def decode_kernel_on(job: dict, ctx: TPContext) -> bool:
     return fuse_on(job, ctx) and job.get("decode_kernel", True) is not False
 
 
+def prefill_graphs_on(job: dict, ctx: TPContext) -> bool:
+    """Captured prefills (Runtime(prefill_graphs=True)) when the job says prefill_graphs, on a GPU with impl
+    nccl; ISO variants stay eager (records: prefill_graphs)."""
+    return bool(job.get("prefill_graphs")) and ctx.device.type == "cuda" and job.get("impl", "nccl") == "nccl"
+
+
 def iso_settings(job: dict) -> list[tuple[int | None, int | None]]:
     """(max NCCL thread blocks, cuBLAS SM carve-out) pairs to time every ISO variant with."""
     return list(itertools.product(job.get("iso_ctas") or [None], job.get("iso_sm_carveout") or [None]))
@@ -165,13 +182,30 @@ def _round_up(n: int, k: int = SEQ_ALIGN) -> int:
     return -(-n // k) * k
 
 
+def _versions() -> dict:
+    """torch, triton and transformers versions of the process (triton / transformers when importable)."""
+    from importlib import metadata
+
+    out = {"torch": torch.__version__}
+    for name in ("triton", "transformers"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
 class Recorder:
     """Rank 0 appends one JSON line per measurement to the job's output file and echoes it."""
 
-    def __init__(self, job: dict, ctx: TPContext):
+    def __init__(self, job: dict, ctx: TPContext, rates: dict | None = None):
         from spd.run import device_name, git_commit
 
-        self.ctx, self.out = ctx, Path(job["out"])
+        from overlap.floors import DTYPE_BYTES, ShardShape
+
+        self.ctx, self.out, self.rates = ctx, Path(job["out"]), rates
+        self.shape = ShardShape(ModelArgs.from_model_config(job["model"]), ctx.world_size)
+        self.dtype_bytes = DTYPE_BYTES[DTYPES[job["model"].get("dtype", "bfloat16")]]
         b = job["bench"]
         self.common = dict(schema=SCHEMA, model=job["model"].get("name", "?"), tp=ctx.world_size,
                            interconnect=job["interconnect"], dtype=job["model"].get("dtype", "bfloat16"),
@@ -180,7 +214,8 @@ class Recorder:
                            compile=bool(job.get("compile")), impl=job.get("impl", "nccl"), fused=fuse_on(job, ctx),
                            decode_kernel=decode_kernel_on(job, ctx),
                            device=device_name(),
-                           torch=torch.__version__, commit=git_commit())
+                           torch=torch.__version__, versions=_versions(), commit=git_commit(),
+                           **({"command": job["command"]} if job.get("command") else {}), **(rates or {}))
 
     def __call__(self, times: list[float], **fields) -> None:
         if not self.ctx.is_main:
@@ -188,18 +223,25 @@ class Recorder:
         rec = dict(self.common, **fields, median_ms=round(percentile(times, 50), 4),
                    p20_ms=round(percentile(times, 20), 4), p80_ms=round(percentile(times, 80), 4),
                    time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        if self.rates:
+            from overlap.floors import floor_fields
+
+            rec.update(floor_fields(self.shape, self.rates, fields["phase"], fields["tokens"], fields["batch"],
+                                    fields["context"], self.dtype_bytes, rec["median_ms"]))
         self.out.parent.mkdir(parents=True, exist_ok=True)
         with open(self.out, "a") as f:
             f.write(json.dumps(rec) + "\n")
         size = f"tokens={fields['tokens']}" if fields["phase"] == "prefill" else f"batch={fields['batch']}"
+        floor = f", floor {rec['floor_ms']:.3f} ({rec['floor_bound']}), {100 * rec['floor_frac']:.0f}% of it" \
+            if "floor_ms" in rec else ""
         print(f"[spd-bench] tp={self.ctx.world_size} {fields['phase']} {size} {fields['variant']}: "
-              f"{rec['median_ms']:.3f} ms (p20 {rec['p20_ms']:.3f}, p80 {rec['p80_ms']:.3f})", flush=True)
+              f"{rec['median_ms']:.3f} ms (p20 {rec['p20_ms']:.3f}, p80 {rec['p80_ms']:.3f}){floor}", flush=True)
 
 
 def run_ours(job: dict, ctx: TPContext, record: Recorder) -> None:
     """Prefill and decode latency of every variant of this project's runtime."""
     b, seed = job["bench"], int(job["model"].get("seed", 0))
-    variants = [v for v in b["variants"] if v != "hf_tp"]
+    variants = [v for v in b["variants"] if v not in PEERS]
     if not variants:
         return
     args = ModelArgs.from_model_config(job["model"])
@@ -209,17 +251,19 @@ def run_ours(job: dict, ctx: TPContext, record: Recorder) -> None:
     if "prefill" in b["phases"]:
         for S in b["tokens"]:
             rt = Runtime(model, ctx, 1, _round_up(S), cuda_graphs=False, impl=job.get("impl", "nccl"),
-                         fuse=fuse_on(job, ctx))
+                         fuse=fuse_on(job, ctx), prefill_graphs=prefill_graphs_on(job, ctx))
             ids = torch.randint(0, args.vocab_size, (1, S), generator=gen).to(ctx.device)  # (1, S)
             for v in variants:
                 spd = apply_variant_(model, v)
+                rt.invalidate()  # a captured prefill follows the variant's sync points
                 k = int(b.get("iso_chunks", ISO_CHUNKS)) if is_iso(v) else 1
                 for ctas, carveout in iso_settings(job) if k > 1 else [(None, None)]:
                     if k > 1:
                         rt.set_iso_(ctas, carveout, high_priority=ctas is not None)
                     times = measure(lambda: rt.prefill(ids, last_only=True, iso=k), ctx, b["warmup"], b["iters"])
                     record(times, phase="prefill", tokens=S, batch=1, context=0, variant=v, spd_blocks=spd,
-                           iso_chunks=k, iso_ctas=ctas, iso_sm_carveout=carveout)
+                           iso_chunks=k, iso_ctas=ctas, iso_sm_carveout=carveout,
+                           prefill_graphs=rt.prefill_graphs and k == 1)
             del rt
     variants = [v for v in variants if not is_iso(v)]  # decode has one token a sequence: nothing to split
     if "decode" in b["phases"] and variants:
@@ -272,7 +316,7 @@ def run_profile(job: dict, ctx: TPContext, out_dir: Path, layers: int,
         rt = Runtime(model, ctx, 1, _round_up(S), cuda_graphs=False, impl=impl, fuse=fuse)
         ids = torch.randint(0, args.vocab_size, (1, S), generator=gen).to(ctx.device)  # (1, S)
         k_iso = int(b.get("iso_chunks", ISO_CHUNKS))
-        for v in [v for v in b["variants"] if v != "hf_tp"]:
+        for v in [v for v in b["variants"] if v not in PEERS]:
             k = k_iso if is_iso(v) else 1
             iso = iso_settings(job)[0] if k > 1 else None  # the first (ctas, carve-out) setting
             runs.append((v, rt, lambda k=k: rt.prefill(ids, last_only=True, iso=k), iso))
@@ -289,7 +333,7 @@ def run_profile(job: dict, ctx: TPContext, out_dir: Path, layers: int,
                     rt.pos = context
                     rt.decode_one(tok)
 
-            for v in [v for v in b["variants"] if v != "hf_tp" and not is_iso(v)]:
+            for v in [v for v in b["variants"] if v not in PEERS and not is_iso(v)]:
                 runs.append((v + suffix, rt, steps, None))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -332,8 +376,18 @@ def run_job(job: dict, profile_dir: Path | None = None, layers: int = 4, phase: 
                 report(traces, profile_dir / "timeline.png")
             ctx.barrier()
             return
-        record = Recorder(job, ctx)
+        from overlap.floors import measure_rates
+
+        rates = measure_rates(ctx.device, DTYPES[job["model"].get("dtype", "bfloat16")])
+        if ctx.is_main:
+            print(f"[spd-bench] floors: copy {rates['copy_tbps']:.3f} TB/s (read + write), matmul "
+                  f"{rates['matmul_tflops']:.1f} TFLOP/s ({rates['matmul_n']}^3 {rates['matmul_dtype']})", flush=True)
+        record = Recorder(job, ctx, rates)
         run_ours(job, ctx, record)
+        if "hf_compile" in job["bench"]["variants"]:
+            from overlap.hf_compile import run_hf_compile
+
+            run_hf_compile(job, ctx, record, measure)
         if "hf_tp" in job["bench"]["variants"]:
             if ctx.device.type != "cuda":
                 if ctx.is_main:

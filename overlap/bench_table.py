@@ -5,8 +5,12 @@ one setup of one code version; a row per (R, interconnect, size), where size is 
 the decode batch and context; a column per variant with "median (p20-p80)" in ms (ISO variants timed
 with a capped NCCL group or an SM carve-out are labelled e.g. "iso c8 s16": at most 8 NCCL thread
 blocks, 16 SMs left free by cuBLAS), then two derived columns: what SPD on every block saves against
-base, and the communication share of base, (base - nocomm) / base. When a measurement was repeated,
-the last record wins.
+base, and the communication share of base, (base - nocomm) / base. Where the records carry floors
+(overlap/floors.py, measured in the same run) the table adds the row's floor in ms (m: memory-bound,
+bytes over the measured copy rate; c: compute-bound, FLOPs over the measured matmul rate) and the fraction
+of it reached (floor / median) by the reference variant (base, else nocomm) and by hf_compile, and, where
+an hf_compile record of the same setup exists, the speed-up hf_compile / reference. When a measurement
+was repeated, the last record wins.
 
     python scripts/bench_table.py docs/benchmarks/spd_bench.jsonl [more.jsonl] [-o table.md]
 """
@@ -19,7 +23,8 @@ import re
 from pathlib import Path
 
 SCHEMA = "spd.bench/1"
-ORDER = ["base", "iso", "spd25", "spd50", "spd75", "spd100", "spd100+iso", "nocomm", "hf_tp"]
+ORDER = ["base", "iso", "spd25", "spd50", "spd75", "spd100", "spd100+iso", "nocomm", "hf_tp", "hf_compile"]
+PEERS = ("hf_tp", "hf_compile")
 
 
 def read_records(paths) -> list[dict]:
@@ -62,7 +67,8 @@ def _kernels(rec: dict) -> str:
     if not rec.get("fused"):
         return "unfused elementwise"
     triton = rec.get("decode_kernel") and rec["phase"] == "decode"  # prefill never runs it
-    return "fused elementwise" + (" + Triton decode attention" if triton else "")
+    graphs = rec.get("prefill_graphs") and rec["phase"] == "prefill"
+    return "fused elementwise" + (" + Triton decode attention" if triton else "") + (" + prefill CUDA graph" if graphs else "")
 
 
 def _size(rec: dict) -> tuple:
@@ -87,6 +93,24 @@ def _pct(a: dict | None, b: dict | None) -> str:
     return f"{100 * (a['median_ms'] - b['median_ms']) / a['median_ms']:.1f}%"
 
 
+def _frac(rec: dict | None) -> str:
+    if rec is None or not rec.get("floor_ms") or not rec["median_ms"]:
+        return "-"
+    return f"{100 * rec['floor_ms'] / rec['median_ms']:.0f}%"
+
+
+def _floor(rec: dict | None) -> str:
+    if rec is None or not rec.get("floor_ms"):
+        return "-"
+    return f"{rec['floor_ms']:.2f} {rec.get('floor_bound', '?')[0]}"
+
+
+def _ratio(peer: dict | None, ours: dict | None) -> str:
+    if peer is None or ours is None or not ours["median_ms"]:
+        return "-"
+    return f"{peer['median_ms'] / ours['median_ms']:.2f}x"
+
+
 def tables(records: list[dict]) -> str:
     """The markdown text: one titled table per (model, device, dtype, phase)."""
     latest: dict[tuple, dict] = {}
@@ -105,16 +129,33 @@ def tables(records: list[dict]) -> str:
         alone = ", one rank's shard alone (virtual R)" if virtual else ""
         parts.append(f"### {model}, {phase}, {dtype}, impl {impl}, {kernels}"
                      f"{alone}, on {device} (torch {any_rec['torch']}, commit {commit[:12]})\n")
+        floors = any(r.get("floor_ms") for cells in rows.values() for r in cells.values())
+        ref = "base" if "base" in variants else "nocomm" if "nocomm" in variants else None
+        peer = "hf_compile" in variants
         head = ["R", "interconnect", "size", *variants, "SPD100 saves", "comm share"]
+        if floors:
+            head += ["floor", *([f"{ref} of floor"] if ref else []), *(["hf_compile of floor"] if peer else [])]
+        if peer and ref:
+            head.append(f"hf_compile / {ref}")
         parts.append("| " + " | ".join(head) + " |")
         parts.append("|" + "---|" * len(head))
         for (tp, ic, size), cells in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
             row = [str(tp), ic, _size_label(phase, size), *(_cell(cells.get(v)) for v in variants),
                    _pct(cells.get("base"), cells.get("spd100")), _pct(cells.get("base"), cells.get("nocomm"))]
+            if floors:
+                any_floor = next((r for r in cells.values() if r.get("floor_ms")), None)
+                row += [_floor(any_floor), *([_frac(cells.get(ref))] if ref else []),
+                        *([_frac(cells.get("hf_compile"))] if peer else [])]
+            if peer and ref:
+                row.append(_ratio(cells.get("hf_compile"), cells.get(ref)))
             parts.append("| " + " | ".join(row) + " |")
         parts.append("")
     parts.append("Milliseconds: median (20th-80th percentile) over the timed iterations, warm-up excluded. "
                  "nocomm skips every all-reduce (wrong numbers, the lower bound).")
+    if any(r.get("floor_ms") for r in latest.values()):
+        parts.append("Floor: the larger of bytes / measured copy bandwidth (m) and FLOPs / measured matmul "
+                     "throughput (c), both measured in the same run (overlap/floors.py); X of floor = floor / "
+                     "median; hf_compile / X = how many times faster X is than transformers' compiled model.")
     return "\n".join(parts) + "\n"
 
 

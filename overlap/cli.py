@@ -15,6 +15,7 @@ adds NCCL_P2P_DISABLE=1 (the paper's low-bandwidth case), nvlink removes it.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -72,7 +73,9 @@ def bench_job(cfg) -> dict:
         iso_ctas=_int_list(cfg.extra.get("iso_ctas"), "iso_ctas"),  # ++extra.iso_ctas=[4,8]
         iso_sm_carveout=_int_list(cfg.extra.get("iso_sm_carveout"), "iso_sm_carveout"),
         decode_kernel=bool(cfg.extra.get("decode_kernel", True)),  # ++extra.decode_kernel=false: compiled ops instead
+        prefill_graphs=bool(cfg.extra.get("prefill_graphs", False)),  # ++extra.prefill_graphs=true: captured prefill
         virtual_tp=int(cfg.extra.get("virtual_tp", 1)),  # ++extra.virtual_tp=4: one rank's nocomm work on one device
+        command="spd-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),  # the overrides, for the records
     )
     check_virtual(job)
     # The shard layout fits the shape (else: which degrees do), checked here rather than inside the torchrun job.

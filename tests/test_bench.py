@@ -34,6 +34,7 @@ def test_cpu_smoke_run_writes_one_record_per_measurement(tmp_path):
         assert rec["impl"] == "nccl"  # the default collective implementation
         assert rec["fused"] is False  # extra.fuse applies on GPUs only
         assert rec["virtual_tp"] is False  # two real ranks, not one shard alone
+        assert rec.get("prefill_graphs", False) is False  # eager prefill (captured ones need a GPU)
         assert rec["p20_ms"] <= rec["median_ms"] <= rec["p80_ms"]
     assert {r["variant"]: r["spd_blocks"] for r in recs} == {"base": 0, "spd50": 2, "iso": 0, "spd50+iso": 2,
                                                               "nocomm": 0}
@@ -60,6 +61,7 @@ def test_dry_run_writes_a_portable_job_and_launches_nothing(tmp_path):
     assert "--nproc-per-node=4 -m overlap.bench --job" in done.stdout
     assert job["impl"] == "nccl"
     assert job["fuse"] is True and job["iso_ctas"] == [None]  # the fast elementwise path unless ++extra.fuse=false
+    assert job["prefill_graphs"] is False  # eager prefill unless ++extra.prefill_graphs=true
 
 
 def test_dry_run_passes_extra_impl_into_the_job(tmp_path):
@@ -103,9 +105,10 @@ def test_child_env_keeps_multicast_off_and_sets_p2p(monkeypatch):
 
 
 def test_variants_are_validated():
-    assert check_variants(["base", "spd0", "spd37", "spd100", "nocomm", "hf_tp", "iso", "spd0+iso", "spd100+iso"])
+    assert check_variants(["base", "spd0", "spd37", "spd100", "nocomm", "hf_tp", "hf_compile", "iso", "spd0+iso",
+                           "spd100+iso"])
     for bad in ("spd101", "spd", "fast", "nocomm+iso", "hf_tp+iso", "base+iso", "spd101+iso", "iso+iso", "spd50iso"):
-        with pytest.raises(SPDError, match=r"valid: base, nocomm, hf_tp, spd0..spd100 .*, iso, spd0\+iso"):
+        with pytest.raises(SPDError, match=r"valid: base, nocomm, hf_tp, hf_compile, spd0..spd100 .*, iso, spd0\+iso"):
             check_variants([bad])
 
 
@@ -144,19 +147,40 @@ def test_table_from_records(tmp_path):
     assert "| R | interconnect | size | base | iso | iso c8 | SPD100 saves | comm share |" in text
 
 
-def test_virtual_tp_times_one_rank_shard_alone(tmp_path):
-    """++extra.virtual_tp=2 on one process: rank 0's shard of a 2-way split, nocomm, recorded as tp 2."""
+def test_virtual_tp_times_one_rank_shard_alone_with_its_hf_compile_peer_and_floors(tmp_path):
+    """++extra.virtual_tp=2 on one process: rank 0's shard of a 2-way split, nocomm, recorded as tp 2; in the
+    same run transformers' model of the same shard (hf_compile; on CPU its decode step goes through Dynamo's
+    full-graph capture with the eager backend) and the floors measured once, stated on every record."""
     out = tmp_path / "v.jsonl"
     cmd = [sys.executable, "-m", "overlap.cli", "model=tiny", "bench=smoke", "parallel.tp=1", "++extra.virtual_tp=2",
-           "bench.variants=[nocomm]", f"bench.out={out}", f"run_dir={tmp_path / 'run'}"]
+           "bench.variants=[nocomm,hf_compile]", f"bench.out={out}", f"run_dir={tmp_path / 'run'}"]
     done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     recs = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(recs) == 3 and all(r["tp"] == 2 and r["virtual_tp"] is True for r in recs)
-    assert "one rank's shard alone (virtual R)" in tables(recs)
+    assert len(recs) == 6 and all(r["tp"] == 2 and r["virtual_tp"] is True for r in recs)
+    assert sorted((r["variant"], r["phase"], r["batch"]) for r in recs) == [
+        ("hf_compile", "decode", 1), ("hf_compile", "decode", 2), ("hf_compile", "prefill", 1),
+        ("nocomm", "decode", 1), ("nocomm", "decode", 2), ("nocomm", "prefill", 1)]
+    for r in recs:
+        assert r["copy_tbps"] > 0 and r["matmul_tflops"] > 0 and r["copy_bytes"] > 0  # measured in this run
+        assert r["floor_ms"] == max(r["floor_mem_ms"], r["floor_flop_ms"])
+        assert r["floor_frac"] == pytest.approx(r["floor_ms"] / r["median_ms"], rel=1e-3)
+        assert r["floor_mem_ms"] == pytest.approx(r["floor_bytes"] / (r["copy_tbps"] * 1e9), rel=1e-3)
+    assert len({(r["copy_tbps"], r["matmul_tflops"]) for r in recs}) == 1  # once a job
+    peer = [r for r in recs if r["variant"] == "hf_compile"]
+    assert all(r["peer"].startswith("transformers ") for r in peer)
+    assert {(r["phase"], r["compile"]) for r in peer} == {("prefill", False), ("decode", True)}
+    # the same shard shape, so the same floor as nocomm's record of the same size
+    floor = {(r["phase"], r["batch"], r["variant"]): r["floor_ms"] for r in recs}
+    assert all(floor[(p, b, "nocomm")] == floor[(p, b, "hf_compile")] for p, b, _ in floor)
+    text = tables(recs)
+    assert "one rank's shard alone (virtual R)" in text
+    assert "| nocomm | hf_compile | SPD100 saves | comm share | floor | nocomm of floor | hf_compile of floor " \
+           "| hf_compile / nocomm |" in text
 
 
-@pytest.mark.parametrize("bad", [["parallel.tp=2"], ["bench.variants=[base,nocomm]"], ["++extra.impl=triton"]])
+@pytest.mark.parametrize("bad", [["parallel.tp=2"], ["bench.variants=[base,nocomm]"], ["bench.variants=[nocomm,hf_tp]"],
+                                 ["++extra.impl=triton"]])
 def test_virtual_tp_refuses_what_it_cannot_measure(tmp_path, bad):
     cmd = [sys.executable, "-m", "overlap.cli", "model=tiny", "bench=smoke", "parallel.tp=1", "++extra.virtual_tp=2",
            "bench.variants=[nocomm]", f"run_dir={tmp_path}", "++extra.dry_run=true", *bad]
@@ -182,3 +206,74 @@ def test_a_degree_the_shape_cannot_take_fails_before_launching(tmp_path, degree)
     assert done.returncode != 0
     assert "valid degrees: 1, 2, 4, 8" in done.stderr + done.stdout  # tiny: 8 heads, 4 KV heads
     assert "torch.distributed.run" not in done.stdout and not (tmp_path / "job.json").exists()
+
+
+def test_floor_arithmetic_against_a_hand_count():
+    """Weight bytes and FLOPs of one rank's shard, counted by hand on the tiny shape and the LLaMA-2-70B one."""
+    from overlap.floors import ShardShape, floor_fields
+    from overlap.model import ModelArgs
+
+    tiny = ModelArgs(vocab_size=512, dim=64, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=172)  # conf/model/tiny
+    s = ShardShape(tiny, 2)  # rank 0 of 2: 4 query heads, 2 KV heads, 86 FFN rows, head dim 8
+    # wqkv (4 + 2 + 2) x 8 x 64 + wo 64 x 32 + w13 2 x 86 x 64 + w2 64 x 86
+    assert s.block_gemm_params() == 4096 + 2048 + 11008 + 5504 == 22656
+    assert s.weight_params() == 4 * (22656 + 2 * 64) + 64 + 512 * 64 == 123968  # + norms, final norm, lm_head
+    # decode, batch 2 at position 64 (65 cached positions), float32
+    nbytes, flops = s.work("decode", 1, 2, 64, 4)
+    kv = 2 * 4 * 2 * 65 * 2 * 8  # K and V, 4 blocks, batch 2, 65 positions, 2 KV heads, head dim 8
+    assert nbytes == 4 * (123968 + kv) == 562432
+    assert flops == 2 * 2 * 22656 * 4 + 4 * 4 * 2 * 4 * 8 * 65 + 2 * 2 * 512 * 64 == 560128
+    # prefill of 32 tokens: GEMMs, causal attention (half of 32 x 32 pairs), the last token's lm_head
+    nbytes, flops = s.work("prefill", 32, 1, 0, 4)
+    assert nbytes == 4 * (123968 + 2 * 4 * 32 * 2 * 8)
+    assert flops == 2 * 32 * 22656 * 4 + 4 * 4 * 4 * 8 * 32 * 32 / 2 + 2 * 512 * 64
+    # degree 8 > 4 KV heads: one replicated KV head, uneven FFN rows (172 = 4 x 22 + 4 x 21: rank 0 has 22)
+    s8 = ShardShape(tiny, 8)
+    assert (s8.q_heads, s8.kv_heads, s8.ffn) == (1, 1, 22)
+    # LLaMA-2-70B, R = 4: 34.75 GB of bf16 a rank (the figure of issue 16); R = 8: one KV head a rank
+    big = ModelArgs(vocab_size=32000, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672)
+    assert ShardShape(big, 4).weight_params() * 2 == 34_752_446_464
+    assert ShardShape(big, 8).kv_heads == 1 and ShardShape(big, 8).ffn == 3584
+    rates = dict(copy_tbps=4.0, matmul_tflops=800.0)
+    f = floor_fields(ShardShape(big, 4), rates, "decode", 1, 1, 2048, 2, median_ms=11.0)
+    assert f["floor_bound"] == "memory" and f["floor_ms"] == pytest.approx(f["floor_bytes"] / 4e9, rel=1e-5)
+    assert f["floor_frac"] == pytest.approx(f["floor_ms"] / 11.0, rel=1e-3)
+    f = floor_fields(ShardShape(big, 4), rates, "prefill", 2048, 1, 0, 2, median_ms=115.0)
+    assert f["floor_bound"] == "compute" and f["floor_ms"] == pytest.approx(f["floor_flops"] / 800e9, rel=1e-5)
+
+
+def test_hf_compile_model_has_the_shard_shape():
+    """transformers' model of rank 0's shard holds exactly the weights the floor counts (+ its embedding),
+    as many as our own sharded model."""
+    import torch
+
+    from overlap.context import TPContext
+    from overlap.floors import ShardShape
+    from overlap.hf_compile import build
+    from overlap.model import ModelArgs
+    from overlap.tp import build_sharded
+
+    args = ModelArgs(vocab_size=512, dim=64, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=172)
+    for tp in (2, 8):
+        hf = build(args, tp, torch.device("cpu"), torch.float32)
+        ours = build_sharded(args, TPContext(rank=0, world_size=tp, device=torch.device("cpu")), torch.float32)
+        n_hf = sum(p.numel() for p in hf.parameters())
+        n_ours = sum(p.numel() for p in ours.parameters())
+        assert n_hf == n_ours == ShardShape(args, tp).weight_params() + args.vocab_size * args.dim
+        layer = hf.model.layers[0]
+        assert layer.self_attn.q_proj.weight.shape == (ShardShape(args, tp).q_heads * 8, 64)
+        assert layer.mlp.gate_proj.weight.shape == (ShardShape(args, tp).ffn, 64)
+
+
+def test_table_states_floor_fraction_and_the_hf_compile_ratio():
+    def rec(variant, median, **kw):
+        return _rec(variant, median, virtual_tp=True, floor_ms=8.0, floor_bound="memory", **kw)
+
+    text = tables([rec("nocomm", 10.0), rec("hf_compile", 18.0), rec("nocomm", 11.0, batch=16)])
+    assert "| R | interconnect | size | nocomm | hf_compile | SPD100 saves | comm share | floor | nocomm of floor " \
+           "| hf_compile of floor | hf_compile / nocomm |" in text
+    assert "| 10.00 (9.90-10.10) | 18.00 (17.90-18.10) | - | - | 8.00 m | 80% | 44% | 1.80x |" in text
+    assert "| batch 16, ctx 2048 | 11.00 (10.90-11.10) | - | - | - | 8.00 m | 73% | - | - |" in text
+    assert "Floor: the larger of bytes / measured copy bandwidth" in text
+    old = tables([_rec("base", 14.0)])  # records without floors: the old columns only
+    assert "floor" not in old.split("\n")[2]

@@ -1,0 +1,55 @@
+"""scripts/kernel_kinds.py: kernels labelled by the GEMM that launched them, graph replays by place, work once."""
+
+import dataclasses
+import importlib.util
+
+import pytest
+
+from overlap.floors import ShardShape
+from overlap.model import ModelArgs
+from spd.run import PROJECT_ROOT
+
+spec = importlib.util.spec_from_file_location("kernel_kinds", PROJECT_ROOT / "scripts" / "kernel_kinds.py")
+kk = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(kk)
+
+SHAPE = ShardShape(dataclasses.replace(ModelArgs.from_model_config(kk.LLAMA2_70B), n_layers=1), 4)
+
+
+def _kernel(name, ts, dur, eid, grid=(1, 1, 1)):
+    return dict(name=name, ph="X", cat="kernel", ts=ts, dur=dur, args={"External id": eid, "grid": list(grid)})
+
+
+def _op(name, eid, dims):
+    return dict(name=name, ph="X", cat="cpu_op", args={"External id": eid, "Input Dims": dims})
+
+
+def test_gemms_are_named_by_weight_shape_and_a_split_k_reduce_adds_no_work():
+    ops = {1: _op("aten::mm", 1, [[1, 8192], [8192, 2560]]), 2: _op("aten::mm", 2, [[1, 2048], [2048, 8192]]),
+           3: _op("aten::linear", 3, [[1, 1, 7168], [8192, 7168], []])}
+    kernels = [_kernel("gemv_splitk", 0, 12, 1), _kernel("splitKreduce_kernel", 12, 2, 1), _kernel("gemv", 20, 10, 2),
+               _kernel("gemv", 40, 29, 3), _kernel("triton_red_fused_rms_norm_0", 70, 3, 9),
+               _kernel("split_kernel", 80, 5, 10), _kernel("merge_kernel", 90, 3, 11)]
+    labelled, _ = kk.label_eager(kernels, ops, kk.gemm_names(SHAPE))
+    assert [lab for _, lab, _ in labelled] == [
+        "gemm: wqkv", "gemm: wqkv", "gemm: wo", "gemm: w2", "fused elementwise (compiled: norms, RoPE, SwiGLU, adds)",
+        "attention: Triton split (RoPE, cache write, attention)", "attention: Triton merge"]
+    s = kk.summarize(labelled, 1, 1, "decode", SHAPE, 1, 1, 2048, dict(copy_tbps=4.0, matmul_tflops=800.0))
+    rows = {r["kind"]: r for r in s["rows"]}
+    wqkv = rows["gemm: wqkv"]
+    assert wqkv["launches_per_step"] == 2 and wqkv["us_per_step"] == 14
+    assert wqkv["bytes_per_step"] == (8192 * 2560 + 8192 + 2560) * 2  # once, not once per kernel
+    assert wqkv["tbps"] == pytest.approx(wqkv["bytes_per_step"] / 14e-6 / 1e12, rel=1e-3)
+    kv = 2 * 2049 * 2 * 128 * 2  # K and V, 2049 positions, 2 KV heads, head dim 128, bf16
+    assert rows["attention: Triton split (RoPE, cache write, attention)"]["bytes_per_step"] == kv
+    assert s["busy_us_per_step"] == 64 and s["span_us_per_step"] == 93  # 14 + 10 + 29 + 3 + 5 + 3 busy; 0..93
+
+
+def test_graph_replays_take_the_label_of_the_eager_kernel_at_the_same_place():
+    # wo and w2 launch the same cuBLAS kernel with the same grid: a signature cannot tell them apart
+    ops = {1: _op("aten::mm", 1, [[1, 2048], [2048, 8192]]), 2: _op("aten::mm", 2, [[1, 7168], [7168, 8192]])}
+    eager = [_kernel("gemv", 0, 10, 1), _kernel("gemv", 20, 29, 2)]
+    labelled, _ = kk.label_eager(eager, ops, kk.gemm_names(SHAPE))
+    graph = [_kernel("gemv", 100, 10, 0), _kernel("gemv", 111, 29, 0)]
+    assert [lab for _, lab, _ in kk.positional(labelled, graph)] == ["gemm: wo", "gemm: w2"]
+    assert kk.positional(labelled, graph[:1]) is None  # another sequence: no positional labels
