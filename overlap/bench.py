@@ -54,9 +54,9 @@ from overlap.model import ModelArgs
 from overlap.runtime import Runtime
 from overlap.tp import build_sharded, set_nocomm_, set_plan_, spd_share_plan
 from spd.errors import SPDError
+from spd.load import torch_dtype
 
 SCHEMA = "spd.bench/1"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SEQ_ALIGN = 64  # cache lengths are rounded up to this: aligned attention masks, at most 63 masked extra positions
 _SPD = re.compile(r"spd(\d{1,3})(\+iso)?$")
 ISO_CHUNKS = 2  # default bench.iso_chunks: ISO's two pieces
@@ -79,7 +79,7 @@ def check_impl(impl: str, variants) -> str:
     from overlap.kernels import IMPLS
 
     if impl not in IMPLS:
-        raise SPDError(f"unknown collective impl {impl!r} (extra.impl); valid: {', '.join(IMPLS)}")
+        raise SPDError(f"unknown collective impl {impl!r} (bench.impl); valid: {', '.join(IMPLS)}")
     return impl
 
 
@@ -98,7 +98,7 @@ def check_virtual(job: dict) -> int:
     R = int(job.get("virtual_tp") or 1)
     others = [v for v in job["bench"]["variants"] if v not in VIRTUAL_OK]
     if R < 1 or (R > 1 and (job.get("tp", 1) != 1 or others or job.get("impl", "nccl") != "nccl")):
-        raise SPDError(f"extra.virtual_tp={R} times one rank's shard of a {R}-way split on one process, with no "
+        raise SPDError(f"bench.virtual_tp={R} times one rank's shard of a {R}-way split on one process, with no "
                        f"communication: it needs parallel.tp=1, bench.variants=[nocomm] (or [nocomm,hf_compile]: "
                        f"transformers' model of the same shard) and impl nccl (got tp="
                        f"{job.get('tp', 1)}, other variants {others}, impl {job.get('impl', 'nccl')})")
@@ -201,11 +201,11 @@ class Recorder:
     def __init__(self, job: dict, ctx: TPContext, rates: dict | None = None):
         from spd.run import device_name, git_commit
 
-        from overlap.floors import DTYPE_BYTES, ShardShape
+        from overlap.floors import ShardShape
 
         self.ctx, self.out, self.rates = ctx, Path(job["out"]), rates
         self.shape = ShardShape(ModelArgs.from_model_config(job["model"]), ctx.world_size)
-        self.dtype_bytes = DTYPE_BYTES[DTYPES[job["model"].get("dtype", "bfloat16")]]
+        self.dtype_bytes = torch_dtype(job["model"].get("dtype", "bfloat16")).itemsize
         b = job["bench"]
         self.common = dict(schema=SCHEMA, model=job["model"].get("name", "?"), tp=ctx.world_size,
                            interconnect=job["interconnect"], dtype=job["model"].get("dtype", "bfloat16"),
@@ -245,7 +245,7 @@ def run_ours(job: dict, ctx: TPContext, record: Recorder) -> None:
     if not variants:
         return
     args = ModelArgs.from_model_config(job["model"])
-    dtype = DTYPES[job["model"].get("dtype", "bfloat16")]
+    dtype = torch_dtype(job["model"].get("dtype", "bfloat16"))
     model = build_sharded(args, ctx, dtype=dtype, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     if "prefill" in b["phases"]:
@@ -306,7 +306,7 @@ def run_profile(job: dict, ctx: TPContext, out_dir: Path, layers: int,
         raise SPDError(f"--phase must be prefill or decode, got {phase!r}")
     b, seed = job["bench"], int(job["model"].get("seed", 0))
     args = dataclasses.replace(ModelArgs.from_model_config(job["model"]), n_layers=layers)
-    model = build_sharded(args, ctx, dtype=DTYPES[job["model"].get("dtype", "bfloat16")], seed=seed)
+    model = build_sharded(args, ctx, dtype=torch_dtype(job["model"].get("dtype", "bfloat16")), seed=seed)
     gen = torch.Generator().manual_seed(seed)
     impl, fuse = job.get("impl", "nccl"), fuse_on(job, ctx)
     cuda = ctx.device.type == "cuda"
@@ -378,7 +378,7 @@ def run_job(job: dict, profile_dir: Path | None = None, layers: int = 4, phase: 
             return
         from overlap.floors import measure_rates
 
-        rates = measure_rates(ctx.device, DTYPES[job["model"].get("dtype", "bfloat16")])
+        rates = measure_rates(ctx.device, torch_dtype(job["model"].get("dtype", "bfloat16")))
         if ctx.is_main:
             print(f"[spd-bench] floors: copy {rates['copy_tbps']:.3f} TB/s (read + write), matmul "
                   f"{rates['matmul_tflops']:.1f} TFLOP/s ({rates['matmul_n']}^3 {rates['matmul_dtype']})", flush=True)

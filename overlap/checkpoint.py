@@ -23,21 +23,8 @@ from overlap.context import TPContext
 from overlap.model import Transformer
 from overlap.tp import shard_
 from spd.errors import ModelLoadError, PlanError
+from spd.load import dtype_name, torch_dtype
 from spd.plan import SPDPlan
-
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """A torch dtype from a dtype or its name (float32, bfloat16, float16)."""
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPE_NAMES:
-            raise ModelLoadError(f"dtype {dtype} is not supported; valid: {', '.join(DTYPE_NAMES.values())}")
-        return dtype
-    from spd.load import torch_dtype
-
-    return torch_dtype(dtype)
-
 
 def is_export(path: str | Path) -> bool:
     """Whether path is an spd-export directory (its config.json carries spd_plan)."""
@@ -56,7 +43,7 @@ def load_hf(source, dtype: torch.dtype | str = torch.float32, plan: SPDPlan | No
     from spd.load import load_model
     from spd.surgery import apply_plan_
 
-    dtype = as_dtype(dtype)
+    dtype = torch_dtype(dtype)
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         if not (path / "config.json").is_file():
@@ -67,7 +54,7 @@ def load_hf(source, dtype: torch.dtype | str = torch.float32, plan: SPDPlan | No
     if not isinstance(source, ModelConfig):
         raise ModelLoadError(f"cannot load a model from a {type(source).__name__}; pass an spd-export or HF "
                              f"directory, or a spd.config.ModelConfig")
-    hf, tokenizer = load_model(dataclasses.replace(source, device="cpu", dtype=DTYPE_NAMES[dtype]))
+    hf, tokenizer = load_model(dataclasses.replace(source, device="cpu", dtype=dtype_name(dtype)))
     stored = getattr(hf.config, "spd_plan", None)
     plan = plan or (SPDPlan.from_dict(stored) if stored else None)
     if plan is not None:
@@ -84,7 +71,7 @@ def load_runtime_model(source, ctx: TPContext, dtype: torch.dtype | str = torch.
     R = ctx.world_size. Every rank calls this with the same arguments. The returned model's
     `source_config` is the transformers config it was read from (max_position_embeddings, name).
     """
-    dtype = as_dtype(dtype)
+    dtype = torch_dtype(dtype)
     hf, tokenizer, plan = load_hf(source, dtype, plan)
     if plan is not None and plan.tp != ctx.world_size:
         raise PlanError(f"the plan is for tp={plan.tp} but {ctx.world_size} ranks were launched; launch "

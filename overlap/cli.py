@@ -2,7 +2,7 @@
 
     spd-bench parallel.tp=4                                  # conf/bench.yaml: LLaMA-2-70B shape, NVLink
     spd-bench parallel.tp=4 parallel=nop2p                   # NCCL peer-to-peer disabled
-    spd-bench parallel.tp=4 ++extra.impl=triton              # fused GEMM + all-reduce (overlap.kernels)
+    spd-bench parallel.tp=4 bench.impl=triton              # fused GEMM + all-reduce (overlap.kernels)
     spd-bench -m parallel.tp=1,2,4 parallel=default,nop2p    # a sweep: each job starts its own torchrun
     python -m overlap.cli model=tiny bench=smoke parallel.tp=2   # CPU smoke run (gloo), no install needed
 
@@ -67,14 +67,9 @@ def bench_job(cfg) -> dict:
         # A relative path stays relative (to the directory the job runs in), so a job file written here
         # also runs from the repository root of another machine.
         interconnect=cfg.parallel.interconnect, out=str(Path(b.out).expanduser()), cuda_graphs=bool(b.cuda_graphs),
-        compile=bool(cfg.extra.get("compile", False)), timeout_s=float(cfg.extra.get("timeout_s", 600)),
-        impl=check_impl(str(cfg.extra.get("impl", "nccl")), b.variants),  # ++extra.impl=symm_mem|triton
-        fuse=bool(cfg.extra.get("fuse", True)),  # ++extra.fuse=false: eager RoPE / add+norm / SwiGLU / RMSNorm
-        iso_ctas=_int_list(cfg.extra.get("iso_ctas"), "iso_ctas"),  # ++extra.iso_ctas=[4,8]
-        iso_sm_carveout=_int_list(cfg.extra.get("iso_sm_carveout"), "iso_sm_carveout"),
-        decode_kernel=bool(cfg.extra.get("decode_kernel", True)),  # ++extra.decode_kernel=false: compiled ops instead
-        prefill_graphs=bool(cfg.extra.get("prefill_graphs", False)),  # ++extra.prefill_graphs=true: captured prefill
-        virtual_tp=int(cfg.extra.get("virtual_tp", 1)),  # ++extra.virtual_tp=4: one rank's nocomm work on one device
+        compile=b.compile, timeout_s=float(b.timeout_s), impl=check_impl(b.impl, b.variants), fuse=b.fuse,
+        iso_ctas=_int_list(b.iso_ctas, "iso_ctas"), iso_sm_carveout=_int_list(b.iso_sm_carveout, "iso_sm_carveout"),
+        decode_kernel=b.decode_kernel, prefill_graphs=b.prefill_graphs, virtual_tp=int(b.virtual_tp),
         command="spd-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),  # the overrides, for the records
     )
     check_virtual(job)
@@ -84,14 +79,14 @@ def bench_job(cfg) -> dict:
 
 
 def _int_list(value, name: str) -> list:
-    """An extra.<name> setting as a list of ints or None (null: the default setting), validated."""
+    """A bench.<name> setting as a list of ints or None (null: the default setting), validated."""
     if value is None:
         return [None]
     items = list(value) if not isinstance(value, (int, str)) else [value]
     try:
         return [None if v in (None, "null") else int(v) for v in items]
     except (TypeError, ValueError):
-        raise SPDError(f"extra.{name} must be an int or a list of ints (null for the default), got {value!r}") from None
+        raise SPDError(f"bench.{name} must be an int or a list of ints (null for the default), got {value!r}") from None
 
 
 def launch(job: dict, run_dir: Path, timeout_s: float | None = None, dry_run: bool = False) -> None:
@@ -118,10 +113,8 @@ def run_bench(cfg) -> Path:
     job = bench_job(cfg)
     run_dir = start_run(Path(cfg.run_dir), cfg, stage="bench", tp=cfg.parallel.tp,
                         interconnect=cfg.parallel.interconnect)
-    timeout = cfg.extra.get("bench_timeout_s")
-    dry_run = bool(cfg.extra.get("dry_run", False))
-    launch(job, run_dir, float(timeout) if timeout else None, dry_run=dry_run)
-    if not dry_run:
+    launch(job, run_dir, cfg.bench.job_timeout_s, dry_run=cfg.bench.dry_run)
+    if not cfg.bench.dry_run:
         print(f"[spd-bench] records appended to {job['out']}")
     return run_dir
 

@@ -1,7 +1,7 @@
 """Decode attention in one pass over the static KV cache (flash-decoding), RoPE and the cache write fused.
 
 One new token per sequence at position p (the same for the whole batch), KV head j of this rank with
-its G = H/KV query heads (rows g of q are heads j*G + g, as overlap.model.decode_attention folds them):
+its G = H/KV query heads (rows g of q are heads j*G + g, as overlap.ops.decode_attention folds them):
 
     q_g  = rope(q_g, p),  k_p = rope(k_raw, p),  v_p = v_raw          (rotate halves, as transformers)
     K[p] = k_p,  V[p] = v_p                                           (the static cache, in place)
@@ -45,7 +45,7 @@ def supports(qkv: torch.Tensor, head_dim: int) -> bool:
 def decode_reference(qkv, cos, sin_signed, pos, k_cache, v_cache, n_heads: int, n_kv_heads: int) -> torch.Tensor:
     """Plain torch: qkv (B, 1, (H + 2 KV) Dh), cos / sin_signed (1, 1, Dh), pos (1,) long, caches
     (B, KV, Lmax, Dh) written at pos -> (B, 1, H Dh), attending to positions <= pos."""
-    from overlap.model import decode_attention, decode_mask, rope_
+    from overlap.ops import decode_attention, decode_mask, rope_
 
     B = qkv.shape[0]
     Dh = k_cache.shape[-1]

@@ -33,7 +33,6 @@ import torch
 from overlap.model import ModelArgs
 from overlap.tp import layout_of
 
-DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 GPU_COPY_BYTES = 2 << 30  # 2 GiB, 36x the H200's 60 MB L2
 GPU_MATMUL_N = 8192
 CPU_COPY_BYTES = 16 << 20  # CPU smoke runs: keeps the code path alive, the numbers mean little

@@ -29,6 +29,7 @@ import torch
 from overlap.context import TPContext
 from overlap.floors import ShardShape
 from overlap.model import ModelArgs
+from spd.load import torch_dtype
 
 CACHE_MARGIN = 16  # positions beyond context + warm-up + iterations + the compiling call, before rounding up
 
@@ -87,11 +88,10 @@ def run_hf_compile(job: dict, ctx: TPContext, record, measure) -> None:
     """Time the shard-shaped transformers model on the job's prefill lengths and decode batches."""
     import transformers
 
-    from overlap.bench import DTYPES
 
     b = job["bench"]
     args = ModelArgs.from_model_config(job["model"])
-    dtype = DTYPES[job["model"].get("dtype", "bfloat16")]
+    dtype = torch_dtype(job["model"].get("dtype", "bfloat16"))
     cuda = ctx.device.type == "cuda"
     model = build(args, ctx.world_size, ctx.device, dtype, int(job["model"].get("seed", 0)))
     peer = dict(variant="hf_compile", spd_blocks=0, iso_chunks=1, peer=f"transformers {transformers.__version__}",

@@ -15,6 +15,7 @@ import torch
 
 from overlap.context import TPContext
 from overlap.model import ModelArgs
+from spd.load import torch_dtype
 
 EAGER = dict(variant="hf_tp", spd_blocks=0, cuda_graphs=False, compile=False)  # as transformers runs it
 
@@ -56,12 +57,11 @@ def load_hf_tp(args: ModelArgs, ctx: TPContext, dtype: torch.dtype):
 @torch.no_grad()
 def run_hf_tp(job: dict, ctx: TPContext, record, measure) -> None:
     """Time transformers' TP on the job's prefill lengths and decode batches; record as variant hf_tp."""
-    from overlap.bench import DTYPES
 
     b = job["bench"]
     args = ModelArgs.from_model_config(job["model"])
     try:
-        model = load_hf_tp(args, ctx, DTYPES[job["model"].get("dtype", "bfloat16")])
+        model = load_hf_tp(args, ctx, torch_dtype(job["model"].get("dtype", "bfloat16")))
     except RuntimeError as e:
         if ctx.is_main:
             print(f"[spd-bench] hf_tp skipped: {e}", flush=True)

@@ -43,7 +43,8 @@ import math
 
 import torch
 
-from overlap.model import ModelArgs, Pending, Transformer
+from overlap.model import ModelArgs, Transformer
+from overlap.sync import Pending
 
 ATTN_SLOWDOWN = 1.0  # rho: GEMM FLOP/s over attention FLOP/s; 1 = balance FLOPs (measured values move the split right)
 

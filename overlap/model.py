@@ -24,12 +24,14 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
+from overlap.attention import attend
 from overlap.decode_attention import supports
+from overlap.ops import EAGER_OPS, decode_mask
+from overlap.sync import Sync
 from spd.errors import ModelLoadError
 
 INIT_STD = 0.02  # random weights: LLaMA's initializer_range, keeps 80 random bf16 blocks finite
@@ -105,155 +107,6 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     return torch.where(medium, (1 - smooth) * out / factor + smooth * out, out)
 
 
-def rope_(qk: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """Rotate halves of q and k at once: qk (B, S, H+KV, Dh), cos/sin_signed (S, 1, Dh) -> same shape.
-
-    transformers computes x*cos + rotate_half(x)*sin with rotate_half(x) = [-x2, x1]. Since sin's two
-    halves are equal, rotate_half(x)*sin == roll(x, Dh/2) * [-sin1, sin2] exactly, so three kernels do
-    it (roll, mul, addcmul) instead of five per tensor.
-    """
-    return torch.addcmul(qk * cos, qk.roll(qk.shape[-1] // 2, dims=-1), sin_signed)
-
-
-def add_rms_norm(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: float):
-    """(h, rms_norm(h)) for h = x + a: a residual add and the norm after it (B, S, D) each."""
-    h = x + a
-    return h, F.rms_norm(h, weight.shape, weight, eps)
-
-
-def swiglu(gate_up: torch.Tensor, ffn_dim: int) -> torch.Tensor:
-    """silu(gate) * up of the fused [gate; up] projection (..., 2 F/R) -> (..., F/R)."""
-    gate, up = gate_up.split(ffn_dim, dim=-1)
-    return F.silu(gate) * up
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim in fp32 statistics (one kernel; ATen's takes one thread block a row)."""
-    return F.rms_norm(x, weight.shape, weight, eps)
-
-
-def decode_mask(input_pos: torch.Tensor, kv_len: int, dtype) -> torch.Tensor:
-    """Additive (S, kv_len) mask: 0 where cache position j <= input_pos[i], -inf after it."""
-    allowed = torch.arange(kv_len, device=input_pos.device)[None, :] <= input_pos[:, None]  # (S, L)
-    return torch.zeros(allowed.shape, dtype=dtype, device=input_pos.device).masked_fill_(~allowed, float("-inf"))
-
-
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One query a sequence: q (B, Hq, 1, Dh), k/v (B, Hkv, L, Dh), additive mask (1, L) -> (B, Hq, 1, Dh).
-
-    The query heads of a KV head are folded into rows, so K/V are never repeated: two batched GEMMs and a
-    softmax (fp32 accumulation inside, like transformers' eager path). Fused (Ops.decode_attention), the
-    mask add and the softmax become one kernel between the two GEMMs.
-    """
-    B, Hq, _, Dh = q.shape
-    Hkv, L = k.shape[1], k.shape[2]
-    qg = q.reshape(B * Hkv, Hq // Hkv, Dh)  # (B*KV, G, Dh): row g is query head kv*G + g
-    scores = torch.baddbmm(mask, qg, k.reshape(B * Hkv, L, Dh).transpose(1, 2), alpha=Dh**-0.5)  # (B*KV, G, L)
-    probs = torch.softmax(scores, dim=-1)
-    return torch.bmm(probs, v.reshape(B * Hkv, L, Dh)).view(B, Hq, 1, Dh)
-
-
-@dataclass(frozen=True)
-class Ops:
-    """The steps between a block's weight GEMMs: RoPE, residual add + RMSNorm, SwiGLU, RMSNorm, decode attention."""
-
-    rope: object
-    add_norm: object
-    swiglu: object
-    norm: object
-    decode_attention: object
-    decode_heads: object = None  # RoPE + cache write + decode attention in one pass (where supports() holds)
-
-
-EAGER_OPS = Ops(rope_, add_rms_norm, swiglu, rms_norm, decode_attention)  # plain torch: the reference, CPU's
-_FUSED: list[Ops] = []
-
-
-def fused_ops() -> Ops:
-    """EAGER_OPS, each torch.compile'd once (lazily; shared by every model): one generated kernel per step
-    instead of 2-4 (roll/mul/addcmul; add, norm; silu, mul), so the same arithmetic with fewer launches and
-    memory passes (inductor may keep an intermediate in fp32 instead of rounding it to bf16); its RMSNorm
-    spreads a decode row over more threads than ATen's one-block-a-row kernel (10 us for 1 x 8192). On CUDA a
-    decode step's RoPE, cache write and attention run as one Triton pass (overlap.decode_attention)."""
-    if not _FUSED:
-        import torch._dynamo.config as dynamo_config
-
-        # One specialisation per (shape, dtype): prefill lengths, ISO pieces, decode batches of one job.
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
-        from overlap.decode_attention import decode_attention_rope
-
-        fns = (rope_, add_rms_norm, swiglu, rms_norm, decode_attention)
-        _FUSED.append(Ops(*(torch.compile(f, fullgraph=True, dynamic=False) for f in fns),
-                          decode_heads=decode_attention_rope))
-    return _FUSED[0]
-
-
-def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool):
-    """Attention with its log-sum-exp: q (B, H, S, Dh), k/v (B, H, L, Dh) -> out (B, H, S, Dh), lse (B, H, S, 1).
-
-    causal is top-left aligned (query i sees keys j <= i; S == L here). CUDA bf16/fp16: cuDNN's fused kernel
-    (the one SDPA picks for plain causal prefill); otherwise the math, in fp32 (the reference).
-    """
-    if q.is_cuda and q.dtype in HALF:
-        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal)[:2]
-        return out, lse.view(*q.shape[:3], 1)
-    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, S, L)
-    if causal:
-        scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
-    lse = scores.logsumexp(-1, keepdim=True)  # (B, H, S, 1)
-    return ((scores - lse).exp() @ v.float()).to(q.dtype), lse
-
-
-def attend_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """A later prefill chunk: q (B, Hq, S, Dh) at positions [P, P+S), k/v (B, Hkv, P+S, Dh) -> (B, Hq, S, Dh).
-
-    Split at the chunk's start: the prefix keys [0, P) unmasked and the chunk's own keys causally, each a
-    dense fused-attention call, merged by their log-sum-exps (softmax over the union of both key sets):
-        out = (o1 e^(l1 - m) + o2 e^(l2 - m)) / (e^(l1 - m) + e^(l2 - m)),  m = max(l1, l2).
-    The bottom-right-masked kernel SDPA otherwise runs here (FA2) is 2.4x slower per pair than cuDNN's on
-    H200 (ISO's later piece, docs/benchmarks/iso.md). K/V heads are repeated for the query heads (GQA).
-    """
-    S, P = q.shape[2], k.shape[2] - q.shape[2]
-    if k.shape[1] != q.shape[1]:
-        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))  # (B, Hq, P+S, Dh)
-    o1, l1 = attention_lse(q, k[:, :, :P], v[:, :, :P], causal=False)
-    o2, l2 = attention_lse(q, k[:, :, P:], v[:, :, P:], causal=True)
-    m = torch.maximum(l1, l2)  # (B, Hq, S, 1) float32
-    w1, w2 = (l1 - m).exp(), (l2 - m).exp()
-    return ((o1.float() * w1 + o2.float() * w2) / (w1 + w2)).to(q.dtype)
-
-
-SPLIT_PREFIX_ON_CUDA = True  # later bf16/fp16 prefill chunks on CUDA: attend_after_prefix, not the masked kernel
-HALF = (torch.bfloat16, torch.float16)  # cuDNN attention's dtypes
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
-    """Grouped-query attention: q (B, Hq, S, Dh), k/v (B, Hkv, L, Dh) -> (B, Hq, S, Dh).
-
-    mask None: plain causal over a chunk at position 0 (L == S): SDPA's flash kernel, GQA native.
-    mask causal_lower_right(S, L): a later prefill chunk at [L-S, L), token i seeing j <= L-S+i; on CUDA
-    attend_after_prefix (two dense cuDNN calls merged by log-sum-exp), elsewhere SDPA's bottom-right aligned
-    causal path (no (S, L) mask; a dense one repeated per grouped head is 0.5 GB a layer for 8192 LLaMA-2-70B
-    tokens at TP 4). A tensor mask (S, L) is
-    additive (decode), with the query heads of a KV head folded into rows, so K/V are never repeated.
-    Decode (S == 1) uses two batched GEMMs and a softmax: SDPA's masked kernels walk the whole cache
-    with one thread block per (batch, head), idling most of the GPU at batch 1.
-    """
-    if (isinstance(mask, CausalBias) and q.is_cuda and q.dtype in HALF and SPLIT_PREFIX_ON_CUDA
-            and k.shape[2] > q.shape[2]):
-        return attend_after_prefix(q, k, v)
-    if mask is None or isinstance(mask, CausalBias):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                              enable_gqa=q.shape[1] != k.shape[1])
-    B, Hq, S, Dh = q.shape
-    Hkv = k.shape[1]
-    G = Hq // Hkv
-    if S == 1:
-        return decode_attention(q, k, v, mask)
-    qg = q.reshape(B, Hkv, G * S, Dh)  # (B, Hkv, G*S, Dh): row g*S + i is head kv*G + g, token i
-    return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask.repeat(G, 1)).view(B, Hq, S, Dh)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -264,114 +117,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One fused kernel on CUDA (fp32 statistics, like transformers' LlamaRMSNorm, one rounding fewer).
         return self.ops.norm(x, self.weight, self.eps)
-
-
-class Sync(nn.Module):
-    """One sync point: the all-reduce (sum) of a rank's partial over the context's group, in place.
-
-    `calls` counts how often this sync point ran (eager; not while torch.compile traces). Unbound
-    (ctx None, R = 1) it is the identity. nocomm skips the collective: wrong numbers, but the latency
-    lower bound that any communication overlap could reach.
-    """
-
-    def __init__(self, name: str):
-        super().__init__()
-        self.name = name
-        self.ctx = None  # overlap.context.TPContext, bound by overlap.tp.shard_
-        self.nocomm = False
-        self.calls = 0
-        self.impl = None  # an overlap.kernels impl (set_impl_): the block then calls matmul() instead
-
-    def matmul(self, x: torch.Tensor, w: torch.Tensor, *, add=None, residual=None) -> torch.Tensor:
-        """This sync point fused with the row-parallel GEMM before it: residual + sum_r (x_r @ w_r.T + add_r).
-
-        Through self.impl.matmul_all_reduce (overlap.kernels); counted like forward(). Unbound or nocomm:
-        the local computation, no collective.
-        """
-        if not torch.compiler.is_compiling():
-            self.calls += 1
-        if self.ctx is None or self.ctx.group is None or self.nocomm:
-            y = F.linear(x, w) if add is None else add + F.linear(x, w)
-            return y if residual is None else residual + y
-        return self.impl.matmul_all_reduce(x, w, add=add, residual=residual)  # (..., N) summed over ranks
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_compiling():
-            self.calls += 1
-        if self.ctx is None or self.ctx.group is None or self.nocomm:
-            return x
-        if torch.compiler.is_compiling():  # traceable form; the graph keeps it a single all-reduce
-            from torch.distributed import _functional_collectives as funcol
-
-            return funcol.all_reduce(x, "sum", self.ctx.group)
-        dist.all_reduce(x, group=self.ctx.group)  # (B, S, D) summed over ranks
-        return x
-
-    def start(self, x: torch.Tensor, stream=None, group=None) -> "Pending":
-        """The same sync point, asynchronous (eager only; leave x alone until Pending.wait()).
-
-        With a CUDA stream the collective is issued from it after all the compute stream has queued (x
-        included), and wait() makes the compute stream, not the host, wait; on gloo wait() blocks the host.
-        group: another process group over the same ranks (default: the context's).
-        """
-        self.calls += 1
-        if self.ctx is None or self.ctx.group is None or self.nocomm:
-            return Pending(x)
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(x.device))  # x is complete before NCCL reads it
-        with torch.cuda.stream(stream):  # stream None: a no-op
-            work = dist.all_reduce(x, group=group or self.ctx.group, async_op=True)
-            return Pending(x, work)  # (B, S, D) in flight
-
-    def start_matmul(self, x: torch.Tensor, w: torch.Tensor, *, add=None, stream=None) -> "Pending":
-        """Sync.matmul (impl != nccl: the fused GEMM + all-reduce), asynchronous: sum_r (x_r @ w_r.T + add_r).
-
-        With a CUDA stream the fused op runs on it after all the compute stream has queued, the inputs are
-        kept alive for it (record_stream) and wait() makes the compute stream wait for its event; every
-        fused collective of an ISO prefill is issued from that one stream, in the same order on every rank
-        (the symmetric-memory rule), and the compute stream waits for all of them before plain calls resume.
-        Without a stream (CPU) it runs at once.
-        """
-        if stream is None:
-            return Pending(self.matmul(x, w, add=add))
-        compute = torch.cuda.current_stream(x.device)
-        stream.wait_stream(compute)  # x (and add) complete before the fused op reads them
-        with torch.cuda.stream(stream):
-            y = self.matmul(x, w, add=add)  # (..., N), allocated on the comm stream
-            done = torch.cuda.Event()
-            done.record(stream)
-        for t in (x, add):
-            if t is not None:
-                t.record_stream(stream)  # freed on the compute stream only after the comm stream used it
-        return Pending(y, _EventWork(done, y))
-
-    def extra_repr(self) -> str:
-        return f"{self.name}, calls={self.calls}, nocomm={self.nocomm}"
-
-
-class _EventWork:
-    """The wait() of a fused op on another CUDA stream: the current stream waits for its event."""
-
-    def __init__(self, event, out: torch.Tensor):
-        self.event, self.out = event, out
-
-    def wait(self) -> None:
-        current = torch.cuda.current_stream(self.out.device)
-        current.wait_event(self.event)
-        self.out.record_stream(current)  # made on the comm stream, read on this one
-
-
-class Pending:
-    """An all-reduce in flight (Sync.start); wait() -> the summed tensor, ordered before later compute."""
-
-    def __init__(self, x: torch.Tensor, work=None):
-        self.x, self.work = x, work
-
-    def wait(self) -> torch.Tensor:
-        if self.work is not None:
-            self.work.wait()  # NCCL: the current stream waits for the sum; gloo: the host waits
-            self.work = None
-        return self.x
 
 
 class KVCache(nn.Module):
@@ -501,6 +246,8 @@ class Transformer(nn.Module):
     def set_fused_(self, on: bool = True, decode_kernel: bool = True) -> "Transformer":
         """Run RoPE, residual add + RMSNorm and SwiGLU as torch.compile'd kernels (fused_ops) or eagerly;
         decode_kernel=False keeps fused_ops' compiled decode attention instead of the one-pass Triton kernel."""
+        from overlap.fused_ops import fused_ops  # torch.compile and Triton only when asked for
+
         ops = fused_ops() if on else EAGER_OPS
         if on and not decode_kernel:
             ops = dataclasses.replace(ops, decode_heads=None)

@@ -21,7 +21,7 @@ with its sync point (impl.matmul_all_reduce); with ISO (iso >= 2) those fused op
 stream (overlap.iso). torch.compile needs impl="nccl".
 
 fuse=True runs the steps between the weight GEMMs (RoPE, residual add + RMSNorm, SwiGLU, RMSNorm, decode attention) as
-torch.compile'd kernels (overlap.model.fused_ops), in prefill and decode alike; on CUDA a decode step's RoPE, cache
+torch.compile'd kernels (overlap.fused_ops), in prefill and decode alike; on CUDA a decode step's RoPE, cache
 write and attention then run as one Triton pass (overlap.decode_attention; decode_kernel=False: compiled ops instead). set_iso_ picks ISO's
 process group (NCCL thread blocks capped, overlap.context.comm_group) and an SM carve-out for cuBLAS
 GEMMs during ISO prefill (the GEMMs leave SMs to the NCCL kernels they overlap).

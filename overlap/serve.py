@@ -148,7 +148,7 @@ def model_source(model):
         return ModelConfig(**model)
     if Path(model).expanduser().is_dir():
         return Path(model).expanduser()
-    from spd.lm_eval_model import model_config_by_name
+    from spd.load import model_config_by_name
 
     return model_config_by_name(model)
 

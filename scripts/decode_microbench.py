@@ -127,7 +127,7 @@ def weight_cases(emit) -> None:
 
 def attention_cases(emit) -> None:
     from overlap import decode_attention as da
-    from overlap.model import fused_ops
+    from overlap.fused_ops import fused_ops
 
     H, KV, Dh, L, pos = 16, 2, 128, 2112, 2048
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -154,7 +154,7 @@ def attention_cases(emit) -> None:
                 return ops.decode_attention(q, kc, vc, mask).transpose(1, 2).reshape(B, 1, H * Dh)
             return run
 
-        from overlap.model import EAGER_OPS
+        from overlap.ops import EAGER_OPS
 
         emit(dict(piece="attention", batch=B, impl="eager", us=time_graph(path(EAGER_OPS))))
         emit(dict(piece="attention", batch=B, impl="compiled", us=time_graph(path(compiled))))

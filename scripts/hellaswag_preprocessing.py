@@ -15,8 +15,7 @@ import tempfile
 from pathlib import Path
 
 from spd.config import EvalConfig
-from spd.lm_eval_model import model_config_by_name
-from spd.load import load_model
+from spd.load import load_model, model_config_by_name
 from spd.run import meta, write_json_atomic
 from spd.tasks import TASKS_DIR
 

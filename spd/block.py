@@ -23,7 +23,7 @@ from torch import nn
 
 
 def ffn_sizes(intermediate_size: int, tp: int) -> list[int]:
-    """Rank r's FFN rows: contiguous slices differing by at most one (same rule as spd.layout.TPLayout)."""
+    """Rank r's FFN rows: contiguous slices differing by at most one (the one rule; spd.layout and the runtime use it)."""
     base, extra = divmod(intermediate_size, tp)
     return [base + (1 if r < extra else 0) for r in range(tp)]
 

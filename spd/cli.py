@@ -6,8 +6,9 @@ import functools
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 
-from spd.config import CONF_DIR, as_dataclass
+from spd.config import CONF_DIR, InfoApp, RunApp, as_dataclass, check_overrides
 from spd.errors import SPDError
 
 
@@ -15,15 +16,25 @@ def hydra_app(config_name: str):
     """Turn fn(cfg_dataclass) into a console entry point composing conf/<config_name>.yaml.
 
     Errors a user can cause (SPDError) print one clear line and exit with status 2, without a traceback.
+    A command's run directory is Hydra's output directory, so hydra.run.dir / hydra.sweep.dir place it.
     """
 
     def deco(fn):
         @functools.wraps(fn)
         def main():
+            try:
+                check_overrides(sys.argv[1:], InfoApp if config_name == "info" else RunApp)
+            except SPDError as e:
+                print(f"error: {e}", file=sys.stderr)
+                sys.exit(2)
+
             @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
             def run(cfg):
                 try:
-                    return fn(as_dataclass(cfg))
+                    cfg = as_dataclass(cfg)
+                    if hasattr(cfg, "run_dir"):  # outputs go to Hydra's output directory (hydra.run.dir, sweeps)
+                        cfg.run_dir = HydraConfig.get().runtime.output_dir
+                    return fn(cfg)
                 except SPDError as e:
                     print(f"error: {e}", file=sys.stderr)
                     sys.exit(2)
@@ -117,6 +128,18 @@ def report(cfg) -> None:
     from spd.report import run_report
 
     run_report(cfg)
+
+
+def lm_eval() -> None:
+    """spd-lm-eval: lm-eval's own command line with `--model spd` registered; --include_path defaults to spd/tasks."""
+    from lm_eval.__main__ import cli_evaluate
+
+    import spd.lm_eval_model  # noqa: F401  (registers the model `spd`)
+    from spd.tasks import TASKS_DIR
+
+    if len(sys.argv) > 2 and not any(a.startswith("--include_path") for a in sys.argv):
+        sys.argv += ["--include_path", str(TASKS_DIR)]
+    cli_evaluate()
 
 
 def main() -> None:

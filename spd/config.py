@@ -9,9 +9,9 @@ DictConfig: entry points convert with `as_dataclass`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -116,9 +116,6 @@ class StudyConfig:
     perplexity: bool = True
     evaluate: bool = True
     export: bool = True
-    bench_records: list[str] = field(default_factory=lambda: ["docs/benchmarks/spd_bench.jsonl"])
-    latency_target: dict[str, Any] = field(default_factory=lambda: {
-        "model": "llama2_70b", "tp": 4, "interconnect": "nvlink", "phase": "decode", "batch": 1})
 
 
 @dataclass
@@ -181,6 +178,17 @@ class BenchConfig:
     cuda_graphs: bool = True
     out: str = "docs/benchmarks/spd_bench.jsonl"
     iso_chunks: int = 2  # pieces of the iso / spdNN+iso prefill variants (overlap/iso.py)
+    impl: str = "nccl"  # collective implementation: nccl | symm_mem | triton (overlap.kernels)
+    fuse: bool = True  # compiled RoPE / add+norm / SwiGLU / RMSNorm on GPUs (false: eager)
+    decode_kernel: bool = True  # the one-pass Triton decode attention with fuse on CUDA (false: compiled ops)
+    compile: bool = False  # torch.compile the decode step's blocks before CUDA-graph capture
+    prefill_graphs: bool = False  # capture prefill in CUDA graphs too
+    iso_ctas: Any = None  # NCCL thread blocks of ISO's group: null (default), an int or a list to sweep
+    iso_sm_carveout: Any = None  # cuBLAS SM carve-out beside ISO's collectives: null, an int or a list
+    virtual_tp: int = 1  # R > 1 with parallel.tp=1 and variants [nocomm, hf_compile]: one rank's share alone
+    timeout_s: float = 600.0  # process-group timeout: a hung collective fails after it
+    job_timeout_s: Optional[float] = None  # wall-clock bound of the whole torchrun job
+    dry_run: bool = False  # write job.json and print the torchrun command, do not run it
 
 
 @dataclass
@@ -206,8 +214,7 @@ class RunApp:
     report: ReportConfig = field(default_factory=ReportConfig)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
-    run_dir: str = "runs/${model.name}/tp${parallel.tp}"
-    extra: dict[str, Any] = field(default_factory=dict)
+    run_dir: Optional[str] = None  # set to Hydra's output directory (hydra.run.dir / hydra.sweep.dir) by the CLI
 
 
 def register() -> ConfigStore:
@@ -227,6 +234,39 @@ def register() -> ConfigStore:
 
 
 register()
+
+
+def unknown_setting(key: str, schema) -> str | None:
+    """Why a dotted setting (bench.fsue) is not a field of the schema dataclass tree, with the valid names; None
+    when it is one (or lies below a field that takes any key)."""
+    node, path = schema, []
+    for part in key.split("."):
+        if not is_dataclass(node):
+            return None
+        hints = get_type_hints(node)
+        if part not in hints:
+            where = ".".join(path) or "the top level"
+            return (f"unknown setting {key!r}: {where} has no {part!r}; valid: "
+                    + ", ".join(sorted(f.name for f in fields(node))))
+        node, path = hints[part], path + [part]
+        node = next((a for a in getattr(node, "__args__", ()) if is_dataclass(a)), node)  # Optional[X] -> X
+    return None
+
+
+def check_overrides(args: list[str], schema) -> None:
+    """Refuse command-line settings the schema does not have, before Hydra composes (its error does not list
+    the valid names). Hydra's own keys, appended (+) or deleted (~) keys and group paths are left to Hydra."""
+    from spd.errors import SPDError
+
+    for arg in args:
+        if arg.startswith(("-", "+", "~", "hydra")) or "=" not in arg:
+            continue
+        key = arg.split("=", 1)[0]
+        if "/" in key or "@" in key:
+            continue
+        problem = unknown_setting(key, schema)
+        if problem:
+            raise SPDError(problem)
 
 
 def as_dataclass(cfg, cls=None):

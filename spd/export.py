@@ -181,7 +181,7 @@ def export_main(cfg) -> Path:
     """spd-export: load cfg.model, apply the plan cfg.spd.plan (its head permutations included), export.
 
     cfg: spd.config.RunApp. Writes run_dir/model (the export) and run_dir/export.json; the calibration
-    perplexity of the exported model goes on the model card unless cfg.extra["perplexity"] is false.
+    perplexity of the exported model goes on the model card (when the model has a tokenizer).
     """
     from spd.calibration import calibration_tokens
     from spd.errors import PlanError
@@ -198,7 +198,7 @@ def export_main(cfg) -> Path:
     model, tokenizer = load_model(cfg.model)
     apply_plan_(model, plan)
     ppl = None
-    if (cfg.extra or {}).get("perplexity", True) and tokenizer is not None:
+    if tokenizer is not None:
         ppl = {"calibration": windows_perplexity(model, calibration_tokens(tokenizer, cfg.calib),
                                                  cfg.calib.batch_size)}
     provenance = {"source_model": to_plain(cfg.model), "plan_file": str(cfg.spd.plan), "ranking": plan.source}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from spd.block import ffn_sizes
 from spd.errors import ParallelConfigError
 
 
@@ -69,8 +70,7 @@ class TPLayout:
         return range(first, first + 1)
 
     def ffn_sizes(self) -> list[int]:
-        base, extra = divmod(self.intermediate_size, self.tp)
-        return [base + (1 if r < extra else 0) for r in range(self.tp)]
+        return ffn_sizes(self.intermediate_size, self.tp)
 
     def ffn_rows(self, rank: int) -> slice:
         sizes = self.ffn_sizes()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from typing import Any, Callable
 
 import torch
@@ -26,9 +25,9 @@ from tqdm import tqdm
 import lm_eval.models  # noqa: F401  (fills lm-eval's model registry first, so `--model hf` still resolves)
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from spd.errors import ModelLoadError, SPDError
+from spd.errors import SPDError
+from spd.load import load_model, load_pretrained, model_config_by_name
 from spd.perplexity import rolling_windows, score_windows
-from spd.tasks import TASKS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -59,32 +58,6 @@ def logits_fn(model) -> Callable[[torch.Tensor], torch.Tensor]:
         return out.logits if hasattr(out, "logits") else out
 
     return call
-
-
-def model_config_by_name(name: str):
-    """conf/model/<name>.yaml as a ModelConfig (its Hydra defaults list, if any, dropped)."""
-    from omegaconf import OmegaConf
-
-    from spd.config import CONF_DIR, ModelConfig
-
-    path = CONF_DIR / "model" / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
-        raise ModelLoadError(f"no model config {path}; known model names: {', '.join(known) or 'none'}")
-    node = OmegaConf.load(path)
-    node.pop("defaults", None)
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), node))
-
-
-def load_pretrained(pretrained: str, gguf_file: str | None, dtype: str, revision: str | None):
-    """(model on the CPU, tokenizer) from a local directory, hub id or GGUF, through spd.load.load_model
-    (LLaMA checks, clear errors, spd-export directories with their plan applied)."""
-    from spd.config import ModelConfig
-    from spd.load import load_model
-
-    source = "gguf" if gguf_file or pretrained.endswith(".gguf") else "hf"
-    return load_model(ModelConfig(name=pretrained, source=source, path=pretrained, gguf_file=gguf_file,
-                                  dtype=dtype, revision=revision, device="cpu"))
 
 
 @register_model("spd")
@@ -118,7 +91,7 @@ class SPDLM(TemplateLM):
         super().__init__()
         loaded = isinstance(model, str) or pretrained is not None
         if isinstance(model, str):
-            model, tokenizer = self._load_by_name(model)
+            model, tokenizer = load_model(model_config_by_name(model))
         elif pretrained is not None:
             model, loaded_tokenizer = load_pretrained(pretrained, gguf_file, dtype, revision)
             tokenizer = tokenizer or loaded_tokenizer
@@ -150,13 +123,6 @@ class SPDLM(TemplateLM):
         )
 
     # ------------------------------------------------------------------ construction helpers
-    @staticmethod
-    def _load_by_name(name: str):
-        """model=<name of conf/model/*.yaml>, loaded by spd.load.load_model (any source it knows)."""
-        from spd.load import load_model
-
-        return load_model(model_config_by_name(name))
-
     @staticmethod
     def _place(model, device: str | None, move: bool) -> torch.device:
         """The device input ids go to: `device`, else the model's own; a model we loaded is moved there."""
@@ -374,16 +340,3 @@ class SPDLM(TemplateLM):
                 text = text.split(s)[0]
             texts.append(text)
         return texts
-
-
-def cli() -> None:
-    """lm-eval's own command line with `--model spd` registered; --include_path defaults to spd/tasks."""
-    from lm_eval.__main__ import cli_evaluate
-
-    if len(sys.argv) > 2 and not any(a.startswith("--include_path") for a in sys.argv):
-        sys.argv += ["--include_path", str(TASKS_DIR)]
-    cli_evaluate()
-
-
-if __name__ == "__main__":
-    cli()

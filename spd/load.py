@@ -23,10 +23,19 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SOURCES = ("hf", "gguf", "llama2c", "random")
 
 
-def torch_dtype(name: str) -> torch.dtype:
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    """The torch dtype of a name (float32, bfloat16, float16), or a supported torch dtype as it is."""
+    if isinstance(name, torch.dtype) and name in DTYPES.values():
+        return name
     if name not in DTYPES:
-        raise ModelLoadError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
+        raise ModelLoadError(f"dtype {name} is not supported; valid: {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """The name of a supported dtype (the inverse of torch_dtype)."""
+    dtype = torch_dtype(dtype)
+    return next(n for n, d in DTYPES.items() if d == dtype)
 
 
 def torch_device(name: str) -> torch.device:
@@ -207,3 +216,26 @@ def load_config(cfg: ModelConfig):
     if cfg.source == "gguf":
         return _load_gguf(cfg, torch_dtype(cfg.dtype), config_only=True)
     return _load_hf(cfg, torch_dtype(cfg.dtype), config_only=True)
+
+
+def model_config_by_name(name: str):
+    """conf/model/<name>.yaml as a ModelConfig (its Hydra defaults list, if any, dropped)."""
+    from omegaconf import OmegaConf
+
+    from spd.config import CONF_DIR
+
+    path = CONF_DIR / "model" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+        raise ModelLoadError(f"no model config {path}; known model names: {', '.join(known) or 'none'}")
+    node = OmegaConf.load(path)
+    node.pop("defaults", None)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), node))
+
+
+def load_pretrained(pretrained: str, gguf_file: str | None, dtype: str, revision: str | None):
+    """(model on the CPU, tokenizer) from a local directory, hub id or GGUF, through spd.load.load_model
+    (LLaMA checks, clear errors, spd-export directories with their plan applied)."""
+    source = "gguf" if gguf_file or pretrained.endswith(".gguf") else "hf"
+    return load_model(ModelConfig(name=pretrained, source=source, path=pretrained, gguf_file=gguf_file,
+                                  dtype=dtype, revision=revision, device="cpu"))

@@ -20,8 +20,8 @@ FIELDS = {"schema", "model", "tp", "phase", "tokens", "batch", "context", "varia
 def test_cpu_smoke_run_writes_one_record_per_measurement(tmp_path):
     out, run_dir = tmp_path / "bench.jsonl", tmp_path / "run"
     cmd = [sys.executable, "-m", "overlap.cli", "model=tiny", "bench=smoke", "parallel.tp=2",
-           f"bench.out={out}", f"run_dir={run_dir}", "bench.variants=[base,spd50,iso,spd50+iso,nocomm,hf_tp]",
-           "++extra.timeout_s=60", "++extra.iso_ctas=[null,4]", "++extra.fuse=true"]
+           f"bench.out={out}", f"hydra.run.dir={run_dir}", "bench.variants=[base,spd50,iso,spd50+iso,nocomm,hf_tp]",
+           "bench.timeout_s=60", "bench.iso_ctas=[null,4]", "bench.fuse=true"]
     done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "hf_tp skipped" in done.stdout
@@ -32,7 +32,7 @@ def test_cpu_smoke_run_writes_one_record_per_measurement(tmp_path):
         assert FIELDS <= set(rec), FIELDS - set(rec)
         assert rec["schema"] == "spd.bench/1" and rec["tp"] == 2 and rec["model"] == "tiny"
         assert rec["impl"] == "nccl"  # the default collective implementation
-        assert rec["fused"] is False  # extra.fuse applies on GPUs only
+        assert rec["fused"] is False  # bench.fuse applies on GPUs only
         assert rec["virtual_tp"] is False  # two real ranks, not one shard alone
         assert rec.get("prefill_graphs", False) is False  # eager prefill (captured ones need a GPU)
         assert rec["p20_ms"] <= rec["median_ms"] <= rec["p80_ms"]
@@ -50,8 +50,8 @@ def test_cpu_smoke_run_writes_one_record_per_measurement(tmp_path):
 
 
 def test_dry_run_writes_a_portable_job_and_launches_nothing(tmp_path):
-    cmd = [sys.executable, "-m", "overlap.cli", "parallel.tp=4", "parallel=nop2p", f"run_dir={tmp_path}",
-           "++extra.dry_run=true"]
+    cmd = [sys.executable, "-m", "overlap.cli", "parallel.tp=4", "parallel=nop2p", f"hydra.run.dir={tmp_path}",
+           "bench.dry_run=true"]
     done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-3000:]
     job = json.loads((tmp_path / "job.json").read_text())
@@ -60,13 +60,13 @@ def test_dry_run_writes_a_portable_job_and_launches_nothing(tmp_path):
     assert job["out"] == "docs/benchmarks/spd_bench.jsonl"  # relative: resolved where the job runs
     assert "--nproc-per-node=4 -m overlap.bench --job" in done.stdout
     assert job["impl"] == "nccl"
-    assert job["fuse"] is True and job["iso_ctas"] == [None]  # the fast elementwise path unless ++extra.fuse=false
-    assert job["prefill_graphs"] is False  # eager prefill unless ++extra.prefill_graphs=true
+    assert job["fuse"] is True and job["iso_ctas"] == [None]  # the fast elementwise path unless bench.fuse=false
+    assert job["prefill_graphs"] is False  # eager prefill unless bench.prefill_graphs=true
 
 
 def test_dry_run_passes_extra_impl_into_the_job(tmp_path):
-    cmd = [sys.executable, "-m", "overlap.cli", "parallel.tp=4", f"run_dir={tmp_path}", "++extra.impl=triton",
-           "bench.variants=[base,spd100,nocomm]", "++extra.dry_run=true"]
+    cmd = [sys.executable, "-m", "overlap.cli", "parallel.tp=4", f"hydra.run.dir={tmp_path}", "bench.impl=triton",
+           "bench.variants=[base,spd100,nocomm]", "bench.dry_run=true"]
     done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "job.json").read_text())["impl"] == "triton"
@@ -80,7 +80,7 @@ def test_iso_settings_and_their_validation():
     assert iso_settings({"iso_ctas": [None, 4], "iso_sm_carveout": [8]}) == [(None, 8), (4, 8)]
     assert _int_list(None, "iso_ctas") == [None] and _int_list(4, "iso_ctas") == [4]
     assert _int_list(["null", "2", 8], "iso_ctas") == [None, 2, 8]
-    with pytest.raises(SPDError, match="extra.iso_ctas must be an int or a list of ints"):
+    with pytest.raises(SPDError, match="bench.iso_ctas must be an int or a list of ints"):
         _int_list(["four"], "iso_ctas")
 
 
@@ -148,12 +148,12 @@ def test_table_from_records(tmp_path):
 
 
 def test_virtual_tp_times_one_rank_shard_alone_with_its_hf_compile_peer_and_floors(tmp_path):
-    """++extra.virtual_tp=2 on one process: rank 0's shard of a 2-way split, nocomm, recorded as tp 2; in the
+    """bench.virtual_tp=2 on one process: rank 0's shard of a 2-way split, nocomm, recorded as tp 2; in the
     same run transformers' model of the same shard (hf_compile; on CPU its decode step goes through Dynamo's
     full-graph capture with the eager backend) and the floors measured once, stated on every record."""
     out = tmp_path / "v.jsonl"
-    cmd = [sys.executable, "-m", "overlap.cli", "model=tiny", "bench=smoke", "parallel.tp=1", "++extra.virtual_tp=2",
-           "bench.variants=[nocomm,hf_compile]", f"bench.out={out}", f"run_dir={tmp_path / 'run'}"]
+    cmd = [sys.executable, "-m", "overlap.cli", "model=tiny", "bench=smoke", "parallel.tp=1", "bench.virtual_tp=2",
+           "bench.variants=[nocomm,hf_compile]", f"bench.out={out}", f"hydra.run.dir={tmp_path / 'run'}"]
     done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     recs = [json.loads(line) for line in out.read_text().splitlines()]
@@ -180,10 +180,10 @@ def test_virtual_tp_times_one_rank_shard_alone_with_its_hf_compile_peer_and_floo
 
 
 @pytest.mark.parametrize("bad", [["parallel.tp=2"], ["bench.variants=[base,nocomm]"], ["bench.variants=[nocomm,hf_tp]"],
-                                 ["++extra.impl=triton"]])
+                                 ["bench.impl=triton"]])
 def test_virtual_tp_refuses_what_it_cannot_measure(tmp_path, bad):
-    cmd = [sys.executable, "-m", "overlap.cli", "model=tiny", "bench=smoke", "parallel.tp=1", "++extra.virtual_tp=2",
-           "bench.variants=[nocomm]", f"run_dir={tmp_path}", "++extra.dry_run=true", *bad]
+    cmd = [sys.executable, "-m", "overlap.cli", "model=tiny", "bench=smoke", "parallel.tp=1", "bench.virtual_tp=2",
+           "bench.variants=[nocomm]", f"hydra.run.dir={tmp_path}", "bench.dry_run=true", *bad]
     done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
     assert done.returncode != 0
     assert "virtual_tp=2" in done.stderr + done.stdout and "bench.variants=[nocomm]" in done.stderr + done.stdout
@@ -199,9 +199,9 @@ def test_table_labels_the_triton_decode_attention_on_decode_rows_only():
     assert "decode, bfloat16, impl nccl, fused elementwise, on" in text  # the A/B reference: its own table
 
 
-@pytest.mark.parametrize("degree", [["parallel.tp=3"], ["++extra.virtual_tp=3", "bench.variants=[nocomm]"]])
+@pytest.mark.parametrize("degree", [["parallel.tp=3"], ["bench.virtual_tp=3", "bench.variants=[nocomm]"]])
 def test_a_degree_the_shape_cannot_take_fails_before_launching(tmp_path, degree):
-    cmd = [sys.executable, "-m", "overlap.cli", "model=tiny", "bench=smoke", f"run_dir={tmp_path}", *degree]
+    cmd = [sys.executable, "-m", "overlap.cli", "model=tiny", "bench=smoke", f"hydra.run.dir={tmp_path}", *degree]
     done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
     assert done.returncode != 0
     assert "valid degrees: 1, 2, 4, 8" in done.stderr + done.stdout  # tiny: 8 heads, 4 KV heads

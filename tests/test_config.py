@@ -9,7 +9,7 @@ from spd.config import CONF_DIR, InfoApp, ModelConfig, RunApp, as_dataclass
 from spd.load import load_config
 
 PRIMARY = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
-GROUPED = sorted((p.parent.name, p.stem) for p in CONF_DIR.glob("*/*.yaml"))
+GROUPED = sorted((p.parent.name, p.stem) for p in CONF_DIR.glob("*/*.yaml") if p.parent.name != "experiment")
 
 
 @pytest.fixture(autouse=True)
@@ -70,3 +70,25 @@ def test_large_models_have_random_shapes_and_a_checkpoint(name):
     assert isinstance(cfg.model, ModelConfig) and cfg.model.source == "random" and "/" in cfg.model.path
     config = load_config(cfg.model)
     assert config.num_hidden_layers == cfg.model.num_layers
+
+
+def test_quick_experiment_composes_onto_any_command():
+    for name in ("study", "plan", "rank"):
+        cfg = as_dataclass(compose(name, overrides=["+experiment=quick"]))
+        assert (cfg.model.name, cfg.calib.data, cfg.parallel.tp, cfg.calib.num_samples) == (
+            "stories260k", "tinystories_val.jsonl", 2, 8)
+        assert cfg.eval.tasks == ["spd_tinystories", "spd_tinystories_cloze"] and cfg.ppl.preprocess is None
+
+
+@pytest.mark.parametrize("arg, hint", [
+    ("bench.fsue=false", "bench has no 'fsue'; valid: "), ("distil.lr=1", "the top level has no 'distil'"),
+    ("model.hidden_sise=3", "model has no 'hidden_sise'")])
+def test_unknown_settings_fail_with_the_valid_names(arg, hint):
+    from spd.config import check_overrides
+    from spd.errors import SPDError
+
+    with pytest.raises(SPDError, match=hint) as e:
+        check_overrides([arg], RunApp)
+    assert "fuse" in str(e.value) or "distill" in str(e.value) or "hidden_size" in str(e.value)
+    check_overrides(["bench.fuse=false", "model=tiny", "+experiment=quick", "hydra.run.dir=x", "-m",
+                     "hydra/launcher=joblib", "distill.lr=1e-3", "eval.tasks=[a]"], RunApp)  # all valid

@@ -139,7 +139,8 @@ def _runtime_case() -> dict:
 
     from overlap.context import single
     from overlap.decode_attention import decode_attention_rope
-    from overlap.model import EAGER_OPS, ModelArgs, Transformer
+    from overlap.model import ModelArgs, Transformer
+    from overlap.ops import EAGER_OPS
     from overlap.runtime import Runtime
 
     torch.manual_seed(0)

@@ -18,7 +18,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from spd.config import EvalConfig, RunApp
 from spd.errors import SPDError
 from spd.evaluate import evaluate, main
-from spd.lm_eval_model import SPDLM, cli
+from spd.cli import lm_eval as cli
+from spd.lm_eval_model import SPDLM
 from spd.tasks.offline import data_dir, read_jsonl
 
 # Batched (right-padded) and single-row fp32 forwards sum in different orders: agreement to ~1e-6

@@ -147,7 +147,7 @@ def test_cudnn_attention_after_a_prefix_equals_the_masked_reference():
     (16 query heads, 2 KV heads, Dh 128), bf16, against fp32 math with the bottom-right causal mask."""
     from torch.nn.attention.bias import causal_lower_right
 
-    from overlap.model import attend_after_prefix
+    from overlap.attention import attend_after_prefix
 
     g = torch.Generator(device="cuda").manual_seed(8)
     P, S = 640, 384
@@ -267,7 +267,7 @@ def test_bench_on_gpus_writes_records_for_every_variant(tmp_path):
     out = tmp_path / "bench.jsonl"
     cmd = [sys.executable, "-m", "overlap.cli", "model=llama2_7b", "parallel.tp=2", "bench.tokens=[256]",
            "bench.batches=[1]", "bench.context=256", "bench.iters=5", "bench.warmup=2",
-           "bench.variants=[base,spd100,nocomm,hf_tp]", f"bench.out={out}", f"run_dir={tmp_path / 'run'}"]
+           "bench.variants=[base,spd100,nocomm,hf_tp]", f"bench.out={out}", f"hydra.run.dir={tmp_path / 'run'}"]
     done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     recs = [json.loads(line) for line in out.read_text().splitlines()]

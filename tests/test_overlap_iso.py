@@ -12,7 +12,8 @@ import torch
 from overlap.context import single
 from overlap.iso import attention_weight, chunk_cost, iso_forward, split_bounds
 from overlap.launch import spawn_ranks
-from overlap.model import ModelArgs, Pending, Sync, Transformer, init_weights_
+from overlap.model import ModelArgs, Transformer, init_weights_
+from overlap.sync import Pending, Sync
 from overlap.runtime import Runtime
 from overlap.tp import set_plan_, shard_
 from spd.plan import SPDPlan

@@ -161,7 +161,8 @@ FUSED_FP32_ATOL = 1e-5  # fp32; inductor's kernels may keep x + a unrounded befo
 def test_fused_elementwise_ops_equal_eager_in_prefill_decode_and_iso():
     """Runtime(fuse=True): RoPE, add + RMSNorm and SwiGLU as torch.compile'd kernels (inductor's CPU code here;
     the GPU test in test_overlap_gpu.py runs its Triton code), SPD and baseline blocks, ISO pieces."""
-    from overlap.model import EAGER_OPS, fused_ops
+    from overlap.fused_ops import fused_ops
+    from overlap.ops import EAGER_OPS
 
     hf, ids = tiny_hf(heads=8, kv=2, layers=3), tokens(2, 20)
     ctx = single()
@@ -188,7 +189,7 @@ def test_attention_after_a_prefix_merges_two_dense_parts(prefix, S):
     """attend_after_prefix (the CUDA path of a later prefill chunk) equals SDPA's bottom-right causal mask."""
     from torch.nn.attention.bias import causal_lower_right
 
-    from overlap.model import attend_after_prefix, attention_lse
+    from overlap.attention import attend_after_prefix, attention_lse
 
     g = torch.Generator().manual_seed(7)
     q = torch.randn(2, 8, S, 16, generator=g)

@@ -1,4 +1,4 @@
-"""The main job end to end on stories260K (conf/study_quick.yaml): keyed artifacts, resuming, shared work, report."""
+"""The main job end to end on stories260K (spd-study +experiment=quick): keyed artifacts, resuming, shared work, report."""
 
 import json
 import math
@@ -21,7 +21,7 @@ STAGE_FILES = ("distill.json", "perplexity.json", "eval/summary.json", "model/mo
 
 def quick(tmp_path, *overrides, name="job"):
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("study_quick", overrides=[
+        cfg = compose("study", overrides=["+experiment=quick",
             f"study.shared_dir={tmp_path / 'shared'}", "eval.limit=8", "ppl.limit=5", "calib.num_samples=4",
             "distill.epochs=1", *overrides])
     cfg = as_dataclass(cfg)
@@ -151,7 +151,7 @@ def test_parallel_joblib_sweep_computes_shared_work_once(tmp_path):
 
     def spd_study(cwd, *args):
         cwd.mkdir()
-        cmd = [sys.executable, "-m", "spd.cli", "study", "--config-name", "study_quick", "-m", *common, *args]
+        cmd = [sys.executable, "-m", "spd.cli", "study", "-m", "+experiment=quick", *common, *args]
         out = subprocess.run(cmd, cwd=cwd, env=env,
                              capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]

@@ -43,8 +43,7 @@ def test_every_stage_completes(job):
 def test_export_loads_in_stock_transformers_with_the_spd_logits(job):
     from transformers import AutoModelForCausalLM
 
-    from spd.lm_eval_model import model_config_by_name
-    from spd.load import load_model
+    from spd.load import load_model, model_config_by_name
     from spd.plan import SPDPlan
     from spd.surgery import apply_plan_
 

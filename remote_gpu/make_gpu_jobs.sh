@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The spd-bench job files of the recorded GPU runs (docs/benchmarks/spd_bench.md, iso.md, kernels.md), made here
-# (Hydra is not on the GPU machine) into runs/gpujobs/<name>/job.json; run them there with scripts/gpu_jobs.sh:
-#   bash scripts/make_gpu_jobs.sh
+# (Hydra is not on the GPU machine) into runs/gpujobs/<name>/job.json; run them there with remote_gpu/gpu_jobs.sh:
+#   bash remote_gpu/make_gpu_jobs.sh
 #   # device tool, kind nvidia-h200-x4, carry [.whl, runs/gpujobs]:
-#   export SPD_COMMIT=<commit>; source scripts/gpu_jobs.sh && bench runs/gpujobs/dec_fused 45 && ...
+#   export SPD_COMMIT=<commit>; source remote_gpu/gpu_jobs.sh && bench runs/gpujobs/dec_fused 45 && ...
 # Records go to runs/gpu/<name>.jsonl there, and to $OUT/records.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,50 +11,50 @@ mk() {
   local name=$1
   shift
   rm -rf "runs/gpujobs/$name"
-  python -m overlap.cli run_dir="runs/gpujobs/$name" bench.out="runs/gpu/$name.jsonl" ++extra.dry_run=true "$@" > /dev/null
+  python -m overlap.cli hydra.run.dir="runs/gpujobs/$name" bench.out="runs/gpu/$name.jsonl" bench.dry_run=true "$@" > /dev/null
 }
 DEC=(bench.phases=[decode] bench.batches=[1,16] bench.variants=[base,spd100,nocomm] bench.iters=15 bench.warmup=3)
 PRE=(bench.phases=[prefill] bench.iters=10 bench.warmup=2)
 # decode, R = 4: plain, fused elementwise kernels, and the fused GEMM + all-reduce impls (overlap.kernels)
 mk dec_nccl parallel.tp=4 "${DEC[@]}"
-mk dec_fused parallel.tp=4 "${DEC[@]}" ++extra.fuse=true
-mk dec_symm parallel.tp=4 "${DEC[@]}" ++extra.fuse=true ++extra.impl=symm_mem
-mk dec_triton parallel.tp=4 "${DEC[@]}" ++extra.fuse=true ++extra.impl=triton
+mk dec_fused parallel.tp=4 "${DEC[@]}" bench.fuse=true
+mk dec_symm parallel.tp=4 "${DEC[@]}" bench.fuse=true bench.impl=symm_mem
+mk dec_triton parallel.tp=4 "${DEC[@]}" bench.fuse=true bench.impl=triton
 # prefill, R = 4: every SPD share, ISO with NCCL thread blocks capped (c) and cuBLAS SM carve-out (s)
 mk pre_fused parallel.tp=4 "${PRE[@]}" 'bench.tokens=[512,2048,8192]' \
-  'bench.variants=[base,spd25,spd50,spd75,spd100,nocomm,iso,spd100+iso]' ++extra.fuse=true \
-  '++extra.iso_ctas=[null,2,8]' '++extra.iso_sm_carveout=[null,16]'
+  'bench.variants=[base,spd25,spd50,spd75,spd100,nocomm,iso,spd100+iso]' bench.fuse=true \
+  'bench.iso_ctas=[null,2,8]' 'bench.iso_sm_carveout=[null,16]'
 mk pre_nccl parallel.tp=4 "${PRE[@]}" 'bench.tokens=[2048,8192]' 'bench.variants=[base,nocomm,iso]'
 mk pre_iso2 parallel.tp=4 "${PRE[@]}" 'bench.tokens=[2048,8192]' 'bench.variants=[base,spd100,nocomm,iso,spd100+iso]' \
-  ++extra.fuse=true '++extra.iso_ctas=[null,8]' '++extra.iso_sm_carveout=[null,16]'
+  bench.fuse=true 'bench.iso_ctas=[null,8]' 'bench.iso_sm_carveout=[null,16]'
 mk pre_nop2p parallel.tp=4 parallel=nop2p bench.phases=[prefill] bench.iters=8 bench.warmup=2 'bench.tokens=[2048,8192]' \
-  'bench.variants=[base,spd100,nocomm,iso,spd100+iso]' ++extra.fuse=true
-mk pre_triton parallel.tp=4 "${PRE[@]}" 'bench.tokens=[2048,8192]' 'bench.variants=[base,spd100]' ++extra.fuse=true \
-  ++extra.impl=triton
+  'bench.variants=[base,spd100,nocomm,iso,spd100+iso]' bench.fuse=true
+mk pre_triton parallel.tp=4 "${PRE[@]}" 'bench.tokens=[2048,8192]' 'bench.variants=[base,spd100]' bench.fuse=true \
+  bench.impl=triton
 # R = 2 and R = 1 (LLaMA-2-70B in bf16 is 129 GiB: R = 1 fits one H200 at batch 1 only)
 mk r2_nvlink parallel.tp=2 'bench.tokens=[512,2048,8192]' 'bench.batches=[1,16]' bench.iters=8 bench.warmup=2 \
-  'bench.variants=[base,spd25,spd50,spd75,spd100,nocomm,iso,spd100+iso]' ++extra.fuse=true
+  'bench.variants=[base,spd25,spd50,spd75,spd100,nocomm,iso,spd100+iso]' bench.fuse=true
 mk r1 parallel.tp=1 'bench.tokens=[512,2048,8192]' 'bench.batches=[1]' 'bench.variants=[base]' bench.iters=10 \
-  bench.warmup=2 ++extra.fuse=true
+  bench.warmup=2 bench.fuse=true
 # not run yet: the whole decode step torch.compile'd (graphs after), ISO with the fused impls, R = 2 without P2P
-mk dec_compile parallel.tp=4 "${DEC[@]}" ++extra.compile=true ++extra.fuse=false
+mk dec_compile parallel.tp=4 "${DEC[@]}" bench.compile=true bench.fuse=false
 mk pre_iso_triton parallel.tp=4 "${PRE[@]}" 'bench.tokens=[2048,8192]' 'bench.variants=[base,spd100,iso,spd100+iso]' \
-  ++extra.fuse=true ++extra.impl=triton
+  bench.fuse=true bench.impl=triton
 mk pre_iso_symm parallel.tp=4 "${PRE[@]}" 'bench.tokens=[2048,8192]' 'bench.variants=[base,spd100,iso,spd100+iso]' \
-  ++extra.fuse=true ++extra.impl=symm_mem
+  bench.fuse=true bench.impl=symm_mem
 mk r2_nop2p parallel.tp=2 parallel=nop2p 'bench.tokens=[2048]' 'bench.batches=[16]' 'bench.variants=[base,spd100,nocomm]' \
-  bench.iters=10 bench.warmup=2 ++extra.fuse=true
+  bench.iters=10 bench.warmup=2 bench.fuse=true
 # one rank's shard alone on one GPU (kind nvidia-h200 is enough): nocomm at R = 4 and 8, decode attention A/B
-V=(parallel.tp=1 'bench.variants=[nocomm]' ++extra.fuse=true)
-mk v4_dec "${V[@]}" ++extra.virtual_tp=4 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 bench.warmup=3
-mk v4_dec_nok "${V[@]}" ++extra.virtual_tp=4 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 \
-  bench.warmup=3 ++extra.decode_kernel=false
-mk v4_pre "${V[@]}" ++extra.virtual_tp=4 'bench.phases=[prefill]' 'bench.tokens=[2048,8192]' bench.iters=10 bench.warmup=2
-mk v4_prof "${V[@]}" ++extra.virtual_tp=4 'bench.phases=[decode]' 'bench.batches=[1]'
-mk v8_all "${V[@]}" ++extra.virtual_tp=8 'bench.tokens=[2048,8192]' 'bench.batches=[1,16]' bench.iters=10 bench.warmup=3
+V=(parallel.tp=1 'bench.variants=[nocomm]' bench.fuse=true)
+mk v4_dec "${V[@]}" bench.virtual_tp=4 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 bench.warmup=3
+mk v4_dec_nok "${V[@]}" bench.virtual_tp=4 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 \
+  bench.warmup=3 bench.decode_kernel=false
+mk v4_pre "${V[@]}" bench.virtual_tp=4 'bench.phases=[prefill]' 'bench.tokens=[2048,8192]' bench.iters=10 bench.warmup=2
+mk v4_prof "${V[@]}" bench.virtual_tp=4 'bench.phases=[decode]' 'bench.batches=[1]'
+mk v8_all "${V[@]}" bench.virtual_tp=8 'bench.tokens=[2048,8192]' 'bench.batches=[1,16]' bench.iters=10 bench.warmup=3
 # profiles: decode steps (8 blocks) and an 8192-token ISO prefill (4 blocks)
 mk prof_dec parallel.tp=4 'bench.phases=[decode]' 'bench.batches=[1]' 'bench.variants=[base,nocomm]'
-mk prof_dec_fused parallel.tp=4 'bench.phases=[decode]' 'bench.batches=[1]' 'bench.variants=[base,nocomm]' ++extra.fuse=true
+mk prof_dec_fused parallel.tp=4 'bench.phases=[decode]' 'bench.batches=[1]' 'bench.variants=[base,nocomm]' bench.fuse=true
 mk prof_iso parallel.tp=4 'bench.phases=[prefill]' 'bench.tokens=[8192]' 'bench.variants=[base,iso,spd100+iso,nocomm]' \
-  ++extra.fuse=true '++extra.iso_ctas=[8]' '++extra.iso_sm_carveout=[16]'
+  bench.fuse=true 'bench.iso_ctas=[8]' 'bench.iso_sm_carveout=[16]'
 ls runs/gpujobs

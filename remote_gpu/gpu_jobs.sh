@@ -1,15 +1,15 @@
 # Steps for one device-tool call on a GPU machine, sourced there after the job files were made here:
-#   source scripts/gpu_jobs.sh && bench runs/gpujobs/dec_nccl 90 && profile runs/gpujobs/dec_fused decode 8 60 \
+#   source remote_gpu/gpu_jobs.sh && bench runs/gpujobs/dec_nccl 90 && profile runs/gpujobs/dec_fused decode 8 60 \
 #     && gputests 240 tests/test_overlap_gpu.py
 # (carry .whl and runs/gpujobs). Job files come from spd-bench dry runs here, for example
 #   python -m overlap.cli parallel.tp=4 run_dir=runs/gpujobs/dec_nccl 'bench.phases=[decode]' \
-#     bench.out=runs/gpu/dec_nccl.jsonl ++extra.dry_run=true
+#     bench.out=runs/gpu/dec_nccl.jsonl bench.dry_run=true
 # Every step is bounded (seconds), appends to $OUT/log.txt and copies what it made into $OUT as soon as it
 # ends, so a step cut off by its bound (or the call's) keeps what finished: bench records are appended one
 # line per measurement. Few files come back from a call: records go to $OUT/records.jsonl (all jobs),
 # a profile to one $OUT/prof_<job>_<phase>.tgz (its breakdown also in log.txt). Set SPD_COMMIT to the
 # commit the job files were made at (no .git travels).
-source scripts/device_setup.sh
+source remote_gpu/device_setup.sh
 OUT=${OUT:-runs/gpu_out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader >> "$OUT/log.txt" 2>&1

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The SmolLM2-135M accuracy study on one GPU, in stages that each fit a 10-minute device call:
-#   bash scripts/gpu_accuracy.sh STAGE     (STAGE: baseline | rank | sweep | planner | pack)
-# Needs: source scripts/device_setup.sh done by this script; the GGUF at $SMOL (default below).
+#   bash remote_gpu/gpu_accuracy.sh STAGE     (STAGE: baseline | rank | sweep | planner | pack)
+# Needs: source remote_gpu/device_setup.sh done by this script; the GGUF at $SMOL (default below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/device_setup.sh
+source remote_gpu/device_setup.sh
 SMOL=${SMOL:-/root/smol/SmolLM2-135M-Instruct.Q4_1.gguf}
 LIMIT=${LIMIT:-500}
 M="model.path=$SMOL study.shared_dir=runs/shared"

@@ -1,6 +1,6 @@
 # Source on a GPU machine of the device tool (python3 with CUDA torch, no lm-eval/hydra/datasets, no network):
-#   source scripts/device_setup.sh
-# Installs the carried wheels (.whl/, made by scripts/device_wheels.sh) into /tmp/site once per machine,
+#   source remote_gpu/device_setup.sh
+# Installs the carried wheels (.whl/, made by remote_gpu/device_wheels.sh) into /tmp/site once per machine,
 # unpacks carried assets (.gpu/assets/data.tar.xz) into /root/assets, and sets the environment every run needs.
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast

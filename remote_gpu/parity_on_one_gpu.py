@@ -1,7 +1,7 @@
 """tests/test_overlap_gpu.py's LLaMA-2-7B-shape parity numbers at R ranks on ONE GPU: R gloo ranks share cuda:0
 (eager prefill, no CUDA graphs), so the TP arithmetic can be checked where no R GPUs are lent.
 
-    python scripts/parity_on_one_gpu.py [R]
+    python remote_gpu/parity_on_one_gpu.py [R]
 
 Every rank builds the same seeded random model, runs it whole (R = 1) and sharded, in bf16 and fp32, and
 prints the relative L2 errors of the prefill logits. With R = 2 a bf16 sum of two partials rounds the same

@@ -1,0 +1,74 @@
+"""The steps between a block's weight GEMMs, in plain torch: RoPE, residual add + RMSNorm, SwiGLU, RMSNorm, decode
+attention; bundled as Ops so a model can swap in fused versions (overlap.fused_ops) with the same arithmetic.
+These are the references every fused kernel is tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def rope_(qk: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate halves of q and k at once: qk (B, S, H+KV, Dh), cos/sin_signed (S, 1, Dh) -> same shape.
+
+    transformers computes x*cos + rotate_half(x)*sin with rotate_half(x) = [-x2, x1]. Since sin's two
+    halves are equal, rotate_half(x)*sin == roll(x, Dh/2) * [-sin1, sin2] exactly, so three kernels do
+    it (roll, mul, addcmul) instead of five per tensor.
+    """
+    return torch.addcmul(qk * cos, qk.roll(qk.shape[-1] // 2, dims=-1), sin_signed)
+
+
+def add_rms_norm(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(h, rms_norm(h)) for h = x + a: a residual add and the norm after it (B, S, D) each."""
+    h = x + a
+    return h, F.rms_norm(h, weight.shape, weight, eps)
+
+
+def swiglu(gate_up: torch.Tensor, ffn_dim: int) -> torch.Tensor:
+    """silu(gate) * up of the fused [gate; up] projection (..., 2 F/R) -> (..., F/R)."""
+    gate, up = gate_up.split(ffn_dim, dim=-1)
+    return F.silu(gate) * up
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim in fp32 statistics (one kernel; ATen's takes one thread block a row)."""
+    return F.rms_norm(x, weight.shape, weight, eps)
+
+
+def decode_mask(input_pos: torch.Tensor, kv_len: int, dtype) -> torch.Tensor:
+    """Additive (S, kv_len) mask: 0 where cache position j <= input_pos[i], -inf after it."""
+    allowed = torch.arange(kv_len, device=input_pos.device)[None, :] <= input_pos[:, None]  # (S, L)
+    return torch.zeros(allowed.shape, dtype=dtype, device=input_pos.device).masked_fill_(~allowed, float("-inf"))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query a sequence: q (B, Hq, 1, Dh), k/v (B, Hkv, L, Dh), additive mask (1, L) -> (B, Hq, 1, Dh).
+
+    The query heads of a KV head are folded into rows, so K/V are never repeated: two batched GEMMs and a
+    softmax (fp32 accumulation inside, like transformers' eager path). Fused (Ops.decode_attention), the
+    mask add and the softmax become one kernel between the two GEMMs.
+    """
+    B, Hq, _, Dh = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    qg = q.reshape(B * Hkv, Hq // Hkv, Dh)  # (B*KV, G, Dh): row g is query head kv*G + g
+    scores = torch.baddbmm(mask, qg, k.reshape(B * Hkv, L, Dh).transpose(1, 2), alpha=Dh**-0.5)  # (B*KV, G, L)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.bmm(probs, v.reshape(B * Hkv, L, Dh)).view(B, Hq, 1, Dh)
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The steps between a block's weight GEMMs: RoPE, residual add + RMSNorm, SwiGLU, RMSNorm, decode attention."""
+
+    rope: object
+    add_norm: object
+    swiglu: object
+    norm: object
+    decode_attention: object
+    decode_heads: object = None  # RoPE + cache write + decode attention in one pass (where supports() holds)
+
+
+EAGER_OPS = Ops(rope_, add_rms_norm, swiglu, rms_norm, decode_attention)  # plain torch: the reference, CPU's
