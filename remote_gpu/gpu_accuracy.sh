@@ -11,8 +11,8 @@ M="model.path=$SMOL study.shared_dir=runs/shared"
 spd() { python3 -m spd.cli "$@"; }
 case "$1" in
   baseline)  # the dense model: full offline suite and WikiText-2 perplexity
-    spd evaluate $M parallel.tp=1 'eval.tasks=[spd_offline,spd_wikitext]' eval.batch_size=64 run_dir=runs/smollm2_135m/dense/eval
-    spd perplexity $M parallel.tp=1 run_dir=runs/smollm2_135m/dense/ppl ;;
+    spd evaluate $M parallel.tp=1 'eval.tasks=[spd_offline,spd_wikitext]' eval.batch_size=64 hydra.run.dir=runs/smollm2_135m/dense/eval
+    spd perplexity $M parallel.tp=1 hydra.run.dir=runs/smollm2_135m/dense/ppl ;;
   rank)  # zero-shot SPD at 25..100% chosen by each ranking, R = 3 and 9 (perplexity only)
     spd study -m $M parallel.tp=3,9 spd.ranking=backward,isolated spd.fraction=0.25,0.5,0.75,1.0 \
       study.strategy=zs study.evaluate=false study.export=false ;;

@@ -2,7 +2,7 @@
 #   source remote_gpu/gpu_jobs.sh && bench runs/gpujobs/dec_nccl 90 && profile runs/gpujobs/dec_fused decode 8 60 \
 #     && gputests 240 tests/test_overlap_gpu.py
 # (carry .whl and runs/gpujobs). Job files come from spd-bench dry runs here, for example
-#   python -m overlap.cli parallel.tp=4 run_dir=runs/gpujobs/dec_nccl 'bench.phases=[decode]' \
+#   python -m overlap.cli parallel.tp=4 hydra.run.dir=runs/gpujobs/dec_nccl 'bench.phases=[decode]' \
 #     bench.out=runs/gpu/dec_nccl.jsonl bench.dry_run=true
 # Every step is bounded (seconds), appends to $OUT/log.txt and copies what it made into $OUT as soon as it
 # ends, so a step cut off by its bound (or the call's) keeps what finished: bench records are appended one

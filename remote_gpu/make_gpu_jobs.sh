@@ -16,7 +16,7 @@ mk() {
 DEC=(bench.phases=[decode] bench.batches=[1,16] bench.variants=[base,spd100,nocomm] bench.iters=15 bench.warmup=3)
 PRE=(bench.phases=[prefill] bench.iters=10 bench.warmup=2)
 # decode, R = 4: plain, fused elementwise kernels, and the fused GEMM + all-reduce impls (overlap.kernels)
-mk dec_nccl parallel.tp=4 "${DEC[@]}"
+mk dec_nccl parallel.tp=4 "${DEC[@]}" bench.fuse=false  # the unfused (eager) rows
 mk dec_fused parallel.tp=4 "${DEC[@]}" bench.fuse=true
 mk dec_symm parallel.tp=4 "${DEC[@]}" bench.fuse=true bench.impl=symm_mem
 mk dec_triton parallel.tp=4 "${DEC[@]}" bench.fuse=true bench.impl=triton
@@ -24,7 +24,7 @@ mk dec_triton parallel.tp=4 "${DEC[@]}" bench.fuse=true bench.impl=triton
 mk pre_fused parallel.tp=4 "${PRE[@]}" 'bench.tokens=[512,2048,8192]' \
   'bench.variants=[base,spd25,spd50,spd75,spd100,nocomm,iso,spd100+iso]' bench.fuse=true \
   'bench.iso_ctas=[null,2,8]' 'bench.iso_sm_carveout=[null,16]'
-mk pre_nccl parallel.tp=4 "${PRE[@]}" 'bench.tokens=[2048,8192]' 'bench.variants=[base,nocomm,iso]'
+mk pre_nccl parallel.tp=4 "${PRE[@]}" 'bench.tokens=[2048,8192]' 'bench.variants=[base,nocomm,iso]' bench.fuse=false
 mk pre_iso2 parallel.tp=4 "${PRE[@]}" 'bench.tokens=[2048,8192]' 'bench.variants=[base,spd100,nocomm,iso,spd100+iso]' \
   bench.fuse=true 'bench.iso_ctas=[null,8]' 'bench.iso_sm_carveout=[null,16]'
 mk pre_nop2p parallel.tp=4 parallel=nop2p bench.phases=[prefill] bench.iters=8 bench.warmup=2 'bench.tokens=[2048,8192]' \
@@ -53,7 +53,7 @@ mk v4_pre "${V[@]}" bench.virtual_tp=4 'bench.phases=[prefill]' 'bench.tokens=[2
 mk v4_prof "${V[@]}" bench.virtual_tp=4 'bench.phases=[decode]' 'bench.batches=[1]'
 mk v8_all "${V[@]}" bench.virtual_tp=8 'bench.tokens=[2048,8192]' 'bench.batches=[1,16]' bench.iters=10 bench.warmup=3
 # profiles: decode steps (8 blocks) and an 8192-token ISO prefill (4 blocks)
-mk prof_dec parallel.tp=4 'bench.phases=[decode]' 'bench.batches=[1]' 'bench.variants=[base,nocomm]'
+mk prof_dec parallel.tp=4 'bench.phases=[decode]' 'bench.batches=[1]' 'bench.variants=[base,nocomm]' bench.fuse=false
 mk prof_dec_fused parallel.tp=4 'bench.phases=[decode]' 'bench.batches=[1]' 'bench.variants=[base,nocomm]' bench.fuse=true
 mk prof_iso parallel.tp=4 'bench.phases=[prefill]' 'bench.tokens=[8192]' 'bench.variants=[base,iso,spd100+iso,nocomm]' \
   bench.fuse=true 'bench.iso_ctas=[8]' 'bench.iso_sm_carveout=[16]'

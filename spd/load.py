@@ -149,13 +149,56 @@ def _load_gguf(cfg: ModelConfig, dtype: torch.dtype, config_only: bool = False):
     kw = dict(gguf_file=file.name)
     if config_only:
         return AutoConfig.from_pretrained(str(file.parent), **kw)
+    cached = _dequantized_dir(file, cfg.sha256, dtype)
+    if cached is not None and (cached / "complete").is_file():
+        return (LlamaForCausalLM.from_pretrained(cached, dtype=dtype),
+                AutoTokenizer.from_pretrained(cached))
     model = LlamaForCausalLM.from_pretrained(str(file.parent), dtype=dtype, **kw)
     tokenizer = AutoTokenizer.from_pretrained(str(file.parent), **kw)
     # The weights are dequantised to `dtype` on load; transformers (>= 5.2x) still marks the model as
     # GGUF-quantised, which makes save_pretrained (spd-export) refuse it. Drop the stale marker.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
+    if cached is not None:
+        _keep_dequantized(model, tokenizer, cached)
     return model, tokenizer
+
+
+GGUF_CACHE_MAX_BYTES = 2 << 30  # GGUF files up to this size get a dequantised copy in the cache
+
+
+def _dequantized_dir(file: Path, sha256: str | None, dtype: torch.dtype) -> Path | None:
+    """Where the dequantised copy of a (small) GGUF file is kept: $SPD_CACHE/dequantized/<sha256>-<dtype>-
+    transformers<version>/ (dequantising SmolLM2 takes half a minute; reading the copy a second). None for
+    large files (a dequantised 70B would be hundreds of GB)."""
+    import transformers
+
+    from spd.assets import sha256_of
+    from spd.config import cache_dir
+
+    if file.stat().st_size > GGUF_CACHE_MAX_BYTES:
+        return None
+    digest = (sha256 or sha256_of(file)).lower()
+    return cache_dir() / "dequantized" / f"{digest}-{str(dtype).removeprefix('torch.')}-transformers{transformers.__version__}"
+
+
+def _keep_dequantized(model, tokenizer, d: Path) -> None:
+    """Save the dequantised model and tokenizer to d whole (a temporary folder renamed), "complete" last."""
+    import shutil
+    import tempfile
+
+    d.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=f".{d.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "complete").write_text("dequantised from GGUF by spd.load\n")
+        if not d.exists():
+            tmp.rename(d)
+    except OSError:
+        pass  # a cache only: a full disk or a concurrent writer costs a later dequantisation, nothing else
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_llama2c(cfg: ModelConfig, dtype: torch.dtype):

@@ -146,3 +146,24 @@ def test_exported_directory_loads_with_its_plan(tmp_path):
     ids = torch.randint(0, 300, (1, 20))
     with torch.no_grad():
         assert (model(ids).logits - ref(ids).logits).abs().max() <= SAVE_FP32
+
+
+def test_dequantised_gguf_cache_is_keyed_and_reloads_the_same_weights(tmp_path, monkeypatch, stories260k):
+    """A small GGUF is dequantised once; the copy (save_pretrained of the dequantised model) is keyed by the
+    file's sha256, the dtype and the transformers version, and reloads bit for bit."""
+    import transformers
+    from transformers import LlamaForCausalLM
+
+    from spd import load
+
+    good, spec = _cached_gguf()  # from the real cache, before it is moved
+    monkeypatch.setenv("SPD_CACHE", str(tmp_path))
+    d = load._dequantized_dir(good, None, torch.bfloat16)
+    assert d.name == f"{spec['sha256']}-bfloat16-transformers{transformers.__version__}"
+    assert d.parent == tmp_path / "dequantized"
+    model, tok = stories260k
+    load._keep_dequantized(model, tok, d)
+    assert (d / "complete").is_file() and not [p for p in d.parent.iterdir() if p.name.startswith(".")]
+    again = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32)
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
