@@ -1,6 +1,8 @@
 """Block-to-block (B2B) distillation of SPD blocks, after head grouping for the extremely sensitive ones.
 
-For each SB or ESB block i of a plan, with x_i = h_i the block's input in the ORIGINAL model and
+For each SB or ESB block i of a plan, with x_i = h_i the block's input in the ORIGINAL model for the
+calibration rows as ranking scores them (spd.perplexity.calibration_inputs: the prefix token, then the
+window's first L - 1 tokens), and
 y_i = h_{i+1} = block_i(x_i) its original output (spd.activations, captured once before any change):
 
     min over theta_i   E_n || SPD_R(block_i; theta_i)(x_n) - y_n ||^2 / (L D)       (MSE per element)
@@ -35,6 +37,7 @@ from spd.block import SPDDecoderLayer, decoder_layers, remove_spd_
 from spd.config import DistillConfig
 from spd.errors import PlanError, SPDError
 from spd.heads import group_heads_
+from spd.perplexity import calibration_inputs, prefix_token
 from spd.plan import SPDPlan
 from spd.run import read_json, write_bytes_atomic, write_json_atomic
 from spd.surgery import apply_plan_, mark_carried_
@@ -89,7 +92,8 @@ def _fingerprint(plan: SPDPlan, tokens: torch.Tensor, dtype: torch.dtype, opts: 
     return {
         "tp": plan.tp, "dtype": str(dtype),
         "calib_sha256": hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest(),
-        "calib_shape": list(tokens.shape), **{k: opts[k] for k in sorted(opts) if k != "spill_gb"},
+        "calib_shape": list(tokens.shape), "inputs": "calibration_inputs (prefix token + first L-1 tokens)",
+        **{k: opts[k] for k in sorted(opts) if k != "spill_gb"},
     }
 
 
@@ -136,7 +140,8 @@ def distill_blocks_(model, plan: SPDPlan, tokens: torch.Tensor, out_dir: str | P
     if need and store is None:  # the teacher: original-model hidden states, before any block is changed or loaded
         model_dtype = next(model.parameters()).dtype
         spill = state_bytes(*tokens.shape, model.config.hidden_size, need, model_dtype) > spill_gb * 2**30
-        store = capture_hidden_states(model, tokens, need, cfg.batch_size,
+        inputs = calibration_inputs(tokens, prefix_token(config=model.config))  # as ranking scores them
+        store = capture_hidden_states(model, inputs, need, cfg.batch_size,
                                       (spill_dir or out_dir / "activations") if spill else None, progress)
     report: dict[int, dict] = {}
     try:

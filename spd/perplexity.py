@@ -49,6 +49,18 @@ def model_logits(model) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda ids: model(input_ids=ids, use_cache=False).logits
 
 
+def target_logprob(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log p(targets), every target is the argmax) for logits (..., k, V) and targets (..., k)."""
+    logp = logits.float().log_softmax(-1)  # (..., k, V)
+    return logp.gather(-1, targets[..., None])[..., 0].sum(-1), (logp.argmax(-1) == targets).all(-1)
+
+
+def calibration_inputs(tokens: torch.Tensor, prefix: int) -> torch.Tensor:
+    """The model inputs that score (N, L) calibration windows as lm-eval's rolling windows do: the prefix
+    token, then each window's first L - 1 tokens (N, L). Ranking and distillation see exactly these rows."""
+    return torch.cat([torch.full_like(tokens[:, :1], prefix), tokens[:, :-1]], dim=1)
+
+
 @torch.no_grad()
 def score_windows(logits_fn: Callable[[torch.Tensor], torch.Tensor], windows: list[tuple[list[int], list[int]]],
                   batch_size: int, pad_id: int = 0, device=None, progress: bool = False,
@@ -76,9 +88,8 @@ def score_windows(logits_fn: Callable[[torch.Tensor], torch.Tensor], windows: li
         for b, i in enumerate(idx):
             cont = windows[i][1]
             n, k = len(rows[b]), len(cont)
-            target = torch.tensor(cont, device=logits.device)  # (k,)
-            logp = logits[b, n - k:n].float().log_softmax(-1)  # (k, V)
-            out[i] = (float(logp.gather(-1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all()))
+            logp, greedy = target_logprob(logits[b, n - k:n], torch.tensor(cont, device=logits.device))
+            out[i] = (float(logp), bool(greedy))
         bar.update(len(idx))
     bar.close()
     return out

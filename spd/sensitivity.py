@@ -3,7 +3,12 @@
 Backward sweep (paper): switch blocks to zero-shot SPD one at a time from the last block backwards,
 keeping the earlier switches; sensitivity(i) = ppl(after switching i) - ppl(before). It is path
 dependent, so the isolated variant is offered too: sensitivity(i) = ppl(only block i SPD) - ppl(no SPD).
-Perplexity is measured on calibration windows. Both write `spd.sensitivity/1` JSON: model, R, method,
+Perplexity is measured on calibration windows.
+
+Cost: when switching block i, blocks 0..i-1 are still dense (backward: only later blocks were switched;
+isolated: only i is), so their output is the original model's hidden state h_i. Given the captured
+states (spd.activations, the same capture distillation uses), each step runs only blocks i..L-1 from h_i:
+L(L+1)/2 block forwards for a ranking instead of L^2. The result is the same ranking (tests/test_sensitivity.py). Both write `spd.sensitivity/1` JSON: model, R, method,
 calibration spec, baseline perplexity, per-block perplexity and sensitivity, the ascending order.
 
 Plans: the k least sensitive blocks (k from a fraction or a count) become SPD blocks; their tiers come
@@ -19,12 +24,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from spd.block import decoder_layers, remove_spd_, set_spd_
 from spd.config import CalibConfig, SPDConfig
 from spd.errors import SPDError
-from spd.perplexity import windows_perplexity
+from spd.perplexity import target_logprob, windows_perplexity
 from spd.plan import SPDPlan
 from spd.run import read_json, write_json_atomic
 
@@ -34,9 +40,13 @@ DEFAULT_SB_REL, DEFAULT_ESB_REL = 0.01, 0.10
 
 
 def rank_blocks(model, tokens, tp: int, method: str = "backward", batch_size: int = 4,
-                progress_file: Path | None = None, spec: dict | None = None, key: str | None = None) -> dict:
+                progress_file: Path | None = None, spec: dict | None = None, key: str | None = None,
+                store=None) -> dict:
     """Per-block sensitivity of `model` at degree tp on (N, L) calibration tokens (see module doc).
 
+    store: the original model's hidden states at every block boundary for these windows (an ActivationStore
+    of capture_hidden_states on calibration_inputs), or a callable giving it: each step then starts at the
+    switched block's cached input. Without it every step is a full forward (the reference).
     With progress_file, every finished block is recorded there atomically and a re-run with the same key
     (spd.artifacts: model, R, method, calibration) resumes after it.
     """
@@ -46,19 +56,26 @@ def rank_blocks(model, tokens, tp: int, method: str = "backward", batch_size: in
     done = read_json(progress_file) if progress_file else None
     key = key or {"tp": tp, "method": method, "calibration": spec or {}}
     if not done or done.get("key") != key:
-        done = {"key": key, "baseline_ppl": None, "ppl": {}, "seconds": {}}
+        done = {"key": key, "baseline_ppl": None, "ppl": {}, "seconds": {}, "block_forwards": 0}
     remove_spd_(model)
     if done["baseline_ppl"] is None:
         done["baseline_ppl"] = windows_perplexity(model, tokens, batch_size)
+        done["block_forwards"] += n
     base = done["baseline_ppl"]
     order = list(range(n - 1, -1, -1))  # backward: last block first
-    for i in tqdm(order, desc=f"rank ({method}, R={tp})"):
-        if str(i) in done["ppl"]:
-            continue
+    todo = [i for i in order if str(i) not in done["ppl"]]
+    if todo and callable(store):
+        store = store()
+    for i in tqdm(todo, desc=f"rank ({method}, R={tp})"):
         switched = [j for j in order[: order.index(i) + 1]] if method == "backward" else [i]
         start = time.perf_counter()
         set_spd_(model, tp, {j: "ISB" for j in switched})
-        done["ppl"][str(i)] = windows_perplexity(model, tokens, batch_size)
+        if store is None:
+            done["ppl"][str(i)] = windows_perplexity(model, tokens, batch_size)
+            done["block_forwards"] += n
+        else:
+            done["ppl"][str(i)] = suffix_perplexity(model, store, i, tokens, batch_size)
+            done["block_forwards"] += n - i
         done["seconds"][str(i)] = time.perf_counter() - start
         if progress_file:
             write_json_atomic(progress_file, done)
@@ -69,14 +86,54 @@ def rank_blocks(model, tokens, tp: int, method: str = "backward", batch_size: in
     else:
         before = {i: base for i in range(n)}
     sens = {i: ppl[i] - before[i] for i in range(n)}
+    seconds = sum(done["seconds"].values())
+    tokens_done = done["block_forwards"] * tokens.numel()  # block-token forwards
+    flops = tokens_done * block_flops_per_token(model.config, tokens.shape[1])
     return {
         "schema": SCHEMA, "tp": tp, "method": method, "num_layers": n, "calibration": spec or {},
         "baseline_ppl": base,
         "blocks": [{"block": i, "ppl": ppl[i], "sensitivity": sens[i], "relative": sens[i] / base,
                     "seconds": done["seconds"].get(str(i))} for i in range(n)],
         "order": sorted(range(n), key=lambda i: sens[i]),  # least sensitive first
-        "seconds_total": sum(done["seconds"].values()),
+        "seconds_total": seconds,
+        "cost": {"block_forwards": done["block_forwards"], "cached_inputs": store is not None,
+                 "block_tokens_per_s": tokens_done / seconds if seconds else None,
+                 "tflop_per_s": flops / seconds / 1e12 if seconds else None},
     }
+
+
+@torch.no_grad()
+def suffix_perplexity(model, store, start: int, tokens: torch.Tensor, batch_size: int = 4) -> float:
+    """Calibration perplexity of the model as it is now, run from block `start` on its cached input h_start.
+
+    Equal to windows_perplexity when blocks 0..start-1 are those that produced the cached states (dense).
+    tokens: (N, L) the windows (the targets); the store holds h_start of calibration_inputs(tokens).
+    """
+    layers = decoder_layers(model)
+    p = next(model.parameters())
+    kwargs = store.block_kwargs(p.device, p.dtype)
+    X = store.get(start)  # (N, L, D)
+    nll = 0.0
+    for s in range(0, len(X), batch_size):
+        h = X[s:s + batch_size].to(p.device, p.dtype)  # (B, L, D)
+        for layer in layers[start:]:
+            h = layer(h, **kwargs)
+            h = h[0] if isinstance(h, tuple) else h
+        logits = model.lm_head(model.model.norm(h))  # (B, L, V)
+        logp, _ = target_logprob(logits, tokens[s:s + batch_size].to(p.device))
+        nll -= float(logp.sum())
+    return math.exp(nll / tokens.numel())
+
+
+def block_flops_per_token(config, seq_len: int) -> float:
+    """Forward FLOPs of one block per token: 2 x the block's weights, plus causal attention (about
+    2 x seq_len x hidden for the scores and the weighted sum, averaged over positions)."""
+    D, F = config.hidden_size, config.intermediate_size
+    H = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or H
+    hd = getattr(config, "head_dim", None) or D // H
+    weights = D * (H * hd) * 2 + D * (kv * hd) * 2 + 3 * D * F
+    return 2.0 * weights + 2.0 * seq_len * H * hd
 
 
 def spd_block_count(fraction: float, n: int) -> int:
@@ -144,7 +201,7 @@ def calibration_spec(cfg: CalibConfig) -> dict:
     return asdict(cfg)
 
 
-RANK_ALGO = 2  # bump when a ranking's numbers change for the same settings (2: lm-eval's rolling windows)
+RANK_ALGO = 3  # bump when a ranking's numbers change for the same settings (2: lm-eval's rolling windows)
 
 
 def rank_settings(cfg, model=None) -> dict:
@@ -155,9 +212,10 @@ def rank_settings(cfg, model=None) -> dict:
             "calibration": calibration_spec(cfg.calib), "algo": RANK_ALGO}
 
 
-def ranking_in(run_dir: Path, model, tokens, cfg) -> dict:
+def ranking_in(run_dir: Path, model, tokens, cfg, store=None) -> dict:
     """The ranking stored in run_dir for cfg's settings (RunApp: rank_settings), computed there when it is
     missing or was made with other settings; resumes block by block. tokens: (N, L) or a callable giving them.
+    store: the captured hidden states of these windows, or a callable giving them (see rank_blocks).
     Returns it with "reused": whether it was read rather than computed."""
     from spd.artifacts import key_of, read_if
 
@@ -168,7 +226,7 @@ def ranking_in(run_dir: Path, model, tokens, cfg) -> dict:
         return ranking | {"reused": True}
     ranking = rank_blocks(model, tokens() if callable(tokens) else tokens, cfg.parallel.tp, cfg.spd.ranking,
                           cfg.calib.batch_size, progress_file=Path(run_dir) / "sensitivity.progress.json",
-                          spec=calibration_spec(cfg.calib), key=key)
+                          spec=calibration_spec(cfg.calib), key=key, store=store)
     ranking |= {"model": cfg.model.name, "key": key, "settings": rank_settings(cfg, model)}
     write_json_atomic(out, ranking)
     (Path(run_dir) / "sensitivity.progress.json").unlink(missing_ok=True)
@@ -186,7 +244,25 @@ def run_rank(cfg) -> dict:
     run_dir = start_run(cfg.run_dir, cfg, stage="rank", tp=cfg.parallel.tp)
     model, tokenizer = load_model(cfg.model)
     apply_plan_(model, SPDPlan(tp=cfg.parallel.tp, num_layers=len(decoder_layers(model))))  # validates R
-    ranking = ranking_in(run_dir, model, lambda: calibration_tokens(tokenizer, cfg.calib), cfg)
+    tokens = calibration_tokens(tokenizer, cfg.calib)
+    stores = []
+
+    def capture():  # every block boundary, spilled to disk above distill.spill_gb; removed after the ranking
+        from spd.activations import capture_hidden_states, state_bytes
+        from spd.perplexity import calibration_inputs, prefix_token
+
+        n = len(decoder_layers(model))
+        big = state_bytes(*tokens.shape, model.config.hidden_size, range(n), next(model.parameters()).dtype)
+        spill = run_dir / "activations" if big > cfg.distill.spill_gb * 2**30 else None
+        stores.append(capture_hidden_states(model, calibration_inputs(tokens, prefix_token(config=model.config)),
+                                            range(n), cfg.calib.batch_size, spill))
+        return stores[0]
+
+    try:
+        ranking = ranking_in(run_dir, model, tokens, cfg, store=capture)
+    finally:
+        for st in stores:
+            st.cleanup()
     plan = plan_from_ranking(ranking, cfg.spd, cfg.model.name)
     plan.save(run_dir / "plan.json")
     print(ranking_table(ranking, plan))

@@ -27,7 +27,7 @@ from spd.run import meta, start_run, write_json_atomic
 
 SCHEMA = "spd.study/2"
 STRATEGIES = ("zs", "b2b", "b2b_hg")
-ALGO = {"distill": 2, "perplexity": 2, "eval": 1, "export": 1}  # bump when a stage's numbers change
+ALGO = {"distill": 3, "perplexity": 2, "eval": 1, "export": 1}  # distill 3: inputs are calibration_inputs  # bump when a stage's numbers change
 
 
 def job_settings(cfg, model) -> dict[str, dict]:
@@ -56,20 +56,22 @@ def shared_ranking(model, tokens, cfg) -> dict:
     with shared(d, "sensitivity ranking"):
         if not (d / "meta.json").is_file():
             start_run(d, cfg, stage="rank", tp=cfg.parallel.tp)
-        return ranking_in(d, model, tokens, cfg)
+        return ranking_in(d, model, tokens, cfg, store=lambda: shared_activations(model, tokens, cfg))
 
 
 def shared_activations(model, tokens, cfg):
     """The original model's hidden states at every block boundary for this calibration set, captured once
     into study.shared_dir and reopened by every later job (they depend on neither R nor the plan)."""
     from spd.activations import ActivationStore, capture_hidden_states
+    from spd.perplexity import calibration_inputs, prefix_token
 
-    key = key_of({"model": model_fingerprint(cfg.model, model), "calib": asdict(cfg.calib)})
+    key = key_of({"model": model_fingerprint(cfg.model, model), "calib": asdict(cfg.calib), "algo": ALGO["distill"]})
     d = Path(cfg.study.shared_dir) / cfg.model.name / f"activations-{key}"
     with shared(d, "teacher activations"):
         store = ActivationStore.reopen(d)
         if store is None:
-            store = capture_hidden_states(model, tokens, range(len(decoder_layers(model))), cfg.calib.batch_size, d)
+            inputs = calibration_inputs(tokens, prefix_token(config=model.config))  # what ranking and B2B see
+            store = capture_hidden_states(model, inputs, range(len(decoder_layers(model))), cfg.calib.batch_size, d)
             store.persist()
     return store
 

@@ -94,3 +94,27 @@ def test_fraction_outside_0_1_is_refused(fraction):
 
     with pytest.raises(SPDError, match=r"must lie in \[0, 1\]"):
         spd_block_count(fraction, 10)
+
+
+@pytest.mark.parametrize("method", ["backward", "isolated"])
+@pytest.mark.parametrize("spill", [False, True])
+@torch.no_grad()
+def test_ranking_from_cached_block_inputs_is_the_same_ranking(method, spill, stories260k, tmp_path):
+    """Each step starts at the switched block's cached input (the dense model's hidden state): the same
+    perplexities as full forwards (fp32, summation order only), the same order, L(L+1)/2 block forwards."""
+    from spd.activations import capture_hidden_states
+    from spd.perplexity import calibration_inputs, prefix_token
+
+    model = stories260k[0]
+    tokens = torch.randint(3, 512, (6, 48), generator=torch.Generator().manual_seed(1))
+    n = 5
+    full = rank_blocks(model, tokens, tp=2, method=method, batch_size=4)
+    store = capture_hidden_states(model, calibration_inputs(tokens, prefix_token(config=model.config)), range(n),
+                                  batch_size=4, spill_dir=tmp_path / "spill" if spill else None, progress=False)
+    fast = rank_blocks(model, tokens, tp=2, method=method, batch_size=4, store=store)
+    assert fast["order"] == full["order"]
+    for a, b in zip(fast["blocks"], full["blocks"]):
+        assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-5)
+    assert full["cost"]["block_forwards"] == n + n * n and fast["cost"]["block_forwards"] == n + n * (n + 1) // 2
+    assert fast["cost"]["cached_inputs"] and fast["cost"]["tflop_per_s"] > 0
+    assert spd_blocks(model) == []
