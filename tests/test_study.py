@@ -182,3 +182,24 @@ def test_report_reads_artifacts_only(done, tmp_path):
     md = run_report(cfg).read_text()
     assert "| stories260k | 2 | backward | 5 (100%) | b2b_hg |" in md
     assert (tmp_path / "report" / "sensitivity_stories260k_tp2_backward.png").is_file()
+
+
+def test_random_shape_runs_the_whole_pipeline(tmp_path):
+    """A random-weight shape (conf/model/tiny.yaml) borrows stories260K's tokenizer: every stage runs, so a
+    study's cost can be measured without a checkpoint."""
+    cfg = quick(tmp_path, "model=tiny", "spd.fraction=0.5", "study.strategy=b2b_hg", "spd.sb_count=1",
+                "spd.esb_count=1", name="tiny")
+    summary = run_study(cfg)
+    assert set(summary["stages"].values()) == {"computed"} and summary["spd_blocks"] == 2
+    job = tmp_path / "study" / "tiny"
+    assert (job / "model" / "tokenizer.json").is_file() and summary["perplexity"]["word_perplexity"] > 1
+
+
+def test_random_shape_refuses_a_tokenizer_that_does_not_fit():
+    from spd.config import ModelConfig
+    from spd.errors import ModelLoadError
+    from spd.load import random_tokenizer
+
+    cfg = ModelConfig(name="x", source="random", vocab_size=300, tokenizer="stories260k")
+    with pytest.raises(ModelLoadError, match="has 512 tokens, more than model.vocab_size=300"):
+        random_tokenizer(cfg)
