@@ -147,9 +147,10 @@ def _load_gguf(cfg: ModelConfig, dtype: torch.dtype, config_only: bool = False):
     if arch != "llama":
         raise ModelLoadError(f"{file} holds a {arch!r} model, not a LLaMA; spd-study supports LLaMA only")
     kw = dict(gguf_file=file.name)
-    if config_only:
-        return AutoConfig.from_pretrained(str(file.parent), **kw)
     cached = _dequantized_dir(file, cfg.sha256, dtype)
+    if config_only:  # the dequantised copy's config.json when there is one: parsing the GGUF takes seconds
+        done = cached is not None and (cached / "complete").is_file()
+        return AutoConfig.from_pretrained(cached) if done else AutoConfig.from_pretrained(str(file.parent), **kw)
     if cached is not None and (cached / "complete").is_file():
         return (LlamaForCausalLM.from_pretrained(cached, dtype=dtype),
                 AutoTokenizer.from_pretrained(cached))
