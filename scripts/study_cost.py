@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from spd.load import load_config, model_config_by_name
-from spd.sensitivity import block_flops_per_token
+from spd.cost import block_flops_per_token
 
 GB = 1e9
 

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from spd.activations import capture_hidden_states, state_bytes
 from spd.block import SPDDecoderLayer, decoder_layers, remove_spd_
 from spd.config import DistillConfig
+from spd.cost import block_flops_per_token, throughput
 from spd.errors import PlanError, SPDError
 from spd.heads import group_heads_
 from spd.perplexity import calibration_inputs, prefix_token
@@ -150,7 +151,7 @@ def distill_blocks_(model, plan: SPDPlan, tokens: torch.Tensor, out_dir: str | P
                 layers[i].load_state_dict(load_file(str(out_dir / done[i]["file"])))
                 report[i] = {**done[i], "resumed": True}
                 continue
-            report[i] = _distill_one(layers[i], i, plan, store, out_dir, dtype, opts, progress)
+            report[i] = _distill_one(layers[i], i, plan, store, out_dir, dtype, opts, progress, model.config)
             state["blocks"][str(i)] = {k: v for k, v in report[i].items() if k != "resumed"}
             write_json_atomic(out_dir / "manifest.json", state)  # written after the weights: the done-marker
             store.release(i)
@@ -166,7 +167,8 @@ def distill_blocks_(model, plan: SPDPlan, tokens: torch.Tensor, out_dir: str | P
     return new_plan, {"schema": SCHEMA, "settings": fp, "blocks": {str(i): report[i] for i in sorted(report)}}
 
 
-def _distill_one(layer, i: int, plan: SPDPlan, store, out_dir: Path, dtype, opts: dict, progress: bool) -> dict:
+def _distill_one(layer, i: int, plan: SPDPlan, store, out_dir: Path, dtype, opts: dict, progress: bool,
+                 layer_config=None) -> dict:
     """HG (ESB) + B2B of one block in place; writes its weights atomically; returns its report entry."""
     t0 = time.perf_counter()
     model_dtype = next(layer.parameters()).dtype
@@ -192,7 +194,10 @@ def _distill_one(layer, i: int, plan: SPDPlan, store, out_dir: Path, dtype, opts
         student.restore()
         layer.to(model_dtype)
     entry["target_mean_square"] = float(Y.float().pow(2).mean())  # the scale the MSE is relative to
-    entry["minutes"] = (time.perf_counter() - t0) / 60
+    seconds = time.perf_counter() - t0
+    entry["minutes"] = seconds / 60
+    trained = opts["epochs"] * X.shape[0] * X.shape[1]  # tokens through forward + backward (3x a forward)
+    entry["cost"] = throughput(trained, 3 * trained * block_flops_per_token(layer_config, X.shape[1]), seconds)
     entry["hg"] = entry["head_perm"] is not None or (plan.tiers[i] == "ESB" and opts["head_grouping"])
     entry["file"] = f"block_{i}{'_hg' if entry['hg'] else ''}.safetensors"
     data = save({k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()})

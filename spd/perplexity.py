@@ -132,9 +132,15 @@ def preprocess(text: str, how: str | None) -> str:
 def document_perplexity(model, tokenizer, docs: list[str], max_length: int = 2048, batch_size: int = 4,
                         preprocess_as: str | None = None, progress: bool = True) -> dict:
     """Token and word perplexity and bits per byte over documents (see the module docstring)."""
+    import time
+
+    from spd.cost import model_flops_per_token, throughput
+
     prefix = prefix_token(tokenizer, model.config)
     ids = [tokenizer(preprocess(d, preprocess_as), add_special_tokens=False).input_ids for d in docs]
+    t0 = time.perf_counter()
     nll = sum(rolling_nll(model, ids, prefix, max_length, batch_size, progress))
+    seconds = time.perf_counter() - t0
     tokens = sum(map(len, ids))
     words = sum(len(re.split(r"\s+", d)) for d in docs)
     nbytes = sum(len(d.encode("utf-8")) for d in docs)
@@ -144,6 +150,8 @@ def document_perplexity(model, tokenizer, docs: list[str], max_length: int = 204
         "bits_per_byte": nll / (nbytes * math.log(2)),
         "nll": nll, "tokens": tokens, "words": words, "bytes": nbytes, "documents": len(docs),
         "max_length": max_length, "preprocess": preprocess_as,
+        "cost": throughput(tokens, tokens * model_flops_per_token(model.config, min(max_length, max(map(len, ids)))),
+                           seconds),
     }
 
 

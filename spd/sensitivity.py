@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from spd.block import decoder_layers, remove_spd_, set_spd_
 from spd.config import CalibConfig, SPDConfig
+from spd.cost import block_flops_per_token
 from spd.errors import SPDError
 from spd.perplexity import target_logprob, windows_perplexity
 from spd.plan import SPDPlan
@@ -123,17 +124,6 @@ def suffix_perplexity(model, store, start: int, tokens: torch.Tensor, batch_size
         logp, _ = target_logprob(logits, tokens[s:s + batch_size].to(p.device))
         nll -= float(logp.sum())
     return math.exp(nll / tokens.numel())
-
-
-def block_flops_per_token(config, seq_len: int) -> float:
-    """Forward FLOPs of one block per token: 2 x the block's weights, plus causal attention (about
-    2 x seq_len x hidden for the scores and the weighted sum, averaged over positions)."""
-    D, F = config.hidden_size, config.intermediate_size
-    H = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or H
-    hd = getattr(config, "head_dim", None) or D // H
-    weights = D * (H * hd) * 2 + D * (kv * hd) * 2 + 3 * D * F
-    return 2.0 * weights + 2.0 * seq_len * H * hd
 
 
 def spd_block_count(fraction: float, n: int) -> int:

@@ -94,7 +94,8 @@ def run_study(cfg) -> dict:
         raise SPDError(f"study.strategy={cfg.study.strategy!r}; valid: {', '.join(STRATEGIES)}")
     t0 = time.perf_counter()
     job = start_run(cfg.run_dir, cfg, stage="study", tp=cfg.parallel.tp)
-    (job / "study.json").unlink(missing_ok=True)  # the summary of this run is written last
+    for name in ("study.json", "plan.json"):  # written by this run (the plan after ranking, the summary last)
+        (job / name).unlink(missing_ok=True)
     model, tokenizer = load_model(cfg.model)
     apply_plan_(model, SPDPlan(tp=cfg.parallel.tp, num_layers=len(decoder_layers(model))))  # validates R
     settings_of = job_settings(cfg, model)

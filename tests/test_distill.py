@@ -57,6 +57,7 @@ def test_only_the_distilled_blocks_change_and_loss_drops(tmp_path):
     assert spd_blocks(model) == [0, 1, 3] and sorted(report["blocks"]) == ["1", "3"]
     for entry in report["blocks"].values():
         assert entry["loss_after"] < entry["loss_before"] and len(entry["epoch_losses"]) == 2
+        assert entry["cost"]["tokens_per_s"] > 0 and entry["cost"]["tflop_per_s"] > 0  # each block says its pace
     assert report["blocks"]["1"]["head_perm"] is None and "loss_before_hg" in report["blocks"]["3"]
     assert plan.head_perm == {3: report["blocks"]["3"]["head_perm"]}
     assert model.config.spd_plan == plan.to_dict()

@@ -51,6 +51,7 @@ def test_document_perplexity_matches_direct_sum():
     words = sum(len(d.split(" ")) for d in docs)  # lm-eval splits on whitespace, trailing space counts
     assert math.isclose(got["word_perplexity"], math.exp(nll / words), rel_tol=CLOSE)
     assert math.isclose(got["bits_per_byte"], nll / (sum(map(len, docs)) * math.log(2)), rel_tol=CLOSE)
+    assert got["cost"]["tokens_per_s"] > 0 and got["cost"]["tflop_per_s"] > 0
 
 
 @torch.no_grad()
