@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from spd.load import load_config, model_config_by_name
-from spd.cost import block_flops_per_token
+from spd.cost import block_flops_per_token, block_weights
 
 GB = 1e9
 
@@ -23,8 +23,7 @@ def row(name: str, n: int, seq: int) -> dict:
     cfg = model_config_by_name(name)
     c = load_config(cfg)
     L, D, V = c.num_hidden_layers, c.hidden_size, c.vocab_size
-    per_block = block_flops_per_token(c, seq) / 2 - seq * D  # the block's weights (FLOPs / 2 minus attention)
-    params = L * per_block + V * D * (1 if c.tie_word_embeddings else 2) + (2 * L + 1) * D
+    params = L * block_weights(c) + V * D * (1 if c.tie_word_embeddings else 2) + (2 * L + 1) * D
     states = (L + 1) * n * seq * D * 2  # bf16 hidden states at every block boundary
     flops = (L + L * (L + 1) / 2) * n * seq * block_flops_per_token(c, seq)  # baseline + cached-input sweep
     return {"model": name, "calib": f"{n}x{seq}", "params_b": params / 1e9, "fp32_gb": 4 * params / GB,

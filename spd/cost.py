@@ -9,14 +9,22 @@ tokens per second and TFLOP/s from these counts, so a run says how close it came
 from __future__ import annotations
 
 
+def _heads(config) -> tuple[int, int, int]:
+    H = config.num_attention_heads
+    return H, getattr(config, "num_key_value_heads", None) or H, getattr(config, "head_dim", None) or config.hidden_size // H
+
+
+def block_weights(config) -> int:
+    """Weights of one decoder block's matrices: q and o (D x H hd), k and v (D x KV hd), gate, up, down (D x F)."""
+    D, F = config.hidden_size, config.intermediate_size
+    H, kv, hd = _heads(config)
+    return D * (H * hd) * 2 + D * (kv * hd) * 2 + 3 * D * F
+
+
 def block_flops_per_token(config, seq_len: int) -> float:
     """Forward FLOPs of one decoder block per token (see the module docstring)."""
-    D, F = config.hidden_size, config.intermediate_size
-    H = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or H
-    hd = getattr(config, "head_dim", None) or D // H
-    weights = D * (H * hd) * 2 + D * (kv * hd) * 2 + 3 * D * F
-    return 2.0 * weights + 2.0 * seq_len * H * hd
+    H, _, hd = _heads(config)
+    return 2.0 * block_weights(config) + 2.0 * seq_len * H * hd
 
 
 def model_flops_per_token(config, seq_len: int) -> float:

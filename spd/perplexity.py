@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from typing import Callable
 
 import torch
@@ -132,8 +133,6 @@ def preprocess(text: str, how: str | None) -> str:
 def document_perplexity(model, tokenizer, docs: list[str], max_length: int = 2048, batch_size: int = 4,
                         preprocess_as: str | None = None, progress: bool = True) -> dict:
     """Token and word perplexity and bits per byte over documents (see the module docstring)."""
-    import time
-
     from spd.cost import model_flops_per_token, throughput
 
     prefix = prefix_token(tokenizer, model.config)
