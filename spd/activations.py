@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from spd.block import decoder_layers
+from spd.placement import input_device
 
 BLOCK_KWARGS = ("attention_mask", "position_embeddings", "position_ids")  # what a block needs without a cache
 
@@ -150,7 +151,7 @@ def capture_hidden_states(model: nn.Module, tokens: torch.Tensor, blocks, batch_
         return fn
 
     handles = [layers[b].register_forward_hook(hook(b), with_kwargs=True) for b in blocks]
-    device = next(model.parameters()).device
+    device = input_device(model)
     inner = getattr(model, "model", model)  # the decoder stack only: no LM head
     try:
         for s in tqdm(range(0, len(tokens), batch_size), desc="capture", disable=not progress, leave=False):

@@ -68,7 +68,7 @@ def model_fingerprint(cfg, model=None) -> dict:
     if cfg.source == "random":
         fields = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size",
                   "max_position_embeddings", "rope_theta", "rms_norm_eps", "tie_word_embeddings", "seed")
-        return out | {f: getattr(cfg, f) for f in fields}
+        return out | {f: getattr(cfg, f) for f in fields} | {"init": 2}  # 2: drawn per module (spd.load.random_model)
     if cfg.source == "gguf":
         if cfg.sha256:
             return out | {"sha256": cfg.sha256}

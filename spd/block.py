@@ -18,8 +18,40 @@ that stock transformers can load them with trust_remote_code=True.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
+
+
+@contextmanager
+def onloaded(*modules: nn.Module):
+    """The module's weights on its execution device for the duration (no-op unless accelerate offloaded them).
+
+    A block that accelerate's device map puts on the CPU or disk ("offload") keeps its parameters on the meta
+    device, and a hook on each Linear / RMSNorm loads them for that submodule's own call. The SPD forward reads
+    o_proj's and the MLP's weights directly (per rank slices), so it loads the whole block first, with the
+    same hooks, and lets them drop the weights again afterwards.
+    """
+    hooked = [m for module in modules for m in module.modules() if getattr(getattr(m, "_hf_hook", None), "offload", False)]
+    for m in hooked:
+        m._hf_hook.pre_forward(m)
+    try:
+        yield
+    finally:
+        for m in hooked:
+            m._hf_hook.post_forward(m, None)
+
+
+def adopt_hook(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Give `new` (an SPD wrapper) the placement hook of the block it wraps (accelerate's dispatch puts one on
+    every block of a model split over devices: it moves the block's inputs to the block's device)."""
+    hook = getattr(old, "_hf_hook", None)
+    if hook is not None:
+        from accelerate.hooks import add_hook_to_module
+
+        add_hook_to_module(new, hook)
+    return new
 
 
 def ffn_sizes(intermediate_size: int, tp: int) -> list[int]:
@@ -42,14 +74,18 @@ class RankPartialLinear(nn.Module):
         self.tp = tp
         self.weight = linear.weight
         self.bias = linear.bias
+        object.__setattr__(self, "linear", linear)  # outside the module tree: where offloaded weights are loaded
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if weight.is_meta:  # offloaded: onloaded() put the weights on the original Linear for this call
+            weight, bias = self.linear.weight, self.linear.bias
         xr = x.unflatten(-1, (self.tp, -1))  # (*, R, H/R * Dh)
-        w = self.weight.unflatten(1, (self.tp, -1))  # (D, R, H/R * Dh)
+        w = weight.unflatten(1, (self.tp, -1))  # (D, R, H/R * Dh)
         out = torch.einsum("...ri,dri->r...d", xr, w)  # (R, *, D)
-        if self.bias is not None:
-            out[0] = out[0] + self.bias
+        if bias is not None:
+            out[0] = out[0] + bias
         return out
 
 
@@ -91,8 +127,9 @@ class SPDDecoderLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         x = hidden_states  # (B, S, D)
-        a = self.attention_partials(x, **kwargs)  # (R, B, S, D)
-        m = mlp_partials(self.mlp, self.post_attention_layernorm(x + a), self.ffn_sizes)  # (R, B, S, D)
+        with onloaded(self, self.original_o_proj):
+            a = self.attention_partials(x, **kwargs)  # (R, B, S, D)
+            m = mlp_partials(self.mlp, self.post_attention_layernorm(x + a), self.ffn_sizes)  # (R, B, S, D)
         return x + (a + m).sum(0)  # the one all-reduce
 
     def restore(self) -> nn.Module:
@@ -127,5 +164,5 @@ def set_spd_(model: nn.Module, tp: int, tiers: dict[int, str]) -> nn.Module:
     remove_spd_(model)
     layers = decoder_layers(model)
     for i, tier in sorted(tiers.items()):
-        layers[i] = SPDDecoderLayer(layers[i], tp, tier)
+        layers[i] = adopt_hook(SPDDecoderLayer(layers[i], tp, tier), layers[i])
     return model

@@ -39,6 +39,7 @@ from spd.cost import block_flops_per_token, throughput
 from spd.errors import PlanError, SPDError
 from spd.heads import group_heads_
 from spd.perplexity import calibration_inputs, prefix_token
+from spd.placement import writable
 from spd.plan import SPDPlan
 from spd.run import read_json, write_bytes_atomic, write_json_atomic
 from spd.surgery import apply_plan_, mark_carried_
@@ -148,10 +149,12 @@ def distill_blocks_(model, plan: SPDPlan, tokens: torch.Tensor, out_dir: str | P
     try:
         for i in tqdm(todo, desc="distill blocks", disable=not progress):
             if i in done:  # finished by an earlier run: load, do not retrain
-                layers[i].load_state_dict(load_file(str(out_dir / done[i]["file"])))
+                with writable(layers[i]):
+                    layers[i].load_state_dict(load_file(str(out_dir / done[i]["file"])))
                 report[i] = {**done[i], "resumed": True}
                 continue
-            report[i] = _distill_one(layers[i], i, plan, store, out_dir, dtype, opts, progress, model.config)
+            with writable(layers[i]):  # an offloaded block trains on its execution device, then goes back
+                report[i] = _distill_one(layers[i], i, plan, store, out_dir, dtype, opts, progress, model.config)
             state["blocks"][str(i)] = {k: v for k, v in report[i].items() if k != "resumed"}
             write_json_atomic(out_dir / "manifest.json", state)  # written after the weights: the done-marker
             store.release(i)

@@ -31,7 +31,7 @@ import torch
 
 from spd.plan import SPDPlan
 from spd.run import git_commit, user_mode, write_json_atomic
-from spd.surgery import apply_plan_, carried_weights
+from spd.surgery import apply_plan_, carried_weights, remove_spd_
 
 MODELING = "modeling_spd_llama"
 CLASS = "SPDLlamaForCausalLM"
@@ -108,7 +108,11 @@ ISB: zero-shot SPD; SB: SPD + block-to-block distillation; ESB: head grouping, t
 
 
 def _write_dir(model, tokenizer, plan: SPDPlan, d: Path, provenance: dict, perplexity: dict | None) -> None:
-    model.save_pretrained(d, safe_serialization=True)
+    remove_spd_(model)  # the same weights under the same names; offloaded ones are found through their hooks
+    try:
+        model.save_pretrained(d, safe_serialization=True)
+    finally:
+        apply_plan_(model, plan)
     if tokenizer is not None:
         tokenizer.save_pretrained(d)
     cfg = json.loads((d / "config.json").read_text())

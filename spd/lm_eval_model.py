@@ -129,6 +129,10 @@ class SPDLM(TemplateLM):
         if device is None or not move:
             if device is not None:
                 return torch.device(device)
+            if isinstance(model, torch.nn.Module) and hasattr(model, "get_input_embeddings"):
+                from spd.placement import input_device
+
+                return input_device(model)  # a model split over devices: its embedding's device
             if isinstance(model, torch.nn.Module):
                 param = next(model.parameters(), None)
                 return param.device if param is not None else torch.device("cpu")

@@ -75,12 +75,46 @@ def llama_config(cfg: ModelConfig) -> LlamaConfig:
 
 
 def random_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> LlamaForCausalLM:
-    """A LlamaForCausalLM of cfg's shape with seeded random weights (device="meta": shapes only)."""
+    """A LlamaForCausalLM of cfg's shape with seeded random weights (device="meta": shapes only), placed by
+    model.device_map when it is set (spd.placement).
+
+    Built without materialising the whole model anywhere: parameters start on the meta device and each
+    module's are created on the device it is placed on, then drawn with a seed of (model.seed, module
+    name): a module's weights do not depend on the placement (only on the device type's generator).
+    """
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+
+    from spd.placement import device_map_for, dispatch_
+
     config = llama_config(cfg)
-    torch.manual_seed(cfg.seed)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch_dtype(cfg.dtype))
-    return model.eval()
+    dtype = torch_dtype(cfg.dtype)
+    with init_empty_weights(include_buffers=False):
+        model = LlamaForCausalLM(config).to(dtype)
+    if str(device) == "meta":
+        return model.eval()
+    device_map = device_map_for(model, cfg) or {"": device}
+    for entry, where in device_map.items():
+        dev = torch.device("cpu" if where in ("cpu", "disk") else where)
+        root = model.get_submodule(entry)
+        for name, module in root.named_modules(prefix=entry):
+            direct = list(module.named_parameters(recurse=False))
+            for pname, p in direct:
+                set_module_tensor_to_device(module, pname, dev, value=torch.empty(p.shape, dtype=dtype, device=dev))
+            for bname, _ in module.named_buffers(recurse=False):
+                set_module_tensor_to_device(module, bname, dev)
+            torch.manual_seed(_seed_of(cfg.seed, name))
+            model._init_weights(module)
+    model.tie_weights()
+    if cfg.device_map is None:
+        return model.to(device).eval()
+    return dispatch_(model, cfg, device_map).eval()
+
+
+def _seed_of(seed: int, name: str) -> int:
+    import zlib
+
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
 
 
 def _check_llama(config, where: str) -> None:
@@ -113,7 +147,7 @@ def _load_hf(cfg: ModelConfig, dtype: torch.dtype, config_only: bool = False):
     if config_only:
         return config
     try:
-        model = LlamaForCausalLM.from_pretrained(path, revision=cfg.revision, dtype=dtype)
+        model = LlamaForCausalLM.from_pretrained(path, revision=cfg.revision, dtype=dtype, **_placement(cfg))
         tokenizer = None if _no_tokenizer(path) else AutoTokenizer.from_pretrained(path, revision=cfg.revision)
     except Exception as e:  # safetensors, torch.load and hub errors have no common base class
         raise ModelLoadError(f"cannot load the weights or tokenizer from {path!r} ({type(e).__name__}: {e}); "
@@ -124,6 +158,16 @@ def _load_hf(cfg: ModelConfig, dtype: torch.dtype, config_only: bool = False):
 
         apply_plan_(model, SPDPlan.from_dict(config.spd_plan, base=path if _looks_local(cfg.path) else None))
     return model, tokenizer
+
+
+def _placement(cfg: ModelConfig) -> dict:
+    """from_pretrained's placement arguments for model.device_map (spd.placement), none without it."""
+    if cfg.device_map is None:
+        return {}
+    from spd.placement import max_memory_of, offload_folder
+
+    device_map = cfg.device_map if isinstance(cfg.device_map, str) else dict(cfg.device_map)
+    return {"device_map": device_map, "max_memory": max_memory_of(cfg), "offload_folder": str(offload_folder(cfg))}
 
 
 def _load_gguf(cfg: ModelConfig, dtype: torch.dtype, config_only: bool = False):
@@ -221,6 +265,9 @@ def load_model(cfg: ModelConfig):
     deep copy: a Hydra multirun sweep loads (and, for GGUF, dequantises) the model once, not per job.
     """
     global _LAST
+    if cfg.device_map is not None:  # placed by accelerate (spd.placement): loaded straight to its devices
+        model, tokenizer = _load(cfg)
+        return model.eval(), tokenizer
     key = repr(cfg)
     if _LAST is None or _LAST[0] != key:
         model, tokenizer = _load(cfg)
@@ -244,6 +291,10 @@ def _load(cfg: ModelConfig):
         raise ModelLoadError(f"model {cfg.name!r} (source={cfg.source}) has no model.path")
     loader = {"hf": _load_hf, "gguf": _load_gguf, "llama2c": _load_llama2c}[cfg.source]
     model, tokenizer = loader(cfg, dtype)
+    if cfg.device_map is not None and not hasattr(model, "hf_device_map"):  # hf places while loading
+        from spd.placement import dispatch_
+
+        model = dispatch_(model, cfg)
     if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer

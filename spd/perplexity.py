@@ -26,6 +26,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from spd.errors import SPDError
+from spd.placement import input_device
 
 PREPROCESS = ("wikitext",)
 
@@ -104,7 +105,7 @@ def rolling_nll(model, token_lists: list[list[int]], prefix: int, max_length: in
         for w in rolling_windows(tokens, prefix, max_length):
             windows.append(w)
             owner.append(j)
-    device = next(model.parameters()).device
+    device = input_device(model)
     nll = [0.0] * len(token_lists)
     for j, (logp, _) in zip(owner, score_windows(model_logits(model), windows, batch_size, prefix, device,
                                                  progress, "perplexity")):

@@ -33,6 +33,13 @@ class BlockForms:
     """Original and distilled weights of every block, swapped in on demand (CPU copies)."""
 
     def __init__(self, model):
+        from spd.errors import SPDError
+        from spd.placement import is_offloaded
+
+        if is_offloaded(model):
+            raise SPDError("spd-plan keeps every block's original and distilled weights in memory and cannot run on "
+                           "a model offloaded to the CPU or disk; give it GPUs enough for the model "
+                           "(model.device_map=auto with model.max_memory) or a smaller model")
         self.model, self.layers = model, decoder_layers(model)
         self.orig = {i: {k: v.detach().clone() for k, v in l.state_dict().items()} for i, l in enumerate(self.layers)}
         self.b2b, self.refs = {}, {}  # block -> distilled state dict; block -> {"file", "sha256"} (plan.weights)

@@ -32,6 +32,7 @@ from spd.config import CalibConfig, SPDConfig
 from spd.cost import block_flops_per_token
 from spd.errors import SPDError
 from spd.perplexity import target_logprob, windows_perplexity
+from spd.placement import input_device
 from spd.plan import SPDPlan
 from spd.run import read_json, write_json_atomic
 
@@ -111,17 +112,17 @@ def suffix_perplexity(model, store, start: int, tokens: torch.Tensor, batch_size
     tokens: (N, L) the windows (the targets); the store holds h_start of calibration_inputs(tokens).
     """
     layers = decoder_layers(model)
-    p = next(model.parameters())
-    kwargs = store.block_kwargs(p.device, p.dtype)
+    device, dtype = input_device(model), model.get_input_embeddings().weight.dtype
+    kwargs = store.block_kwargs(device, dtype)  # a block on another device gets them moved by its hook
     X = store.get(start)  # (N, L, D)
     nll = 0.0
     for s in range(0, len(X), batch_size):
-        h = X[s:s + batch_size].to(p.device, p.dtype)  # (B, L, D)
+        h = X[s:s + batch_size].to(device, dtype)  # (B, L, D)
         for layer in layers[start:]:
             h = layer(h, **kwargs)
             h = h[0] if isinstance(h, tuple) else h
         logits = model.lm_head(model.model.norm(h))  # (B, L, V)
-        logp, _ = target_logprob(logits, tokens[s:s + batch_size].to(p.device))
+        logp, _ = target_logprob(logits, tokens[s:s + batch_size].to(logits.device))
         nll -= float(logp.sum())
     return math.exp(nll / tokens.numel())
 

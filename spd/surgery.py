@@ -22,6 +22,7 @@ from torch import nn
 from spd.block import decoder_layers, remove_spd_, set_spd_, spd_blocks
 from spd.errors import PlanError
 from spd.layout import layout_for
+from spd.placement import writable
 from spd.plan import SPDPlan
 
 __all__ = ["apply_plan_", "carried_weights", "mark_carried_", "remove_spd_", "spd_blocks"]
@@ -97,9 +98,11 @@ def apply_plan_(model: nn.Module, plan: SPDPlan, emulate: bool = True) -> nn.Mod
         remove_spd_(model)
         for i, perm in sorted(plan.head_perm.items()):
             if i not in blocks:  # a distilled block's file holds its heads already permuted
-                permute_heads_(layers[i], perm)
+                with writable(layers[i]):
+                    permute_heads_(layers[i], perm)
         for i, state in sorted(blocks.items()):
-            layers[i].load_state_dict(state)
+            with writable(layers[i]):
+                layers[i].load_state_dict(state)
         mark_carried_(model, plan)
     if emulate:
         set_spd_(model, plan.tp, plan.tiers)
