@@ -13,6 +13,7 @@ and the record says what was measured and how the whole is estimated from it:
              blocks; seconds = a + b k fitted, whole ranking = capture + baseline + L a + b L(L+1)/2
   head_grouping  spd.heads.group_heads_ on one block (all windows)
   distill    spd.distill.distill_blocks_ of one block for --epochs epochs (whole: x 10 epochs / epochs)
+With --windows below --estimate-windows (128), ranking and distillation estimates scale linearly to 128.
   perplexity spd.perplexity.document_perplexity on --ppl-docs WikiText-2 documents (whole: x tokens ratio)
   lm_eval    spd.evaluate.evaluate on the offline suite at two limits (whole: fixed + per-document cost, fitted)
   export     spd.export.export_ (skipped, with the reason, when the disk cannot hold the checkpoint)
@@ -143,13 +144,15 @@ def bench_model(name: str, tps: list[int], args, rates: dict, command: str) -> N
         xs, ys = torch.tensor(ks, dtype=torch.float64), torch.tensor([step_s[k] for k in ks], dtype=torch.float64)
         b = float(((xs - xs.mean()) * (ys - ys.mean())).sum() / ((xs - xs.mean()) ** 2).sum())
         a = float(ys.mean() - b * xs.mean())
-        whole = 2 * cap_s + (L + 1) * a + b * L * (L + 1) / 2  # capture + baseline forward + L steps
-        full_fwd = (L + 1) * (cap_s + a)  # the reference path: a full forward per step and for the baseline
+        f = args.estimate_windows / args.windows  # work grows with the windows: estimates are for the paper's 128
+        whole = f * (2 * cap_s + (L + 1) * a + b * L * (L + 1) / 2)  # capture + baseline forward + L steps
+        full_fwd = f * (L + 1) * (cap_s + a)  # the reference path: a full forward per step and for the baseline
         with (Path(args.out)).open("a") as f:
             f.write(json.dumps({"schema": SCHEMA, **rec.common, "stage": "ranking", "seconds": None,
                                 "estimate_s": round(whole, 1), "estimate_full_forwards_s": round(full_fwd, 1),
                                 "fit": {"head_s": a, "block_s": b}, "flops": (L + L * (L + 1) / 2) * blk + (L + 1) * head,
                                 "floor_s": round(((L + L * (L + 1) / 2) * blk + (L + 1) * head) / (rates["matmul_tflops"] * 1e12), 1),
+                                "estimate_windows": args.estimate_windows,
                                 "measured": "estimate from capture and rank_step records of this run"}) + "\n")
         print(f"{name} R={tp}: ranking estimate {whole:.0f} s (full forwards {full_fwd:.0f} s)", flush=True)
 
@@ -172,7 +175,8 @@ def bench_model(name: str, tps: list[int], args, rates: dict, command: str) -> N
             rec.stage("distill", lambda: distill_blocks_(model, plan, tokens, d, dcfg, head_grouping=False,
                                                          progress=False, activations=lambda: store),
                       flops=3 * args.epochs * blk + 2 * blk, block=j, epochs=args.epochs,
-                      estimate_s=lambda s, _: round(s * 10 / args.epochs, 1), disk=Path(d))
+                      estimate_s=lambda s, _: round(s * 10 / args.epochs * args.estimate_windows / args.windows, 1),
+                      estimate_windows=args.estimate_windows, disk=Path(d))
         remove_spd_(model)  # block j back to its weights before the measurements
         with writable(layer):
             layer.load_state_dict(saved)
@@ -220,6 +224,7 @@ def main(argv=None) -> None:
     p.add_argument("--models", nargs="+", default=["llama2_7b"])
     p.add_argument("--tp", nargs="+", type=int, default=[4])
     p.add_argument("--windows", type=int, default=128)
+    p.add_argument("--estimate-windows", type=int, default=128, help="estimates are for this many windows")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--epochs", type=int, default=1)
