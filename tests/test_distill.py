@@ -84,9 +84,9 @@ def test_interrupted_run_resumes_without_retraining(tmp_path, monkeypatch):
     model, out = tiny(layers=4), tmp_path / "run"
     real_train = distill.train_block
 
-    def crash_in_block_3(block, *args):
-        losses = real_train(block, *args)
-        if args[8] == "block 3":  # desc: killed after training block 3, before its weights are written
+    def crash_in_block_3(block, *args, **kw):
+        losses = real_train(block, *args, **kw)
+        if args[8].startswith("block 3"):  # desc: killed after training block 3, before its weights are written
             raise KeyboardInterrupt
         return losses
 
@@ -99,10 +99,10 @@ def test_interrupted_run_resumes_without_retraining(tmp_path, monkeypatch):
     assert not list(out.glob(".*.tmp"))
 
     calls = []
-    monkeypatch.setattr(distill, "train_block", lambda block, *a: calls.append(a[8]) or real_train(block, *a))
+    monkeypatch.setattr(distill, "train_block", lambda block, *a, **kw: calls.append(a[8]) or real_train(block, *a, **kw))
     fresh = tiny(layers=4)
     plan, report = distill.distill_blocks_(fresh, PLAN, calib(), out, FAST, progress=False)
-    assert calls == ["block 3"]  # block 1 was loaded, not trained again
+    assert calls and all(c.startswith("block 3 ") for c in calls)  # block 1 was loaded, not trained again
     assert report["blocks"]["1"]["resumed"] and not report["blocks"]["3"].get("resumed")
     ref = ref_model.state_dict()
     for k, v in fresh.state_dict().items():  # the same weights as the uninterrupted run
