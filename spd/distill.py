@@ -344,7 +344,7 @@ def distill_main(cfg) -> dict:
     plan with head_perm and the distilled blocks' weights: what spd-ppl, spd-eval and spd-export take),
     distill.json and the export run_dir/model. Runs on the model's device (model.device).
     """
-    from spd.calibration import calibration_tokens
+    from spd.calibration import calibration_tokens, resolve_auto_
     from spd.export import export_
     from spd.load import load_model
     from spd.perplexity import windows_perplexity
@@ -352,7 +352,7 @@ def distill_main(cfg) -> dict:
 
     if not cfg.spd.plan:
         raise PlanError("spd-distill needs spd.plan=PATH/plan.json (written by spd-rank)")
-    run_dir = start_run(cfg.run_dir, cfg, stage="distill", tp=cfg.parallel.tp)
+    run_dir = start_run(cfg.run_dir, resolve_auto_(cfg), stage="distill", tp=cfg.parallel.tp)
     plan = SPDPlan.load(cfg.spd.plan)
     if plan.tp != cfg.parallel.tp:
         raise PlanError(f"the plan is for tp={plan.tp} but parallel.tp={cfg.parallel.tp}; set parallel.tp={plan.tp}")
