@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The SmolLM2-135M accuracy study on one GPU, in stages that each fit a 10-minute device call:
-#   bash remote_gpu/gpu_accuracy.sh STAGE     (STAGE: baseline | rank | sweep | planner | pack)
+#   bash remote_gpu/gpu_accuracy.sh STAGE     (STAGE: baseline | rank | sweep | headline | rest | planner | pack)
+# headline / rest: the issue-18 re-run with today's defaults (calib=auto: 128 x 2048 on CUDA, HG scored after
+# B2B, every strategy incl. logit distillation); FRACTIONS= and STRATEGIES= split them across device calls.
 # Needs: source remote_gpu/device_setup.sh done by this script; the GGUF at $SMOL (default below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +21,12 @@ case "$1" in
   sweep)  # R = 3: fraction x strategy with the offline suite (LIMIT docs per task)
     spd study -m $M parallel.tp=3 spd.ranking=backward spd.fraction=0,0.25,0.5,0.75,1.0 \
       study.strategy=zs,b2b,b2b_hg eval.limit=$LIMIT eval.batch_size=64 study.export=false ;;
+  headline)  # fractions 0, 0.75, 1.0 x every strategy, full offline suite (no limit)
+    spd study -m $M parallel.tp=3 spd.ranking=backward spd.fraction=${FRACTIONS:-0,0.75,1.0} \
+      study.strategy=${STRATEGIES:-zs,b2b,b2b_hg,b2b_kd,b2b_hg_kd} eval.batch_size=64 study.export=false ;;
+  rest)  # fractions 0.25, 0.5 x every strategy, 1000 documents per task
+    spd study -m $M parallel.tp=3 spd.ranking=backward spd.fraction=${FRACTIONS:-0.25,0.5} \
+      study.strategy=${STRATEGIES:-zs,b2b,b2b_hg,b2b_kd,b2b_hg_kd} eval.limit=1000 eval.batch_size=64 study.export=false ;;
   planner)
     for b in 0.02 0.1 0.5; do spd plan $M parallel.tp=3 planner.budget=$b; done ;;
   pack)

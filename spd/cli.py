@@ -31,7 +31,9 @@ def hydra_app(config_name: str):
             @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
             def run(cfg):
                 try:
-                    cfg = as_dataclass(cfg)
+                    from spd.calibration import resolve_auto_
+
+                    cfg = resolve_auto_(as_dataclass(cfg))  # calib=auto's sizes, before anything is written
                     if hasattr(cfg, "run_dir"):  # outputs go to Hydra's output directory (hydra.run.dir, sweeps)
                         cfg.run_dir = HydraConfig.get().runtime.output_dir
                     return fn(cfg)

@@ -80,8 +80,8 @@ class CalibConfig:
 
     data: str = "simplebooks92_valid.jsonl"  # relative paths resolve against the assets' data/ folder
     field: str = "text"
-    num_samples: int = 16
-    seq_len: int = 512
+    num_samples: Optional[int] = 16  # null (calib=auto): by device when the run starts (spd.calibration.AUTO_SIZES)
+    seq_len: Optional[int] = 512  # null (calib=auto): by device, as num_samples
     seed: int = 0
     batch_size: int = 4
 
@@ -110,6 +110,24 @@ class DistillConfig:
     seed: int = 0
     max_rows: int = 256  # query positions sampled per attention map for head grouping
     spill_gb: float = 4.0  # teacher activations above this size are spilled to disk
+    schedule: str = "constant"  # learning rate: constant (paper) | cosine (to 0 over all steps, after warmup)
+    warmup: float = 0.0  # share of the steps with a linear warm-up from 0
+    inputs: str = "dense"  # dense (paper: the original model's h_i) | sequential (the partly converted model's h_i)
+    hg_candidates: int = 8  # head groupings B2B-trained per ESB block, best kept (all when there are at most this many)
+
+
+@dataclass
+class KDConfig:
+    """Logit distillation of the whole SPD model against the dense one after B2B (study.strategy *_kd)."""
+
+    steps: int = 200  # optimizer steps, batch_size calibration windows each
+    lr: float = 1e-5
+    batch_size: int = 4
+    temperature: float = 1.0
+    schedule: str = "cosine"  # constant | cosine
+    warmup: float = 0.05
+    weight_decay: float = 0.0
+    seed: int = 0
 
 
 @dataclass
@@ -117,6 +135,7 @@ class StudyConfig:
     """spd-study: which strategy repairs the SPD blocks, and where shared work is kept."""
 
     strategy: str = "b2b_hg"  # zs (zero-shot) | b2b (zero-shot + B2B on SB/ESB) | b2b_hg (+ head grouping on ESB)
+    # | b2b_kd, b2b_hg_kd (then logit distillation of the whole SPD model against the dense one, kd.*)
     shared_dir: str = "runs/shared"  # rankings and distilled blocks reused by every job of a sweep
     perplexity: bool = True
     evaluate: bool = True
@@ -215,6 +234,7 @@ class RunApp:
     eval: EvalConfig = field(default_factory=EvalConfig)
     ppl: PerplexityConfig = field(default_factory=PerplexityConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     planner: PlannerConfig = field(default_factory=PlannerConfig)

@@ -1,19 +1,38 @@
 """Block-to-block (B2B) distillation of SPD blocks, after head grouping for the extremely sensitive ones.
 
-For each SB or ESB block i of a plan, with x_i = h_i the block's input in the ORIGINAL model for the
-calibration rows as ranking scores them (spd.perplexity.calibration_inputs: the prefix token, then the
-window's first L - 1 tokens), and
-y_i = h_{i+1} = block_i(x_i) its original output (spd.activations, captured once before any change):
+For each SB or ESB block i of a plan, with x_i the block's input for the calibration rows as ranking scores
+them (spd.perplexity.calibration_inputs: the prefix token, then the window's first L - 1 tokens) and
+y_i = h_{i+1} the ORIGINAL model's output of block i on the original input (spd.activations, captured once
+before any change):
 
     min over theta_i   E_n || SPD_R(block_i; theta_i)(x_n) - y_n ||^2 / (L D)       (MSE per element)
 
 theta_i = block i's parameters only, initialised from the original weights (after head grouping, which
-leaves y unchanged); AdamW (weight decay 0 by default: the target is the teacher, not smaller weights,
-and RMSNorm gains should not decay), lr 5e-5, 10 epochs over the calibration windows in seeded random
-order, in fp32. Every block trains against original-model inputs, so blocks are independent and order
-does not matter. Resumable: each finished block's weights go to out_dir/block_{i}.safetensors, then its
-entry to out_dir/manifest.json, both atomically; a restart loads finished blocks instead of training them,
-and a block whose manifest entry is missing is trained again from the original weights.
+leaves the full block's output unchanged); AdamW (weight decay 0 by default: the target is the teacher,
+not smaller weights, and RMSNorm gains should not decay), lr 5e-5, 10 epochs over the calibration windows
+in seeded random order, in fp32, with a constant rate (`distill.schedule=cosine` and `distill.warmup`:
+spd.schedule). Inputs x_i (`distill.inputs`):
+
+- dense (the paper): x_i = h_i of the ORIGINAL model. Blocks are independent: order does not matter and
+  a block's result does not depend on the plan, so sweeps share it.
+- sequential: x_i = the hidden state entering block i in the partly converted model, whose blocks before
+  i are already in their plan form (ISB zero-shot SPD, SB / ESB after their own repair), propagated block
+  by block from h_0. The target stays the original model's h_{i+1}, so block i also learns to undo the
+  error its predecessors left. A block's result then depends on the plan's tiers, which key it.
+
+Head grouping that never hurts (ESB blocks, `head_grouping`): the candidates are the identity, the paper's
+rule (spd.heads.group_heads_) and every other GQA-valid head-to-rank ordering when there are at most
+`distill.hg_candidates` of them (SmolLM2-135M at R = 3: 3! = 6); with more, the identity, the paper's rule
+and the hg_candidates - 2 orderings with the lowest zero-shot SPD error among 4 x hg_candidates seeded
+random ones. Each candidate is B2B-trained with the same seed and the one with the lowest error after
+training is kept (the identity on ties), so a block's final calibration error with HG is never above its
+error without HG (the identity candidate is exactly B2B alone). The report records every candidate's
+error before and after training, and for the chosen and the identity grouping the error before HG, after
+HG (before B2B) and after B2B.
+
+Resumable: each finished block's weights go to out_dir/block_{i}.safetensors, then its entry to
+out_dir/manifest.json, both atomically; a restart loads finished blocks instead of training them, and a
+block whose manifest entry is missing is trained again from the original weights.
 
 Settings come from one typed config, spd.config.DistillConfig (`distill.*`), for spd-distill and the study
 alike. The plan returned names each distilled block's file and sha256 (plan.weights), so every later stage
@@ -23,10 +42,12 @@ puts exactly these weights on the model through spd.surgery.apply_plan_.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
@@ -37,15 +58,17 @@ from spd.block import SPDDecoderLayer, decoder_layers, remove_spd_
 from spd.config import DistillConfig
 from spd.cost import block_flops_per_token, throughput
 from spd.errors import PlanError, SPDError
-from spd.heads import group_heads_
+from spd.heads import attn_shape, canonical, group_heads_, num_orderings, orderings, permute_heads_, random_ordering
 from spd.perplexity import calibration_inputs, prefix_token
 from spd.placement import writable
 from spd.plan import SPDPlan
 from spd.run import read_json, write_bytes_atomic, write_json_atomic
+from spd.schedule import check_schedule, scheduler
 from spd.surgery import apply_plan_, mark_carried_
 
-SCHEMA = "spd.distill/1"
-STATE_SCHEMA = "spd.distill-state/2"
+SCHEMA = "spd.distill/2"
+STATE_SCHEMA = "spd.distill-state/3"
+INPUTS = ("dense", "sequential")
 
 
 @torch.no_grad()
@@ -60,12 +83,15 @@ def block_mse(block, X: torch.Tensor, Y: torch.Tensor, kwargs: dict, batch_size:
 
 
 def train_block(block, X: torch.Tensor, Y: torch.Tensor, kwargs: dict, epochs: int, lr: float,
-                batch_size: int, weight_decay: float, seed: int, desc: str = "", progress: bool = True) -> list[float]:
+                batch_size: int, weight_decay: float, seed: int, desc: str = "", progress: bool = True,
+                schedule: str = "constant", warmup: float = 0.0) -> list[float]:
     """AdamW on block's parameters, MSE(block(X), Y) over windows (N, L, D); returns the mean loss per epoch."""
     params = [p for p in block.parameters()]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(len(X) / batch_size)
+    sched = scheduler(opt, epochs * steps_per_epoch, schedule, warmup)
     g = torch.Generator().manual_seed(seed)
     dev, dtype = params[0].device, params[0].dtype
     losses = []
@@ -80,6 +106,7 @@ def train_block(block, X: torch.Tensor, Y: torch.Tensor, kwargs: dict, epochs: i
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             total, steps = total + loss.item(), steps + 1
             bar.set_postfix(loss=f"{total / steps:.3e}")
         losses.append(total / steps)
@@ -89,14 +116,49 @@ def train_block(block, X: torch.Tensor, Y: torch.Tensor, kwargs: dict, epochs: i
     return losses
 
 
+def check_distill(cfg: DistillConfig) -> None:
+    """Refuse settings distillation cannot run, naming the valid values."""
+    if cfg.inputs not in INPUTS:
+        raise SPDError(f"distill.inputs={cfg.inputs!r}; valid: {', '.join(INPUTS)}")
+    check_schedule(cfg.schedule, cfg.warmup, "distill")
+    if cfg.hg_candidates < 2:
+        raise SPDError(f"distill.hg_candidates={cfg.hg_candidates}: at least 2 (the identity and the paper's rule)")
+
+
 def _fingerprint(plan: SPDPlan, tokens: torch.Tensor, dtype: torch.dtype, opts: dict) -> dict:
     """What a finished block depends on: a restart with other settings must not reuse it."""
-    return {
+    fp = {
         "tp": plan.tp, "dtype": str(dtype),
         "calib_sha256": hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest(),
-        "calib_shape": list(tokens.shape), "inputs": "calibration_inputs (prefix token + first L-1 tokens)",
+        "calib_shape": list(tokens.shape), "rows": "calibration_inputs (prefix token + first L-1 tokens)",
         **{k: opts[k] for k in sorted(opts) if k != "spill_gb"},
     }
+    if opts["inputs"] == "sequential":  # a block's inputs depend on every block before it
+        fp["tiers"] = {str(i): t for i, t in sorted(plan.tiers.items())}
+    return fp
+
+
+def _teacher_store(model, tokens, blocks, cfg: DistillConfig, out_dir: Path, spill_dir, progress: bool):
+    """The original model's hidden states around `blocks`, spilled to disk above cfg.spill_gb."""
+    model_dtype = next(model.parameters()).dtype
+    spill = state_bytes(*tokens.shape, model.config.hidden_size, blocks, model_dtype) > cfg.spill_gb * 2**30
+    inputs = calibration_inputs(tokens, prefix_token(config=model.config))  # as ranking scores them
+    return capture_hidden_states(model, inputs, blocks, cfg.batch_size,
+                                 (spill_dir or out_dir / "activations") if spill else None, progress)
+
+
+@torch.no_grad()
+def _advance(layer, H: torch.Tensor, plan: SPDPlan, i: int, store, batch_size: int) -> torch.Tensor:
+    """Block i in its plan form (SPD at its tier, else dense) applied to hidden states H (N, L, D)."""
+    p = next(layer.parameters())
+    kwargs = store.block_kwargs(p.device, p.dtype)
+    block = SPDDecoderLayer(layer, plan.tp, plan.tiers[i]) if i in plan.tiers else layer
+    try:
+        return torch.cat([block(H[s:s + batch_size].to(p.device, p.dtype), **kwargs).to(H.device, H.dtype)
+                          for s in range(0, len(H), batch_size)])
+    finally:
+        if block is not layer:
+            block.restore()
 
 
 def distill_blocks_(model, plan: SPDPlan, tokens: torch.Tensor, out_dir: str | Path, cfg: DistillConfig,
@@ -107,19 +169,20 @@ def distill_blocks_(model, plan: SPDPlan, tokens: torch.Tensor, out_dir: str | P
     the returned plan applied.
 
     model: the ORIGINAL LlamaForCausalLM (no head permutation; SPD blocks, if any, are removed first).
-    tokens: (N, L) calibration windows. cfg: the distillation settings (epochs, lr, batch size...).
+    tokens: (N, L) calibration windows. cfg: the distillation settings (epochs, lr, batch size, inputs...).
     Returns (plan with head_perm of the grouped blocks and the weights of every distilled block, report).
     Activations are spilled to spill_dir (default out_dir/activations) when they exceed cfg.spill_gb;
     `activations`, a callable returning an ActivationStore that holds every needed h_i of the original
     model (a persistent capture shared by a sweep), replaces the capture; it is called only when some
-    block still needs training.
+    block still needs training. With cfg.inputs=sequential the propagated states stay in memory.
     """
+    check_distill(cfg)
     if plan.head_perm or plan.weights:
         raise PlanError(f"the plan already has head permutations or distilled weights (blocks "
                         f"{sorted(set(plan.head_perm) | set(plan.weights))}); distill starts from the original "
                         "model and a plan without them (spd-rank's plan.json)")
     opts = {**asdict(cfg), "head_grouping": head_grouping}
-    spill_gb = cfg.spill_gb
+    sequential = cfg.inputs == "sequential"
     out_dir = Path(out_dir)
     remove_spd_(model)
     apply_plan_(model, plan)  # validates the plan against the model before anything is computed
@@ -131,33 +194,37 @@ def distill_blocks_(model, plan: SPDPlan, tokens: torch.Tensor, out_dir: str | P
     if state.get("settings") != fp:
         raise SPDError(f"{out_dir} holds distilled blocks made with other settings or calibration data "
                        f"({state.get('settings')}); use a new output directory or delete {out_dir}")
-    # A block's result depends on the settings and on whether head grouping ran on it, not on the other
-    # blocks (all train on original-model inputs): any plan may reuse it, so sweeps share one directory.
+    # dense inputs: a block's result depends on the settings and on whether head grouping ran on it, not on
+    # the other blocks (all train on original-model inputs): any plan may reuse it, so sweeps share one
+    # directory. sequential: the settings name the plan's tiers.
     hg = {i: plan.tiers[i] == "ESB" and head_grouping for i in todo}
     done = {int(i): e for i, e in state["blocks"].items()
             if (out_dir / e["file"]).is_file() and int(i) in hg and e.get("hg") == hg[int(i)] and "sha256" in e}
     need = [i for i in todo if i not in done]
+    blocks = sorted(set(need) | ({0} if sequential else set()))
 
     store = activations() if need and activations is not None else None
     if need and store is None:  # the teacher: original-model hidden states, before any block is changed or loaded
-        model_dtype = next(model.parameters()).dtype
-        spill = state_bytes(*tokens.shape, model.config.hidden_size, need, model_dtype) > spill_gb * 2**30
-        inputs = calibration_inputs(tokens, prefix_token(config=model.config))  # as ranking scores them
-        store = capture_hidden_states(model, inputs, need, cfg.batch_size,
-                                      (spill_dir or out_dir / "activations") if spill else None, progress)
+        store = _teacher_store(model, tokens, blocks, cfg, out_dir, spill_dir, progress)
+    H = store.get(0) if need and sequential else None  # the partly converted model's h_j, j = 0, 1, ...
     report: dict[int, dict] = {}
     try:
-        for i in tqdm(todo, desc="distill blocks", disable=not progress):
-            if i in done:  # finished by an earlier run: load, do not retrain
-                with writable(layers[i]):
-                    layers[i].load_state_dict(load_file(str(out_dir / done[i]["file"])))
-                report[i] = {**done[i], "resumed": True}
-                continue
-            with writable(layers[i]):  # an offloaded block trains on its execution device, then goes back
-                report[i] = _distill_one(layers[i], i, plan, store, out_dir, dtype, opts, progress, model.config)
-            state["blocks"][str(i)] = {k: v for k, v in report[i].items() if k != "resumed"}
-            write_json_atomic(out_dir / "manifest.json", state)  # written after the weights: the done-marker
-            store.release(i)
+        for j in tqdm(range(max(todo, default=-1) + 1), desc="distill blocks", disable=not progress):
+            if j in done:  # finished by an earlier run: load, do not retrain
+                with writable(layers[j]):
+                    layers[j].load_state_dict(load_file(str(out_dir / done[j]["file"])))
+                report[j] = {**done[j], "resumed": True}
+            elif j in todo:
+                X = H if sequential else store.get(j)
+                with writable(layers[j]):  # an offloaded block trains on its execution device, then goes back
+                    report[j] = _distill_one(layers[j], j, plan, X, store.get(j + 1), store, out_dir, dtype, opts,
+                                             progress, model.config)
+                state["blocks"][str(j)] = {k: v for k, v in report[j].items() if k != "resumed"}
+                write_json_atomic(out_dir / "manifest.json", state)  # written after the weights: the done-marker
+                store.release(j)
+            if H is not None and any(i > j for i in need):
+                with writable(layers[j]):
+                    H = _advance(layers[j], H, plan, j, store, cfg.batch_size)
     finally:
         if store is not None:
             store.cleanup()
@@ -170,39 +237,104 @@ def distill_blocks_(model, plan: SPDPlan, tokens: torch.Tensor, out_dir: str | P
     return new_plan, {"schema": SCHEMA, "settings": fp, "blocks": {str(i): report[i] for i in sorted(report)}}
 
 
-def _distill_one(layer, i: int, plan: SPDPlan, store, out_dir: Path, dtype, opts: dict, progress: bool,
-                 layer_config=None) -> dict:
-    """HG (ESB) + B2B of one block in place; writes its weights atomically; returns its report entry."""
+def hg_candidates(layer, X: torch.Tensor, Y: torch.Tensor, kwargs: dict, tp: int, opts: dict,
+                  batch_size: int) -> tuple[list[tuple[str, list[int]]], dict]:
+    """(candidate (source, perm) list, the paper rule's report): identity first, then the paper's rule, then
+    every other ordering, or the best zero-shot ones of a seeded random sample when there are too many."""
+    H, KV, _ = attn_shape(layer.self_attn)
+    original = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+    paper, report = group_heads_(layer, X, kwargs["position_embeddings"], tp, batch_size, opts["max_rows"],
+                                 seed=opts["seed"])
+    layer.load_state_dict(original)
+    out = [("identity", list(range(H))), ("paper", paper)]
+    seen = {canonical(p, tp) for _, p in out}
+    total = num_orderings(H, KV, tp)
+    report |= {"orderings": total, "search": "exhaustive" if total <= opts["hg_candidates"] else "sampled"}
+    if total <= opts["hg_candidates"]:
+        pool = list(orderings(H, KV, tp))
+    else:
+        rng = np.random.default_rng(opts["seed"])
+        pool = [random_ordering(H, KV, tp, rng) for _ in range(4 * opts["hg_candidates"])]
+    fresh = {canonical(p, tp): p for p in pool if canonical(p, tp) not in seen}
+    scored = []
+    for key, perm in fresh.items():
+        if report["search"] == "sampled":  # zero-shot error as a prefilter only
+            permute_heads_(layer, perm)
+            spd = SPDDecoderLayer(layer, tp, "ESB")
+            scored.append((block_mse(spd, X, Y, kwargs, batch_size), len(scored), perm))
+            spd.restore()
+            layer.load_state_dict(original)
+        else:
+            scored.append((0.0, len(scored), perm))
+    keep = len(scored) if report["search"] == "exhaustive" else opts["hg_candidates"] - 2
+    out += [("ordering", p) for _, _, p in sorted(scored)[:keep]]
+    return out, report
+
+
+def _train_candidate(layer, i: int, plan: SPDPlan, perm, X, Y, kwargs, opts: dict, progress: bool, desc: str) -> dict:
+    """B2B of block i from its current weights with heads in `perm` order, in place: its losses."""
+    if perm is not None:
+        permute_heads_(layer, perm)
+    student = SPDDecoderLayer(layer, plan.tp, plan.tiers[i])  # same Parameters as the model's block
+    bs = opts["batch_size"]
+    try:
+        out = {"loss_before": block_mse(student, X, Y, kwargs, bs)}
+        out["epoch_losses"] = train_block(student, X, Y, kwargs, opts["epochs"], opts["lr"], bs,
+                                          opts["weight_decay"], opts["seed"] + i, desc, progress,
+                                          schedule=opts["schedule"], warmup=opts["warmup"])
+        out["loss_after"] = block_mse(student, X, Y, kwargs, bs)
+    finally:
+        student.restore()
+    return out
+
+
+def _hg_search(layer, i: int, plan: SPDPlan, X, Y, kwargs, opts: dict, progress: bool) -> dict:
+    """Every HG candidate B2B-trained from the original weights; the layer ends with the best one (module doc)."""
+    original = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+    cands, paper_report = hg_candidates(layer, X, Y, kwargs, plan.tp, opts, opts["batch_size"])
+    results, best, best_state = [], None, None
+    for n, (source, perm) in enumerate(cands):
+        layer.load_state_dict(original)
+        r = {"source": source, "perm": perm,
+             **_train_candidate(layer, i, plan, perm, X, Y, kwargs, opts, progress, f"block {i} {source} {n}")}
+        results.append(r)
+        if best is None or r["loss_after"] < best["loss_after"]:
+            best, best_state = r, {k: v.detach().clone() for k, v in layer.state_dict().items()}
+    layer.load_state_dict(best_state)
+    ident = results[0]
+    chosen = best["perm"] if best["source"] != "identity" else None
+    return {"head_perm": chosen, "head_grouping": paper_report, "hg_chosen": best["source"],
+            "loss_before_hg": ident["loss_before"], "loss_before": best["loss_before"],
+            "epoch_losses": best["epoch_losses"], "loss_after": best["loss_after"],
+            "identity": {k: ident[k] for k in ("loss_before", "loss_after")},
+            "hg_candidates": [{k: r[k] for k in ("source", "perm", "loss_before", "loss_after")} for r in results]}
+
+
+def _distill_one(layer, i: int, plan: SPDPlan, X: torch.Tensor, Y: torch.Tensor, store, out_dir: Path, dtype,
+                 opts: dict, progress: bool, layer_config=None) -> dict:
+    """HG search (ESB) + B2B of one block in place on inputs X, targets Y (N, L, D); writes its weights
+    atomically; returns its report entry."""
     t0 = time.perf_counter()
     model_dtype = next(layer.parameters()).dtype
     layer.to(dtype)  # train in fp32 by default; Parameter objects are kept, only their data is cast
-    X, Y = store.get(i), store.get(i + 1)  # (N, L, D) each
     kwargs = store.block_kwargs(next(layer.parameters()).device, dtype)
-    bs = opts["batch_size"]
     entry = {"tier": plan.tiers[i], "head_perm": None}
-    if plan.tiers[i] == "ESB" and opts["head_grouping"]:
-        spd = SPDDecoderLayer(layer, plan.tp, plan.tiers[i])
-        entry["loss_before_hg"] = block_mse(spd, X, Y, kwargs, bs)
-        spd.restore()
-        perm, hg = group_heads_(layer, X, kwargs["position_embeddings"], plan.tp, bs, opts["max_rows"],
-                                seed=opts["seed"])
-        entry["head_perm"], entry["head_grouping"] = perm, hg
-    student = SPDDecoderLayer(layer, plan.tp, plan.tiers[i])  # same Parameters as the model's block
+    hg = plan.tiers[i] == "ESB" and opts["head_grouping"]
     try:
-        entry["loss_before"] = block_mse(student, X, Y, kwargs, bs)
-        entry["epoch_losses"] = train_block(student, X, Y, kwargs, opts["epochs"], opts["lr"], bs,
-                                            opts["weight_decay"], opts["seed"] + i, f"block {i}", progress)
-        entry["loss_after"] = block_mse(student, X, Y, kwargs, bs)
+        if hg:
+            entry |= _hg_search(layer, i, plan, X, Y, kwargs, opts, progress)
+        else:
+            entry |= _train_candidate(layer, i, plan, None, X, Y, kwargs, opts, progress, f"block {i}")
     finally:
-        student.restore()
         layer.to(model_dtype)
     entry["target_mean_square"] = float(Y.float().pow(2).mean())  # the scale the MSE is relative to
     seconds = time.perf_counter() - t0
     entry["minutes"] = seconds / 60
-    trained = opts["epochs"] * X.shape[0] * X.shape[1]  # tokens through forward + backward (3x a forward)
+    runs = len(entry.get("hg_candidates", [None]))
+    trained = runs * opts["epochs"] * X.shape[0] * X.shape[1]  # tokens through forward + backward (3x a forward)
     entry["cost"] = throughput(trained, 3 * trained * block_flops_per_token(layer_config, X.shape[1]), seconds)
-    entry["hg"] = entry["head_perm"] is not None or (plan.tiers[i] == "ESB" and opts["head_grouping"])
-    entry["file"] = f"block_{i}{'_hg' if entry['hg'] else ''}.safetensors"
+    entry["hg"] = hg
+    entry["file"] = f"block_{i}{'_hg' if hg else ''}.safetensors"
     data = save({k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()})
     entry["sha256"] = hashlib.sha256(data).hexdigest()
     write_bytes_atomic(out_dir / entry["file"], data)
@@ -216,7 +348,7 @@ def distill_main(cfg) -> dict:
     plan with head_perm and the distilled blocks' weights: what spd-ppl, spd-eval and spd-export take),
     distill.json and the export run_dir/model. Runs on the model's device (model.device).
     """
-    from spd.calibration import calibration_tokens
+    from spd.calibration import calibration_tokens, resolve_auto_
     from spd.export import export_
     from spd.load import load_model
     from spd.perplexity import windows_perplexity
@@ -224,7 +356,7 @@ def distill_main(cfg) -> dict:
 
     if not cfg.spd.plan:
         raise PlanError("spd-distill needs spd.plan=PATH/plan.json (written by spd-rank)")
-    run_dir = start_run(cfg.run_dir, cfg, stage="distill", tp=cfg.parallel.tp)
+    run_dir = start_run(cfg.run_dir, resolve_auto_(cfg), stage="distill", tp=cfg.parallel.tp)
     plan = SPDPlan.load(cfg.spd.plan)
     if plan.tp != cfg.parallel.tp:
         raise PlanError(f"the plan is for tp={plan.tp} but parallel.tp={cfg.parallel.tp}; set parallel.tp={plan.tp}")

@@ -17,12 +17,18 @@
    (outer assignment) and its groups pick ranks inside the block (inner assignments): exact for the pair.
 4. Permute W_q, W_k, W_v rows and W_o columns in place (KV heads move with their groups): the full
    block's output is unchanged, only which rank holds which head changes. perm[j] = old head at new j.
+
+Steps 1-3 are the paper's rule. An SPD block's behaviour depends only on which heads each rank holds (the
+order inside a rank does not matter), so the distinct GQA-valid choices are the orderings: R <= KV, the KV
+groups dealt to ranks, num_partitions(KV, R) x R! of them; R > KV, KV! x (num_partitions(H/KV, R/KV) x
+(R/KV)!)^KV. `orderings` enumerates them (SmolLM2-135M at R = 3: 3! = 6), `random_ordering` draws one;
+spd.distill scores candidates by the block's error after B2B (the paper's rule and the identity among them).
 """
 
 from __future__ import annotations
 
 import math
-from itertools import combinations
+from itertools import combinations, permutations, product
 
 import numpy as np
 import torch
@@ -260,3 +266,43 @@ def group_heads_(layer: nn.Module, inputs: torch.Tensor, position_embeddings, tp
         "mlp_norm_cost": cost.tolist(),
         "map_rows": min(max_rows, inputs.shape[1]),
     }
+
+
+def num_orderings(heads: int, kv: int, tp: int) -> int:
+    """How many distinct GQA-valid head-to-rank orderings there are (module docstring)."""
+    if tp <= kv:
+        return num_partitions(kv, tp) * math.factorial(tp)
+    per = tp // kv
+    return math.factorial(kv) * (num_partitions(heads // kv, per) * math.factorial(per)) ** kv
+
+
+def _ordered_partitions(items: tuple, size: int):
+    for p in _partitions(items, size):
+        yield from permutations(p)
+
+
+def orderings(heads: int, kv: int, tp: int):
+    """Every distinct GQA-valid ordering as a permutation (heads of rank r at [r H/R, (r+1) H/R), sorted)."""
+    gq = heads // kv
+    units = [tuple(range(u * gq, (u + 1) * gq)) for u in range(kv)]
+    if tp <= kv:
+        for p in _ordered_partitions(tuple(range(kv)), kv // tp):
+            yield [h for group in p for u in sorted(group) for h in units[u]]
+        return
+    inner = [list(_ordered_partitions(units[u], heads // tp)) for u in range(kv)]
+    for order in permutations(range(kv)):
+        for splits in product(*(inner[u] for u in order)):
+            yield [h for split in splits for group in split for h in sorted(group)]
+
+
+def random_ordering(heads: int, kv: int, tp: int, rng: np.random.Generator) -> list[int]:
+    """A GQA-valid ordering drawn at random (KV groups shuffled, and query heads inside them when R > KV)."""
+    gq, size = heads // kv, heads // tp
+    perm = [int(u * gq + h) for u in rng.permutation(kv) for h in (rng.permutation(gq) if tp > kv else range(gq))]
+    return [h for r in range(tp) for h in sorted(perm[r * size:(r + 1) * size])]
+
+
+def canonical(perm, tp: int) -> tuple:
+    """The heads each rank holds (order inside a rank dropped): equal for orderings an SPD block cannot tell apart."""
+    size = len(perm) // tp
+    return tuple(tuple(sorted(perm[r * size:(r + 1) * size])) for r in range(tp))

@@ -2,15 +2,17 @@
 
 Beyond the paper's hand-set thresholds. Every SPD block removes one all-reduce of the same size, so the
 latency saving grows with the number of SPD blocks k (spd-bench measures the curve); maximising the
-saving under a budget is maximising k. Each block i has two candidate forms: zero-shot SPD (zs) and
-SPD with block-to-block distilled weights (b2b, trained once per block on the original model's hidden
-states, so a block's weights do not depend on the other blocks). With c_i(s) the isolated calibration
-perplexity increase of block i in form s, the planner sorts blocks by min_s c_i(s), adds them greedily
-in their best form, measures the calibration perplexity of the whole plan after each addition and
-keeps the block only when the measured increase stays within budget * baseline (interactions are
-measured, not assumed additive). The paper's rule at equal budget, for comparison: blocks in the
-backward ranking's order, zs for ISB and b2b for SB/ESB (thresholds as in spd.sensitivity), the largest
-prefix whose measured increase is within budget.
+saving under a budget is maximising k. Each block i has three candidate forms, each a repaired block
+whose perplexity is measured: zero-shot SPD (zs), SPD with block-to-block distilled weights (b2b) and
+head grouping + B2B (b2b_hg: the best of the HG candidates after B2B, spd.distill), both trained once per
+block on the original model's hidden states (distill.inputs=dense whatever the config says: a block's
+weights must not depend on the other blocks) and shared with the study's b2b / b2b_hg jobs. With c_i(s)
+the isolated calibration perplexity increase of block i in form s, the planner sorts blocks by
+min_s c_i(s), adds them greedily in their best form, measures the calibration perplexity of the whole
+plan after each addition and keeps the block only when the measured increase stays within
+budget * baseline (interactions are measured, not assumed additive). The paper's rule at equal budget,
+for comparison: blocks in the backward ranking's order, zs for ISB, b2b for SB and b2b_hg for ESB
+(thresholds as in spd.sensitivity), the largest prefix whose measured increase is within budget.
 """
 
 from __future__ import annotations
@@ -25,12 +27,17 @@ from spd.block import decoder_layers, remove_spd_, set_spd_
 from spd.perplexity import windows_perplexity
 from spd.plan import SPDPlan
 from spd.run import read_json
+from spd.surgery import mark_carried_
 
 SCHEMA = "spd.planner/1"
 
 
+FORMS = ("zs", "b2b", "b2b_hg")
+TIER_OF = {"zs": "ISB", "b2b": "SB", "b2b_hg": "ESB"}
+
+
 class BlockForms:
-    """Original and distilled weights of every block, swapped in on demand (CPU copies)."""
+    """Original and repaired weights of every block, swapped in on demand (CPU copies)."""
 
     def __init__(self, model):
         from spd.errors import SPDError
@@ -42,26 +49,36 @@ class BlockForms:
                            "(model.device_map=auto with model.max_memory) or a smaller model")
         self.model, self.layers = model, decoder_layers(model)
         self.orig = {i: {k: v.detach().clone() for k, v in l.state_dict().items()} for i, l in enumerate(self.layers)}
-        self.b2b, self.refs = {}, {}  # block -> distilled state dict; block -> {"file", "sha256"} (plan.weights)
+        self.repaired: dict[str, dict[int, dict]] = {f: {} for f in FORMS[1:]}  # form -> block -> state dict
+        self.refs: dict[str, dict[int, dict]] = {f: {} for f in FORMS[1:]}  # form -> block -> plan.weights entry
+        self.perms: dict[int, list[int]] = {}  # block -> head_perm of its b2b_hg form
 
-    def load_distilled(self, distilled_dir: Path) -> None:
-        """Distilled block weights from a distill directory (blocks without head permutation)."""
+    @property
+    def b2b(self) -> dict[int, dict]:
+        return self.repaired["b2b"]
+
+    def load_distilled(self, distilled_dir: Path, form: str = "b2b") -> None:
+        """Repaired block weights of one form from a distill directory's manifest."""
         manifest = read_json(distilled_dir / "manifest.json")
         for i, entry in ((manifest or {}).get("blocks") or {}).items():
-            if entry.get("head_perm") is None and (distilled_dir / entry["file"]).is_file() and "sha256" in entry:
-                self.b2b[int(i)] = load_file(str(distilled_dir / entry["file"]))
-                self.refs[int(i)] = {"file": str(distilled_dir / entry["file"]), "sha256": entry["sha256"]}
+            if (distilled_dir / entry["file"]).is_file() and "sha256" in entry:
+                if form == "b2b" and entry.get("head_perm") is not None:
+                    continue
+                self.repaired[form][int(i)] = load_file(str(distilled_dir / entry["file"]))
+                self.refs[form][int(i)] = {"file": str(distilled_dir / entry["file"]), "sha256": entry["sha256"]}
+                if form == "b2b_hg" and entry.get("head_perm") is not None:
+                    self.perms[int(i)] = entry["head_perm"]
 
     def forms(self, i: int) -> list[str]:
-        return ["zs", "b2b"] if i in self.b2b else ["zs"]
+        return ["zs"] + [f for f in FORMS[1:] if i in self.repaired[f]]
 
     def configure_(self, tp: int, choice: dict[int, str]) -> None:
         """Blocks in choice become SPD in the given form; the others are original."""
         remove_spd_(self.model)
         for i, layer in enumerate(self.layers):
-            sd = self.b2b[i] if choice.get(i) == "b2b" else self.orig[i]
-            layer.load_state_dict(sd)
-        set_spd_(self.model, tp, {i: "SB" if f == "b2b" else "ISB" for i, f in choice.items()})
+            f = choice.get(i, "zs")
+            layer.load_state_dict(self.orig[i] if f == "zs" else self.repaired[f][i])
+        set_spd_(self.model, tp, {i: TIER_OF[f] for i, f in choice.items()})
 
 
 def plan_within_budget(forms: BlockForms, tokens: torch.Tensor, tp: int, budget: float, batch_size: int = 4) -> dict:
@@ -97,7 +114,8 @@ def threshold_rule_within_budget(forms: BlockForms, tokens: torch.Tensor, plan_f
     if base is None:
         forms.configure_(plan_full.tp, {})
         base = windows_perplexity(forms.model, tokens, batch_size)
-    form = {i: ("zs" if t == "ISB" or i not in forms.b2b else "b2b") for i, t in plan_full.tiers.items()}
+    wanted = {"ISB": ["zs"], "SB": ["b2b", "zs"], "ESB": ["b2b_hg", "b2b", "zs"]}  # paper's form, else the next
+    form = {i: next(f for f in wanted[t] if f in forms.forms(i)) for i, t in plan_full.tiers.items()}
     best, trace = {"spd_blocks": 0, "ppl": base, "choice": {}}, []
     for k in tqdm(range(1, len(order) + 1), desc="threshold rule"):
         choice = {i: form[i] for i in order[:k]}
@@ -112,12 +130,14 @@ def threshold_rule_within_budget(forms: BlockForms, tokens: torch.Tensor, plan_f
 
 
 def choice_plan(choice: dict[str, str], tp: int, num_layers: int, model: str, source: dict,
-                refs: dict[int, dict] | None = None) -> SPDPlan:
-    """The plan of a planner choice: b2b blocks are SB and name their distilled weights (refs)."""
-    refs = refs or {}
+                forms: BlockForms | None = None) -> SPDPlan:
+    """The plan of a planner choice: b2b blocks are SB, b2b_hg blocks ESB, naming their repaired weights."""
+    refs = forms.refs if forms else {}
+    perms = forms.perms if forms else {}
     return SPDPlan(tp=tp, num_layers=num_layers, model=model, source=source,
-                   tiers={int(i): ("SB" if f == "b2b" else "ISB") for i, f in choice.items()},
-                   weights={int(i): refs[int(i)] for i, f in choice.items() if f == "b2b"})
+                   tiers={int(i): TIER_OF[f] for i, f in choice.items()},
+                   weights={int(i): refs[f][int(i)] for i, f in choice.items() if f != "zs"},
+                   head_perm={int(i): perms[int(i)] for i, f in choice.items() if f == "b2b_hg" and int(i) in perms})
 
 
 def run_planner(cfg) -> dict:
@@ -126,7 +146,7 @@ def run_planner(cfg) -> dict:
     from dataclasses import replace
 
     from spd.artifacts import shared
-    from spd.calibration import calibration_tokens
+    from spd.calibration import calibration_tokens, resolve_auto_
     from spd.distill import distill_blocks_
     from spd.load import load_model
     from spd.report import latency_curve, latency_saving, load_records, target_name
@@ -134,17 +154,24 @@ def run_planner(cfg) -> dict:
     from spd.sensitivity import plan_from_ranking
     from spd.study import distill_dir, shared_activations, shared_ranking
 
-    run_dir = start_run(cfg.run_dir, cfg, stage="planner", tp=cfg.parallel.tp)
+    run_dir = start_run(cfg.run_dir, resolve_auto_(cfg), stage="planner", tp=cfg.parallel.tp)
     model, tokenizer = load_model(cfg.model)
     n, tp = len(decoder_layers(model)), cfg.parallel.tp
     tokens = calibration_tokens(tokenizer, cfg.calib)
     ranking = shared_ranking(model, tokens, cfg)
     forms = BlockForms(model)  # the original weights, before distillation changes them in place
-    ddir = distill_dir(replace(cfg, study=replace(cfg.study, strategy="b2b")), model)
-    with shared(ddir, "distilled blocks"):
-        distill_blocks_(model, SPDPlan(tp=tp, num_layers=n, tiers={i: "SB" for i in range(n)}), tokens, ddir,
-                        cfg.distill, head_grouping=False, activations=lambda: shared_activations(model, tokens, cfg))
-    forms.load_distilled(ddir)
+    dense = replace(cfg, distill=replace(cfg.distill, inputs="dense"))  # blocks independent of the plan
+    for form, tier in (("b2b", "SB"), ("b2b_hg", "ESB")):  # every block repaired once in each form (shared)
+        ddir = distill_dir(replace(dense, study=replace(cfg.study, strategy=form)), model)
+        with shared(ddir, "distilled blocks"):
+            distill_blocks_(model, SPDPlan(tp=tp, num_layers=n, tiers={i: tier for i in range(n)}), tokens, ddir,
+                            dense.distill, head_grouping=form == "b2b_hg",
+                            activations=lambda: shared_activations(model, tokens, cfg))
+        remove_spd_(model)
+        for i, layer in enumerate(forms.layers):  # back to the original weights for the next form
+            layer.load_state_dict(forms.orig[i])
+        mark_carried_(model, SPDPlan(tp=tp, num_layers=n))
+        forms.load_distilled(ddir, form)
     budget = cfg.planner.budget
     ours = plan_within_budget(forms, tokens, tp, budget, cfg.calib.batch_size)
     full = plan_from_ranking(ranking, cfg.spd, cfg.model.name, fraction=1.0)
@@ -160,9 +187,9 @@ def run_planner(cfg) -> dict:
            "planner": ours, "threshold_rule": paper, "latency_saving": savings}
     write_json_atomic(run_dir / "planner.json", out)
     choice_plan(ours["choice"], tp, n, cfg.model.name, {"planner": "budget", "budget_rel": budget},
-                forms.refs).save(run_dir / "plan.json")
+                forms).save(run_dir / "plan.json")
     choice_plan(paper["choice"], tp, n, cfg.model.name, {"planner": "threshold_rule", "budget_rel": budget},
-                forms.refs).save(run_dir / "plan_threshold.json")
+                forms).save(run_dir / "plan_threshold.json")
     print(f"budget {budget:.1%}: planner {ours['spd_blocks']}/{n} SPD blocks (ppl {ours['ppl']:.3f}), "
           f"threshold rule {paper['spd_blocks']}/{n} (ppl {paper['ppl']:.3f}); baseline {ours['baseline_ppl']:.3f}")
     return out

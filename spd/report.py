@@ -99,33 +99,44 @@ def study_table(studies: list[dict], curves: dict[str, dict]) -> tuple[str, list
                      "token_ppl": (s.get("perplexity") or {}).get("token_perplexity"),
                      "spd_blocks": s["spd_blocks"], "avg_acc": avg, "acc": accs,
                      "word_ppl": (s.get("perplexity") or {}).get("word_perplexity"), "saving": savings,
-                     "distill_minutes": s.get("distill_minutes", 0.0)})
+                     "distill_minutes": s.get("distill_minutes", 0.0), "kd_minutes": s.get("kd_minutes", 0.0)})
     tasks = sorted({t for r in rows for t in r["acc"]})
     names = list(curves)
     head = ["model", "R", "ranking", "SPD", "strategy", "avg acc", *tasks, "token ppl", "word ppl",
-            *[f"saving {n}" for n in names], "distill min"]
+            *[f"saving {n}" for n in names], "distill min", "kd min"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     fmt = lambda v, f="{:.4f}": "-" if v is None else f.format(v)  # noqa: E731
     for r in rows:
         cells = [r["model"], str(r["tp"]), r["ranking"], f"{r['spd_blocks']} ({r['fraction']:.0%})", r["strategy"],
                  fmt(r["avg_acc"]), *[fmt(r["acc"].get(t)) for t in tasks], fmt(r["token_ppl"], "{:.2f}"),
                  fmt(r["word_ppl"], "{:.2f}"),
-                 *[fmt(r["saving"][n], "{:.1%}") for n in names], fmt(r["distill_minutes"], "{:.2f}")]
+                 *[fmt(r["saving"][n], "{:.1%}") for n in names], fmt(r["distill_minutes"], "{:.2f}"),
+                 fmt(r["kd_minutes"], "{:.2f}")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines), rows
 
 
+def form_counts(choice: dict[str, str]) -> str:
+    """How many blocks a plan takes in each repaired form (zs, b2b, b2b_hg), e.g. `zs 3, b2b_hg 2`."""
+    forms = list(choice.values())
+    return ", ".join(f"{f} {forms.count(f)}" for f in sorted(set(forms))) or "-"
+
+
 def planner_table(planners: list[dict], curves: dict[str, dict]) -> str:
-    lines = ["| model | R | budget (ppl +%) | baseline ppl | planner: SPD blocks | planner ppl | threshold rule: SPD "
-             "blocks | threshold rule ppl | saving, planner vs rule |", "|" + "---|" * 9]
+    """The latency-aware planner against the threshold rule at equal budget; both measure the repaired
+    blocks' calibration perplexity (forms: zs, b2b, b2b_hg)."""
+    lines = ["| model | R | budget (ppl +%) | baseline ppl | planner: SPD blocks | planner ppl | planner forms | "
+             "threshold rule: SPD blocks | threshold rule ppl | threshold rule forms | saving, planner vs rule |",
+             "|" + "---|" * 11]
     for p in sorted(planners, key=lambda p: (p["model"], p["tp"], p["budget_rel"])):
         ours, rule = p["planner"], p["threshold_rule"]
         n = p["num_layers"]
         sav = "; ".join(f"{name}: {latency_saving(c, ours['spd_blocks'] / n):.1%} vs "
                         f"{latency_saving(c, rule['spd_blocks'] / n):.1%}" for name, c in curves.items())
         lines.append(f"| {p['model']} | {p['tp']} | {p['budget_rel']:.0%} | {ours['baseline_ppl']:.3f} | "
-                     f"{ours['spd_blocks']}/{p['num_layers']} | {ours['ppl']:.3f} | {rule['spd_blocks']}/{p['num_layers']} | "
-                     f"{rule['ppl']:.3f} | {sav or '-'} |")
+                     f"{ours['spd_blocks']}/{p['num_layers']} | {ours['ppl']:.3f} | {form_counts(ours['choice'])} | "
+                     f"{rule['spd_blocks']}/{p['num_layers']} | {rule['ppl']:.3f} | {form_counts(rule['choice'])} | "
+                     f"{sav or '-'} |")
     return "\n".join(lines)
 
 

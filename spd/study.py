@@ -2,15 +2,17 @@
 
 A job directory holds config.yaml, meta.json and one artifact per stage: plan.json (the plan every number
 below was measured with: tiers, head permutations, distilled blocks' files and sha256), distill.json,
-perplexity.json, eval/ (results.json, summary.json), model/ (the export, spd_export.json inside) and
+kd.json and kd/ (strategies *_kd: logit distillation of the whole SPD model after B2B, spd.kd), perplexity.json, eval/ (results.json, summary.json), model/ (the export, spd_export.json inside) and
 study.json (the job's summary, written last). Each artifact records its settings and key (spd.artifacts):
 a re-run deletes what was made with other settings before any work, reuses an artifact only when its key
 matches, and recomputes it and everything downstream otherwise. Work that does not depend on the job's
 fraction or strategy lives in study.shared_dir, keyed the same way and computed once per sweep under a
 file lock: the sensitivity ranking (per model, R, method and calibration set), the teacher activations
 (per model and calibration set) and the distilled blocks (per model, R, calibration set, distillation
-settings and head-grouping switch; blocks are distilled on the original model's hidden states, so a
-block's result does not depend on which other blocks are SPD).
+settings and head-grouping switch; with distill.inputs=dense, the paper's, blocks are distilled on the
+original model's hidden states, so a block's result does not depend on which other blocks are SPD; with
+distill.inputs=sequential the folder is keyed by the plan's tiers too). KD depends on the job's plan: it
+lives in the job.
 """
 
 from __future__ import annotations
@@ -26,8 +28,19 @@ from spd.plan import SPDPlan
 from spd.run import meta, start_run, write_json_atomic
 
 SCHEMA = "spd.study/2"
-STRATEGIES = ("zs", "b2b", "b2b_hg")
-ALGO = {"distill": 3, "perplexity": 2, "eval": 1, "export": 1}  # distill 3: inputs are calibration_inputs  # bump when a stage's numbers change
+STRATEGIES = ("zs", "b2b", "b2b_hg", "b2b_kd", "b2b_hg_kd")
+# bump when a stage's numbers change for the same settings (distill 4: HG keeps the best candidate after B2B)
+ALGO = {"distill": 4, "kd": 1, "perplexity": 2, "eval": 1, "export": 1}
+
+
+def head_grouping(strategy: str) -> bool:
+    """Whether a strategy runs head grouping on its ESB blocks."""
+    return strategy in ("b2b_hg", "b2b_hg_kd")
+
+
+def logit_distillation(strategy: str) -> bool:
+    """Whether a strategy ends with logit distillation of the whole SPD model (spd.kd)."""
+    return strategy.endswith("_kd")
 
 
 def job_settings(cfg, model) -> dict[str, dict]:
@@ -41,10 +54,11 @@ def job_settings(cfg, model) -> dict[str, dict]:
     repair = {**planning, "strategy": cfg.study.strategy, "algo": ALGO["distill"],
               "distill": None if cfg.study.strategy == "zs" else asdict(cfg.distill),
               "calib": None if cfg.study.strategy == "zs" else asdict(cfg.calib)}
-    return {"distill": repair,
-            "perplexity": {"model": repair, "ppl": asdict(cfg.ppl), "algo": ALGO["perplexity"]},
-            "eval": {"model": repair, "eval": asdict(cfg.eval), "algo": ALGO["eval"]},
-            "export": {"model": repair, "algo": ALGO["export"]}}
+    model = {**repair, "kd": asdict(cfg.kd), "kd_algo": ALGO["kd"]} if logit_distillation(cfg.study.strategy) else repair
+    return {"distill": repair, "kd": model,
+            "perplexity": {"model": model, "ppl": asdict(cfg.ppl), "algo": ALGO["perplexity"]},
+            "eval": {"model": model, "eval": asdict(cfg.eval), "algo": ALGO["eval"]},
+            "export": {"model": model, "algo": ALGO["export"]}}
 
 
 def shared_ranking(model, tokens, cfg) -> dict:
@@ -76,22 +90,27 @@ def shared_activations(model, tokens, cfg):
     return store
 
 
-def distill_dir(cfg, model) -> Path:
-    """The shared folder of distilled blocks for (model, R, calibration, distillation settings, HG switch)."""
-    key = key_of({"model": model_fingerprint(cfg.model, model), "tp": cfg.parallel.tp, "calib": asdict(cfg.calib),
-                  "distill": asdict(cfg.distill), "hg": cfg.study.strategy == "b2b_hg", "algo": ALGO["distill"]})
-    return Path(cfg.study.shared_dir) / cfg.model.name / f"tp{cfg.parallel.tp}" / f"distill-{cfg.study.strategy}-{key}"
+def distill_dir(cfg, model, plan: SPDPlan | None = None) -> Path:
+    """The shared folder of distilled blocks for (model, R, calibration, distillation settings, HG switch;
+    with distill.inputs=sequential also the plan's tiers)."""
+    settings = {"model": model_fingerprint(cfg.model, model), "tp": cfg.parallel.tp, "calib": asdict(cfg.calib),
+                "distill": asdict(cfg.distill), "hg": head_grouping(cfg.study.strategy), "algo": ALGO["distill"]}
+    if cfg.distill.inputs == "sequential":
+        settings["tiers"] = plan and {str(i): t for i, t in sorted(plan.tiers.items())}
+    name = cfg.study.strategy.removesuffix("_kd")  # *_kd jobs share the B2B blocks of their base strategy
+    return Path(cfg.study.shared_dir) / cfg.model.name / f"tp{cfg.parallel.tp}" / f"distill-{name}-{key_of(settings)}"
 
 
 def run_study(cfg) -> dict:
     """One study job (RunApp cfg) in cfg.run_dir; returns the job summary (study.json)."""
-    from spd.calibration import calibration_tokens
+    from spd.calibration import calibration_windows, resolve_auto_
     from spd.load import load_model
     from spd.sensitivity import plan_from_ranking
     from spd.surgery import apply_plan_
 
     if cfg.study.strategy not in STRATEGIES:
         raise SPDError(f"study.strategy={cfg.study.strategy!r}; valid: {', '.join(STRATEGIES)}")
+    resolve_auto_(cfg)
     t0 = time.perf_counter()
     job = start_run(cfg.run_dir, cfg, stage="study", tp=cfg.parallel.tp)
     for name in ("study.json", "plan.json"):  # written by this run (the plan after ranking, the summary last)
@@ -101,12 +120,13 @@ def run_study(cfg) -> dict:
     settings_of = job_settings(cfg, model)
     settings = {stage: key_of(s) for stage, s in settings_of.items()}
     gone = purge_stale(job, {"distill.json": ("distill.json", settings["distill"]),
+                             "kd": ("kd.json", settings["kd"]), "kd.json": ("kd.json", settings["kd"]),
                              "perplexity.json": ("perplexity.json", settings["perplexity"]),
                              "eval": ("eval/summary.json", settings["eval"]),
                              "model": ("model/spd_export.json", settings["export"])})
     if gone:
         print(f"settings changed: removed {', '.join(gone)} (made with other settings) from {job}")
-    tokens = calibration_tokens(tokenizer, cfg.calib)
+    tokens, coverage = calibration_windows(tokenizer, cfg.calib)
     stages: dict[str, str] = {}
 
     # rank and plan
@@ -121,6 +141,8 @@ def run_study(cfg) -> dict:
 
     # repair the SB and ESB blocks (zero-shot: nothing to train)
     plan, stages["distill"] = _distill(model, plan, tokens, cfg, job, settings["distill"])
+    if logit_distillation(cfg.study.strategy):  # then the whole SPD model against the dense one
+        plan, stages["kd"] = _kd(model, plan, tokens, cfg, job, settings["kd"])
     apply_plan_(model, plan)
     plan.save(job / "plan.json")  # the plan every number below is measured with
     keys = {stage: key_of({"settings": settings[stage], "plan": plan.identity()})
@@ -136,6 +158,7 @@ def run_study(cfg) -> dict:
                               lambda: _export(model, tokenizer, cfg, job, plan, keys["export"], settings["export"]))
 
     summary = summarize_job(job, cfg, plan, ranking, stages, (time.perf_counter() - t0) / 60)
+    summary["calibration"] = {"num_samples": cfg.calib.num_samples, "seq_len": cfg.calib.seq_len, **coverage}
     summary["key"] = key_of(keys)
     write_json_atomic(job / "study.json", summary)
     return summary
@@ -171,15 +194,39 @@ def _distill(model, plan: SPDPlan, tokens, cfg, job: Path, settings: str) -> tup
         if all(Path(w["file"]).is_file() for w in reused.weights.values()):
             return reused, "reused"  # else the shared blocks were deleted: distil again
     t0 = time.perf_counter()
-    with shared(distill_dir(cfg, model), "distilled blocks") as d:
+    with shared(distill_dir(cfg, model, plan), "distilled blocks") as d:
         plan_after, report = distill_blocks_(model, plan, tokens, d, cfg.distill,
-                                             head_grouping=cfg.study.strategy == "b2b_hg",
+                                             head_grouping=head_grouping(cfg.study.strategy),
                                              activations=lambda: shared_activations(model, tokens, cfg))
     trained = [i for i, b in report["blocks"].items() if not b.get("resumed")]
     write_json_atomic(job / "distill.json", {**report, "key": key, "settings": settings, "trained": trained,
                                              "plan": plan_after.to_dict(base=job),
                                              "minutes": (time.perf_counter() - t0) / 60, "meta": meta(stage="distill")})
     return plan_after, "computed" if trained else "reused"
+
+
+def _kd(model, plan: SPDPlan, tokens, cfg, job: Path, settings: str) -> tuple[SPDPlan, str]:
+    """(the plan after logit distillation of its SPD blocks, stage status); writes kd/ and kd.json (the marker,
+    last). A killed run leaves no kd.json and is redone whole."""
+    from spd.kd import kd_repair_
+    from spd.load import load_model
+
+    if not plan.blocks:
+        (job / "kd.json").unlink(missing_ok=True)
+        return plan, "none"
+    key = key_of({"settings": settings, "plan": plan.identity()})
+    if art := read_if(job / "kd.json", key):
+        reused = SPDPlan.from_dict(art["plan"], base=job)
+        if all(Path(w["file"]).is_file() for w in reused.weights.values()):
+            return reused, "reused"
+    (job / "kd.json").unlink(missing_ok=True)
+    remove(job / "kd")
+    teacher, _ = load_model(cfg.model)  # the dense original
+    plan_after, report = kd_repair_(model, teacher, plan, tokens, job / "kd", cfg.kd, cfg.calib.batch_size)
+    del teacher
+    write_json_atomic(job / "kd.json", {**report, "key": key, "settings": settings, "plan": plan_after.to_dict(base=job),
+                                        "meta": meta(stage="kd")})
+    return plan_after, "computed"
 
 
 def _perplexity(model, tokenizer, cfg, job: Path, plan: SPDPlan, key: str, settings: str) -> None:
@@ -220,6 +267,7 @@ def summarize_job(job: Path, cfg, plan: SPDPlan, ranking: dict | None, stages: d
     ppl = read_json(job / "perplexity.json") or {}
     ev = read_json(job / "eval" / "summary.json") or {}
     distill = read_json(job / "distill.json") or {}
+    kd = read_json(job / "kd.json") or {}
     return {
         "schema": SCHEMA, "model": cfg.model.name, "tp": plan.tp, "num_layers": plan.num_layers,
         "strategy": cfg.study.strategy, "fraction": plan.fraction, "spd_blocks": len(plan.blocks),
@@ -227,7 +275,9 @@ def summarize_job(job: Path, cfg, plan: SPDPlan, ranking: dict | None, stages: d
         "ranking": ranking and {"method": ranking["method"], "baseline_ppl": ranking["baseline_ppl"]},
         "perplexity": {k: ppl.get(k) for k in ("token_perplexity", "word_perplexity", "bits_per_byte")},
         "eval": {k: v for k, v in ev.items() if k not in ("plan", "settings", "meta")},
-        "stages": stages, "distill_minutes": distill.get("minutes", 0.0), "minutes": minutes,
+        "stages": stages, "distill_minutes": distill.get("minutes", 0.0), "kd_minutes": kd.get("minutes", 0.0),
+        "kd": {k: kd.get(k) for k in ("kl_before", "kl_after", "calibration_ppl_before", "calibration_ppl_after")}
+        if kd else None, "minutes": minutes,
     }
 
 

@@ -5,9 +5,10 @@ and plan.weights) and its forward (the SPD blocks of plan.tiers at degree R). ap
 weights a model already carries are recorded on its config as `spd_weights` (head_perm and the sha256 of
 each distilled block), so a model loaded from an spd-export, or one that distillation left in memory, is
 recognised: its weights are used as they are when they are the plan's, and anything else is refused
-rather than permuted twice or mixed with another plan's blocks. A plan without head permutations or
-distilled blocks changes only the forward: it runs on whatever weights the model holds (a dense plan on an
-export evaluates the export's weights without SPD).
+rather than permuted twice or mixed with another plan's blocks; a plan whose distilled blocks replace the
+whole state of every block the carried weights changed (logit distillation's after B2B) is put on. A plan
+without head permutations or distilled blocks changes only the forward: it runs on whatever weights the
+model holds (a dense plan on an export evaluates the export's weights without SPD).
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def apply_plan_(model: nn.Module, plan: SPDPlan, emulate: bool = True) -> nn.Mod
     have = carried_weights(model)
     changes = bool(plan.head_perm or plan.weights)
     if have != want and changes:
-        if have["head_perm"] or have["weights"]:
+        carried = {int(i) for i in (*have["head_perm"], *have["weights"])}
+        if carried - set(plan.weights):  # a block whose whole state the plan replaces cannot be mixed up
             raise PlanError(
                 f"the model's weights already carry head permutations for blocks {sorted(map(int, have['head_perm']))} "
                 f"and distilled blocks {sorted(map(int, have['weights']))} of another plan; this plan needs "

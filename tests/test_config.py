@@ -92,3 +92,22 @@ def test_unknown_settings_fail_with_the_valid_names(arg, hint):
     assert "fuse" in str(e.value) or "distill" in str(e.value) or "hidden_size" in str(e.value)
     check_overrides(["bench.fuse=false", "model=tiny", "+experiment=quick", "hydra.run.dir=x", "-m",
                      "hydra/launcher=joblib", "distill.lr=1e-3", "eval.tasks=[a]"], RunApp)  # all valid
+
+
+def test_calib_auto_resolves_by_device_before_anything_is_keyed():
+    from dataclasses import asdict, replace
+
+    from spd.artifacts import key_of
+    from spd.calibration import AUTO_SIZES, resolve_auto_, resolve_calib, window_coverage
+
+    cfg = as_dataclass(compose("study"))  # calib=auto is the default
+    assert (cfg.calib.num_samples, cfg.calib.seq_len) == (None, None)
+    cpu, gpu = resolve_calib(cfg.calib, "cpu"), resolve_calib(cfg.calib, "cuda:0")
+    assert (cpu.num_samples, cpu.seq_len) == AUTO_SIZES["cpu"] == (16, 512)
+    assert (gpu.num_samples, gpu.seq_len) == AUTO_SIZES["cuda"] == (128, 2048)
+    assert key_of(asdict(cpu)) != key_of(asdict(gpu))  # a CPU and a GPU run never share an artifact
+    assert resolve_calib(replace(cfg.calib, num_samples=32), "cuda").num_samples == 32  # a set size is kept
+    cfg.model.device = "cpu"
+    assert resolve_auto_(cfg).calib == cpu and resolve_auto_(cfg).calib == cpu  # idempotent
+    note = window_coverage(100, [0, 50, 60], 40)
+    assert note["distinct"] == 90 and "overlap" in note["note"] and "note" not in window_coverage(100, [0, 50], 40)

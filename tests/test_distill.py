@@ -84,9 +84,9 @@ def test_interrupted_run_resumes_without_retraining(tmp_path, monkeypatch):
     model, out = tiny(layers=4), tmp_path / "run"
     real_train = distill.train_block
 
-    def crash_in_block_3(block, *args):
-        losses = real_train(block, *args)
-        if args[8] == "block 3":  # desc: killed after training block 3, before its weights are written
+    def crash_in_block_3(block, *args, **kw):
+        losses = real_train(block, *args, **kw)
+        if args[8].startswith("block 3"):  # desc: killed after training block 3, before its weights are written
             raise KeyboardInterrupt
         return losses
 
@@ -99,10 +99,10 @@ def test_interrupted_run_resumes_without_retraining(tmp_path, monkeypatch):
     assert not list(out.glob(".*.tmp"))
 
     calls = []
-    monkeypatch.setattr(distill, "train_block", lambda block, *a: calls.append(a[8]) or real_train(block, *a))
+    monkeypatch.setattr(distill, "train_block", lambda block, *a, **kw: calls.append(a[8]) or real_train(block, *a, **kw))
     fresh = tiny(layers=4)
     plan, report = distill.distill_blocks_(fresh, PLAN, calib(), out, FAST, progress=False)
-    assert calls == ["block 3"]  # block 1 was loaded, not trained again
+    assert calls and all(c.startswith("block 3 ") for c in calls)  # block 1 was loaded, not trained again
     assert report["blocks"]["1"]["resumed"] and not report["blocks"]["3"].get("resumed")
     ref = ref_model.state_dict()
     for k, v in fresh.state_dict().items():  # the same weights as the uninterrupted run
@@ -142,3 +142,53 @@ def test_distill_main_on_stories260k(tmp_path, assets_dir):
     assert saved["settings"]["lr"] == 1e-3
     assert set(out["perplexity"]) == {"calibration_original", "calibration_zero_shot", "calibration_distilled"}
     assert read_plan(run / "model").head_perm == {4: saved["blocks"]["4"]["head_perm"]}
+
+
+def test_head_grouping_never_ends_above_the_identity(tmp_path):
+    """Every GQA ordering (8 heads, 4 KV heads, R = 2: 6) is B2B-trained; the best is kept, and the identity
+    candidate is exactly B2B without head grouping."""
+    plan = SPDPlan(tp=2, num_layers=4, tiers={2: "ESB", 3: "ESB"})
+    opts = replace(FAST, epochs=1)
+    _, hg = distill.distill_blocks_(tiny(layers=4), plan, calib(), tmp_path / "hg", opts, progress=False)
+    _, b2b = distill.distill_blocks_(tiny(layers=4), plan, calib(), tmp_path / "b2b", opts, head_grouping=False,
+                                     progress=False)
+    for i in ("2", "3"):
+        e = hg["blocks"][i]
+        assert e["head_grouping"]["search"] == "exhaustive" and len(e["hg_candidates"]) == 6
+        assert e["loss_after"] == min(c["loss_after"] for c in e["hg_candidates"]) <= e["identity"]["loss_after"]
+        assert e["identity"]["loss_after"] == b2b["blocks"][i]["loss_after"]  # identity = B2B alone
+        assert e["loss_before_hg"] == b2b["blocks"][i]["loss_before"]
+        assert (e["head_perm"] is None) == (e["hg_chosen"] == "identity")
+
+
+def test_sequential_inputs_are_the_partly_converted_models(tmp_path):
+    """inputs=sequential: block 2 trains on the hidden state after SPD block 0 (zero-shot) and dense block 1,
+    against the original model's output; the plan's tiers key the blocks."""
+    from spd.perplexity import calibration_inputs, prefix_token
+    from spd.block import SPDDecoderLayer
+
+    plan = SPDPlan(tp=2, num_layers=4, tiers={0: "ISB", 2: "SB"})
+    seq = replace(FAST, epochs=1, inputs="sequential")
+    _, report = distill.distill_blocks_(tiny(layers=4), plan, calib(), tmp_path / "s", seq, progress=False)
+    _, dense = distill.distill_blocks_(tiny(layers=4), plan, calib(), tmp_path / "d", replace(seq, inputs="dense"),
+                                       progress=False)
+    model = tiny(layers=4)
+    inputs = calibration_inputs(calib(), prefix_token(config=model.config))
+    target = capture_hidden_states(model, inputs, [2], batch_size=2, progress=False).get(3)
+    distill.apply_plan_(model, SPDPlan.zero_shot(2, 4, [0]))
+    store = capture_hidden_states(model, inputs, [2], batch_size=2, progress=False)
+    spd = SPDDecoderLayer(decoder_layers(model)[2], 2, "SB")
+    expect = distill.block_mse(spd, store.get(2), target, store.block_kwargs(), 2)
+    assert report["blocks"]["2"]["loss_before"] == pytest.approx(expect, rel=1e-5)
+    assert report["blocks"]["2"]["loss_before"] != dense["blocks"]["2"]["loss_before"]
+    assert report["settings"]["tiers"] == {"0": "ISB", "2": "SB"}
+    with pytest.raises(SPDError, match="other settings"):  # another plan's blocks are not reused
+        distill.distill_blocks_(tiny(layers=4), SPDPlan(tp=2, num_layers=4, tiers={2: "SB"}), calib(),
+                                tmp_path / "s", seq, progress=False)
+
+
+def test_bad_distill_settings_say_what_is_valid(tmp_path):
+    with pytest.raises(SPDError, match="valid: dense, sequential"):
+        distill.distill_blocks_(tiny(layers=4), PLAN, calib(), tmp_path, replace(FAST, inputs="chained"))
+    with pytest.raises(SPDError, match="valid: constant, cosine"):
+        distill.distill_blocks_(tiny(layers=4), PLAN, calib(), tmp_path, replace(FAST, schedule="step"))

@@ -142,3 +142,18 @@ def test_group_heads_in_place_keeps_the_block(tp):
     assert report["diversity"] >= report["diversity_contiguous"] - 1e-9  # the contiguous layout is a candidate
     out = layer(X, **store.block_kwargs())
     assert (out - Y).abs().max() <= EXACT_FP32  # the full (non-SPD) block is unchanged by the permutation
+
+
+@pytest.mark.parametrize("heads,kv,tp", [(9, 3, 3), (8, 4, 2), (8, 4, 4), (8, 2, 4), (9, 3, 9)])
+def test_orderings_are_every_distinct_valid_head_to_rank_choice(heads, kv, tp):
+    from spd.heads import canonical, num_orderings, orderings, random_ordering
+
+    found = list(orderings(heads, kv, tp))
+    assert len(found) == len({canonical(p, tp) for p in found}) == num_orderings(heads, kv, tp)
+    assert list(range(heads)) in found  # the identity is one of them
+    layer = decoder_layers(tiny(heads=heads, kv=kv, hidden=heads * 8, layers=1))[0]
+    for p in found[:50]:
+        permute_heads_(layer, p)  # each keeps query heads with their KV head (no raise)
+    rng = np.random.default_rng(0)
+    assert all(canonical(random_ordering(heads, kv, tp, rng), tp) in {canonical(p, tp) for p in found}
+               for _ in range(20))

@@ -1,5 +1,6 @@
 """Latency-aware planner: the budget bounds the measured perplexity; more budget, more SPD blocks."""
 
+import pytest
 import torch
 
 from spd.perplexity import windows_perplexity
@@ -39,3 +40,33 @@ def test_threshold_rule_takes_the_longest_prefix_within_budget():
     assert rule["spd_blocks"] == 4 and rule["choice"] == {str(i): "zs" for i in range(4)}
     rule = threshold_rule_within_budget(forms, TOKENS, full, [3, 2, 1, 0], -1.0)
     assert rule["spd_blocks"] == 0
+
+
+def test_run_planner_measures_repaired_forms_and_reports_against_the_rule(tmp_path):
+    """spd-plan +experiment=quick: every block repaired as b2b and b2b_hg (shared dirs), the planner's plan and
+    the threshold rule's put on a fresh model, and the report's planner table compares them."""
+    from hydra import compose, initialize_config_dir
+
+    from spd.calibration import calibration_tokens
+    from spd.config import CONF_DIR, as_dataclass
+    from spd.load import load_model
+    from spd.planner import run_planner
+    from spd.report import planner_table
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = as_dataclass(compose("plan", overrides=[
+            "+experiment=quick", f"study.shared_dir={tmp_path / 'shared'}", "calib.num_samples=2", "calib.seq_len=32",
+            "distill.epochs=1", "planner.budget=0.5", "report.bench=[]"]))
+    cfg.run_dir = str(tmp_path / "plan")
+    out = run_planner(cfg)
+    model, tokenizer = load_model(cfg.model)
+    calib = calibration_tokens(tokenizer, cfg.calib)
+    forms = {f for k in out["planner"]["isolated"] for f in [k.split(":")[1]]}
+    assert forms == {"zs", "b2b", "b2b_hg"}  # every block's repaired forms were measured
+    for name, res in (("plan.json", out["planner"]), ("plan_threshold.json", out["threshold_rule"])):
+        plan = SPDPlan.load(tmp_path / "plan" / name)
+        model, _ = load_model(cfg.model)  # fresh: the original weights
+        apply_plan_(model, plan)  # the files and head permutations it names put it on an original model
+        assert len(plan.tiers) == res["spd_blocks"]
+        assert windows_perplexity(model, calib) == pytest.approx(res["ppl"], rel=1e-5)
+    assert "threshold rule forms" in planner_table([out], {})

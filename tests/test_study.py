@@ -144,6 +144,27 @@ def test_sweep_jobs_share_the_ranking_and_distilled_blocks(done):
     assert same and all(after[k] == before[k] for k in same)  # reused, not retrained (same minutes, losses)
 
 
+def test_kd_strategy_is_keyed_resumable_and_lowers_the_calibration_kl(done):
+    """b2b_hg_kd: B2B + HG blocks from the shared folder, then KD; a re-run reuses it, a kd setting redoes it."""
+    tmp, _, _ = done
+    cfg = quick(tmp, "spd.fraction=1.0", "study.strategy=b2b_hg_kd", "spd.sb_count=2", "spd.esb_count=1",
+                "study.evaluate=false", "study.export=false", "kd.steps=6", "kd.lr=1e-3", name="kd")
+    first = run_study(cfg)
+    job = tmp / "study" / "kd"
+    kd = json.loads((job / "kd.json").read_text())
+    assert first["stages"]["kd"] == "computed"
+    assert kd["kl_after"] < kd["kl_before"] and kd["calibration_ppl_after"] < kd["calibration_ppl_before"]
+    assert first["kd_minutes"] == kd["minutes"] > 0 and len(kd["losses"]) == 6
+    plan = json.loads((job / "plan.json").read_text())
+    assert sorted(plan["weights"]) == sorted(plan["tiers"]) and all(
+        w["file"].startswith("kd/") for w in plan["weights"].values())  # the plan carries KD's weights
+    again = run_study(cfg)
+    assert again["stages"]["kd"] == "reused" and again["perplexity"] == first["perplexity"]
+    changed = run_study(replace(cfg, kd=replace(cfg.kd, lr=2e-3)))
+    assert changed["stages"]["kd"] == "computed" and changed["stages"]["perplexity"] == "computed"
+    assert json.loads((job / "kd.json").read_text())["key"] != kd["key"]
+
+
 def test_parallel_joblib_sweep_computes_shared_work_once(tmp_path):
     """Two jobs at once under Hydra's joblib launcher: one ranking, and the same results as serial runs."""
     common = ["eval.limit=4", "ppl.limit=3", "calib.num_samples=4",
