@@ -78,6 +78,12 @@ def gib(n: float) -> float:
     return round(n / 2**30, 3)
 
 
+def offloaded_blocks(model, L: int) -> set[int]:
+    """Blocks whose weights live on the CPU or disk (loaded onto the GPU for each forward)."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    return {j for j in range(L) if device_map.get(f"model.layers.{j}") in ("cpu", "disk")}
+
+
 class Recorder:
     def __init__(self, out: Path, common: dict, rate_tflops: float):
         self.out, self.common, self.rate = out, common, rate_tflops
@@ -144,13 +150,21 @@ def bench_model(name: str, tps: list[int], args, rates: dict, command: str) -> N
         xs, ys = torch.tensor(ks, dtype=torch.float64), torch.tensor([step_s[k] for k in ks], dtype=torch.float64)
         b = float(((xs - xs.mean()) * (ys - ys.mean())).sum() / ((xs - xs.mean()) ** 2).sum())
         a = float(ys.mean() - b * xs.mean())
+        # per-block seconds by placement: the steps measure the last blocks (b), the capture all L of them
+        off = offloaded_blocks(model, L)
+        last_off = (L - 1) in off
+        n_same = len(off) if last_off else L - len(off)
+        b_other = (cap_s - n_same * b) / max(1, L - n_same) if 0 < len(off) < L else b
+        per = [b if ((j in off) == last_off) else b_other for j in range(L)]
         f = args.estimate_windows / args.windows  # work grows with the windows: estimates are for the paper's 128
-        whole = f * (2 * cap_s + (L + 1) * a + b * L * (L + 1) / 2)  # capture + baseline forward + L steps
+        steps = sum(a + sum(per[i:]) for i in range(L))  # backward sweep: step i runs blocks i..L-1 and the head
+        whole = f * (2 * cap_s + a + steps)  # capture + baseline forward + L steps
         full_fwd = f * (L + 1) * (cap_s + a)  # the reference path: a full forward per step and for the baseline
         with (Path(args.out)).open("a") as f:
             f.write(json.dumps({"schema": SCHEMA, **rec.common, "stage": "ranking", "seconds": None,
                                 "estimate_s": round(whole, 1), "estimate_full_forwards_s": round(full_fwd, 1),
-                                "fit": {"head_s": a, "block_s": b}, "flops": (L + L * (L + 1) / 2) * blk + (L + 1) * head,
+                                "fit": {"head_s": a, "block_s_last": b, "block_s_other": b_other,
+                                        "offloaded_blocks": len(off)}, "flops": (L + L * (L + 1) / 2) * blk + (L + 1) * head,
                                 "floor_s": round(((L + L * (L + 1) / 2) * blk + (L + 1) * head) / (rates["matmul_tflops"] * 1e12), 1),
                                 "estimate_windows": args.estimate_windows,
                                 "measured": "estimate from capture and rank_step records of this run"}) + "\n")

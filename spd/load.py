@@ -79,8 +79,9 @@ def random_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> LlamaF
     model.device_map when it is set (spd.placement).
 
     Built without materialising the whole model anywhere: parameters start on the meta device and each
-    module's are created on the device it is placed on, then drawn with a seed of (model.seed, module
-    name): a module's weights do not depend on the placement (only on the device type's generator).
+    module's are drawn on the device it runs on (offloaded ones on the first GPU, then moved to the CPU)
+    with a seed of (model.seed, module name): a module's weights depend on that device type's generator,
+    not on the rest of the placement.
     """
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
@@ -94,17 +95,22 @@ def random_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> LlamaF
     if str(device) == "meta":
         return model.eval()
     device_map = device_map_for(model, cfg) or {"": device}
+    gpus = [d for d in device_map.values() if d not in ("cpu", "disk")]
     for entry, where in device_map.items():
         dev = torch.device("cpu" if where in ("cpu", "disk") else where)
+        draw = torch.device(gpus[0]) if where in ("cpu", "disk") and gpus and str(gpus[0]) != "cpu" else dev
         root = model.get_submodule(entry)
         for name, module in root.named_modules(prefix=entry):
             direct = list(module.named_parameters(recurse=False))
-            for pname, p in direct:
-                set_module_tensor_to_device(module, pname, dev, value=torch.empty(p.shape, dtype=dtype, device=dev))
+            for pname, p in direct:  # drawn where the module runs (offloaded ones: the first GPU), kept at dev
+                set_module_tensor_to_device(module, pname, draw, value=torch.empty(p.shape, dtype=dtype, device=draw))
             for bname, _ in module.named_buffers(recurse=False):
-                set_module_tensor_to_device(module, bname, dev)
+                set_module_tensor_to_device(module, bname, draw)
             torch.manual_seed(_seed_of(cfg.seed, name))
             model._init_weights(module)
+            if draw != dev:
+                for pname, _ in direct:
+                    set_module_tensor_to_device(module, pname, dev)
     model.tie_weights()
     if cfg.device_map is None:
         return model.to(device).eval()

@@ -59,7 +59,10 @@ def device_map_for(model: nn.Module, cfg) -> dict | None:
         mem = max_memory_of(cfg)
         if spec != "sequential":
             mem = get_balanced_memory(model, mem, no_split_module_classes=NO_SPLIT, low_zero=spec == "balanced_low_0")
-        return infer_auto_device_map(model, max_memory=mem, no_split_module_classes=NO_SPLIT)
+        device_map = infer_auto_device_map(model, max_memory=mem, no_split_module_classes=NO_SPLIT)
+        if device_map.get("") == "disk":  # accelerate offloads nothing under the name "": name the children
+            device_map = {name: "disk" for name, _ in model.named_children()}
+        return device_map
     names = {n for n, _ in model.named_modules()}
     unknown = sorted(k for k in dict(spec) if k and k not in names)
     if unknown:
