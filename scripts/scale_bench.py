@@ -137,7 +137,7 @@ def bench_model(name: str, tps: list[int], args, rates: dict, command: str) -> N
     rec.common = common | {"tp": None}
     store, cap_s = rec.stage("capture", lambda: Kept(capture_hidden_states(model, inputs, [j, L - 2, L - 1],
                                                                            calib.batch_size, progress=False)),
-                             flops=L * blk, measured="full forward to block L-1 (no LM head)")
+                             flops=L * blk, layers=L, measured="full forward to block L-1 (no LM head)")
     for tp in tps:
         rec.common = common | {"tp": tp}
         step_s = {}
@@ -231,6 +231,44 @@ def bench_model(name: str, tps: list[int], args, rates: dict, command: str) -> N
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
+def table(path: Path) -> str:
+    """Markdown tables of a scale.jsonl: per model and R the measured stages and the estimated whole stages,
+    then what a sweep costs (module doc of docs/benchmarks/scale.md)."""
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    by = {}
+    for r in recs:
+        by.setdefault((r["model"], r["tp"], r["stage"]), []).append(r)
+    models = list(dict.fromkeys(r["model"] for r in recs))
+    fmt = lambda x: "-" if x is None else (f"{x:,.0f}" if x >= 100 else f"{x:.1f}")  # noqa: E731
+    out = ["| model | R | ranking (cached inputs) s | ranking (full forwards) s | HG 1 block s | B2B 1 block, 10 ep. s "
+           "| perplexity s | lm-eval full suite s | export s | peak GPU GiB | peak CPU GiB | disk GiB |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    sweep = ["| model | R | blocks | one job, 100% SPD b2b_hg, 1 GPU h | sweep 5 fractions x 3 strategies, 1 GPU h "
+             "| same sweep, 8 GPUs h |", "|---|---|---|---|---|---|"]
+    for m in models:
+        one = lambda stage, tp=None: (by.get((m, tp, stage)) or [{}])[-1]  # noqa: E731
+        tps = sorted({r["tp"] for r in recs if r["model"] == m and r["tp"] is not None})
+        L = one("capture").get("layers") or model_config_by_name(m).num_layers
+        for tp in tps:
+            rk, hg, d = one("ranking", tp), one("head_grouping", tp), one("distill", tp)
+            ppl, ev, ex = one("perplexity"), one("lm_eval_full"), one("export")
+            peak_gpu = max(r.get("peak_gpu_gib") or 0 for r in recs if r["model"] == m)
+            peak_cpu = max(r.get("peak_cpu_gib") or 0 for r in recs if r["model"] == m)
+            out.append(f"| {m} | {tp} | {fmt(rk.get('estimate_s'))} | {fmt(rk.get('estimate_full_forwards_s'))} | "
+                       f"{fmt(hg.get('seconds'))} | {fmt(d.get('estimate_s'))} | {fmt(ppl.get('estimate_s'))} | "
+                       f"{fmt(ev.get('estimate_s'))} | {fmt(ex.get('seconds')) if ex.get('seconds') else 'does not fit'} | "
+                       f"{peak_gpu:.0f} | {peak_cpu:.0f} | {fmt(ex.get('disk_gib'))} |")
+            if None in (rk.get("estimate_s"), d.get("estimate_s"), ppl.get("estimate_s"), ev.get("estimate_s")):
+                continue
+            n = L
+            evals = ppl["estimate_s"] + ev["estimate_s"]
+            job = rk["estimate_s"] + n * d["estimate_s"] + evals
+            full = rk["estimate_s"] + 2 * n * d["estimate_s"] + 15 * evals  # b2b and b2b_hg blocks, 15 evaluations
+            eight = rk["estimate_s"] + (2 * n * d["estimate_s"] + 15 * evals) / 8
+            sweep.append(f"| {m} | {tp} | {n} | {job / 3600:.1f} | {full / 3600:.1f} | {eight / 3600:.1f} |")
+    return "\n".join(out + [""] + sweep)
+
+
 def main(argv=None) -> None:
     from overlap.floors import measure_rates
 
@@ -248,7 +286,11 @@ def main(argv=None) -> None:
     p.add_argument("--max-memory", nargs="*", default=[])
     p.add_argument("--work", default=tempfile.gettempdir())
     p.add_argument("--out", default="docs/benchmarks/scale.jsonl")
+    p.add_argument("--table", type=Path, help="print the Markdown tables of a scale.jsonl and exit")
     args = p.parse_args(argv)
+    if args.table:
+        print(table(args.table))
+        return
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rates = measure_rates(dev)
     print(f"measured: bf16 matmul {rates['matmul_tflops']:.0f} TFLOP/s, copy {rates['copy_tbps']:.2f} TB/s", flush=True)

@@ -128,21 +128,25 @@ def _first_batch_only(v):
 
 @torch.no_grad()
 def capture_hidden_states(model: nn.Module, tokens: torch.Tensor, blocks, batch_size: int = 4,
-                          spill_dir: str | Path | None = None, progress: bool = True) -> ActivationStore:
+                          spill_dir: str | Path | None = None, progress: bool = True,
+                          inputs_only: bool = False) -> ActivationStore:
     """Inputs and outputs of `blocks` in the model as it is now (call on the unmodified model).
 
-    tokens: (N, L) calibration windows. Returns a store holding h_i and h_{i+1} for every i in blocks.
+    tokens: (N, L) calibration windows. Returns a store holding h_i and h_{i+1} for every i in blocks
+    (with inputs_only, h_i only).
     """
     layers = decoder_layers(model)
     blocks = sorted(set(int(b) for b in blocks))
-    store = ActivationStore([i for b in blocks for i in (b, b + 1)], spill_dir)
+    store = ActivationStore([i for b in blocks for i in ((b,) if inputs_only else (b, b + 1))], spill_dir)
     batch: dict[int, torch.Tensor] = {}
 
     def hook(i):
         def fn(module, args, kwargs, output):
             x = args[0] if args else kwargs["hidden_states"]
             out = output[0] if isinstance(output, tuple) else output
-            batch[i], batch[i + 1] = x, out  # (B, L, D) each
+            batch[i] = x  # (B, L, D)
+            if not inputs_only:
+                batch[i + 1] = out
             if not store.kwargs:
                 store.kwargs = {k: _first_batch_only(kwargs[k]) for k in BLOCK_KWARGS if k in kwargs}
             if i == blocks[-1]:

@@ -97,6 +97,7 @@ class SPDConfig:
     esb_threshold: Optional[float] = None  # ... and above which it is ESB
     sb_count: Optional[int] = None  # or: the most sensitive SPD blocks by count
     esb_count: Optional[int] = None
+    rank_state_gb: float = 16.0  # block inputs a ranking keeps at a time; more are captured again in chunks
 
 
 @dataclass

@@ -43,12 +43,15 @@ DEFAULT_SB_REL, DEFAULT_ESB_REL = 0.01, 0.10
 
 def rank_blocks(model, tokens, tp: int, method: str = "backward", batch_size: int = 4,
                 progress_file: Path | None = None, spec: dict | None = None, key: str | None = None,
-                store=None) -> dict:
+                store=None, capture=None, max_states: int = 1) -> dict:
     """Per-block sensitivity of `model` at degree tp on (N, L) calibration tokens (see module doc).
 
     store: the original model's hidden states at every block boundary for these windows (an ActivationStore
     of capture_hidden_states on calibration_inputs), or a callable giving it: each step then starts at the
     switched block's cached input. Without it every step is a full forward (the reference).
+    capture: instead of store, a callable capturing the dense model's inputs of given blocks (an
+    ActivationStore): the steps then run in chunks of max_states blocks, each chunk captured on its own
+    (a forward up to its last block), so at most max_states hidden states are held at a time.
     With progress_file, every finished block is recorded there atomically and a re-run with the same key
     (spd.artifacts: model, R, method, calibration) resumes after it.
     """
@@ -68,19 +71,27 @@ def rank_blocks(model, tokens, tp: int, method: str = "backward", batch_size: in
     todo = [i for i in order if str(i) not in done["ppl"]]
     if todo and callable(store):
         store = store()
-    for i in tqdm(todo, desc=f"rank ({method}, R={tp})"):
-        switched = [j for j in order[: order.index(i) + 1]] if method == "backward" else [i]
-        start = time.perf_counter()
-        set_spd_(model, tp, {j: "ISB" for j in switched})
-        if store is None:
-            done["ppl"][str(i)] = windows_perplexity(model, tokens, batch_size)
-            done["block_forwards"] += n
-        else:
-            done["ppl"][str(i)] = suffix_perplexity(model, store, i, tokens, batch_size)
-            done["block_forwards"] += n - i
-        done["seconds"][str(i)] = time.perf_counter() - start
-        if progress_file:
-            write_json_atomic(progress_file, done)
+    chunks = [todo[c:c + max_states] for c in range(0, len(todo), max_states)] if capture else [todo]
+    for chunk in chunks:
+        if capture:  # the dense model's inputs of this chunk's blocks only: bounded memory
+            remove_spd_(model)
+            store = capture(chunk)
+            done["block_forwards"] += max(chunk) + 1
+        for i in tqdm(chunk, desc=f"rank ({method}, R={tp})"):
+            switched = [j for j in order[: order.index(i) + 1]] if method == "backward" else [i]
+            start = time.perf_counter()
+            set_spd_(model, tp, {j: "ISB" for j in switched})
+            if store is None:
+                done["ppl"][str(i)] = windows_perplexity(model, tokens, batch_size)
+                done["block_forwards"] += n
+            else:
+                done["ppl"][str(i)] = suffix_perplexity(model, store, i, tokens, batch_size)
+                done["block_forwards"] += n - i
+            done["seconds"][str(i)] = time.perf_counter() - start
+            if progress_file:
+                write_json_atomic(progress_file, done)
+        if capture:
+            store.cleanup()
     remove_spd_(model)
     ppl = {i: done["ppl"][str(i)] for i in range(n)}
     if method == "backward":
@@ -98,7 +109,8 @@ def rank_blocks(model, tokens, tp: int, method: str = "backward", batch_size: in
                     "seconds": done["seconds"].get(str(i))} for i in range(n)],
         "order": sorted(range(n), key=lambda i: sens[i]),  # least sensitive first
         "seconds_total": seconds,
-        "cost": {"block_forwards": done["block_forwards"], "cached_inputs": store is not None,
+        "cost": {"block_forwards": done["block_forwards"], "cached_inputs": store is not None or capture is not None,
+                 "max_states": max_states if capture else None,
                  "block_tokens_per_s": tokens_done / seconds if seconds else None,
                  "tflop_per_s": flops / seconds / 1e12 if seconds else None},
     }
@@ -203,6 +215,30 @@ def rank_settings(cfg, model=None) -> dict:
             "calibration": calibration_spec(cfg.calib), "algo": RANK_ALGO}
 
 
+def all_states_fit(model, tokens: torch.Tensor, cfg) -> bool:
+    """Whether every block boundary's hidden state of the calibration windows fits spd.rank_state_gb."""
+    from spd.activations import state_bytes
+
+    n = len(decoder_layers(model))
+    dtype = model.get_input_embeddings().weight.dtype
+    return state_bytes(*tokens.shape, model.config.hidden_size, range(n), dtype) <= cfg.spd.rank_state_gb * 2**30
+
+
+def bounded_capture(model, tokens, cfg) -> tuple[object, int]:
+    """(capture(blocks) -> ActivationStore of the dense model's inputs of those blocks, how many inputs fit in
+    spd.rank_state_gb) for a ranking that holds only a chunk of block inputs at a time."""
+    from spd.activations import capture_hidden_states, state_bytes
+    from spd.perplexity import calibration_inputs, prefix_token
+
+    one = state_bytes(*tokens.shape, model.config.hidden_size, [0], model.get_input_embeddings().weight.dtype) / 2
+    inputs = calibration_inputs(tokens, prefix_token(config=model.config))
+
+    def capture(blocks):
+        return capture_hidden_states(model, inputs, blocks, cfg.calib.batch_size, progress=False, inputs_only=True)
+
+    return capture, max(1, int(cfg.spd.rank_state_gb * 2**30 // one))
+
+
 def ranking_in(run_dir: Path, model, tokens, cfg, store=None) -> dict:
     """The ranking stored in run_dir for cfg's settings (RunApp: rank_settings), computed there when it is
     missing or was made with other settings; resumes block by block. tokens: (N, L) or a callable giving them.
@@ -215,9 +251,14 @@ def ranking_in(run_dir: Path, model, tokens, cfg, store=None) -> dict:
     ranking = read_if(out, key)
     if ranking:
         return ranking | {"reused": True}
-    ranking = rank_blocks(model, tokens() if callable(tokens) else tokens, cfg.parallel.tp, cfg.spd.ranking,
+    tokens = tokens() if callable(tokens) else tokens
+    capture, max_states = None, 1
+    if not all_states_fit(model, tokens, cfg):  # keep a chunk of block inputs at a time (spd.rank_state_gb)
+        (capture, max_states), store = bounded_capture(model, tokens, cfg), None
+    ranking = rank_blocks(model, tokens, cfg.parallel.tp, cfg.spd.ranking,
                           cfg.calib.batch_size, progress_file=Path(run_dir) / "sensitivity.progress.json",
-                          spec=calibration_spec(cfg.calib), key=key, store=store)
+                          spec=calibration_spec(cfg.calib), key=key, store=store, capture=capture,
+                          max_states=max_states)
     ranking |= {"model": cfg.model.name, "key": key, "settings": rank_settings(cfg, model)}
     write_json_atomic(out, ranking)
     (Path(run_dir) / "sensitivity.progress.json").unlink(missing_ok=True)

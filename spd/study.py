@@ -50,7 +50,7 @@ def job_settings(cfg, model) -> dict[str, dict]:
     if cfg.spd.plan:
         planning = {"plan_file": file_fingerprint(cfg.spd.plan), "model": model_fingerprint(cfg.model, model)}
     else:
-        planning = {"rank": rank_settings(cfg, model), "spd": {k: v for k, v in asdict(cfg.spd).items() if k != "plan"}}
+        planning = {"rank": rank_settings(cfg, model), "spd": {k: v for k, v in asdict(cfg.spd).items() if k not in ("plan", "rank_state_gb")}}
     repair = {**planning, "strategy": cfg.study.strategy, "algo": ALGO["distill"],
               "distill": None if cfg.study.strategy == "zs" else asdict(cfg.distill),
               "calib": None if cfg.study.strategy == "zs" else asdict(cfg.calib)}
@@ -70,7 +70,15 @@ def shared_ranking(model, tokens, cfg) -> dict:
     with shared(d, "sensitivity ranking"):
         if not (d / "meta.json").is_file():
             start_run(d, cfg, stage="rank", tp=cfg.parallel.tp)
-        return ranking_in(d, model, tokens, cfg, store=lambda: shared_activations(model, tokens, cfg))
+        return ranking_in(d, model, tokens, cfg, store=lambda: teacher_store(model, tokens, cfg))
+
+
+def teacher_store(model, tokens, cfg):
+    """The shared teacher activations (every block boundary, kept in study.shared_dir) when they fit
+    spd.rank_state_gb; None for a bigger model (ranking and distillation then capture what they need)."""
+    from spd.sensitivity import all_states_fit
+
+    return shared_activations(model, tokens, cfg) if all_states_fit(model, tokens, cfg) else None
 
 
 def shared_activations(model, tokens, cfg):
@@ -197,7 +205,7 @@ def _distill(model, plan: SPDPlan, tokens, cfg, job: Path, settings: str) -> tup
     with shared(distill_dir(cfg, model, plan), "distilled blocks") as d:
         plan_after, report = distill_blocks_(model, plan, tokens, d, cfg.distill,
                                              head_grouping=head_grouping(cfg.study.strategy),
-                                             activations=lambda: shared_activations(model, tokens, cfg))
+                                             activations=lambda: teacher_store(model, tokens, cfg))
     trained = [i for i, b in report["blocks"].items() if not b.get("resumed")]
     write_json_atomic(job / "distill.json", {**report, "key": key, "settings": settings, "trained": trained,
                                              "plan": plan_after.to_dict(base=job),

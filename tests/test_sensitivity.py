@@ -118,3 +118,11 @@ def test_ranking_from_cached_block_inputs_is_the_same_ranking(method, spill, sto
     assert full["cost"]["block_forwards"] == n + n * n and fast["cost"]["block_forwards"] == n + n * (n + 1) // 2
     assert fast["cost"]["cached_inputs"] and fast["cost"]["tflop_per_s"] > 0
     assert spd_blocks(model) == []
+    # bounded memory: block inputs captured two at a time (a forward up to each chunk's last block)
+    inputs = calibration_inputs(tokens, prefix_token(config=model.config))
+    chunked = rank_blocks(model, tokens, tp=2, method=method, batch_size=4, max_states=2,
+                          capture=lambda b: capture_hidden_states(model, inputs, b, 4, progress=False, inputs_only=True))
+    assert chunked["order"] == full["order"]
+    for a, b in zip(chunked["blocks"], full["blocks"]):
+        assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-5)
+    assert spd_blocks(model) == []

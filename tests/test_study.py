@@ -207,11 +207,16 @@ def test_report_reads_artifacts_only(done, tmp_path):
 
 def test_random_shape_runs_the_whole_pipeline(tmp_path):
     """A random-weight shape (conf/model/tiny.yaml) borrows stories260K's tokenizer: every stage runs, so a
-    study's cost can be measured without a checkpoint."""
+    study's cost can be measured without a checkpoint. With block inputs bigger than spd.rank_state_gb (a big
+    model's), nothing is kept for every block boundary: the ranking captures one block input at a time and
+    distillation only the inputs and outputs of the blocks it trains."""
     cfg = quick(tmp_path, "model=tiny", "spd.fraction=0.5", "study.strategy=b2b_hg", "spd.sb_count=1",
-                "spd.esb_count=1", name="tiny")
+                "spd.esb_count=1", "spd.rank_state_gb=1e-6", name="tiny")
     summary = run_study(cfg)
     assert set(summary["stages"].values()) == {"computed"} and summary["spd_blocks"] == 2
+    (ranking,) = (tmp_path / "shared").rglob("sensitivity.json")
+    assert json.loads(ranking.read_text())["cost"]["max_states"] == 1
+    assert not list((tmp_path / "shared").rglob("activations-*"))
     job = tmp_path / "study" / "tiny"
     assert (job / "model" / "tokenizer.json").is_file() and summary["perplexity"]["word_perplexity"] > 1
 
