@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -108,6 +109,7 @@ def evaluate(
     lm = make_lm(lm_or_model, tokenizer, cfg)
     if isinstance(lm, SPDLM):
         lm.progress = is_writer  # one progress bar per evaluation, not one per rank
+    t0 = time.perf_counter()
     results = simple_evaluate(
         model=lm,
         tasks=list(cfg.tasks),
@@ -123,9 +125,22 @@ def evaluate(
     if is_writer:
         run_dir = Path(run_dir)
         write_json_atomic(run_dir / "results.json", results)
-        write_json_atomic(run_dir / "summary.json", summarize(results))
+        write_json_atomic(run_dir / "summary.json", {**summarize(results), "cost": eval_cost(lm, time.perf_counter() - t0)})
         print(make_table(results))
     return results
+
+
+def eval_cost(lm, seconds: float) -> dict:
+    """Seconds, tokens forwarded (padding included), tokens/s and TFLOP/s of an evaluation (SPDLM over a
+    transformers model; seconds only otherwise)."""
+    from spd.cost import model_flops_per_token, throughput
+
+    fwd, config = getattr(lm, "forwarded", None), getattr(getattr(lm, "model", None), "config", None)
+    if not fwd or not fwd["rows"] or config is None:
+        return {"seconds": seconds}
+    tokens = fwd["tokens"]
+    return {**throughput(tokens, tokens * model_flops_per_token(config, tokens // fwd["rows"]), seconds),
+            "tokens": tokens}
 
 
 def main(

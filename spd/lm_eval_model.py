@@ -118,6 +118,7 @@ class SPDLM(TemplateLM):
         self.max_gen_toks = int(max_gen_toks)
         self.add_bos_token = add_bos_token
         self.progress = progress
+        self.forwarded = {"tokens": 0, "rows": 0}  # what the model computed (padding included): the stage's cost
         self.pad_token_id = next(
             (t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0
         )
@@ -218,6 +219,8 @@ class SPDLM(TemplateLM):
     @torch.no_grad()
     def forward_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits (B, S, V) of input ids (B, S)."""
+        self.forwarded["tokens"] += ids.numel()
+        self.forwarded["rows"] += ids.shape[0]
         return self._logits(ids.to(self._device))
 
     def forward(self, rows: list[list[int]]) -> torch.Tensor:

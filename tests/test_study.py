@@ -59,6 +59,8 @@ def test_pipeline_writes_every_artifact_with_its_key(done):
     results = json.loads((job / "eval" / "results.json").read_text())["results"]["spd_tinystories_cloze"]
     acc = summary["eval"]["tasks"]["spd_tinystories_cloze"]["acc"]["value"]
     assert acc == results["acc,none"] and 0.0 <= acc <= 1.0
+    cost = summary["eval"]["cost"]  # every stage says what it cost: lm-eval's tokens forwarded and FLOP/s
+    assert cost["tokens"] > 0 and cost["tokens_per_s"] > 0 and cost["tflop_per_s"] > 0
     ppl = json.loads((job / "perplexity.json").read_text())
     assert summary["perplexity"]["word_perplexity"] == ppl["word_perplexity"]
     assert math.isclose(ppl["word_perplexity"], math.exp(ppl["nll"] / ppl["words"]))
