@@ -52,7 +52,7 @@ class ModelConfig:
     # Big models (spd.placement): null keeps the model on `device`; auto | balanced | balanced_low_0 |
     # sequential spreads blocks over the GPUs, then the CPU, then disk (accelerate); or {module name: device}.
     device_map: Any = None
-    max_memory: Optional[dict[str, Any]] = None  # per device, e.g. {"0": "120GiB", "cpu": "200GiB"}
+    max_memory: dict[Any, Any] = field(default_factory=dict)  # per device: ++model.max_memory={0: 120GiB, cpu: 200GiB}
     offload_dir: Optional[str] = None  # where disk-offloaded weights go (default $SPD_CACHE/offload)
     seed: int = 0
     hidden_size: Optional[int] = None

@@ -1,9 +1,10 @@
 """Big-model placement through accelerate: a model's blocks spread over GPUs, then the CPU, then disk.
 
 `model.device_map` (spd.config.ModelConfig) picks it: null (the default) keeps the whole model on
-`model.device`; `auto`, `balanced`, `balanced_low_0` or `sequential` let accelerate fill every visible GPU
-(within `model.max_memory`, e.g. {0: 120GiB, cpu: 200GiB}), then the CPU, then disk; a dict maps module
-names (model.layers.3, lm_head ...) to devices by hand. Decoder blocks are never split.
+`model.device`; `auto`, `balanced`, `balanced_low_0` or `sequential` let accelerate fill every visible GPU,
+then the CPU, then disk, within `model.max_memory` (on the command line: `++model.max_memory={0: 120GiB,
+cpu: 200GiB}`); a dict maps module names (model.layers.3, lm_head ...) to devices by hand. Decoder blocks
+are never split.
 
 What accelerate does: weights mapped to a GPU live there; weights mapped to `cpu` (when a GPU exists) or
 `disk` are "offloaded": they stay in host memory or in files under a fresh folder, the parameters are left

@@ -115,3 +115,15 @@ def test_bad_device_map_says_what_is_valid(tmp_path):
         load_model(replace(cfg, device_map="everywhere"))
     with pytest.raises(ModelLoadError, match="model.layers.9"):
         load_model(replace(cfg, device_map={**SPLIT, "model.layers.9": "cpu"}))
+
+
+def test_max_memory_from_the_command_line():
+    from hydra import compose, initialize_config_dir
+
+    from spd.config import CONF_DIR, as_dataclass
+    from spd.placement import max_memory_of
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = as_dataclass(compose("study", overrides=["model.device_map=auto",
+                                                       "++model.max_memory={0: 115GiB, cpu: 110GiB}"]))
+    assert cfg.model.device_map == "auto" and max_memory_of(cfg.model) == {0: "115GiB", "cpu": "110GiB"}
