@@ -152,8 +152,9 @@ def _load_hf(cfg: ModelConfig, dtype: torch.dtype, config_only: bool = False):
     _check_llama(config, path)
     if config_only:
         return config
+    placement = _placement(cfg, config, dtype)  # a bad device map fails here, with its own message
     try:
-        model = LlamaForCausalLM.from_pretrained(path, revision=cfg.revision, dtype=dtype, **_placement(cfg))
+        model = LlamaForCausalLM.from_pretrained(path, revision=cfg.revision, dtype=dtype, **placement)
         tokenizer = None if _no_tokenizer(path) else AutoTokenizer.from_pretrained(path, revision=cfg.revision)
     except Exception as e:  # safetensors, torch.load and hub errors have no common base class
         raise ModelLoadError(f"cannot load the weights or tokenizer from {path!r} ({type(e).__name__}: {e}); "
@@ -166,14 +167,18 @@ def _load_hf(cfg: ModelConfig, dtype: torch.dtype, config_only: bool = False):
     return model, tokenizer
 
 
-def _placement(cfg: ModelConfig) -> dict:
-    """from_pretrained's placement arguments for model.device_map (spd.placement), none without it."""
+def _placement(cfg: ModelConfig, config, dtype: torch.dtype) -> dict:
+    """from_pretrained's placement arguments for model.device_map (spd.placement), none without it: the map
+    is computed on the model's shapes (meta weights) by spd.placement, so every source is placed alike."""
     if cfg.device_map is None:
         return {}
-    from spd.placement import max_memory_of, offload_folder
+    from accelerate import init_empty_weights
 
-    device_map = cfg.device_map if isinstance(cfg.device_map, str) else dict(cfg.device_map)
-    return {"device_map": device_map, "max_memory": max_memory_of(cfg), "offload_folder": str(offload_folder(cfg))}
+    from spd.placement import device_map_for, offload_folder
+
+    with init_empty_weights():
+        skeleton = LlamaForCausalLM(config).to(dtype)
+    return {"device_map": device_map_for(skeleton, cfg), "offload_folder": str(offload_folder(cfg))}
 
 
 def _load_gguf(cfg: ModelConfig, dtype: torch.dtype, config_only: bool = False):

@@ -63,13 +63,26 @@ def device_map_for(model: nn.Module, cfg) -> dict | None:
         device_map = infer_auto_device_map(model, max_memory=mem, no_split_module_classes=NO_SPLIT)
         if device_map.get("") == "disk":  # accelerate offloads nothing under the name "": name the children
             device_map = {name: "disk" for name, _ in model.named_children()}
-        return device_map
+        return offload_front(device_map)
     names = {n for n, _ in model.named_modules()}
     unknown = sorted(k for k in dict(spec) if k and k not in names)
     if unknown:
         raise ModelLoadError(f"model.device_map names {', '.join(unknown)}, which the model does not have; "
                              "use module names such as model.embed_tokens, model.layers.0, model.norm, lm_head")
     return {k: int(v) if str(v).isdigit() else v for k, v in dict(spec).items()}
+
+
+def offload_front(device_map: dict) -> dict:
+    """The same map with its offloaded decoder blocks moved to the front of the model (blocks are equal in
+    size, so every device keeps its load). A ranking step runs the blocks from the switched one to the last,
+    so block j runs in j + 1 of L backward steps: offloaded blocks that stream over PCIe for every forward cost
+    least at the front. Other stages run every block equally often."""
+    blocks = sorted((k for k in device_map if k.startswith("model.layers.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    if not blocks:
+        return device_map
+    rank = {"disk": 0, "cpu": 1}
+    devices = sorted((device_map[k] for k in blocks), key=lambda d: rank.get(d, 2))  # stable: GPU order kept
+    return {**device_map, **dict(zip(blocks, devices))}
 
 
 def offload_folder(cfg) -> Path:

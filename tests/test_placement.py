@@ -59,6 +59,8 @@ def test_split_model_gives_the_same_logits_dense_and_spd(tmp_path, tokens):
 def test_auto_map_within_max_memory_offloads_and_matches(tmp_path, tokens):
     plain, placed, _ = models(tmp_path, device_map="sequential", max_memory={"cpu": "400KiB"})
     assert "disk" in placed.hf_device_map.values() and "cpu" in placed.hf_device_map.values()
+    where = [placed.hf_device_map.get(f"model.layers.{j}") for j in range(5)]
+    assert where == sorted(where, key=lambda d: d != "disk")  # offloaded blocks first: ranking steps run them least
     assert close(placed(tokens).logits, plain(tokens).logits)
 
 
