@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from spd.block import decoder_layers
 from spd.config import KDConfig
+from spd.cost import model_flops_per_token, throughput
 from spd.errors import SPDError
 from spd.perplexity import calibration_inputs, prefix_token, windows_perplexity
 from spd.plan import SPDPlan
@@ -153,6 +154,8 @@ def kd_repair_(model, teacher, plan: SPDPlan, tokens: torch.Tensor, out_dir: str
     report["minutes"] = (time.perf_counter() - t0) / 60
     tokens_trained = cfg.steps * cfg.batch_size * tokens.shape[1]
     report["tokens_per_s"] = tokens_trained / (report["minutes"] * 60) if report["minutes"] else None
+    per_token = model_flops_per_token(model.config, tokens.shape[1])  # student forward + backward, teacher forward
+    report["cost"] = throughput(tokens_trained, 4 * per_token * tokens_trained, report["minutes"] * 60)
     if progress:
         print(f"kd: {cfg.steps} steps in {report['minutes']:.2f} min; calibration KL {report['kl_before']:.4f} -> "
               f"{report['kl_after']:.4f}, ppl {report['calibration_ppl_before']:.3f} -> "

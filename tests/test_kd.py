@@ -30,6 +30,7 @@ def test_kd_lowers_the_calibration_kl_and_its_plan_carries_it(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     plan, report = kd_repair_(model, teacher, PLAN, TOKENS, tmp_path / "kd", FAST, batch_size=2, progress=False)
     assert report["kl_after"] < report["kl_before"] and len(report["losses"]) == FAST.steps
+    assert report["cost"]["tokens_per_s"] > 0 and report["cost"]["tflop_per_s"] > 0
     assert report["calibration_ppl_after"] > 1 and report["minutes"] > 0  # random weights: ppl near the vocabulary size
     for k, v in model.state_dict().items():  # only the SPD blocks' parameters trained
         assert torch.equal(v, before[k]) != k.startswith(("model.layers.0.", "model.layers.2.")), k
