@@ -114,7 +114,8 @@ class DistillConfig:
     schedule: str = "constant"  # learning rate: constant (paper) | cosine (to 0 over all steps, after warmup)
     warmup: float = 0.0  # share of the steps with a linear warm-up from 0
     inputs: str = "dense"  # dense (paper: the original model's h_i) | sequential (the partly converted model's h_i)
-    hg_candidates: int = 8  # head groupings B2B-trained per ESB block, best kept (all when there are at most this many)
+    hg_candidates: int = 8  # head groupings considered per ESB block (all when there are at most this many)
+    hg_search: str = "proxy"  # proxy: zero-shot error picks one challenger, it and the identity are trained | full
 
 
 @dataclass

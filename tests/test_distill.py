@@ -144,18 +144,26 @@ def test_distill_main_on_stories260k(tmp_path, assets_dir):
     assert read_plan(run / "model").head_perm == {4: saved["blocks"]["4"]["head_perm"]}
 
 
-def test_head_grouping_never_ends_above_the_identity(tmp_path):
-    """Every GQA ordering (8 heads, 4 KV heads, R = 2: 6) is B2B-trained; the best is kept, and the identity
-    candidate is exactly B2B without head grouping."""
+@pytest.mark.parametrize("search", ["full", "proxy"])
+def test_head_grouping_never_ends_above_the_identity(tmp_path, search):
+    """Every GQA ordering (8 heads, 4 KV heads, R = 2: 6) is a candidate. full: each is B2B-trained; proxy: the
+    identity and the candidate with the lowest zero-shot error are. The best trained one is kept, and the
+    identity candidate is exactly B2B without head grouping."""
     plan = SPDPlan(tp=2, num_layers=4, tiers={2: "ESB", 3: "ESB"})
-    opts = replace(FAST, epochs=1)
+    opts = replace(FAST, epochs=1, hg_search=search)
     _, hg = distill.distill_blocks_(tiny(layers=4), plan, calib(), tmp_path / "hg", opts, progress=False)
     _, b2b = distill.distill_blocks_(tiny(layers=4), plan, calib(), tmp_path / "b2b", opts, head_grouping=False,
                                      progress=False)
     for i in ("2", "3"):
         e = hg["blocks"][i]
         assert e["head_grouping"]["search"] == "exhaustive" and len(e["hg_candidates"]) == 6
-        assert e["loss_after"] == min(c["loss_after"] for c in e["hg_candidates"]) <= e["identity"]["loss_after"]
+        trained = [c for c in e["hg_candidates"] if c["loss_after"] is not None]
+        assert len(trained) == e["hg_trained"] == (6 if search == "full" else 2)
+        assert trained[0]["source"] == "identity"
+        if search == "proxy":  # the challenger is the zero-shot best of the others
+            others = e["hg_candidates"][1:]
+            assert trained[1]["zero_shot"] == min(c["zero_shot"] for c in others)
+        assert e["loss_after"] == min(c["loss_after"] for c in trained) <= e["identity"]["loss_after"]
         assert e["identity"]["loss_after"] == b2b["blocks"][i]["loss_after"]  # identity = B2B alone
         assert e["loss_before_hg"] == b2b["blocks"][i]["loss_before"]
         assert (e["head_perm"] is None) == (e["hg_chosen"] == "identity")
@@ -192,3 +200,5 @@ def test_bad_distill_settings_say_what_is_valid(tmp_path):
         distill.distill_blocks_(tiny(layers=4), PLAN, calib(), tmp_path, replace(FAST, inputs="chained"))
     with pytest.raises(SPDError, match="valid: constant, cosine"):
         distill.distill_blocks_(tiny(layers=4), PLAN, calib(), tmp_path, replace(FAST, schedule="step"))
+    with pytest.raises(SPDError, match="valid: proxy, full"):
+        distill.distill_blocks_(tiny(layers=4), PLAN, calib(), tmp_path, replace(FAST, hg_search="all"))
