@@ -115,7 +115,7 @@ class DistillConfig:
     warmup: float = 0.0  # share of the steps with a linear warm-up from 0
     inputs: str = "dense"  # dense (paper: the original model's h_i) | sequential (the partly converted model's h_i)
     hg_candidates: int = 8  # head groupings considered per ESB block (all when there are at most this many)
-    hg_search: str = "proxy"  # proxy: zero-shot error picks one challenger, it and the identity are trained | full
+    hg_search: str = "full"  # full: every candidate B2B-trained | proxy: the zero-shot best and the identity only
 
 
 @dataclass

@@ -24,10 +24,11 @@ Head grouping that never hurts (ESB blocks, `head_grouping`): the candidates are
 rule (spd.heads.group_heads_) and every other GQA-valid head-to-rank ordering when there are at most
 `distill.hg_candidates` of them (SmolLM2-135M at R = 3: 3! = 6); with more, the identity, the paper's rule
 and the hg_candidates - 2 orderings with the lowest zero-shot SPD error among 4 x hg_candidates seeded
-random ones. `distill.hg_search=full` B2B-trains every candidate with the same seed; `proxy` (the default)
-ranks the non-identity candidates by their zero-shot SPD error (after the permutation, before B2B) and
-trains only the best of them and the identity: on SmolLM2-135M at R = 3 the zero-shot error picked the
-candidate that ends best after 10 epochs of B2B in 4 of 4 blocks (docs/distill.md). Of the trained ones,
+random ones. `distill.hg_search=full` (the default) B2B-trains every candidate with the same seed;
+`proxy`, for models where a block's B2B is expensive, ranks the non-identity candidates by their zero-shot
+SPD error (after the permutation, before B2B) and trains only the best of them and the identity (on
+SmolLM2-135M at R = 3 the zero-shot best was the final best in 4 of 4 blocks; on a toy fixture it was not:
+docs/distill.md). Of the trained ones,
 the lowest error after training is kept (the identity on ties), so with either search a block's final
 calibration error with HG is never above its error without HG (the identity candidate is exactly B2B alone). The report records every candidate's
 error before and after training, and for the chosen and the identity grouping the error before HG, after
