@@ -24,6 +24,11 @@ import torch
 from torch import nn
 
 
+def offloaded_modules(*modules: nn.Module) -> list[nn.Module]:
+    """The submodules (of modules, themselves included) whose weights accelerate offloaded to the CPU or disk."""
+    return [m for module in modules for m in module.modules() if getattr(getattr(m, "_hf_hook", None), "offload", False)]
+
+
 @contextmanager
 def onloaded(*modules: nn.Module):
     """The module's weights on its execution device for the duration (no-op unless accelerate offloaded them).
@@ -33,7 +38,7 @@ def onloaded(*modules: nn.Module):
     o_proj's and the MLP's weights directly (per rank slices), so it loads the whole block first, with the
     same hooks, and lets them drop the weights again afterwards.
     """
-    hooked = [m for module in modules for m in module.modules() if getattr(getattr(m, "_hf_hook", None), "offload", False)]
+    hooked = offloaded_modules(*modules)
     for m in hooked:
         m._hf_hook.pre_forward(m)
     try:

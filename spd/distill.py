@@ -268,10 +268,7 @@ def hg_candidates(layer, X: torch.Tensor, Y: torch.Tensor, kwargs: dict, tp: int
     scored = []
     for key, perm in fresh.items():
         if report["search"] == "sampled":  # zero-shot error as a prefilter only
-            permute_heads_(layer, perm)
-            spd = SPDDecoderLayer(layer, tp, "ESB")
-            scored.append((block_mse(spd, X, Y, kwargs, batch_size), len(scored), perm))
-            spd.restore()
+            scored.append((_zero_shot_error(layer, tp, "ESB", perm, X, Y, kwargs, batch_size), len(scored), perm))
             layer.load_state_dict(original)
         else:
             scored.append((0.0, len(scored), perm))
@@ -297,10 +294,10 @@ def _train_candidate(layer, i: int, plan: SPDPlan, perm, X, Y, kwargs, opts: dic
     return out
 
 
-def _zero_shot_error(layer, plan: SPDPlan, i: int, perm, X, Y, kwargs, batch_size: int) -> float:
-    """Block i's SPD error with its heads in `perm` order, before any training (the layer is left permuted)."""
+def _zero_shot_error(layer, tp: int, tier: str, perm, X, Y, kwargs, batch_size: int) -> float:
+    """The block's SPD error with its heads in `perm` order, before any training (the layer is left permuted)."""
     permute_heads_(layer, perm)
-    spd = SPDDecoderLayer(layer, plan.tp, plan.tiers[i])
+    spd = SPDDecoderLayer(layer, tp, tier)
     try:
         return block_mse(spd, X, Y, kwargs, batch_size)
     finally:
@@ -312,19 +309,19 @@ def _hg_search(layer, i: int, plan: SPDPlan, X, Y, kwargs, opts: dict, progress:
     distill.hg_search); the layer ends with the best trained one (module doc)."""
     original = {k: v.detach().clone() for k, v in layer.state_dict().items()}
     cands, paper_report = hg_candidates(layer, X, Y, kwargs, plan.tp, opts, opts["batch_size"])
-    records = []
-    for source, perm in cands:
-        layer.load_state_dict(original)
-        records.append({"source": source, "perm": perm,
-                        "zero_shot": _zero_shot_error(layer, plan, i, perm, X, Y, kwargs, opts["batch_size"])})
+    records = [{"source": source, "perm": perm} for source, perm in cands]
     train = range(len(cands))
     if opts["hg_search"] == "proxy":
+        for r in records:
+            layer.load_state_dict(original)
+            r["zero_shot"] = _zero_shot_error(layer, plan.tp, plan.tiers[i], r["perm"], X, Y, kwargs, opts["batch_size"])
         train = [0, min(range(1, len(cands)), key=lambda k: (records[k]["zero_shot"], k))]
     best, best_state = None, None
     for n in train:
         layer.load_state_dict(original)
         r = records[n]
         r |= _train_candidate(layer, i, plan, r["perm"], X, Y, kwargs, opts, progress, f"block {i} {r['source']} {n}")
+        r.setdefault("zero_shot", r["loss_before"])  # the same quantity: permuted, before training
         if best is None or r["loss_after"] < best["loss_after"]:
             best, best_state = r, {k: v.detach().clone() for k, v in layer.state_dict().items()}
     layer.load_state_dict(best_state)

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from spd.block import offloaded_modules
 from spd.errors import ModelLoadError
 
 NO_SPLIT = ["LlamaDecoderLayer", "SPDDecoderLayer"]
@@ -115,7 +116,7 @@ def dispatch_(model: nn.Module, cfg, device_map: dict | None = None) -> nn.Modul
 
 
 def is_offloaded(model: nn.Module) -> bool:
-    return any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in model.modules())
+    return bool(offloaded_modules(model))
 
 
 def _store(weights_map, name: str, value: torch.Tensor) -> None:
@@ -142,7 +143,7 @@ def writable(module: nn.Module):
     """
     from accelerate.utils.modeling import named_module_tensors
 
-    hooked = [m for m in module.modules() if getattr(getattr(m, "_hf_hook", None), "offload", False)]
+    hooked = offloaded_modules(module)
     for m in hooked:
         m._hf_hook.pre_forward(m)
         m._hf_hook.offload = False
