@@ -121,7 +121,8 @@ def bench_model(name: str, tps: list[int], args, rates: dict, command: str) -> N
                   max_memory=dict(kv.split("=", 1) for kv in args.max_memory) or None)
     calib = CalibConfig(num_samples=args.windows, seq_len=args.seq_len, batch_size=args.batch_size)
     common = {"model": name, "calibration": {"windows": calib.num_samples, "seq_len": calib.seq_len,
-                                             "data": calib.data}, "command": command, **meta(stage="scale")}
+                                             "data": calib.data}, "command": command, "rates": rates,
+              **meta(stage="scale")}
     rec = Recorder(Path(args.out), common | {"tp": None}, rates["matmul_tflops"])
     (model, tok), _ = rec.stage("load", lambda: load_model(cfg))
     print(placement_table(model), flush=True)
