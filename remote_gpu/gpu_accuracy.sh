@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The SmolLM2-135M accuracy study on one GPU, in stages that each fit a 10-minute device call:
-#   bash remote_gpu/gpu_accuracy.sh STAGE     (STAGE: baseline | rank | sweep | headline | rest | jobs | planner | pack)
+#   bash remote_gpu/gpu_accuracy.sh STAGE     (STAGE: baseline | rank | sweep | headline | rest | chains | planner | pack)
 # headline / rest: the issue-18 re-run with today's defaults (calib=auto: 128 x 2048 on CUDA, HG scored after
 # B2B, every strategy incl. logit distillation); FRACTIONS= and STRATEGIES= split them across device calls.
 # Needs: source remote_gpu/device_setup.sh done by this script; the GGUF at $SMOL (default below).
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 source remote_gpu/device_setup.sh
 SMOL=${SMOL:-/root/smol/SmolLM2-135M-Instruct.Q4_1.gguf}
 LIMIT=${LIMIT:-500}
-M="model.path=$SMOL study.shared_dir=runs/shared"
+M="model.path=$SMOL model.matmul_precision=${PRECISION:-highest} study.shared_dir=runs/shared"
 spd() { python3 -m spd.cli "$@"; }
 case "$1" in
   baseline)  # the dense model: full offline suite and WikiText-2 perplexity
@@ -27,17 +27,24 @@ case "$1" in
   rest)  # fractions 0.25, 0.5 x every strategy, 1000 documents per task
     spd study -m $M parallel.tp=3 spd.ranking=backward spd.fraction=${FRACTIONS:-0.25,0.5} \
       study.strategy=${STRATEGIES:-zs,b2b,b2b_hg,b2b_kd,b2b_hg_kd} eval.limit=1000 eval.batch_size=64 study.export=false ;;
-  jobs)  # FRACTIONS x STRATEGIES as one process per job, all at once (a 135M model leaves the GPU and the CPUs
-         # idle in one process: lm-eval's request handling is the bottleneck); shared stages wait on their
-         # file locks. EXTRA= adds overrides (eval.limit=1000); UNTIL= seconds before the jobs are stopped
-         # (they resume on the next call). Logs in runs/logs/.
+  chains)  # one chain of jobs per strategy, all chains at once (a 135M model leaves most of the GPU idle in one
+          # process; one process per job overflows its memory): per chain fractions in FRACTIONS order, the
+          # headline ones (0, 0.75, 1.0) on the full suite, 0.25 and 0.5 at eval.limit=1000; fraction 0 only
+          # as zs (no SPD block: every strategy is the dense model). UNTIL= seconds, then the jobs stop
+          # (every stage resumes on the next call). Logs in runs/logs/.
     mkdir -p runs/logs
-    for f in ${FRACTIONS//,/ }; do for s in ${STRATEGIES//,/ }; do
-      OMP_NUM_THREADS=2 timeout ${UNTIL:-3000} python3 -m spd.cli study $M parallel.tp=3 spd.ranking=backward \
-        spd.fraction=$f study.strategy=$s spd.rank_state_gb=24 eval.batch_size=64 study.export=false ${EXTRA:-} \
-        >> runs/logs/f$f-$s.log 2>&1 &
-    done; done
-    wait || true ;;
+    deadline=$(( $(date +%s) + ${UNTIL:-3000} ))
+    for s in ${STRATEGIES//,/ }; do
+      ( for f in ${FRACTIONS//,/ }; do
+          [ "$f" = 0 ] && [ "$s" != zs ] && continue
+          case $f in 0.25|0.5) lim=eval.limit=1000 ;; *) lim= ;; esac
+          left=$(( deadline - $(date +%s) )); [ $left -gt 10 ] || break
+          OMP_NUM_THREADS=2 timeout $left python3 -m spd.cli study $M parallel.tp=3 spd.ranking=backward \
+            spd.fraction=$f study.strategy=$s spd.rank_state_gb=24 eval.batch_size=64 study.export=false $lim \
+            >> runs/logs/f$f-$s.log 2>&1 || echo "f$f-$s stopped (rc $?)" >> runs/logs/chains.log
+        done ) &
+    done
+    wait ;;
   planner)
     for b in 0.02 0.1 0.5; do spd plan $M parallel.tp=3 planner.budget=$b; done ;;
   pack)

@@ -60,11 +60,14 @@ def model_fingerprint(cfg, model=None) -> dict:
 
     random: the shape fields and seed; gguf: the configured sha256 (checked on load), else the file's
     fingerprint; llama2c: the files' fingerprints; hf: a local directory's config and weight files, a hub
-    id's resolved commit (config._commit_hash) and revision. The dtype is part of it; the device is not.
+    id's resolved commit (config._commit_hash) and revision. The dtype and a float32 matmul precision other than
+    `highest` are part of it; the device is not.
     """
     from spd.load import resolve_path
 
     out = {"source": cfg.source, "dtype": cfg.dtype}
+    if cfg.matmul_precision != "highest":  # TF32 / bf16 matmuls change every number
+        out["matmul_precision"] = cfg.matmul_precision
     if cfg.source == "random":
         fields = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size",
                   "max_position_embeddings", "rope_theta", "rms_norm_eps", "tie_word_embeddings", "seed")

@@ -48,6 +48,9 @@ class ModelConfig:
     sha256: Optional[str] = None
     revision: Optional[str] = None
     dtype: str = "float32"
+    # float32 matmuls (torch.set_float32_matmul_precision, set on load): highest = exact float32; high = TF32
+    # on GPUs (inputs rounded to 10 mantissa bits, several times faster); medium = bfloat16. Keyed.
+    matmul_precision: str = "highest"
     device: str = "auto"  # auto: the first CUDA GPU if there is one, else the CPU
     # Big models (spd.placement): null keeps the model on `device`; auto | balanced | balanced_low_0 |
     # sequential spreads blocks over the GPUs, then the CPU, then disk (accelerate); or {module name: device}.

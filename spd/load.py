@@ -269,6 +269,9 @@ CACHE_MAX_PARAMS = 2_000_000_000  # a cached copy of a larger model would double
 _LAST: tuple[str, object, object] | None = None  # the last model loaded, for multirun sweeps in one process
 
 
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
 def load_model(cfg: ModelConfig):
     """(LlamaForCausalLM in eval mode, tokenizer) for cfg; random weights borrow model.tokenizer's (or None).
 
@@ -276,6 +279,9 @@ def load_model(cfg: ModelConfig):
     deep copy: a Hydra multirun sweep loads (and, for GGUF, dequantises) the model once, not per job.
     """
     global _LAST
+    if cfg.matmul_precision not in MATMUL_PRECISIONS:
+        raise ModelLoadError(f"model.matmul_precision={cfg.matmul_precision!r}; valid: {', '.join(MATMUL_PRECISIONS)}")
+    torch.set_float32_matmul_precision(cfg.matmul_precision)  # process-wide: every stage of the run
     if cfg.device_map is not None:  # placed by accelerate (spd.placement): loaded straight to its devices
         model, tokenizer = _load(cfg)
         return model.eval(), tokenizer

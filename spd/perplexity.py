@@ -51,10 +51,13 @@ def model_logits(model) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda ids: model(input_ids=ids, use_cache=False).logits
 
 
-def target_logprob(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of log p(targets), every target is the argmax) for logits (..., k, V) and targets (..., k)."""
+def target_logprob(logits: torch.Tensor, targets: torch.Tensor,
+                   reduce: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log p(targets), every target is the argmax) for logits (..., k, V) and targets (..., k);
+    reduce=False: per target (log p, is the argmax)."""
     logp = logits.float().log_softmax(-1)  # (..., k, V)
-    return logp.gather(-1, targets[..., None])[..., 0].sum(-1), (logp.argmax(-1) == targets).all(-1)
+    lp, top = logp.gather(-1, targets[..., None])[..., 0], logp.argmax(-1) == targets
+    return (lp.sum(-1), top.all(-1)) if reduce else (lp, top)
 
 
 def calibration_inputs(tokens: torch.Tensor, prefix: int) -> torch.Tensor:
@@ -87,11 +90,23 @@ def score_windows(logits_fn: Callable[[torch.Tensor], torch.Tensor], windows: li
         if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(ids.shape):
             raise SPDError(f"the model returned logits of shape {tuple(logits.shape)} for input ids "
                              f"{tuple(ids.shape)}; expected (B, S, V)")
+        # every scored position of the batch in one (T, V) gather: one log_softmax and one copy to the host
+        at_b, at_t, targets = [], [], []
         for b, i in enumerate(idx):
             cont = windows[i][1]
             n, k = len(rows[b]), len(cont)
-            logp, greedy = target_logprob(logits[b, n - k:n], torch.tensor(cont, device=logits.device))
-            out[i] = (float(logp), bool(greedy))
+            at_b += [b] * k
+            at_t += range(n - k, n)
+            targets += cont
+        dev = logits.device
+        picked = logits[torch.tensor(at_b, device=dev), torch.tensor(at_t, device=dev)]  # (T, V)
+        logp, greedy = target_logprob(picked, torch.tensor(targets, device=dev), reduce=False)
+        logp, greedy = logp.double().cpu().tolist(), greedy.cpu().tolist()
+        start = 0
+        for i in idx:  # per window: a sum in float64 on the host, in token order (deterministic)
+            k = len(windows[i][1])
+            out[i] = (float(sum(logp[start:start + k])), all(greedy[start:start + k]))
+            start += k
         bar.update(len(idx))
     bar.close()
     return out

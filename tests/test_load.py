@@ -1,5 +1,6 @@
 """Loading LLaMAs from every source, and the errors a user can cause."""
 
+import dataclasses
 import json
 import shutil
 
@@ -66,6 +67,24 @@ def test_random_model_shapes():
     big = random_model(ModelConfig(name="m", source="random", hidden_size=8192, intermediate_size=28672,
                                    num_layers=80, num_heads=64, num_kv_heads=8, vocab_size=32000), device="meta")
     assert 68.9e9 < sum(p.numel() for p in big.parameters()) < 69.1e9  # LLaMA-2-70B
+
+
+def test_matmul_precision_is_set_keyed_and_checked():
+    from spd.artifacts import model_fingerprint
+
+    cfg = ModelConfig(name="r", source="random", hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                      num_kv_heads=2, vocab_size=50)
+    try:
+        load_model(dataclasses.replace(cfg, matmul_precision="high"))
+        assert torch.get_float32_matmul_precision() == "high"
+        load_model(cfg)
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert model_fingerprint(cfg) != model_fingerprint(dataclasses.replace(cfg, matmul_precision="high"))
+    assert "matmul_precision" not in model_fingerprint(cfg)  # the default keeps earlier artifacts' keys
+    with pytest.raises(ModelLoadError, match="matmul_precision='tf32'; valid: highest, high, medium"):
+        load_model(dataclasses.replace(cfg, matmul_precision="tf32"))
 
 
 def test_missing_paths(tmp_path):

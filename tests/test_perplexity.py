@@ -67,12 +67,15 @@ def test_windows_perplexity_scores_every_token_given_bos():
 @torch.no_grad()
 def test_score_windows_keeps_order_and_pads_right():
     model = tiny()
-    windows = [([5], [6, 7, 8]), ([1, 2, 3, 4, 5, 6], [9]), ([3, 3], [4, 4])]
+    top = model(torch.tensor([[2, 7]])).logits[0].argmax(-1).tolist()  # greedy after 2 and after 2, 7
+    windows = [([5], [6, 7, 8]), ([1, 2, 3, 4, 5, 6], [9]), ([3, 3], [4, 4]), ([2], [top[0]]), ([2, 7], [top[1], 1])]
     got = score_windows(lambda ids: model(ids).logits, windows, batch_size=2)
-    for (ctx, cont), (logp, _) in zip(windows, got):
+    for (ctx, cont), (logp, greedy) in zip(windows, got):
         logits = model(torch.tensor([(ctx + cont)[:-1]])).logits[0, -len(cont):]
         ref = -F.cross_entropy(logits, torch.tensor(cont), reduction="sum").item()
         assert math.isclose(logp, ref, rel_tol=CLOSE)
+        assert greedy == bool((logits.argmax(-1) == torch.tensor(cont)).all())
+    assert got[3][1]  # a greedy continuation is recognised as one
 
 
 def test_wikitext_preprocessing_is_lm_evals():
