@@ -88,6 +88,21 @@ def mean_accuracy(ev: dict) -> tuple[float | None, dict[str, float]]:
     return (float(np.mean(list(accs.values()))) if accs else None), accs
 
 
+def with_trained(study: dict, path: Path) -> dict:
+    """The job summary plus `distill_trained`: how many blocks the job distilled itself (its distill.json
+    beside study.json), 0 when every block came from the sweep's shared folder."""
+    distill = read_json(path.parent / "distill.json") or {}
+    return {**study, "distill_trained": len(distill.get("trained", []))}
+
+
+def docs_per_task(ev: dict) -> str:
+    """How many documents per task the job was evaluated on: `all`, the limit, or `-` (not evaluated)."""
+    if not ev.get("tasks"):
+        return "-"
+    limit = ev.get("limit")
+    return "all" if limit is None else f"{limit:g}"
+
+
 def study_table(studies: list[dict], curves: dict[str, dict]) -> tuple[str, list[dict]]:
     rows = []
     key = lambda s: (s["model"], s["tp"], (s.get("ranking") or {}).get("method", ""), s["fraction"], s["strategy"])  # noqa: E731
@@ -99,18 +114,25 @@ def study_table(studies: list[dict], curves: dict[str, dict]) -> tuple[str, list
                      "token_ppl": (s.get("perplexity") or {}).get("token_perplexity"),
                      "spd_blocks": s["spd_blocks"], "avg_acc": avg, "acc": accs,
                      "word_ppl": (s.get("perplexity") or {}).get("word_perplexity"), "saving": savings,
+                     "docs": docs_per_task(s.get("eval", {})), "trained": s.get("distill_trained"),
+                     "stages": s.get("stages", {}),
                      "distill_minutes": s.get("distill_minutes", 0.0), "kd_minutes": s.get("kd_minutes", 0.0)})
     tasks = sorted({t for r in rows for t in r["acc"]})
     names = list(curves)
-    head = ["model", "R", "ranking", "SPD", "strategy", "avg acc", *tasks, "token ppl", "word ppl",
+    head = ["model", "R", "ranking", "SPD", "strategy", "docs/task", "avg acc", *tasks, "token ppl", "word ppl",
             *[f"saving {n}" for n in names], "distill min", "kd min"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     fmt = lambda v, f="{:.4f}": "-" if v is None else f.format(v)  # noqa: E731
+    # distillation minutes of the job; "shared" when it trained no block itself (all from the sweep's folder)
+    def distill(r):  # "-": no block to distill (zs, or every SPD block insensitive)
+        if r["stages"].get("distill") in ("none", None) and not r["distill_minutes"]:
+            return "-"
+        return "shared" if r["trained"] == 0 else fmt(r["distill_minutes"], "{:.2f}")
     for r in rows:
         cells = [r["model"], str(r["tp"]), r["ranking"], f"{r['spd_blocks']} ({r['fraction']:.0%})", r["strategy"],
-                 fmt(r["avg_acc"]), *[fmt(r["acc"].get(t)) for t in tasks], fmt(r["token_ppl"], "{:.2f}"),
+                 r["docs"], fmt(r["avg_acc"]), *[fmt(r["acc"].get(t)) for t in tasks], fmt(r["token_ppl"], "{:.2f}"),
                  fmt(r["word_ppl"], "{:.2f}"),
-                 *[fmt(r["saving"][n], "{:.1%}") for n in names], fmt(r["distill_minutes"], "{:.2f}"),
+                 *[fmt(r["saving"][n], "{:.1%}") for n in names], distill(r),
                  fmt(r["kd_minutes"], "{:.2f}")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines), rows
@@ -170,7 +192,7 @@ def pareto_plot(rows: list[dict], curve_name: str, path: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     pts = [(r["saving"][curve_name], r["avg_acc"], r["strategy"]) for r in rows if r["avg_acc"] is not None]
-    for strategy, marker in (("zs", "o"), ("b2b", "s"), ("b2b_hg", "^")):
+    for strategy, marker in (("zs", "o"), ("b2b", "s"), ("b2b_hg", "^"), ("b2b_kd", "D"), ("b2b_hg_kd", "v")):
         xs = [p[0] for p in pts if p[2] == strategy]
         ax.scatter([100 * x for x in xs], [p[1] for p in pts if p[2] == strategy], marker=marker, label=strategy)
     front, best = [], -1.0
@@ -233,7 +255,7 @@ def run_report(cfg) -> Path:
     rc = cfg.report
     out = Path(rc.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    studies = [s for p in rc.studies for f in sorted(glob.glob(p)) if (s := read_json(f))]
+    studies = [with_trained(s, Path(f)) for p in rc.studies for f in sorted(glob.glob(p)) if (s := read_json(f))]
     records = load_records(rc.bench)
     curves = {target_name(t): c for t in rc.targets if (c := latency_curve(records, t))}
     table, rows = study_table(studies, curves)

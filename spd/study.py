@@ -201,8 +201,8 @@ def _distill(model, plan: SPDPlan, tokens, cfg, job: Path, settings: str) -> tup
         reused = SPDPlan.from_dict(art["plan"], base=job)
         if all(Path(w["file"]).is_file() for w in reused.weights.values()):
             return reused, "reused"  # else the shared blocks were deleted: distil again
-    t0 = time.perf_counter()
     with shared(distill_dir(cfg, model, plan), "distilled blocks") as d:
+        t0 = time.perf_counter()  # after the lock: a job waiting for another's blocks has spent nothing
         plan_after, report = distill_blocks_(model, plan, tokens, d, cfg.distill,
                                              head_grouping=head_grouping(cfg.study.strategy),
                                              activations=lambda: teacher_store(model, tokens, cfg))

@@ -30,3 +30,23 @@ def test_breakdown_plot_uses_a_complete_setup(tmp_path):
     recs = [rec("base", 16.0), rec("spd100", 15.0), rec("nocomm", 13.0), rec("base", 14.0, commit="b")]
     assert breakdown_plot(recs, tmp_path / "b.png").is_file()  # setup b lacks spd100/nocomm: setup a is drawn
     assert breakdown_plot([rec("base", 14.0)], tmp_path / "c.png") is None
+
+
+def test_study_table_says_how_many_documents_and_what_was_shared():
+    from spd.report import study_table
+
+    def job(fraction, strategy, limit, trained, minutes):
+        tasks = {"spd_piqa": {"acc": {"value": 0.6}}, "spd_arc_easy": {"acc": {"value": 0.4}}}
+        return {"model": "m", "tp": 3, "fraction": fraction, "strategy": strategy, "spd_blocks": int(30 * fraction),
+                "ranking": {"method": "backward"}, "perplexity": {"word_perplexity": 40.0},
+                "eval": {"tasks": tasks, "limit": limit}, "distill_trained": trained,
+                "stages": {"distill": "computed" if trained else "reused"},
+                "distill_minutes": minutes, "kd_minutes": 0.0}
+
+    md, rows = study_table([job(1.0, "b2b", None, 30, 3.0), job(0.5, "b2b", 1000.0, 0, 3.0)], {})
+    lines = md.splitlines()
+    assert "docs/task" in lines[0]
+    half, full = (line.split(" | ") for line in lines[2:4])
+    assert half[5] == "1000" and full[5] == "all"
+    assert half[-2] == "shared" and full[-2] == "3.00"  # 3 minutes spent waiting for another job's blocks
+    assert rows[1]["avg_acc"] == 0.5
