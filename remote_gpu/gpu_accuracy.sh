@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The SmolLM2-135M accuracy study on one GPU, in stages that each fit a 10-minute device call:
-#   bash remote_gpu/gpu_accuracy.sh STAGE     (STAGE: baseline | rank | sweep | headline | rest | chains | planner | pack)
+#   bash remote_gpu/gpu_accuracy.sh STAGE     (STAGE: baseline | rank | sweep | headline | rest | chains | explore | planner | pack)
 # headline / rest: the issue-18 re-run with today's defaults (calib=auto: 128 x 2048 on CUDA, HG scored after
 # B2B, every strategy incl. logit distillation); FRACTIONS= and STRATEGIES= split them across device calls.
 # Needs: source remote_gpu/device_setup.sh done by this script; the GGUF at $SMOL (default below).
@@ -43,6 +43,16 @@ case "$1" in
             spd.fraction=$f study.strategy=$s spd.rank_state_gb=24 eval.batch_size=64 study.export=false $lim \
             >> runs/logs/f$f-$s.log 2>&1 || echo "f$f-$s stopped (rc $?)" >> runs/logs/chains.log
         done ) &
+    done
+    wait ;;
+  explore)  # issue 18's next settings (docs/distill.md, "The GPU re-run"): sequential B2B inputs and a longer,
+           # faster KD, at 100% and 75% on the full suite, in runs/explore/ (not the sweep's folders: the report would list them as plain b2b_kd)
+    mkdir -p runs/logs
+    for f in 1.0 0.75; do
+      OMP_NUM_THREADS=2 timeout ${UNTIL:-3000} python3 -m spd.cli study $M parallel.tp=3 spd.ranking=backward \
+        spd.fraction=$f study.strategy=b2b_kd distill.inputs=sequential kd.steps=600 kd.lr=3e-5 \
+        spd.rank_state_gb=24 eval.batch_size=64 study.export=false \
+        hydra.run.dir=runs/explore/smollm2_135m/tp3/f$f-b2b_kd-sequential-kd600 >> runs/logs/explore-f$f.log 2>&1 &
     done
     wait ;;
   planner)
