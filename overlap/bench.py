@@ -162,6 +162,12 @@ def decode_kernel_on(job: dict, ctx: TPContext) -> bool:
     return fuse_on(job, ctx) and job.get("decode_kernel", True) is not False
 
 
+def norm_gemv_on(job: dict, ctx: TPContext) -> bool:
+    """Decode's norm + GEMV (+ SwiGLU) as one Triton kernel (overlap.kernels.norm_gemv), when the job asks
+    for it (norm_gemv: true) with the fused kernels."""
+    return fuse_on(job, ctx) and bool(job.get("norm_gemv"))
+
+
 def prefill_graphs_on(job: dict, ctx: TPContext) -> bool:
     """Captured prefills (Runtime(prefill_graphs=True)) when the job says prefill_graphs, on a GPU with impl
     nccl; ISO variants stay eager (records: prefill_graphs)."""
@@ -212,7 +218,7 @@ class Recorder:
                            virtual_tp=check_virtual(job) > 1,
                            warmup=b["warmup"], iters=b["iters"], cuda_graphs=graphs_on(job, ctx),
                            compile=bool(job.get("compile")), impl=job.get("impl", "nccl"), fused=fuse_on(job, ctx),
-                           decode_kernel=decode_kernel_on(job, ctx),
+                           decode_kernel=decode_kernel_on(job, ctx), norm_gemv=norm_gemv_on(job, ctx),
                            device=device_name(),
                            torch=torch.__version__, versions=_versions(), commit=git_commit(),
                            **({"command": job["command"]} if job.get("command") else {}), **(rates or {}))
@@ -271,7 +277,7 @@ def run_ours(job: dict, ctx: TPContext, record: Recorder) -> None:
         for B in b["batches"]:
             rt = Runtime(model, ctx, B, _round_up(context + 1), cuda_graphs=graphs_on(job, ctx),
                          compile=job.get("compile", False), impl=job.get("impl", "nccl"), fuse=fuse_on(job, ctx),
-                         decode_kernel=decode_kernel_on(job, ctx))
+                         decode_kernel=decode_kernel_on(job, ctx), norm_gemv=norm_gemv_on(job, ctx))
             tok = torch.randint(0, args.vocab_size, (B, 1), generator=gen).to(ctx.device)  # (B, 1)
 
             def step():
@@ -326,7 +332,7 @@ def run_profile(job: dict, ctx: TPContext, out_dir: Path, layers: int,
         modes = [(True, ""), (False, "-eager")] if graphs_on(job, ctx) else [(False, "")]
         for graphs, suffix in modes:
             rt = Runtime(model, ctx, 1, _round_up(context + 1), cuda_graphs=graphs, impl=impl, fuse=fuse,
-                         decode_kernel=decode_kernel_on(job, ctx))
+                         decode_kernel=decode_kernel_on(job, ctx), norm_gemv=norm_gemv_on(job, ctx))
 
             def steps(rt=rt):
                 for _ in range(5):

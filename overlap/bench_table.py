@@ -68,7 +68,9 @@ def _kernels(rec: dict) -> str:
         return "unfused elementwise"
     triton = rec.get("decode_kernel") and rec["phase"] == "decode"  # prefill never runs it
     graphs = rec.get("prefill_graphs") and rec["phase"] == "prefill"
-    return "fused elementwise" + (" + Triton decode attention" if triton else "") + (" + prefill CUDA graph" if graphs else "")
+    norm_gemv = rec.get("norm_gemv") and rec["phase"] == "decode"
+    return ("fused elementwise" + (" + Triton decode attention" if triton else "") + (" + norm-GEMV" if norm_gemv else "")
+            + (" + prefill CUDA graph" if graphs else ""))
 
 
 def _size(rec: dict) -> tuple:

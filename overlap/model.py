@@ -34,6 +34,7 @@ from overlap.ops import EAGER_OPS, decode_mask
 from overlap.sync import Sync
 from spd.errors import ModelLoadError
 
+NORM_LINEAR_MAX_ROWS = 16  # decode rows (batch x tokens) up to which ops.norm_linear runs (one tl.dot tile)
 INIT_STD = 0.02  # random weights: LLaMA's initializer_range, keeps 80 random bf16 blocks finite
 
 
@@ -151,11 +152,12 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, input_pos, mask, kv_len):
         return self.wo(self.heads(x, cos, sin, input_pos, mask, kv_len))  # (B, S, D), this rank's partial
 
-    def heads(self, x, cos, sin, input_pos, mask, kv_len):
-        """Attention up to (not including) wo: (B, S, H/R Dh), this rank's heads."""
+    def heads(self, x, cos, sin, input_pos, mask, kv_len, norm: RMSNorm | None = None):
+        """Attention up to (not including) wo: (B, S, H/R Dh), this rank's heads. With norm, x is the block
+        input and norm + wqkv run as one kernel (ops.norm_linear); else x is already normalised."""
         B, S, _ = x.shape
         H, KV, Dh = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = self.wqkv(x)  # (B, S, (H/R + 2 KV/R) Dh)
+        qkv = self.wqkv(x) if norm is None else norm_linear(self.ops, x, self.wqkv.weight, norm)  # (B, S, (H/R + 2 KV/R) Dh)
         decode = S == 1 and mask is not None and not isinstance(mask, CausalBias)  # an additive (1, L) mask
         if decode and self.ops.decode_heads is not None and supports(qkv, Dh):  # one Triton pass (fused ops)
             cache = self.kv_cache
@@ -184,9 +186,18 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(self.act(x))  # (B, S, D), this rank's partial
 
-    def act(self, x: torch.Tensor) -> torch.Tensor:
-        """The MLP up to (not including) w2: (B, S, F/R)."""
+    def act(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+        """The MLP up to (not including) w2: (B, S, F/R). With norm, x is not normalised yet and norm + w13 +
+        SwiGLU run as one kernel (ops.norm_linear)."""
+        if norm is not None:
+            return norm_linear(self.ops, x, self.w13.weight, norm, gated=True)  # (B, S, F/R)
         return self.ops.swiglu(self.w13(x), self.ffn_dim)  # (B, S, F/R)
+
+
+def norm_linear(ops, x: torch.Tensor, w: torch.Tensor, norm: RMSNorm, gated: bool = False) -> torch.Tensor:
+    """act(norm(x) @ w.T) for x (B, S, K) through ops.norm_linear: (B, S, N), or (B, S, N/2) when gated."""
+    y = ops.norm_linear(x.reshape(-1, x.shape[-1]), w, norm.weight, norm.eps, gated)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class Block(nn.Module):
@@ -207,11 +218,22 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, input_pos, mask, kv_len):
         if self.attn_sync.impl is not None:  # overlap.kernels' fused GEMM + all-reduce (impl != nccl)
             return self.forward_fused(x, cos, sin, input_pos, mask, kv_len)
+        if self.ops.norm_linear is not None and x.shape[0] * x.shape[1] <= NORM_LINEAR_MAX_ROWS:  # decode rows
+            return self.forward_norm_linear(x, cos, sin, input_pos, mask, kv_len)
         a = self.attn(self.attn_norm(x), cos, sin, input_pos, mask, kv_len)  # (B, S, D) partial
         if self.spd:
             return x + self.block_sync(a + self.mlp(self.add_norm(x, a)[1]))  # the only sync
         h, n = self.add_norm(x, self.attn_sync(a))  # sync 1; h = x + sum_r a_r
         return h + self.mlp_sync(self.mlp(n))  # sync 2
+
+    def forward_norm_linear(self, x, cos, sin, input_pos, mask, kv_len):
+        """forward's arithmetic with each norm fused into the GEMV after it (ops.norm_linear): attn_norm +
+        wqkv, and mlp_norm + w13 + SwiGLU, one kernel each; the residual adds stay plain adds."""
+        a = self.attn.wo(self.attn.heads(x, cos, sin, input_pos, mask, kv_len, norm=self.attn_norm))  # partial
+        if self.spd:
+            return x + self.block_sync(a + self.mlp.w2(self.mlp.act(x + a, norm=self.mlp_norm)))  # the only sync
+        h = x + self.attn_sync(a)  # sync 1
+        return h + self.mlp_sync(self.mlp.w2(self.mlp.act(h, norm=self.mlp_norm)))  # sync 2
 
     def forward_fused(self, x, cos, sin, input_pos, mask, kv_len):
         """forward's arithmetic with wo / w2 and their sync fused: impl.matmul_all_reduce (docs/kernels.md)."""
@@ -243,14 +265,20 @@ class Transformer(nn.Module):
     def fused(self) -> bool:
         return self.layers[0].ops is not EAGER_OPS if len(self.layers) else False
 
-    def set_fused_(self, on: bool = True, decode_kernel: bool = True) -> "Transformer":
+    def set_fused_(self, on: bool = True, decode_kernel: bool = True, norm_gemv: bool = False) -> "Transformer":
         """Run RoPE, residual add + RMSNorm and SwiGLU as torch.compile'd kernels (fused_ops) or eagerly;
-        decode_kernel=False keeps fused_ops' compiled decode attention instead of the one-pass Triton kernel."""
+        decode_kernel=False keeps fused_ops' compiled decode attention instead of the one-pass Triton kernel;
+        norm_gemv=True (with on) runs decode rows' norm + wqkv and norm + w13 + SwiGLU as one Triton kernel
+        each (overlap.kernels.norm_gemv)."""
         from overlap.fused_ops import fused_ops  # torch.compile and Triton only when asked for
 
         ops = fused_ops() if on else EAGER_OPS
         if on and not decode_kernel:
             ops = dataclasses.replace(ops, decode_heads=None)
+        if on and norm_gemv:
+            from overlap.kernels.norm_gemv import norm_linear_op
+
+            ops = dataclasses.replace(ops, norm_linear=norm_linear_op)
         for m in self.modules():
             if isinstance(m, (Block, Attention, MLP, RMSNorm)):
                 m.ops = ops

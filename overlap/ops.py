@@ -1,5 +1,5 @@
 """The steps between a block's weight GEMMs, in plain torch: RoPE, residual add + RMSNorm, SwiGLU, RMSNorm, decode
-attention; bundled as Ops so a model can swap in fused versions (overlap.fused_ops) with the same arithmetic.
+attention, and a norm with the GEMV after it; bundled as Ops so a model can swap in fused versions (overlap.fused_ops) with the same arithmetic.
 These are the references every fused kernel is tested against.
 """
 
@@ -38,6 +38,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, weight.shape, weight, eps)
 
 
+def norm_linear(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                gated: bool = False) -> torch.Tensor:
+    """act(rms_norm(x) @ w.T) for x (M, K), w (N, K): a block's norm and the GEMV after it, then SwiGLU of
+    w's [gate; up] rows when gated ((M, N/2)); the steps Ops.norm_linear fuses (overlap.kernels.norm_gemv)."""
+    y = F.linear(rms_norm(x, norm_weight, eps), w)
+    return swiglu(y, w.shape[0] // 2) if gated else y
+
+
 def decode_mask(input_pos: torch.Tensor, kv_len: int, dtype) -> torch.Tensor:
     """Additive (S, kv_len) mask: 0 where cache position j <= input_pos[i], -inf after it."""
     allowed = torch.arange(kv_len, device=input_pos.device)[None, :] <= input_pos[:, None]  # (S, L)
@@ -69,6 +77,9 @@ class Ops:
     norm: object
     decode_attention: object
     decode_heads: object = None  # RoPE + cache write + decode attention in one pass (where supports() holds)
+    # norm_linear(x (M, K), w, norm_weight, eps, gated) for rows M <= 16 (the function above): a block's norm +
+    # wqkv and norm + w13 + SwiGLU as one kernel each (overlap.kernels.norm_gemv); None: the separate steps
+    norm_linear: object = None
 
 
 EAGER_OPS = Ops(rope_, add_rms_norm, swiglu, rms_norm, decode_attention)  # plain torch: the reference, CPU's

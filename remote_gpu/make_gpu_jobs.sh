@@ -49,6 +49,11 @@ V=(parallel.tp=1 'bench.variants=[nocomm]' bench.fuse=true)
 mk v4_dec "${V[@]}" bench.virtual_tp=4 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 bench.warmup=3
 mk v4_dec_nok "${V[@]}" bench.virtual_tp=4 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 \
   bench.warmup=3 bench.decode_kernel=false
+# issue 16: the norm + GEMV (+ SwiGLU) kernel (overlap/kernels/norm_gemv.py) against v4_dec / v8_all in the same call
+mk v4_dec_ng "${V[@]}" bench.virtual_tp=4 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 \
+  bench.warmup=3 bench.norm_gemv=true
+mk v8_dec_ng "${V[@]}" bench.virtual_tp=8 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 \
+  bench.warmup=3 bench.norm_gemv=true
 mk v4_pre "${V[@]}" bench.virtual_tp=4 'bench.phases=[prefill]' 'bench.tokens=[2048,8192]' bench.iters=10 bench.warmup=2
 mk v4_prof "${V[@]}" bench.virtual_tp=4 'bench.phases=[decode]' 'bench.batches=[1]'
 mk v8_all "${V[@]}" bench.virtual_tp=8 'bench.tokens=[2048,8192]' 'bench.batches=[1,16]' bench.iters=10 bench.warmup=3

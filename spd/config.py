@@ -210,6 +210,7 @@ class BenchConfig:
     impl: str = "nccl"  # collective implementation: nccl | symm_mem | triton (overlap.kernels)
     fuse: bool = True  # compiled RoPE / add+norm / SwiGLU / RMSNorm on GPUs (false: eager)
     decode_kernel: bool = True  # the one-pass Triton decode attention with fuse on CUDA (false: compiled ops)
+    norm_gemv: bool = False  # with fuse on CUDA: decode's norm + wqkv, norm + w13 + SwiGLU as one Triton kernel each
     compile: bool = False  # torch.compile the decode step's blocks before CUDA-graph capture
     prefill_graphs: bool = False  # capture prefill in CUDA graphs too
     iso_ctas: Any = None  # NCCL thread blocks of ISO's group: null (default), an int or a list to sweep

@@ -35,9 +35,9 @@ def _match(r: dict, target: dict) -> bool:
 
 def setup_of(r: dict) -> tuple:
     """What a bench record was measured with: code version, device, collective impl, fused kernels, compile,
-    the Triton decode attention, and whether one rank's shard ran alone (virtual_tp)."""
+    the Triton decode attention and norm-GEMV kernels, and whether one rank's shard ran alone (virtual_tp)."""
     return (r.get("commit"), r.get("device"), r.get("impl", "nccl"), bool(r.get("fused")), bool(r.get("compile")),
-            bool(r.get("decode_kernel")), bool(r.get("virtual_tp")))
+            bool(r.get("decode_kernel")), bool(r.get("norm_gemv")), bool(r.get("virtual_tp")))
 
 
 def newest_by_setup(records: list[dict], keep) -> dict[tuple, dict[str, dict]]:

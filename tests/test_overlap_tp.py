@@ -8,12 +8,14 @@ they need only torch and overlap/ (the parent hands them the unsharded model).
 """
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from overlap.launch import spawn_ranks
 from overlap.model import ModelArgs, Transformer
+from overlap.ops import norm_linear
 from overlap.runtime import Runtime
 from overlap.tp import build_sharded, layout_of, set_plan_, shard_
 from spd.plan import SPDPlan
@@ -75,6 +77,26 @@ def rank_worker(ctx, full: Transformer, ids: torch.Tensor):
         gen = rt.generate(ids[:, :PROMPT], NEW_TOKENS)
         out[name] = dict(full=full, chunks=chunks, decode=decode, gen=gen, prefill_syncs=c1 - c0,
                          decode_syncs=(c3 - c2) / (ids.shape[1] - SPLIT))
+    # decode again with each norm fused into the GEMV after it (Ops.norm_linear; its plain-torch form here,
+    # the Triton kernel's parity is tests/test_kernels_norm_gemv.py): the same sharded arithmetic
+    calls = []
+
+    def counted(*a):
+        calls.append(1)
+        return norm_linear(*a)
+
+    ops = dataclasses.replace(model.layers[0].ops, norm_linear=counted)
+    for m in model.modules():
+        if hasattr(m, "ops"):
+            m.ops = ops
+    for name, blocks in PLANS.items():
+        set_plan_(model, SPDPlan.zero_shot(ctx.world_size, LAYERS, blocks))
+        rt.invalidate()
+        rt.reset()
+        rt.prefill(ids[:, :SPLIT])  # 14 rows: norm_linear too
+        out[name]["decode_norm_linear"] = torch.cat(
+            [rt.decode_one(ids[:, i : i + 1]).clone() for i in range(SPLIT, ids.shape[1])], dim=1)
+    out["norm_linear_calls"] = len(calls)
     random = build_sharded(model.args, ctx, dtype=torch.float32)
     out["random_shapes"] = {n: tuple(p.shape) for n, p in random.layers[0].named_parameters()}
     return out
@@ -128,6 +150,15 @@ def test_two_chunk_prefill_and_decode_equal_full_forward(case, plan):
     res = case["results"][0][plan]
     assert _maxdiff(res["chunks"], ref) <= TP_FP32_ATOL
     assert _maxdiff(res["decode"], ref[:, SPLIT:]) <= TP_FP32_ATOL
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_decode_with_norm_fused_into_the_gemv_equals_emulation(case, plan):
+    ref = case["refs"][plan]["logits"]
+    for res in case["results"]:
+        assert _maxdiff(res[plan]["decode_norm_linear"], ref[:, SPLIT:]) <= TP_FP32_ATOL, f"rank {res['rank']}"
+        # not vacuous: every forward (the 14-row prefill and each decode step) ran it twice a block
+        assert res["norm_linear_calls"] == len(PLANS) * (1 + case["ids"].shape[1] - SPLIT) * 2 * LAYERS
 
 
 @pytest.mark.parametrize("plan", PLANS)

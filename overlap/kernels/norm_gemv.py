@@ -1,0 +1,179 @@
+"""Decode GEMV with the steps around it fused: RMSNorm before, SwiGLU after, split-K for skinny weights.
+
+    y = act(norm(x) @ w.T)        x (M, K) with M = 1..16 decode rows, w (N, K) an nn.Linear weight
+    norm(x) = rms_norm(x, g, eps) when g is given: fp32 statistics, rounded to x's dtype (F.rms_norm)
+    act(y)  = silu(y[:, :F]) * y[:, F:] when swiglu (w's rows are [gate; up], F = N / 2), else y
+
+In overlap.model's decode step these are attn_norm + wqkv and mlp_norm + w13 + SwiGLU: one launch (two
+with split-K) instead of two or three, and the norm's output and w13's (M, 2F) never go through memory.
+Roundings follow the unfused steps (overlap.ops): the normalised x, and gate and up, are rounded to x's
+dtype where the steps would store them; products are accumulated in fp32 by tl.dot.
+
+Program (n, s) owns BLOCK_N output columns (with swiglu: BLOCK_N gate and the matching up columns) and the
+s-th of SPLIT_K equal shares of K. Each program first computes its rows' sum of squares over the whole K
+(x is M x K elements, read from L2), so no program waits for another. With SPLIT_K = 1 it applies the
+epilogue and stores y; otherwise it stores fp32 partials and a second kernel sums them in split order
+(deterministic) and applies the epilogue. split_k="auto" picks the smallest power of two that gives about
+PROGRAMS_PER_SM programs per SM, so a weight with few output columns (wqkv, wo of a TP shard) still reads
+its bytes with every SM.
+
+The reference is `reference` (overlap.ops.norm_linear): rms_norm, F.linear and swiglu, what the eager runtime runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from overlap.kernels.checks import KernelArgError, check_decode_rows, check_dtype, check_matmul
+from overlap.kernels.schedule import DECODE_MAX_M
+from overlap.ops import norm_linear, swiglu as swiglu_ref
+
+OP = "norm_gemv"
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+PROGRAMS_PER_SM = 2  # split-K target: programs in flight per SM (to be tuned on the GPU: docs/benchmarks)
+
+
+@triton.jit
+def norm_gemv_kernel(
+    x_ptr, g_ptr, w_ptr, y_ptr, part_ptr,  # x (M, K), g (K,), w (N, K), y (M, N_OUT), part (SPLIT_K, M, N)
+    M, N_OUT, K, K_SHARE, stride_xm, stride_wn, eps,  # N_OUT: output columns (F with swiglu, else N)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NORM: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N_OUT
+    dt = x_ptr.dtype.element_ty
+    if NORM:  # this program's rows' statistics over the whole K
+        ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                         mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
+            ss += tl.sum(xt * xt, axis=1)
+        rstd = 1.0 / tl.sqrt(ss / K + eps)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_lo = pid_k * K_SHARE
+    for k0 in range(k_lo, k_lo + K_SHARE, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+        if NORM:
+            gt = tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            xt = (xt.to(tl.float32) * rstd[:, None] * gt[None, :]).to(dt)
+        wt = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
+        acc = tl.dot(xt, tl.trans(wt), acc)
+        if SWIGLU:
+            wu = tl.load(w_ptr + (offs_n[:, None] + N_OUT) * stride_wn + offs_k[None, :],
+                         mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            acc_up = tl.dot(xt, tl.trans(wu), acc_up)
+    tile_mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        if SWIGLU:
+            acc = _swiglu(acc, acc_up, y_ptr)
+        tl.store(y_ptr + offs_m[:, None] * N_OUT + offs_n[None, :], acc.to(dt), mask=tile_mask)
+    else:
+        n_all = N_OUT * 2 if SWIGLU else N_OUT  # a partial holds gate and up columns side by side
+        base = part_ptr + pid_k * M * n_all + offs_m[:, None] * n_all + offs_n[None, :]
+        tl.store(base, acc, mask=tile_mask)
+        if SWIGLU:
+            tl.store(base + N_OUT, acc_up, mask=tile_mask)
+
+
+@triton.jit
+def _swiglu(gate, up, y_ptr):
+    """silu(gate) * up with the unfused steps' roundings: gate, up and silu(gate) in y's dtype."""
+    dt = y_ptr.dtype.element_ty
+    g = gate.to(dt).to(tl.float32)
+    s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+    return s * up.to(dt).to(tl.float32)
+
+
+@triton.jit
+def split_k_reduce_kernel(part_ptr, y_ptr, M, N_OUT, BLOCK: tl.constexpr, SWIGLU: tl.constexpr,
+                          SPLIT_K: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat (m, n) of the output
+    mask = offs < M * N_OUT
+    m = offs // N_OUT
+    n = offs % N_OUT
+    n_all = N_OUT * 2 if SWIGLU else N_OUT
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):  # split order: the same sums on every call
+        base = part_ptr + s * M * n_all + m * n_all + n
+        acc += tl.load(base, mask=mask, other=0.0)
+        if SWIGLU:
+            acc_up += tl.load(base + N_OUT, mask=mask, other=0.0)
+    if SWIGLU:
+        acc = _swiglu(acc, acc_up, y_ptr)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def auto_split_k(programs: int, k_blocks: int, sm_count: int) -> int:
+    """The smallest power of two s with programs * s >= PROGRAMS_PER_SM * sm_count, at most k_blocks."""
+    s = 1
+    while programs * s < PROGRAMS_PER_SM * sm_count and s * 2 <= k_blocks:
+        s *= 2
+    return s
+
+
+def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
+              swiglu: bool = False, split_k: int | str = "auto", block_n: int = 32, block_k: int = 128,
+              sm_count: int | None = None, num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
+    """act(rms_norm(x) @ w.T) for decode rows x (M, K), M <= 16, w (N, K): (M, N) or (M, N/2) with swiglu."""
+    M, N, K = check_matmul(x, w, OP)
+    check_decode_rows(M, DECODE_MAX_M, OP)
+    check_dtype(x, DTYPES, OP)
+    if x.stride(1) != 1 or w.stride(1) != 1:
+        raise KernelArgError(f"{OP}: x and w need contiguous rows (strides {x.stride()}, {w.stride()}); "
+                             "pass .contiguous() tensors")
+    if norm_weight is not None and tuple(norm_weight.shape) != (K,):
+        raise KernelArgError(f"{OP}: norm_weight has shape {tuple(norm_weight.shape)}, x's rows need ({K},)")
+    if swiglu and N % 2:
+        raise KernelArgError(f"{OP}: swiglu needs w's rows to be [gate; up] (an even count), got {N}")
+    n_out = N // 2 if swiglu else N
+    programs = triton.cdiv(n_out, block_n)
+    k_blocks = triton.cdiv(K, block_k)
+    if split_k == "auto":
+        if sm_count is None:
+            sm_count = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        split_k = auto_split_k(programs, k_blocks, sm_count)
+    if not isinstance(split_k, int) or not 1 <= split_k <= k_blocks:
+        raise KernelArgError(f"{OP}: split_k={split_k!r}; valid: 'auto' or 1..{k_blocks} (K / block_k)")
+    k_share = triton.cdiv(k_blocks, split_k) * block_k
+    y = torch.empty((M, n_out), dtype=x.dtype, device=x.device)
+    part = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device) if split_k > 1 else y
+    g = norm_weight if norm_weight is not None else x  # unused pointer when there is no norm
+    norm_gemv_kernel[(programs, split_k)](
+        x, g, w, y, part, M, n_out, K, k_share, x.stride(0), w.stride(0), eps,
+        BLOCK_M=DECODE_MAX_M, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm_weight is not None, SWIGLU=swiglu,
+        SPLIT_K=split_k, num_warps=num_warps, num_stages=num_stages)
+    if split_k > 1:
+        block = 256
+        split_k_reduce_kernel[(triton.cdiv(M * n_out, block),)](part, y, M, n_out, BLOCK=block, SWIGLU=swiglu,
+                                                                SPLIT_K=split_k)
+    return y
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
+              swiglu: bool = False) -> torch.Tensor:
+    """The unfused steps in plain torch (overlap.ops.norm_linear; F.linear alone without a norm): the parity reference."""
+    if norm_weight is None:
+        y = F.linear(x, w)
+        return swiglu_ref(y, w.shape[0] // 2) if swiglu else y
+    return norm_linear(x, w, norm_weight, eps, swiglu)
+
+
+def norm_linear_op(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                   gated: bool) -> torch.Tensor:
+    """overlap.ops.Ops.norm_linear through this kernel (split_k auto)."""
+    return norm_gemv(x, w, norm_weight=norm_weight, eps=eps, swiglu=gated)

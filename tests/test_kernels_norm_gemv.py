@@ -1,0 +1,147 @@
+"""overlap.kernels.norm_gemv against its plain-torch reference: on CPU through Triton's interpreter (fp32,
+a fresh subprocess with TRITON_INTERPRET=1, as tests/test_kernels_interpret.py), on a GPU in bf16."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from overlap.kernels.norm_gemv import PROGRAMS_PER_SM, auto_split_k
+
+ROOT = Path(__file__).resolve().parents[1]
+FP32_TOL = 1e-4  # fp32 dot products of length <= 300 summed in another order than torch's
+# (M, N, K): one decode row, a few, the 16-row tile; N and K not multiples of the blocks
+SHAPES = [(1, 48, 200), (3, 40, 130), (16, 64, 300)]
+
+
+def test_auto_split_k_fills_the_sms_without_splitting_past_k():
+    assert auto_split_k(programs=200, k_blocks=64, sm_count=132) == 2  # 400 >= 264 programs
+    assert auto_split_k(programs=300, k_blocks=64, sm_count=132) == 1
+    assert auto_split_k(programs=20, k_blocks=64, sm_count=132) == 16  # 320 >= 264
+    assert auto_split_k(programs=20, k_blocks=4, sm_count=132) == 4  # no more shares than K blocks
+    for programs in (1, 7, 80, 500):
+        s = auto_split_k(programs, 64, 132)
+        assert programs * s >= PROGRAMS_PER_SM * 132 or s * 2 > 64
+        assert s == 1 or programs * (s // 2) < PROGRAMS_PER_SM * 132  # the smallest such power of two
+
+
+def run_case(case: str):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, __file__, case], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_matches_the_unfused_steps_in_the_interpreter():
+    cases = run_case("kernel")
+    assert len(cases) == len(SHAPES) * 2 * 2 * 3
+    for case in cases:
+        assert case["err"] < FP32_TOL, case
+        assert case["shape"] == case["ref_shape"], case
+
+
+def test_runtime_decode_with_the_kernel_equals_eager_in_the_interpreter():
+    out = run_case("runtime")
+    assert out["max_err"] < FP32_TOL, out
+    assert out["kernel_calls"] == out["expected_calls"], out  # every decode step of every block, both GEMVs
+
+
+def test_bad_arguments_say_what_is_wrong():
+    from overlap.kernels.checks import KernelArgError
+    from overlap.kernels.norm_gemv import norm_gemv
+
+    x, w = torch.randn(2, 64), torch.randn(33, 64)
+    with pytest.raises(KernelArgError, match="swiglu needs w's rows to be \\[gate; up\\]"):
+        norm_gemv(x, w, swiglu=True)
+    with pytest.raises(KernelArgError, match="norm_weight has shape \\(32,\\), x's rows need \\(64,\\)"):
+        norm_gemv(x, w, norm_weight=torch.ones(32))
+    with pytest.raises(KernelArgError, match="split_k=9; valid: 'auto' or 1..1"):
+        norm_gemv(x, w, split_k=9)
+    with pytest.raises(KernelArgError, match="17"):
+        norm_gemv(torch.randn(17, 64), w)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 16])
+def test_bf16_on_the_gpu_matches_the_unfused_steps(m):
+    from overlap.kernels.norm_gemv import norm_gemv, reference
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n, k, swiglu in ((2560, 8192, False), (2 * 7168, 8192, True), (2 * 3584, 8192, True)):  # 70B R = 4, 8
+        x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+        w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16()
+        gw = (1 + 0.1 * torch.randn(k, device="cuda", generator=g)).bfloat16()
+        ref = reference(x, w, norm_weight=gw, swiglu=swiglu).float()
+        for split_k in (1, "auto"):
+            out = norm_gemv(x, w, norm_weight=gw, swiglu=swiglu, split_k=split_k).float()
+            # bf16 outputs: a rounding step apart at most where the fp32 sums differ in their last bits
+            assert torch.allclose(out, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()), (n, split_k)
+
+
+def _interpreted() -> list[dict]:
+    from overlap.kernels.norm_gemv import norm_gemv, reference
+
+    out = []
+    for i, (m, n, k) in enumerate(SHAPES):
+        gen = torch.Generator().manual_seed(i)
+        x, w = torch.randn(m, k, generator=gen), torch.randn(2 * n, k, generator=gen)
+        gw = 1 + 0.1 * torch.randn(k, generator=gen)
+        for norm in (None, gw):
+            for swiglu in (False, True):
+                for split_k in (1, 2, "auto"):
+                    y = norm_gemv(x, w, norm_weight=norm, swiglu=swiglu, split_k=split_k, block_k=32, sm_count=4)
+                    ref = reference(x, w, norm_weight=norm, swiglu=swiglu)
+                    err = ((y - ref).abs().max() / ref.abs().max()).item()
+                    out.append({"m": m, "n": n, "k": k, "norm": norm is not None, "swiglu": swiglu,
+                                "split_k": split_k, "err": err, "shape": list(y.shape), "ref_shape": list(ref.shape)})
+    return out
+
+
+def _runtime() -> dict:
+    """Runtime decode (eager ops) against the same with Ops.norm_linear = this kernel, fp32, one baseline and
+    one SPD block (overlap.tp.set_plan_ at R = 1 marks it; its arithmetic is forward_norm_linear's SPD branch)."""
+    import copy
+    import dataclasses
+
+    from overlap.context import single
+    from overlap.kernels.norm_gemv import norm_linear_op
+    from overlap.model import ModelArgs, Transformer
+    from overlap.runtime import Runtime
+
+    args = ModelArgs(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96)
+    full = Transformer.from_args(args, seed=3)
+    full.layers[1].spd = True
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(4))
+    calls = []
+
+    def counted(*a):
+        calls.append(1)
+        return norm_linear_op(*a)
+
+    outs = []
+    for kernel in (False, True):
+        model = copy.deepcopy(full)
+        rt = Runtime(model, single("cpu"), 2, 72, cuda_graphs=False)  # eager ops
+        if kernel:
+            ops = dataclasses.replace(model.layers[0].ops, norm_linear=counted)
+            for m in model.modules():
+                if hasattr(m, "ops"):
+                    m.ops = ops
+        with torch.no_grad():
+            rt.prefill(ids[:, :12])  # 24 rows: the unfused path
+            outs.append(torch.cat([rt.decode_one(ids[:, i : i + 1]) for i in range(12, 20)], 1))
+    scale = outs[0].abs().max().item()
+    return {"max_err": (outs[0] - outs[1]).abs().max().item() / scale, "kernel_calls": len(calls),
+            "expected_calls": 8 * args.n_layers * 2}
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run through the tests (they set TRITON_INTERPRET=1)"
+    print(json.dumps({"kernel": _interpreted, "runtime": _runtime}[sys.argv[1]]()))
