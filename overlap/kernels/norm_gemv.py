@@ -82,7 +82,9 @@ def norm_gemv_kernel(
             acc = _swiglu(acc, acc_up, y_ptr)
         tl.store(y_ptr + offs_m[:, None] * N_OUT + offs_n[None, :], acc.to(dt), mask=tile_mask)
     else:
-        n_all = N_OUT * 2 if SWIGLU else N_OUT  # a partial holds gate and up columns side by side
+        n_all = N_OUT  # a partial holds gate and up columns side by side
+        if SWIGLU:
+            n_all = N_OUT * 2
         base = part_ptr + pid_k * M * n_all + offs_m[:, None] * n_all + offs_n[None, :]
         tl.store(base, acc, mask=tile_mask)
         if SWIGLU:
@@ -105,7 +107,9 @@ def split_k_reduce_kernel(part_ptr, y_ptr, M, N_OUT, BLOCK: tl.constexpr, SWIGLU
     mask = offs < M * N_OUT
     m = offs // N_OUT
     n = offs % N_OUT
-    n_all = N_OUT * 2 if SWIGLU else N_OUT
+    n_all = N_OUT
+    if SWIGLU:
+        n_all = N_OUT * 2
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in tl.static_range(SPLIT_K):  # split order: the same sums on every call
