@@ -10,25 +10,20 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from interpreted import run_interpreted
+
 FP32_TOL = 1e-5  # fp32 (IEEE dots) in another summation order than torch's; values O(1)
 BF16_VS_EAGER = 1.0  # bf16: the kernel (fp32 softmax, one rounding of q and k) may be no farther from fp32 than eager bf16
 GPU_FP32_TOL = 1e-4  # fp32 on a GPU: cuBLAS and Triton reduce in other orders
 
 
 def run_case(case: str) -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, __file__, case], capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__, case)
 
 
 def test_num_splits_cover_the_cache_in_whole_tiles():

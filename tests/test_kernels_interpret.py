@@ -13,24 +13,19 @@ from __future__ import annotations
 import json
 import os
 import queue as queue_mod
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from interpreted import run_interpreted
+
 FP32_TOL = 1e-4  # fp32 dot products of length <= 200 in a different summation order than torch's
 CASE_TIMEOUT_S = 240
 
 
 def run_case(case: str, world: int) -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, __file__, case, str(world)], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=CASE_TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__, case, world, timeout=CASE_TIMEOUT_S)
 
 
 def test_gemv_part_matches_matmul_single_rank():

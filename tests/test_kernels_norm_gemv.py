@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from interpreted import run_interpreted
 from overlap.kernels.norm_gemv import PROGRAMS_PER_SM, auto_split_k
 
-ROOT = Path(__file__).resolve().parents[1]
 FP32_TOL = 1e-4  # fp32 dot products of length <= 300 summed in another order than torch's
 # (M, N, K): one decode row, a few, the 16-row tile; N and K not multiples of the blocks
 SHAPES = [(1, 48, 200), (3, 40, 130), (16, 64, 300)]
@@ -31,12 +29,8 @@ def test_auto_split_k_fills_the_sms_without_splitting_past_k():
         assert s == 1 or programs * (s // 2) < PROGRAMS_PER_SM * 132  # the smallest such power of two
 
 
-def run_case(case: str):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, __file__, case], capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def run_case(case: str) -> dict:
+    return run_interpreted(__file__, case)
 
 
 def test_matches_the_unfused_steps_in_the_interpreter():
