@@ -179,15 +179,36 @@ def test_virtual_tp_times_one_rank_shard_alone_with_its_hf_compile_peer_and_floo
            "| hf_compile / nocomm |" in text
 
 
+def bench_config(*overrides):
+    """spd-bench's resolved config for the tiny model's smoke settings plus overrides (Hydra's compose API)."""
+    from hydra import compose, initialize_config_dir
+
+    from spd.config import CONF_DIR, as_dataclass
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return as_dataclass(compose("bench", overrides=["model=tiny", "bench=smoke", *overrides]))
+
+
+VIRTUAL = ("parallel.tp=1", "bench.virtual_tp=2", "bench.variants=[nocomm]")
+
+
 @pytest.mark.parametrize("bad", [["parallel.tp=2"], ["bench.variants=[base,nocomm]"], ["bench.variants=[nocomm,hf_tp]"],
                                  ["bench.impl=triton"]])
-def test_virtual_tp_refuses_what_it_cannot_measure(tmp_path, bad):
-    cmd = [sys.executable, "-m", "overlap.cli", "model=tiny", "bench=smoke", "parallel.tp=1", "bench.virtual_tp=2",
-           "bench.variants=[nocomm]", f"hydra.run.dir={tmp_path}", "bench.dry_run=true", *bad]
+def test_virtual_tp_refuses_what_it_cannot_measure(bad):
+    from overlap.cli import bench_job
+
+    with pytest.raises(SPDError, match=r"virtual_tp=2 .* it needs parallel.tp=1, bench.variants=\[nocomm\]"):
+        bench_job(bench_config(*VIRTUAL, *bad))
+
+
+def test_a_refused_job_exits_non_zero_and_writes_no_job_file(tmp_path):
+    """The command line's side of the refusals above (one of them, through the real CLI)."""
+    cmd = [sys.executable, "-m", "overlap.cli", "model=tiny", "bench=smoke", *VIRTUAL, f"hydra.run.dir={tmp_path}",
+           "bench.dry_run=true", "bench.impl=triton"]
     done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
     assert done.returncode != 0
     assert "virtual_tp=2" in done.stderr + done.stdout and "bench.variants=[nocomm]" in done.stderr + done.stdout
-    assert not (tmp_path / "job.json").exists()
+    assert "torch.distributed.run" not in done.stdout and not (tmp_path / "job.json").exists()
 
 
 def test_table_labels_the_triton_decode_attention_on_decode_rows_only():
@@ -200,12 +221,11 @@ def test_table_labels_the_triton_decode_attention_on_decode_rows_only():
 
 
 @pytest.mark.parametrize("degree", [["parallel.tp=3"], ["bench.virtual_tp=3", "bench.variants=[nocomm]"]])
-def test_a_degree_the_shape_cannot_take_fails_before_launching(tmp_path, degree):
-    cmd = [sys.executable, "-m", "overlap.cli", "model=tiny", "bench=smoke", f"hydra.run.dir={tmp_path}", *degree]
-    done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
-    assert done.returncode != 0
-    assert "valid degrees: 1, 2, 4, 8" in done.stderr + done.stdout  # tiny: 8 heads, 4 KV heads
-    assert "torch.distributed.run" not in done.stdout and not (tmp_path / "job.json").exists()
+def test_a_degree_the_shape_cannot_take_fails_before_launching(degree):
+    from overlap.cli import bench_job
+
+    with pytest.raises(ParallelConfigError, match="valid degrees: 1, 2, 4, 8"):  # tiny: 8 heads, 4 KV heads
+        bench_job(bench_config(*degree))  # the job is built (and refused) before anything launches
 
 
 def test_floor_arithmetic_against_a_hand_count():
