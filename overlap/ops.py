@@ -38,11 +38,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, weight.shape, weight, eps)
 
 
-def norm_linear(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+def norm_linear(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
                 gated: bool = False) -> torch.Tensor:
-    """act(rms_norm(x) @ w.T) for x (M, K), w (N, K): a block's norm and the GEMV after it, then SwiGLU of
-    w's [gate; up] rows when gated ((M, N/2)); the steps Ops.norm_linear fuses (overlap.kernels.norm_gemv)."""
-    y = F.linear(rms_norm(x, norm_weight, eps), w)
+    """act(rms_norm(x) @ w.T) for x (M, K), w (N, K): a block's norm (none when norm_weight is None) and the
+    GEMV after it, then SwiGLU of w's [gate; up] rows when gated ((M, N/2)); the steps Ops.norm_linear fuses
+    (overlap.kernels.norm_gemv)."""
+    y = F.linear(x if norm_weight is None else rms_norm(x, norm_weight, eps), w)
     return swiglu(y, w.shape[0] // 2) if gated else y
 
 

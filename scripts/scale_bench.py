@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spd.activations import capture_hidden_states  # noqa: E402
-from spd.block import decoder_layers, remove_spd_, set_spd_  # noqa: E402
+from spd.block import decoder_layers, offloaded_modules, remove_spd_, set_spd_  # noqa: E402
 from spd.calibration import calibration_tokens, read_texts  # noqa: E402
 from spd.config import CalibConfig, DistillConfig, EvalConfig  # noqa: E402
 from spd.cost import block_flops_per_token, block_weights  # noqa: E402
@@ -80,8 +80,7 @@ def gib(n: float) -> float:
 
 def offloaded_blocks(model, L: int) -> set[int]:
     """Blocks whose weights live on the CPU or disk (loaded onto the GPU for each forward)."""
-    device_map = getattr(model, "hf_device_map", None) or {}
-    return {j for j in range(L) if device_map.get(f"model.layers.{j}") in ("cpu", "disk")}
+    return {j for j, block in enumerate(decoder_layers(model)[:L]) if offloaded_modules(block)}
 
 
 class Recorder:

@@ -23,13 +23,12 @@ The reference is `reference` (overlap.ops.norm_linear): rms_norm, F.linear and s
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from overlap.kernels.checks import KernelArgError, check_decode_rows, check_dtype, check_matmul
 from overlap.kernels.schedule import DECODE_MAX_M
-from overlap.ops import norm_linear, swiglu as swiglu_ref
+from overlap.ops import norm_linear
 
 OP = "norm_gemv"
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -170,10 +169,7 @@ def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
 
 def reference(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
               swiglu: bool = False) -> torch.Tensor:
-    """The unfused steps in plain torch (overlap.ops.norm_linear; F.linear alone without a norm): the parity reference."""
-    if norm_weight is None:
-        y = F.linear(x, w)
-        return swiglu_ref(y, w.shape[0] // 2) if swiglu else y
+    """The unfused steps in plain torch (overlap.ops.norm_linear): the parity reference."""
     return norm_linear(x, w, norm_weight, eps, swiglu)
 
 
