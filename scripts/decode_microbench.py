@@ -10,6 +10,11 @@
 3. Decode attention (16 query heads, 2 KV heads, Dh 128, cache 2112, position 2048; batch 1, 16): the
    eager path (RoPE, two cache writes, two batched GEMMs, softmax), fused_ops' compiled version, and
    overlap.decode_attention's Triton pass at several programs-per-SM settings.
+4. overlap.kernels.norm_gemv (--only norm_gemv) at the R = 4 and 8 shards (--tp): attn_norm + wqkv,
+   mlp_norm + w13 + SwiGLU, and wo and w2 alone, M = 1, 16, against the unfused steps it replaces
+   (overlap.ops.norm_linear: F.rms_norm, F.linear (cuBLAS), SwiGLU) over block sizes, split-K and warps.
+   Each record carries the weight bytes over the copy bandwidth measured in the same run (floor_us) and
+   the fraction reached; each config is checked against the reference before it is timed (rel_err).
 
 Each op is timed inside a CUDA graph of CALLS calls that cycle over enough weight copies (> L2) that no
 call reads a weight from L2 (as in a real step, where every layer has its own weights); medians of
@@ -171,15 +176,65 @@ def attention_cases(emit) -> None:
         da.PROGRAMS_PER_SM = default
 
 
+NORM_GEMV_GRID = ([dict(block_n=bn, block_k=bk, num_warps=w, split_k="auto") for bn in (16, 32, 64)
+                   for bk in (64, 128, 256) for w in (4, 8)]
+                  + [dict(block_n=32, block_k=128, num_warps=4, split_k=s) for s in (1, 2, 4, 8, 16)])
+
+
+def norm_gemv_cases(emit, tps=(4, 8), deadline: float = float("inf")) -> None:
+    from overlap.floors import measure_rates
+    from overlap.kernel_bench import llama70b_layers
+    from overlap.kernels.norm_gemv import norm_gemv
+    from overlap.ops import norm_linear
+
+    rates = measure_rates(torch.device("cuda"))
+    emit(dict(piece="rates", **rates))
+    bw = rates["copy_tbps"] * 1e12
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    for tp in tps:
+        for layer, (_, k, n) in llama70b_layers(tp).items():
+            norm, swiglu = layer in ("qkv", "gate_up"), layer == "gate_up"
+            ws = copies((n, k), torch.bfloat16, gen)
+            g = (1 + 0.1 * torch.randn(k, generator=gen, device="cuda")).bfloat16() if norm else None
+            floor_us = n * k * 2 / bw * 1e6
+            base = dict(piece="norm_gemv", tp=tp, layer=layer, n=n, k=k, norm=norm, swiglu=swiglu,
+                        floor_us=floor_us)
+            for m in (1, 16):
+                x = torch.randn(m, k, generator=gen, device="cuda").bfloat16()
+                ref = norm_linear(x, ws[0], g, 1e-5, swiglu).float()
+                us = time_graph(lambda i: norm_linear(x, ws[i % len(ws)], g, 1e-5, swiglu))
+                emit(dict(base, m=m, impl="unfused", us=us, floor_frac=floor_us / us))
+                for cfg in NORM_GEMV_GRID:
+                    if time.time() > deadline:
+                        emit(dict(base, m=m, impl="stopped", reason="--seconds reached"))
+                        return
+                    try:
+                        out = norm_gemv(x, ws[0], norm_weight=g, swiglu=swiglu, **cfg).float()
+                        err = ((out - ref).norm() / ref.norm()).item()
+                        us = time_graph(lambda i: norm_gemv(x, ws[i % len(ws)], norm_weight=g, swiglu=swiglu, **cfg))
+                    except Exception as e:  # a config Triton cannot build (shared memory) or a bad split
+                        emit(dict(base, m=m, impl="norm_gemv", **cfg, error=str(e)[:200]))
+                        continue
+                    emit(dict(base, m=m, impl="norm_gemv", **cfg, us=us, floor_frac=floor_us / us, rel_err=err))
+            del ws
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--only", choices=("gemv", "attention", "weights"))
+    parser.add_argument("--only", choices=("gemv", "attention", "weights", "norm_gemv"))
+    parser.add_argument("--tp", type=int, nargs="+", default=[4, 8], help="norm_gemv: the shards' degrees")
+    parser.add_argument("--seconds", type=float, default=float("inf"), help="norm_gemv: stop after this long")
     a = parser.parse_args()
     from spd.run import git_commit
 
+    import sys
+
+    import triton
+
     prov = dict(schema="spd.decode_micro/1", device=torch.cuda.get_device_name(), torch=torch.__version__,
-                commit=git_commit(), time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                triton=triton.__version__, command="python " + " ".join(sys.argv), commit=git_commit(), time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     a.out.parent.mkdir(parents=True, exist_ok=True)
 
     def emit(rec):
@@ -195,6 +250,8 @@ def main() -> None:
         weight_cases(emit)
     if a.only in (None, "gemv"):
         gemv_cases(emit)
+    if a.only in (None, "norm_gemv"):
+        norm_gemv_cases(emit, a.tp, time.time() + a.seconds)
 
 
 if __name__ == "__main__":
