@@ -2,6 +2,8 @@
 #   source remote_gpu/device_setup.sh
 # Installs the carried wheels (.whl/, made by remote_gpu/device_wheels.sh) into /tmp/site once per machine,
 # unpacks carried assets (.gpu/assets/data.tar.xz) into /root/assets, and sets the environment every run needs.
+# SPD_COMMIT: the commit of the tree this runs (no usable .git travels): every meta.json and record carries it.
+: "${SPD_COMMIT:?export SPD_COMMIT=<the commit of this tree, git rev-parse HEAD where you made the call> first}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast
 export SPD_ASSETS=/root/assets SPD_CACHE=/root/spd-cache MPLBACKEND=Agg

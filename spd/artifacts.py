@@ -119,12 +119,29 @@ def purge_stale(job: Path, expected: dict[str, tuple[str, str]]) -> list[str]:
     return gone
 
 
+def _alive(pid: str) -> bool:
+    """Whether pid (a temporary directory's owner on this host) is a running process; unparsable: no."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 @contextmanager
 def atomic_dir(final: str | Path):
-    """Yield a temporary directory beside `final`; on success it replaces `final` whole."""
+    """Yield a temporary directory beside `final`; on success it replaces `final` whole. Temporaries of a run
+    that died before it could clean up (named with their process id) are removed first."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed run (SIGTERM, SIGKILL, power)
+        if not _alive(stale.name.removeprefix(f".{final.name}.tmp-").split("-")[0]):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-{os.getpid()}-"))
     os.chmod(tmp, user_mode(0o777))
     try:
         yield tmp

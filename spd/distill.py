@@ -34,8 +34,8 @@ calibration error with HG is never above its error without HG (the identity cand
 error before and after training, and for the chosen and the identity grouping the error before HG, after
 HG (before B2B) and after B2B.
 
-Resumable: each finished block's weights go to out_dir/block_{i}.safetensors, then its entry to
-out_dir/manifest.json, both atomically; a restart loads finished blocks instead of training them, and a
+Resumable: each finished block's weights go to out_dir/block_{i}.safetensors (block_{i}_hg with HG), then its
+entry to out_dir/manifest.json (key entry_key(i, hg)), both atomically; a restart loads finished blocks instead of training them, and a
 block whose manifest entry is missing is trained again from the original weights.
 
 Settings come from one typed config, spd.config.DistillConfig (`distill.*`), for spd-distill and the study
@@ -170,6 +170,11 @@ def _advance(layer, H: torch.Tensor, plan: SPDPlan, i: int, store, batch_size: i
             block.restore()
 
 
+def entry_key(block: int, hg: bool) -> str:
+    """A distilled block's key in manifest.json: "3" (B2B alone) or "3_hg" (head grouping, then B2B)."""
+    return f"{block}_hg" if hg else str(block)
+
+
 def distill_blocks_(model, plan: SPDPlan, tokens: torch.Tensor, out_dir: str | Path, cfg: DistillConfig,
                     *, head_grouping: bool = True, dtype: torch.dtype = torch.float32,
                     spill_dir: str | Path | None = None, progress: bool = True,
@@ -205,10 +210,13 @@ def distill_blocks_(model, plan: SPDPlan, tokens: torch.Tensor, out_dir: str | P
                        f"({state.get('settings')}); use a new output directory or delete {out_dir}")
     # dense inputs: a block's result depends on the settings and on whether head grouping ran on it, not on
     # the other blocks (all train on original-model inputs): any plan may reuse it, so sweeps share one
-    # directory. sequential: the settings name the plan's tiers.
+    # directory, which holds each block with and without HG side by side (entries "i" and "i_hg", files
+    # block_i.safetensors and block_i_hg.safetensors). sequential: the settings name the plan's tiers.
+    state["blocks"] = {entry_key(int(k.split("_")[0]), e["hg"]) if "hg" in e else k: e
+                       for k, e in state["blocks"].items()}  # older manifests keyed every entry by its block alone
     hg = {i: plan.tiers[i] == "ESB" and head_grouping for i in todo}
-    done = {int(i): e for i, e in state["blocks"].items()
-            if (out_dir / e["file"]).is_file() and int(i) in hg and e.get("hg") == hg[int(i)] and "sha256" in e}
+    done = {i: state["blocks"][entry_key(i, h)] for i, h in hg.items() if entry_key(i, h) in state["blocks"]}
+    done = {i: e for i, e in done.items() if (out_dir / e["file"]).is_file() and "sha256" in e and "hg" in e}
     need = [i for i in todo if i not in done]
     blocks = sorted(set(need) | ({0} if sequential else set()))
 
@@ -228,7 +236,7 @@ def distill_blocks_(model, plan: SPDPlan, tokens: torch.Tensor, out_dir: str | P
                 with writable(layers[j]):  # an offloaded block trains on its execution device, then goes back
                     report[j] = _distill_one(layers[j], j, plan, X, store.get(j + 1), store, out_dir, dtype, opts,
                                              progress, model.config)
-                state["blocks"][str(j)] = {k: v for k, v in report[j].items() if k != "resumed"}
+                state["blocks"][entry_key(j, hg[j])] = {k: v for k, v in report[j].items() if k != "resumed"}
                 write_json_atomic(out_dir / "manifest.json", state)  # written after the weights: the done-marker
                 store.release(j)
             if H is not None and any(i > j for i in need):

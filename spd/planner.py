@@ -60,14 +60,15 @@ class BlockForms:
     def load_distilled(self, distilled_dir: Path, form: str = "b2b") -> None:
         """Repaired block weights of one form from a distill directory's manifest."""
         manifest = read_json(distilled_dir / "manifest.json")
-        for i, entry in ((manifest or {}).get("blocks") or {}).items():
+        for key, entry in ((manifest or {}).get("blocks") or {}).items():
             if (distilled_dir / entry["file"]).is_file() and "sha256" in entry:
-                if form == "b2b" and entry.get("head_perm") is not None:
+                if bool(entry.get("hg")) != (form == "b2b_hg"):  # the other form of the block (spd.distill.entry_key)
                     continue
-                self.repaired[form][int(i)] = load_file(str(distilled_dir / entry["file"]))
-                self.refs[form][int(i)] = {"file": str(distilled_dir / entry["file"]), "sha256": entry["sha256"]}
+                i = int(key.split("_")[0])
+                self.repaired[form][i] = load_file(str(distilled_dir / entry["file"]))
+                self.refs[form][i] = {"file": str(distilled_dir / entry["file"]), "sha256": entry["sha256"]}
                 if form == "b2b_hg" and entry.get("head_perm") is not None:
-                    self.perms[int(i)] = entry["head_perm"]
+                    self.perms[i] = entry["head_perm"]
 
     def forms(self, i: int) -> list[str]:
         return ["zs"] + [f for f in FORMS[1:] if i in self.repaired[f]]

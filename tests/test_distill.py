@@ -202,3 +202,22 @@ def test_bad_distill_settings_say_what_is_valid(tmp_path):
         distill.distill_blocks_(tiny(layers=4), PLAN, calib(), tmp_path, replace(FAST, schedule="step"))
     with pytest.raises(SPDError, match="valid: proxy, full"):
         distill.distill_blocks_(tiny(layers=4), PLAN, calib(), tmp_path, replace(FAST, hg_search="all"))
+
+
+def test_a_block_with_and_without_head_grouping_share_one_directory(tmp_path, monkeypatch):
+    """Block 3 as SB (B2B alone) and as ESB (HG + B2B) in one folder: both kept, each reused, neither retrained."""
+    out = tmp_path / "shared"
+    as_sb = SPDPlan(tp=2, num_layers=4, tiers={3: "SB"})
+    as_esb = SPDPlan(tp=2, num_layers=4, tiers={3: "ESB"})
+    first = {}
+    for name, plan in (("sb", as_sb), ("esb", as_esb)):
+        model = tiny(layers=4)
+        first[name] = distill.distill_blocks_(model, plan, calib(), out, FAST, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(manifest["blocks"]) == ["3", "3_hg"]
+    assert manifest["blocks"]["3"]["hg"] is False and manifest["blocks"]["3_hg"]["hg"] is True
+    monkeypatch.setattr(distill, "train_block", lambda *a, **kw: pytest.fail("a kept block was trained again"))
+    for name, plan in (("sb", as_sb), ("esb", as_esb)):
+        again, report = distill.distill_blocks_(tiny(layers=4), plan, calib(), out, FAST, progress=False)
+        assert report["blocks"]["3"]["resumed"] and again.weights == first[name][0].weights
+    assert first["sb"][0].weights[3]["sha256"] != first["esb"][0].weights[3]["sha256"]
