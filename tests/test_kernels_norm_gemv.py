@@ -62,6 +62,7 @@ def test_bad_arguments_say_what_is_wrong():
         norm_gemv(torch.randn(17, 64), w)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("m", [1, 16])
 def test_bf16_on_the_gpu_matches_the_unfused_steps(m):
@@ -73,7 +74,7 @@ def test_bf16_on_the_gpu_matches_the_unfused_steps(m):
         w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16()
         gw = (1 + 0.1 * torch.randn(k, device="cuda", generator=g)).bfloat16()
         ref = reference(x, w, norm_weight=gw, swiglu=swiglu).float()
-        for split_k in (1, "auto"):
+        for split_k in (1, 4, "auto"):
             out = norm_gemv(x, w, norm_weight=gw, swiglu=swiglu, split_k=split_k).float()
             # bf16 outputs: a rounding step apart at most where the fp32 sums differ in their last bits
             assert torch.allclose(out, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()), (n, split_k)

@@ -6,16 +6,21 @@
 
 In overlap.model's decode step these are attn_norm + wqkv and mlp_norm + w13 + SwiGLU: one launch (two
 with split-K) instead of two or three, and the norm's output and w13's (M, 2F) never go through memory.
-Roundings follow the unfused steps (overlap.ops): the normalised x, and gate and up, are rounded to x's
-dtype where the steps would store them; products are accumulated in fp32 by tl.dot.
+
+The norm's per-row scale factors out of the product: norm(x) @ w.T = rstd * ((x * g) @ w.T), rstd =
+1 / sqrt(mean(x^2) + eps). So the kernel streams x once: each step of its K loop adds the tile's squares to
+the rows' sums, and multiplies the tile by g before tl.dot; rstd is applied to the fp32 sums at the end.
+(A first version computed the statistics in a separate loop over the whole K before the product: measured
+on an H200, that serial prologue made attn_norm + wqkv 2 to 3x slower than cuBLAS: docs/benchmarks/norm_gemv.md.)
+Roundings: x * g is rounded to x's dtype where the unfused steps round norm(x) (a per-row scale apart);
+gate and up are rounded to x's dtype before SwiGLU, as the steps store them; products accumulate in fp32.
 
 Program (n, s) owns BLOCK_N output columns (with swiglu: BLOCK_N gate and the matching up columns) and the
-s-th of SPLIT_K equal shares of K. Each program first computes its rows' sum of squares over the whole K
-(x is M x K elements, read from L2), so no program waits for another. With SPLIT_K = 1 it applies the
-epilogue and stores y; otherwise it stores fp32 partials and a second kernel sums them in split order
-(deterministic) and applies the epilogue. split_k="auto" picks the smallest power of two that gives about
-PROGRAMS_PER_SM programs per SM, so a weight with few output columns (wqkv, wo of a TP shard) still reads
-its bytes with every SM.
+s-th of SPLIT_K equal shares of K. With SPLIT_K = 1 it applies rstd and the epilogue and stores y;
+otherwise it stores fp32 partials (and, for program column 0, its share's sums of squares) and a second
+kernel sums them in split order (deterministic), then applies rstd and the epilogue. split_k="auto" picks
+the smallest power of two that gives about PROGRAMS_PER_SM programs per SM, so a weight with few output
+columns (wqkv, wo of a TP shard) still reads its bytes with every SM.
 
 The reference is `reference` (overlap.ops.norm_linear): rms_norm, F.linear and swiglu, what the eager runtime runs.
 """
@@ -37,8 +42,8 @@ PROGRAMS_PER_SM = 2  # split-K target: programs in flight per SM (to be tuned on
 
 @triton.jit
 def norm_gemv_kernel(
-    x_ptr, g_ptr, w_ptr, y_ptr, part_ptr,  # x (M, K), g (K,), w (N, K), y (M, N_OUT), part (SPLIT_K, M, N)
-    M, N_OUT, K, K_SHARE, stride_xm, stride_wn, eps,  # N_OUT: output columns (F with swiglu, else N)
+    x_ptr, g_ptr, w_ptr, y_ptr, part_ptr, ss_ptr,  # x (M, K), g (K,), w (N, K), y (M, N_OUT), part (SPLIT_K, M, N),
+    M, N_OUT, K, K_SHARE, stride_xm, stride_wn, eps,  # ss (SPLIT_K, M); N_OUT: output columns (F with swiglu)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -49,16 +54,9 @@ def norm_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N_OUT
     dt = x_ptr.dtype.element_ty
-    if NORM:  # this program's rows' statistics over the whole K
-        ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                         mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
-            ss += tl.sum(xt * xt, axis=1)
-        rstd = 1.0 / tl.sqrt(ss / K + eps)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    ss = tl.zeros((BLOCK_M,), dtype=tl.float32)  # the rows' sums of squares over this program's share of K
     k_lo = pid_k * K_SHARE
     for k0 in range(k_lo, k_lo + K_SHARE, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -66,8 +64,10 @@ def norm_gemv_kernel(
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                      mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
         if NORM:
+            xf = xt.to(tl.float32)
+            ss += tl.sum(xf * xf, axis=1)
             gt = tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            xt = (xt.to(tl.float32) * rstd[:, None] * gt[None, :]).to(dt)
+            xt = (xf * gt[None, :]).to(dt)
         wt = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
                      mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
         acc = tl.dot(xt, tl.trans(wt), acc)
@@ -77,6 +77,10 @@ def norm_gemv_kernel(
             acc_up = tl.dot(xt, tl.trans(wu), acc_up)
     tile_mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
+        if NORM:
+            rstd = 1.0 / tl.sqrt(ss / K + eps)
+            acc = acc * rstd[:, None]
+            acc_up = acc_up * rstd[:, None]
         if SWIGLU:
             acc = _swiglu(acc, acc_up, y_ptr)
         tl.store(y_ptr + offs_m[:, None] * N_OUT + offs_n[None, :], acc.to(dt), mask=tile_mask)
@@ -88,6 +92,9 @@ def norm_gemv_kernel(
         tl.store(base, acc, mask=tile_mask)
         if SWIGLU:
             tl.store(base + N_OUT, acc_up, mask=tile_mask)
+        if NORM:
+            if pid_n == 0:
+                tl.store(ss_ptr + pid_k * M + offs_m, ss, mask=mask_m)
 
 
 @triton.jit
@@ -100,8 +107,8 @@ def _swiglu(gate, up, y_ptr):
 
 
 @triton.jit
-def split_k_reduce_kernel(part_ptr, y_ptr, M, N_OUT, BLOCK: tl.constexpr, SWIGLU: tl.constexpr,
-                          SPLIT_K: tl.constexpr):
+def split_k_reduce_kernel(part_ptr, ss_ptr, y_ptr, M, N_OUT, K, eps, BLOCK: tl.constexpr, NORM: tl.constexpr,
+                          SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat (m, n) of the output
     mask = offs < M * N_OUT
     m = offs // N_OUT
@@ -111,11 +118,18 @@ def split_k_reduce_kernel(part_ptr, y_ptr, M, N_OUT, BLOCK: tl.constexpr, SWIGLU
         n_all = N_OUT * 2
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK,), dtype=tl.float32)
+    ss = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in tl.static_range(SPLIT_K):  # split order: the same sums on every call
         base = part_ptr + s * M * n_all + m * n_all + n
         acc += tl.load(base, mask=mask, other=0.0)
         if SWIGLU:
             acc_up += tl.load(base + N_OUT, mask=mask, other=0.0)
+        if NORM:
+            ss += tl.load(ss_ptr + s * M + m, mask=mask, other=0.0)
+    if NORM:
+        rstd = 1.0 / tl.sqrt(ss / K + eps)
+        acc = acc * rstd
+        acc_up = acc_up * rstd
     if SWIGLU:
         acc = _swiglu(acc, acc_up, y_ptr)
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
@@ -130,9 +144,12 @@ def auto_split_k(programs: int, k_blocks: int, sm_count: int) -> int:
 
 
 def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
-              swiglu: bool = False, split_k: int | str = "auto", block_n: int = 32, block_k: int = 128,
-              sm_count: int | None = None, num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
-    """act(rms_norm(x) @ w.T) for decode rows x (M, K), M <= 16, w (N, K): (M, N) or (M, N/2) with swiglu."""
+              swiglu: bool = False, split_k: int | str = "auto", block_n: int = 64, block_k: int = 128,
+              sm_count: int | None = None, num_warps: int = 8, num_stages: int = 4) -> torch.Tensor:
+    """act(rms_norm(x) @ w.T) for decode rows x (M, K), M <= 16, w (N, K): (M, N) or (M, N/2) with swiglu.
+
+    Defaults: the lowest total time over attn_norm + wqkv and mlp_norm + w13 + SwiGLU at the LLaMA-2-70B R = 4
+    and 8 shards, M = 1 and 16, in the H200 sweep of docs/benchmarks/norm_gemv.md (first kernel version)."""
     M, N, K = check_matmul(x, w, OP)
     check_decode_rows(M, DECODE_MAX_M, OP)
     check_dtype(x, DTYPES, OP)
@@ -155,15 +172,17 @@ def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
     k_share = triton.cdiv(k_blocks, split_k) * block_k
     y = torch.empty((M, n_out), dtype=x.dtype, device=x.device)
     part = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device) if split_k > 1 else y
-    g = norm_weight if norm_weight is not None else x  # unused pointer when there is no norm
+    norm = norm_weight is not None
+    ss = torch.empty((split_k, M), dtype=torch.float32, device=x.device) if split_k > 1 and norm else part
+    g = norm_weight if norm else x  # unused pointer when there is no norm
     norm_gemv_kernel[(programs, split_k)](
-        x, g, w, y, part, M, n_out, K, k_share, x.stride(0), w.stride(0), eps,
-        BLOCK_M=DECODE_MAX_M, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm_weight is not None, SWIGLU=swiglu,
+        x, g, w, y, part, ss, M, n_out, K, k_share, x.stride(0), w.stride(0), eps,
+        BLOCK_M=DECODE_MAX_M, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm, SWIGLU=swiglu,
         SPLIT_K=split_k, num_warps=num_warps, num_stages=num_stages)
     if split_k > 1:
         block = 256
-        split_k_reduce_kernel[(triton.cdiv(M * n_out, block),)](part, y, M, n_out, BLOCK=block, SWIGLU=swiglu,
-                                                                SPLIT_K=split_k)
+        split_k_reduce_kernel[(triton.cdiv(M * n_out, block),)](part, ss, y, M, n_out, K, eps, BLOCK=block,
+                                                                NORM=norm, SWIGLU=swiglu, SPLIT_K=split_k)
     return y
 
 
