@@ -55,8 +55,10 @@ case "$1" in
         hydra.run.dir=runs/explore/smollm2_135m/tp3/f$f-b2b_kd-sequential-kd600 >> runs/logs/explore-f$f.log 2>&1 &
     done
     wait ;;
-  planner)
-    for b in 0.02 0.1 0.5; do spd plan $M parallel.tp=3 planner.budget=$b; done ;;
+  planner)  # every block distilled in both forms first (shared): with the exhaustive HG search (6 orderings a block at
+            # R = 3) about 1.1 min a block on a shared H200, so the HG form of 30 blocks is about 33 min;
+            # HG_SEARCH=proxy trains 2 candidates a block (distill.hg_search; its own distillation key)
+    for b in 0.02 0.1 0.5; do spd plan $M parallel.tp=3 planner.budget=$b distill.hg_search=${HG_SEARCH:-full}; done ;;
   pack)
     tar czf "$OUT/runs.tgz" --exclude='*.safetensors' --exclude='activations-*' --exclude='activations' \
       --exclude='*.lock' runs ;;
