@@ -11,8 +11,10 @@
    eager path (RoPE, two cache writes, two batched GEMMs, softmax), fused_ops' compiled version, and
    overlap.decode_attention's Triton pass at several programs-per-SM settings.
 4. overlap.kernels.norm_gemv (--only norm_gemv) at the R = 4 and 8 shards (--tp): attn_norm + wqkv,
-   mlp_norm + w13 + SwiGLU, and wo and w2 alone, M = 1, 16, against the unfused steps it replaces
-   (overlap.ops.norm_linear: F.rms_norm, F.linear (cuBLAS), SwiGLU) over block sizes, split-K and warps.
+   mlp_norm + w13 + SwiGLU, and wo and w2 alone, M = 1, 16, against the steps it replaces, eager
+   (overlap.ops.norm_linear: F.rms_norm, F.linear (cuBLAS), SwiGLU: impl "unfused") and as the runtime runs
+   them with bench.fuse=true (compiled norm and SwiGLU around cuBLAS: "compiled"), over block sizes, split-K
+   and warps.
    Each record carries the weight bytes over the copy bandwidth measured in the same run (floor_us) and
    the fraction reached; each config is checked against the reference before it is timed (rel_err).
 
@@ -181,12 +183,20 @@ NORM_GEMV_GRID = ([dict(block_n=bn, block_k=bk, num_warps=w, split_k="auto") for
                   + [dict(block_n=32, block_k=128, num_warps=4, split_k=s) for s in (1, 2, 4, 8, 16)])
 
 
+def compiled_steps(ops, x, w, g, swiglu: bool) -> torch.Tensor:
+    """What the runtime runs without the kernel (bench.fuse=true): the compiled norm, cuBLAS, the compiled SwiGLU."""
+    y = F.linear(x if g is None else ops.norm(x, g, 1e-5), w)
+    return ops.swiglu(y, w.shape[0] // 2) if swiglu else y
+
+
 def norm_gemv_cases(emit, tps=(4, 8), deadline: float = float("inf")) -> None:
     from overlap.floors import measure_rates
+    from overlap.fused_ops import fused_ops
     from overlap.kernel_bench import llama70b_layers
     from overlap.kernels.norm_gemv import norm_gemv
     from overlap.ops import norm_linear
 
+    fused = fused_ops()
     rates = measure_rates(torch.device("cuda"))
     emit(dict(piece="rates", **rates))
     bw = rates["copy_tbps"] * 1e12
@@ -204,6 +214,8 @@ def norm_gemv_cases(emit, tps=(4, 8), deadline: float = float("inf")) -> None:
                 ref = norm_linear(x, ws[0], g, 1e-5, swiglu).float()
                 us = time_graph(lambda i: norm_linear(x, ws[i % len(ws)], g, 1e-5, swiglu))
                 emit(dict(base, m=m, impl="unfused", us=us, floor_frac=floor_us / us))
+                us = time_graph(lambda i: compiled_steps(fused, x, ws[i % len(ws)], g, swiglu))
+                emit(dict(base, m=m, impl="compiled", us=us, floor_frac=floor_us / us))
                 for cfg in NORM_GEMV_GRID:
                     if time.time() > deadline:
                         emit(dict(base, m=m, impl="stopped", reason="--seconds reached"))
