@@ -140,8 +140,8 @@ def _fingerprint(plan: SPDPlan, tokens: torch.Tensor, dtype: torch.dtype, opts: 
         "tp": plan.tp, "dtype": str(dtype),
         "calib_sha256": hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest(),
         "calib_shape": list(tokens.shape), "rows": "calibration_inputs (prefix token + first L-1 tokens)",
-        **{k: opts[k] for k in sorted(opts) if k != "spill_gb"},
-    }
+        **{k: opts[k] for k in sorted(opts) if k not in ("spill_gb", "head_grouping")},
+    }  # head grouping: per entry ("hg"), so a folder holds a block in both forms
     if opts["inputs"] == "sequential":  # a block's inputs depend on every block before it
         fp["tiers"] = {str(i): t for i, t in sorted(plan.tiers.items())}
     return fp

@@ -162,8 +162,8 @@ def run_planner(cfg) -> dict:
     ranking = shared_ranking(model, tokens, cfg)
     forms = BlockForms(model)  # the original weights, before distillation changes them in place
     dense = replace(cfg, distill=replace(cfg.distill, inputs="dense"))  # blocks independent of the plan
+    ddir = distill_dir(dense, model)  # the study's shared folder: each block with and without HG
     for form, tier in (("b2b", "SB"), ("b2b_hg", "ESB")):  # every block repaired once in each form (shared)
-        ddir = distill_dir(replace(dense, study=replace(cfg.study, strategy=form)), model)
         with shared(ddir, "distilled blocks"):
             distill_blocks_(model, SPDPlan(tp=tp, num_layers=n, tiers={i: tier for i in range(n)}), tokens, ddir,
                             dense.distill, head_grouping=form == "b2b_hg",

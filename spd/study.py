@@ -8,10 +8,11 @@ a re-run deletes what was made with other settings before any work, reuses an ar
 matches, and recomputes it and everything downstream otherwise. Work that does not depend on the job's
 fraction or strategy lives in study.shared_dir, keyed the same way and computed once per sweep under a
 file lock: the sensitivity ranking (per model, R, method and calibration set), the teacher activations
-(per model and calibration set) and the distilled blocks (per model, R, calibration set, distillation
-settings and head-grouping switch; with distill.inputs=dense, the paper's, blocks are distilled on the
-original model's hidden states, so a block's result does not depend on which other blocks are SPD; with
-distill.inputs=sequential the folder is keyed by the plan's tiers too). KD depends on the job's plan: it
+(per model and calibration set) and the distilled blocks (per model, R, calibration set and distillation
+settings; each block with and without head grouping, so b2b and b2b_hg jobs train an SB block once; with
+distill.inputs=dense, the paper's, blocks are distilled on the original model's hidden states, so a block's
+result does not depend on which other blocks are SPD; with distill.inputs=sequential the folder is keyed by
+the plan's tiers too). KD depends on the job's plan: it
 lives in the job.
 """
 
@@ -99,14 +100,15 @@ def shared_activations(model, tokens, cfg):
 
 
 def distill_dir(cfg, model, plan: SPDPlan | None = None) -> Path:
-    """The shared folder of distilled blocks for (model, R, calibration, distillation settings, HG switch;
-    with distill.inputs=sequential also the plan's tiers)."""
+    """The shared folder of distilled blocks for (model, R, calibration, distillation settings; with
+    distill.inputs=sequential also the plan's tiers). Every strategy that distils uses it: a block's entries
+    with and without head grouping sit side by side (spd.distill.entry_key), so an SB block, the same for
+    b2b and b2b_hg, is trained once, and *_kd jobs start from their base strategy's blocks."""
     settings = {"model": model_fingerprint(cfg.model, model), "tp": cfg.parallel.tp, "calib": asdict(cfg.calib),
-                "distill": asdict(cfg.distill), "hg": head_grouping(cfg.study.strategy), "algo": ALGO["distill"]}
+                "distill": asdict(cfg.distill), "algo": ALGO["distill"]}
     if cfg.distill.inputs == "sequential":
         settings["tiers"] = plan and {str(i): t for i, t in sorted(plan.tiers.items())}
-    name = cfg.study.strategy.removesuffix("_kd")  # *_kd jobs share the B2B blocks of their base strategy
-    return Path(cfg.study.shared_dir) / cfg.model.name / f"tp{cfg.parallel.tp}" / f"distill-{name}-{key_of(settings)}"
+    return Path(cfg.study.shared_dir) / cfg.model.name / f"tp{cfg.parallel.tp}" / f"distill-{key_of(settings)}"
 
 
 def run_study(cfg) -> dict:

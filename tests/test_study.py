@@ -133,7 +133,7 @@ def test_killed_stage_is_redone_and_leaves_nothing(done, monkeypatch):
 def test_sweep_jobs_share_the_ranking_and_distilled_blocks(done):
     tmp, _, _ = done
     rankings = list((tmp / "shared").glob("*/*/rank-*/sensitivity.json"))
-    manifest = next((tmp / "shared").glob("*/*/distill-b2b_hg-*/manifest.json"))
+    manifest = next((tmp / "shared").glob("*/*/distill-*/manifest.json"))
     before = json.loads(manifest.read_text())["blocks"]
     cfg = quick(tmp, "spd.fraction=0.6", "study.strategy=b2b_hg", "spd.sb_count=2", "spd.esb_count=1",
                 "study.evaluate=false", "study.export=false", name="f0.6")
@@ -231,3 +231,25 @@ def test_random_shape_refuses_a_tokenizer_that_does_not_fit():
     cfg = ModelConfig(name="x", source="random", vocab_size=300, tokenizer="stories260k")
     with pytest.raises(ModelLoadError, match="has 512 tokens, more than model.vocab_size=300"):
         random_tokenizer(cfg)
+
+
+def test_b2b_reuses_the_sb_blocks_a_b2b_hg_job_distilled(done):
+    """One shared folder for every strategy: b2b after b2b_hg trains only the ESB block (without HG here)."""
+    tmp, _, _ = done
+    cfg = quick(tmp, "spd.fraction=1.0", "study.strategy=b2b", "spd.sb_count=2", "spd.esb_count=1",
+                "study.evaluate=false", "study.export=false", name="b2b_after_hg")
+    run_study(cfg)
+    hg_plan = json.loads((tmp / "study" / "job" / "plan.json").read_text())
+    plan = json.loads((tmp / "study" / "b2b_after_hg" / "plan.json").read_text())
+    distill = json.loads((tmp / "study" / "b2b_after_hg" / "distill.json").read_text())
+    sb = [i for i, t in plan["tiers"].items() if t == "SB"]
+    esb = [i for i, t in plan["tiers"].items() if t == "ESB"]
+    assert plan["tiers"] == hg_plan["tiers"] and len(sb) == 2 and len(esb) == 1
+    assert distill["trained"] == esb and all(distill["blocks"][i]["resumed"] for i in sb)
+    for i in sb:  # the very same weights as the b2b_hg job's
+        assert plan["weights"][i]["sha256"] == hg_plan["weights"][i]["sha256"]
+    assert plan["weights"][esb[0]]["sha256"] != hg_plan["weights"][esb[0]]["sha256"]  # no HG: another block
+    assert plan["head_perm"] == {}
+    folders = {(tmp / "study" / job / p["weights"][i]["file"]).resolve().parent
+               for job, p in (("job", hg_plan), ("b2b_after_hg", plan)) for i in sb + esb}
+    assert len(folders) == 1  # both strategies' blocks in one shared folder
