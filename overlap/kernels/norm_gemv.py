@@ -10,8 +10,8 @@ with split-K) instead of two or three, and the norm's output and w13's (M, 2F) n
 The norm's per-row scale factors out of the product: norm(x) @ w.T = rstd * ((x * g) @ w.T), rstd =
 1 / sqrt(mean(x^2) + eps). So the kernel streams x once: each step of its K loop adds the tile's squares to
 the rows' sums, and multiplies the tile by g before tl.dot; rstd is applied to the fp32 sums at the end.
-(A first version computed the statistics in a separate loop over the whole K before the product: measured
-on an H200, that serial prologue made attn_norm + wqkv 2 to 3x slower than cuBLAS: docs/benchmarks/norm_gemv.md.)
+(A first version computed the statistics in a separate loop over the whole K before the product: on an
+H200 that serial prologue took the R = 4 shard's decode step from 10.8 to 17.0 ms: docs/benchmarks/norm_gemv.md.)
 Roundings: x * g is rounded to x's dtype where the unfused steps round norm(x) (a per-row scale apart);
 gate and up are rounded to x's dtype before SwiGLU, as the steps store them; products accumulate in fp32.
 
