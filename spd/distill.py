@@ -30,7 +30,9 @@ SPD error (after the permutation, before B2B) and trains only the best of them a
 SmolLM2-135M at R = 3 the zero-shot best was the final best in 4 of 4 blocks; on a toy fixture it was not:
 docs/distill.md). Of the trained ones,
 the lowest error after training is kept (the identity on ties), so with either search a block's final
-calibration error with HG is never above its error without HG (the identity candidate is exactly B2B alone). The report records every candidate's
+calibration error with HG is never above its error without HG (the identity candidate is exactly B2B alone;
+with dense inputs, when the folder already holds the block's B2B-alone entry, the search loads it instead of
+training the identity again). The report records every candidate's
 error before and after training, and for the chosen and the identity grouping the error before HG, after
 HG (before B2B) and after B2B.
 
@@ -234,8 +236,13 @@ def distill_blocks_(model, plan: SPDPlan, tokens: torch.Tensor, out_dir: str | P
             elif j in todo:
                 X = H if sequential else store.get(j)
                 with writable(layers[j]):  # an offloaded block trains on its execution device, then goes back
+                    # B2B alone of this block, if kept: the same training as the HG search's identity candidate
+                    # with dense inputs (sequential ones depend on the earlier blocks' forms, HG included)
+                    plain = state["blocks"].get(entry_key(j, False)) if hg[j] and not sequential else None
+                    if plain and not ((out_dir / plain["file"]).is_file() and plain.get("hg") is False):
+                        plain = None
                     report[j] = _distill_one(layers[j], j, plan, X, store.get(j + 1), store, out_dir, dtype, opts,
-                                             progress, model.config)
+                                             progress, model.config, identity=plain)
                 state["blocks"][entry_key(j, hg[j])] = {k: v for k, v in report[j].items() if k != "resumed"}
                 write_json_atomic(out_dir / "manifest.json", state)  # written after the weights: the done-marker
                 store.release(j)
@@ -312,9 +319,12 @@ def _zero_shot_error(layer, tp: int, tier: str, perm, X, Y, kwargs, batch_size: 
         spd.restore()
 
 
-def _hg_search(layer, i: int, plan: SPDPlan, X, Y, kwargs, opts: dict, progress: bool) -> dict:
+def _hg_search(layer, i: int, plan: SPDPlan, X, Y, kwargs, opts: dict, progress: bool,
+               identity: tuple[dict, Path] | None = None) -> dict:
     """HG candidates B2B-trained from the original weights (all, or the identity and the zero-shot best:
-    distill.hg_search); the layer ends with the best trained one (module doc)."""
+    distill.hg_search); the layer ends with the best trained one (module doc). identity: the block's B2B-alone
+    entry and weight file from the same folder (same settings and inputs, so the identity candidate's training
+    would repeat it bit for bit): its losses and weights are taken instead of training it again."""
     original = {k: v.detach().clone() for k, v in layer.state_dict().items()}
     cands, paper_report = hg_candidates(layer, X, Y, kwargs, plan.tp, opts, opts["batch_size"])
     records = [{"source": source, "perm": perm} for source, perm in cands]
@@ -325,10 +335,18 @@ def _hg_search(layer, i: int, plan: SPDPlan, X, Y, kwargs, opts: dict, progress:
             r["zero_shot"] = _zero_shot_error(layer, plan.tp, plan.tiers[i], r["perm"], X, Y, kwargs, opts["batch_size"])
         train = [0, min(range(1, len(cands)), key=lambda k: (records[k]["zero_shot"], k))]
     best, best_state = None, None
+    reused = False
     for n in train:
         layer.load_state_dict(original)
         r = records[n]
-        r |= _train_candidate(layer, i, plan, r["perm"], X, Y, kwargs, opts, progress, f"block {i} {r['source']} {n}")
+        if n == 0 and identity is not None:  # records[0] is the identity ordering (hg_candidates)
+            entry, file = identity
+            layer.load_state_dict(load_file(str(file)))
+            r |= {k: entry[k] for k in ("loss_before", "epoch_losses", "loss_after")}
+            reused = True
+        else:
+            r |= _train_candidate(layer, i, plan, r["perm"], X, Y, kwargs, opts, progress,
+                                  f"block {i} {r['source']} {n}")
         r.setdefault("zero_shot", r["loss_before"])  # the same quantity: permuted, before training
         if best is None or r["loss_after"] < best["loss_after"]:
             best, best_state = r, {k: v.detach().clone() for k, v in layer.state_dict().items()}
@@ -336,7 +354,7 @@ def _hg_search(layer, i: int, plan: SPDPlan, X, Y, kwargs, opts: dict, progress:
     ident = records[0]
     chosen = best["perm"] if best["source"] != "identity" else None
     return {"head_perm": chosen, "head_grouping": paper_report, "hg_chosen": best["source"],
-            "hg_search": opts["hg_search"], "hg_trained": len(train),
+            "hg_search": opts["hg_search"], "hg_trained": len(train) - reused, "hg_identity_reused": reused,
             "loss_before_hg": ident["loss_before"], "loss_before": best["loss_before"],
             "epoch_losses": best["epoch_losses"], "loss_after": best["loss_after"],
             "identity": {k: ident[k] for k in ("loss_before", "loss_after")},
@@ -345,9 +363,9 @@ def _hg_search(layer, i: int, plan: SPDPlan, X, Y, kwargs, opts: dict, progress:
 
 
 def _distill_one(layer, i: int, plan: SPDPlan, X: torch.Tensor, Y: torch.Tensor, store, out_dir: Path, dtype,
-                 opts: dict, progress: bool, layer_config=None) -> dict:
+                 opts: dict, progress: bool, layer_config=None, identity: dict | None = None) -> dict:
     """HG search (ESB) + B2B of one block in place on inputs X, targets Y (N, L, D); writes its weights
-    atomically; returns its report entry."""
+    atomically; returns its report entry. identity: the block's B2B-alone manifest entry, if out_dir has it."""
     t0 = time.perf_counter()
     model_dtype = next(layer.parameters()).dtype
     layer.to(dtype)  # train in fp32 by default; Parameter objects are kept, only their data is cast
@@ -356,7 +374,8 @@ def _distill_one(layer, i: int, plan: SPDPlan, X: torch.Tensor, Y: torch.Tensor,
     hg = plan.tiers[i] == "ESB" and opts["head_grouping"]
     try:
         if hg:
-            entry |= _hg_search(layer, i, plan, X, Y, kwargs, opts, progress)
+            entry |= _hg_search(layer, i, plan, X, Y, kwargs, opts, progress,
+                                identity and (identity, out_dir / identity["file"]))
         else:
             entry |= _train_candidate(layer, i, plan, None, X, Y, kwargs, opts, progress, f"block {i}")
     finally:

@@ -221,3 +221,23 @@ def test_a_block_with_and_without_head_grouping_share_one_directory(tmp_path, mo
         again, report = distill.distill_blocks_(tiny(layers=4), plan, calib(), out, FAST, progress=False)
         assert report["blocks"]["3"]["resumed"] and again.weights == first[name][0].weights
     assert first["sb"][0].weights[3]["sha256"] != first["esb"][0].weights[3]["sha256"]
+
+
+def test_head_grouping_takes_the_identity_candidate_from_a_kept_b2b_block(tmp_path, monkeypatch):
+    """With B2B alone of a block already in the folder, the HG search loads it as its identity candidate instead
+    of training it again, and ends with the same weights, bit for bit, as a search that trained it."""
+    plan = SPDPlan(tp=2, num_layers=4, tiers={2: "ESB", 3: "ESB"})
+    opts = replace(FAST, epochs=1)
+    _, fresh = distill.distill_blocks_(tiny(layers=4), plan, calib(), tmp_path / "fresh", opts, progress=False)
+    shared = tmp_path / "shared"
+    distill.distill_blocks_(tiny(layers=4), plan, calib(), shared, opts, head_grouping=False, progress=False)
+    descs = []
+    real_train = distill.train_block
+    monkeypatch.setattr(distill, "train_block", lambda block, *a, **kw: descs.append(a[8]) or real_train(block, *a, **kw))
+    _, reused = distill.distill_blocks_(tiny(layers=4), plan, calib(), shared, opts, progress=False)
+    assert descs and not [d for d in descs if "identity" in d]  # 5 orderings trained a block, not 6
+    for i in ("2", "3"):
+        a, b = fresh["blocks"][i], reused["blocks"][i]
+        assert b["hg_identity_reused"] and not a["hg_identity_reused"] and b["hg_trained"] == a["hg_trained"] - 1
+        assert b["sha256"] == a["sha256"] and b["head_perm"] == a["head_perm"] and b["hg_chosen"] == a["hg_chosen"]
+        assert b["hg_candidates"] == a["hg_candidates"]  # the identity's losses too
