@@ -56,7 +56,8 @@ case "$1" in
     done
     wait ;;
   planner)  # every block distilled in both forms first (shared): with the exhaustive HG search (6 orderings a block at
-            # R = 3) about 1.1 min a block on a shared H200, so the HG form of 30 blocks is about 33 min;
+            # R = 3, the identity among them) about 1.1 min a block on a shared H200, so the HG form of 30 blocks
+            # was about 33 min (the identity is now loaded from the B2B form: 5 trainings a block);
             # HG_SEARCH=proxy trains 2 candidates a block (distill.hg_search; its own distillation key)
     for b in 0.02 0.1 0.5; do spd plan $M parallel.tp=3 planner.budget=$b distill.hg_search=${HG_SEARCH:-full}; done ;;
   pack)
