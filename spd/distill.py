@@ -177,6 +177,12 @@ def entry_key(block: int, hg: bool) -> str:
     return f"{block}_hg" if hg else str(block)
 
 
+def _kept(state: dict, out_dir: Path, block: int, hg: bool) -> dict | None:
+    """The manifest's finished entry of a block in one form (with or without HG), if its weights are there."""
+    e = state["blocks"].get(entry_key(block, hg))
+    return e if e and e.get("hg") == hg and "sha256" in e and (out_dir / e["file"]).is_file() else None
+
+
 def distill_blocks_(model, plan: SPDPlan, tokens: torch.Tensor, out_dir: str | Path, cfg: DistillConfig,
                     *, head_grouping: bool = True, dtype: torch.dtype = torch.float32,
                     spill_dir: str | Path | None = None, progress: bool = True,
@@ -217,8 +223,7 @@ def distill_blocks_(model, plan: SPDPlan, tokens: torch.Tensor, out_dir: str | P
     state["blocks"] = {entry_key(int(k.split("_")[0]), e["hg"]) if "hg" in e else k: e
                        for k, e in state["blocks"].items()}  # older manifests keyed every entry by its block alone
     hg = {i: plan.tiers[i] == "ESB" and head_grouping for i in todo}
-    done = {i: state["blocks"][entry_key(i, h)] for i, h in hg.items() if entry_key(i, h) in state["blocks"]}
-    done = {i: e for i, e in done.items() if (out_dir / e["file"]).is_file() and "sha256" in e and "hg" in e}
+    done = {i: e for i, h in hg.items() if (e := _kept(state, out_dir, i, h))}
     need = [i for i in todo if i not in done]
     blocks = sorted(set(need) | ({0} if sequential else set()))
 
@@ -238,9 +243,7 @@ def distill_blocks_(model, plan: SPDPlan, tokens: torch.Tensor, out_dir: str | P
                 with writable(layers[j]):  # an offloaded block trains on its execution device, then goes back
                     # B2B alone of this block, if kept: the same training as the HG search's identity candidate
                     # with dense inputs (sequential ones depend on the earlier blocks' forms, HG included)
-                    plain = state["blocks"].get(entry_key(j, False)) if hg[j] and not sequential else None
-                    if plain and not ((out_dir / plain["file"]).is_file() and plain.get("hg") is False):
-                        plain = None
+                    plain = _kept(state, out_dir, j, False) if hg[j] and not sequential else None
                     report[j] = _distill_one(layers[j], j, plan, X, store.get(j + 1), store, out_dir, dtype, opts,
                                              progress, model.config, identity=plain)
                 state["blocks"][entry_key(j, hg[j])] = {k: v for k, v in report[j].items() if k != "resumed"}

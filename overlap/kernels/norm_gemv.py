@@ -80,7 +80,8 @@ def norm_gemv_kernel(
         if NORM:
             rstd = 1.0 / tl.sqrt(ss / K + eps)
             acc = acc * rstd[:, None]
-            acc_up = acc_up * rstd[:, None]
+            if SWIGLU:
+                acc_up = acc_up * rstd[:, None]
         if SWIGLU:
             acc = _swiglu(acc, acc_up, y_ptr)
         tl.store(y_ptr + offs_m[:, None] * N_OUT + offs_n[None, :], acc.to(dt), mask=tile_mask)
@@ -129,7 +130,8 @@ def split_k_reduce_kernel(part_ptr, ss_ptr, y_ptr, M, N_OUT, K, eps, BLOCK: tl.c
     if NORM:
         rstd = 1.0 / tl.sqrt(ss / K + eps)
         acc = acc * rstd
-        acc_up = acc_up * rstd
+        if SWIGLU:
+            acc_up = acc_up * rstd
     if SWIGLU:
         acc = _swiglu(acc, acc_up, y_ptr)
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
