@@ -59,6 +59,7 @@ case "$1" in
             # R = 3, the identity among them) about 1.1 min a block on a shared H200, so the HG form of 30 blocks
             # was about 33 min (the identity is now loaded from the B2B form: 5 trainings a block);
             # HG_SEARCH=proxy trains 2 candidates a block (distill.hg_search; its own distillation key)
+    # (the isolated block costs are measured once and reused by every budget: spd.planner.shared_isolated_costs)
     for b in 0.02 0.1 0.5; do spd plan $M parallel.tp=3 planner.budget=$b distill.hg_search=${HG_SEARCH:-full}; done ;;
   pack)
     tar czf "$OUT/runs.tgz" --exclude='*.safetensors' --exclude='activations-*' --exclude='activations' \

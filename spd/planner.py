@@ -17,6 +17,7 @@ for comparison: blocks in the backward ranking's order, zs for ISB, b2b for SB a
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -82,15 +83,27 @@ class BlockForms:
         set_spd_(self.model, tp, {i: TIER_OF[f] for i, f in choice.items()})
 
 
-def plan_within_budget(forms: BlockForms, tokens: torch.Tensor, tp: int, budget: float, batch_size: int = 4) -> dict:
-    """Greedy measured planning (module doc). budget: allowed relative calibration-perplexity increase."""
+def isolated_costs(forms: BlockForms, tokens: torch.Tensor, tp: int, batch_size: int = 4) -> dict:
+    """The dense calibration perplexity and each block's increase alone in each of its forms:
+    {"baseline_ppl": p, "isolated": {"i:form": increase}} (what plan_within_budget sorts by)."""
     forms.configure_(tp, {})
     base = windows_perplexity(forms.model, tokens, batch_size)
     iso = {}
     for i in tqdm(range(len(forms.layers)), desc="planner: isolated costs"):
         for f in forms.forms(i):
             forms.configure_(tp, {i: f})
-            iso[(i, f)] = windows_perplexity(forms.model, tokens, batch_size) - base
+            iso[f"{i}:{f}"] = windows_perplexity(forms.model, tokens, batch_size) - base
+    forms.configure_(tp, {})
+    return {"baseline_ppl": base, "isolated": iso}
+
+
+def plan_within_budget(forms: BlockForms, tokens: torch.Tensor, tp: int, budget: float, batch_size: int = 4,
+                       costs: dict | None = None) -> dict:
+    """Greedy measured planning (module doc). budget: allowed relative calibration-perplexity increase;
+    costs: isolated_costs(forms, tokens, tp, batch_size) if already measured (the same for every budget)."""
+    costs = costs or isolated_costs(forms, tokens, tp, batch_size)
+    base = costs["baseline_ppl"]
+    iso = {(int(k.split(":")[0]), k.split(":")[1]): c for k, c in costs["isolated"].items()}
     best = {i: min(forms.forms(i), key=lambda f: iso[(i, f)]) for i in range(len(forms.layers))}
     order = sorted(best, key=lambda i: iso[(i, best[i])])
     choice, ppl, trace = {}, base, []
@@ -104,7 +117,7 @@ def plan_within_budget(forms: BlockForms, tokens: torch.Tensor, tp: int, budget:
             choice, ppl = trial, p
     forms.configure_(tp, {})
     return {"baseline_ppl": base, "ppl": ppl, "choice": {str(i): f for i, f in sorted(choice.items())},
-            "spd_blocks": len(choice), "isolated": {f"{i}:{f}": c for (i, f), c in iso.items()}, "trace": trace}
+            "spd_blocks": len(choice), "isolated": costs["isolated"], "trace": trace}
 
 
 def threshold_rule_within_budget(forms: BlockForms, tokens: torch.Tensor, plan_full: SPDPlan, order: list[int],
@@ -141,6 +154,25 @@ def choice_plan(choice: dict[str, str], tp: int, num_layers: int, model: str, so
                    head_perm={int(i): perms[int(i)] for i, f in choice.items() if f == "b2b_hg" and int(i) in perms})
 
 
+def shared_isolated_costs(forms: BlockForms, tokens: torch.Tensor, tp: int, batch_size: int, ddir: Path) -> dict:
+    """isolated_costs, kept beside the distilled blocks (ddir, keyed by model, R, calibration and distillation
+    settings) under a key of the blocks' sha256 and the batch size: every budget of a sweep reuses them."""
+    from spd.artifacts import key_of, shared
+    from spd.run import write_json_atomic
+
+    settings = {"tp": tp, "batch_size": batch_size, "algo": 1,
+                "tokens": hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest(),
+                "blocks": {f: {str(i): r["sha256"] for i, r in sorted(refs.items())} for f, refs in forms.refs.items()}}
+    path = ddir / f"isolated-{key_of(settings)}.json"
+    with shared(path, "isolated block costs"):
+        kept = read_json(path)
+        if kept and kept.get("settings") == settings:
+            return kept
+        costs = isolated_costs(forms, tokens, tp, batch_size)
+        write_json_atomic(path, {"settings": settings, **costs})
+    return costs
+
+
 def run_planner(cfg) -> dict:
     """spd-plan: distill every block once (shared), then plan within cfg.planner.budget; compare with the
     threshold rule; writes planner.json, plan.json (the planner's) and plan_threshold.json in cfg.run_dir."""
@@ -174,7 +206,8 @@ def run_planner(cfg) -> dict:
         mark_carried_(model, SPDPlan(tp=tp, num_layers=n))
         forms.load_distilled(ddir, form)
     budget = cfg.planner.budget
-    ours = plan_within_budget(forms, tokens, tp, budget, cfg.calib.batch_size)
+    ours = plan_within_budget(forms, tokens, tp, budget, cfg.calib.batch_size,
+                              shared_isolated_costs(forms, tokens, tp, cfg.calib.batch_size, ddir))
     full = plan_from_ranking(ranking, cfg.spd, cfg.model.name, fraction=1.0)
     paper = threshold_rule_within_budget(forms, tokens, full, ranking["order"], budget, cfg.calib.batch_size,
                                          base=ours["baseline_ppl"])

@@ -5,6 +5,7 @@ import torch
 
 from spd.perplexity import windows_perplexity
 from spd.plan import SPDPlan
+from spd.run import read_json, write_json_atomic
 from spd.planner import BlockForms, plan_within_budget, threshold_rule_within_budget
 from spd.surgery import apply_plan_, spd_blocks
 from test_block import tiny
@@ -42,7 +43,7 @@ def test_threshold_rule_takes_the_longest_prefix_within_budget():
     assert rule["spd_blocks"] == 0
 
 
-def test_run_planner_measures_repaired_forms_and_reports_against_the_rule(tmp_path):
+def test_run_planner_measures_repaired_forms_and_reports_against_the_rule(tmp_path, monkeypatch):
     """spd-plan +experiment=quick: every block repaired as b2b and b2b_hg (shared dirs), the planner's plan and
     the threshold rule's put on a fresh model, and the report's planner table compares them."""
     from hydra import compose, initialize_config_dir
@@ -70,3 +71,22 @@ def test_run_planner_measures_repaired_forms_and_reports_against_the_rule(tmp_pa
         assert len(plan.tiers) == res["spd_blocks"]
         assert windows_perplexity(model, calib) == pytest.approx(res["ppl"], rel=1e-5)
     assert "threshold rule forms" in planner_table([out], {})
+
+    # another budget (a sweep's next job) reuses the measured isolated costs, keyed by the blocks' sha256
+    import spd.planner as planner
+
+    def measure_again(*a, **k):
+        raise AssertionError("isolated costs measured again")
+
+    monkeypatch.setattr(planner, "isolated_costs", measure_again)
+    cfg.planner.budget, cfg.run_dir = 0.1, str(tmp_path / "plan2")
+    again = run_planner(cfg)
+    assert again["planner"]["isolated"] == out["planner"]["isolated"]
+    assert again["planner"]["spd_blocks"] <= out["planner"]["spd_blocks"]
+    ddir = next((tmp_path / "shared").rglob("isolated-*.json")).parent
+    for f in ddir.glob("isolated-*.json"):  # stale: other weights under the same key are measured afresh
+        kept = read_json(f)
+        kept["settings"]["blocks"]["b2b"]["0"] = "0" * 64
+        write_json_atomic(f, kept)
+    with pytest.raises(AssertionError, match="measured again"):
+        run_planner(cfg)
