@@ -146,12 +146,13 @@ def auto_split_k(programs: int, k_blocks: int, sm_count: int) -> int:
 
 
 def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
-              swiglu: bool = False, split_k: int | str = "auto", block_n: int = 64, block_k: int = 128,
-              sm_count: int | None = None, num_warps: int = 8, num_stages: int = 4) -> torch.Tensor:
+              swiglu: bool = False, split_k: int | str = "auto", block_n: int = 64, block_k: int = 64,
+              sm_count: int | None = None, num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
     """act(rms_norm(x) @ w.T) for decode rows x (M, K), M <= 16, w (N, K): (M, N) or (M, N/2) with swiglu.
 
-    Defaults: the lowest total time over attn_norm + wqkv and mlp_norm + w13 + SwiGLU at the LLaMA-2-70B R = 4
-    and 8 shards, M = 1 and 16, in the H200 sweep of docs/benchmarks/norm_gemv.md (first kernel version)."""
+    Defaults: the fastest configuration for both attn_norm + wqkv and mlp_norm + w13 + SwiGLU at the LLaMA-2-70B
+    R = 4 shard, M = 1 and 16, in the H200 sweep of this version (docs/benchmarks/norm_gemv.md). Still slower
+    there than the runtime's compiled norm + cuBLAS, so the runtime uses it only with bench.norm_gemv=true."""
     M, N, K = check_matmul(x, w, OP)
     check_decode_rows(M, DECODE_MAX_M, OP)
     check_dtype(x, DTYPES, OP)
