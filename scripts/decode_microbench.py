@@ -178,9 +178,11 @@ def attention_cases(emit) -> None:
         da.PROGRAMS_PER_SM = default
 
 
-NORM_GEMV_GRID = ([dict(block_n=bn, block_k=bk, num_warps=w, split_k="auto") for bn in (16, 32, 64)
-                   for bk in (64, 128, 256) for w in (4, 8)]
-                  + [dict(block_n=32, block_k=128, num_warps=4, split_k=s) for s in (1, 2, 4, 8, 16)])
+# 8 warps and block_n 16 lost everywhere in the sweep of commit 604ee40 (docs/benchmarks/norm_gemv.md); wider
+# blocks were still gaining at 64
+NORM_GEMV_GRID = ([dict(block_n=bn, block_k=bk, num_warps=4, split_k="auto") for bn in (32, 64, 128)
+                   for bk in (64, 128, 256)]
+                  + [dict(block_n=bn, block_k=64, num_warps=4, split_k=s) for bn in (32, 64) for s in (1, 2, 4, 8, 16)])
 
 
 def compiled_steps(ops, x, w, g, swiglu: bool) -> torch.Tensor:
@@ -216,6 +218,11 @@ def norm_gemv_cases(emit, tps=(4, 8), deadline: float = float("inf")) -> None:
                 emit(dict(base, m=m, impl="unfused", us=us, floor_frac=floor_us / us))
                 us = time_graph(lambda i: compiled_steps(fused, x, ws[i % len(ws)], g, swiglu))
                 emit(dict(base, m=m, impl="compiled", us=us, floor_frac=floor_us / us))
+                if norm:  # the GEMV alone, cuBLAS and this kernel: what the norm (and SwiGLU) cost each of them
+                    us = time_graph(lambda i: F.linear(x, ws[i % len(ws)]))
+                    emit(dict(base, m=m, impl="cublas_no_norm", us=us, floor_frac=floor_us / us))
+                    us = time_graph(lambda i: norm_gemv(x, ws[i % len(ws)]))
+                    emit(dict(base, m=m, impl="norm_gemv_no_norm", us=us, floor_frac=floor_us / us))
                 for cfg in NORM_GEMV_GRID:
                     if time.time() > deadline:
                         emit(dict(base, m=m, impl="stopped", reason="--seconds reached"))

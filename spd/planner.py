@@ -83,16 +83,24 @@ class BlockForms:
         set_spd_(self.model, tp, {i: TIER_OF[f] for i, f in choice.items()})
 
 
-def isolated_costs(forms: BlockForms, tokens: torch.Tensor, tp: int, batch_size: int = 4) -> dict:
+def isolated_costs(forms: BlockForms, tokens: torch.Tensor, tp: int, batch_size: int = 4, done: dict | None = None,
+                   after_block=None) -> dict:
     """The dense calibration perplexity and each block's increase alone in each of its forms:
-    {"baseline_ppl": p, "isolated": {"i:form": increase}} (what plan_within_budget sorts by)."""
+    {"baseline_ppl": p, "isolated": {"i:form": increase}} (what plan_within_budget sorts by).
+
+    done: a partial result of an interrupted call (its measurements are kept, the rest measured);
+    after_block(partial): called after each block, to keep what is measured so far."""
+    done = done or {}
     forms.configure_(tp, {})
-    base = windows_perplexity(forms.model, tokens, batch_size)
-    iso = {}
+    base = done["baseline_ppl"] if "baseline_ppl" in done else windows_perplexity(forms.model, tokens, batch_size)
+    iso = dict(done.get("isolated") or {})
     for i in tqdm(range(len(forms.layers)), desc="planner: isolated costs"):
-        for f in forms.forms(i):
+        todo = [f for f in forms.forms(i) if f"{i}:{f}" not in iso]
+        for f in todo:
             forms.configure_(tp, {i: f})
             iso[f"{i}:{f}"] = windows_perplexity(forms.model, tokens, batch_size) - base
+        if todo and after_block:
+            after_block({"baseline_ppl": base, "isolated": iso})
     forms.configure_(tp, {})
     return {"baseline_ppl": base, "isolated": iso}
 
@@ -156,7 +164,8 @@ def choice_plan(choice: dict[str, str], tp: int, num_layers: int, model: str, so
 
 def shared_isolated_costs(forms: BlockForms, tokens: torch.Tensor, tp: int, batch_size: int, ddir: Path) -> dict:
     """isolated_costs, kept beside the distilled blocks (ddir, keyed by model, R, calibration and distillation
-    settings) under a key of the blocks' sha256 and the batch size: every budget of a sweep reuses them."""
+    settings) under a key of the blocks' sha256, the calibration tokens and the batch size: every budget of a
+    sweep reuses them, and an interrupted run resumes after the last block it measured."""
     from spd.artifacts import key_of, shared
     from spd.run import write_json_atomic
 
@@ -166,10 +175,15 @@ def shared_isolated_costs(forms: BlockForms, tokens: torch.Tensor, tp: int, batc
     path = ddir / f"isolated-{key_of(settings)}.json"
     with shared(path, "isolated block costs"):
         kept = read_json(path)
-        if kept and kept.get("settings") == settings:
+        kept = kept if kept and kept.get("settings") == settings else {}
+        if kept.get("complete"):
             return kept
-        costs = isolated_costs(forms, tokens, tp, batch_size)
-        write_json_atomic(path, {"settings": settings, **costs})
+        if kept:
+            print(f"planner: resuming the isolated costs in {path} ({len(kept['isolated'])} measured)")
+        costs = isolated_costs(forms, tokens, tp, batch_size, done=kept,
+                               after_block=lambda part: write_json_atomic(path, {"settings": settings, **part,
+                                                                                 "complete": False}))
+        write_json_atomic(path, {"settings": settings, **costs, "complete": True})
     return costs
 
 

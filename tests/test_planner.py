@@ -43,6 +43,37 @@ def test_threshold_rule_takes_the_longest_prefix_within_budget():
     assert rule["spd_blocks"] == 0
 
 
+@torch.no_grad()
+def test_isolated_costs_resume_after_an_interrupt(tmp_path, monkeypatch):
+    """A run killed after two blocks keeps their measurements; the next measures only the rest, with the
+    same baseline, and ends with what one uninterrupted run measures."""
+    import spd.planner as planner
+
+    forms = BlockForms(tiny(layers=4))
+    whole = planner.isolated_costs(forms, TOKENS, 2)
+    measure, calls = planner.windows_perplexity, []
+
+    def dies_after_three(*a, **k):  # the baseline and blocks 0 and 1 (zs only: no distilled forms)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return measure(*a, **k)
+
+    monkeypatch.setattr(planner, "windows_perplexity", dies_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        planner.shared_isolated_costs(forms, TOKENS, 2, 4, tmp_path)
+    kept = read_json(next(tmp_path.glob("isolated-*.json")))
+    assert not kept["complete"] and sorted(kept["isolated"]) == ["0:zs", "1:zs"]
+    calls.clear()
+    monkeypatch.setattr(planner, "windows_perplexity", lambda *a, **k: (calls.append(1), measure(*a, **k))[1])
+    again = planner.shared_isolated_costs(forms, TOKENS, 2, 4, tmp_path)
+    assert len(calls) == 2  # blocks 2 and 3 only
+    assert again["isolated"] == pytest.approx(whole["isolated"]) and again["baseline_ppl"] == whole["baseline_ppl"]
+    assert read_json(next(tmp_path.glob("isolated-*.json")))["complete"]
+    assert planner.shared_isolated_costs(forms, TOKENS, 2, 4, tmp_path)["isolated"] == again["isolated"]
+    assert len(calls) == 2  # complete: nothing measured again
+
+
 def test_run_planner_measures_repaired_forms_and_reports_against_the_rule(tmp_path, monkeypatch):
     """spd-plan +experiment=quick: every block repaired as b2b and b2b_hg (shared dirs), the planner's plan and
     the threshold rule's put on a fresh model, and the report's planner table compares them."""
