@@ -297,7 +297,7 @@ def study_table(summary: dict) -> str:
     acc = [m["acc"]["value"] for t, m in summary["eval"].get("tasks", {}).items() if "acc" in m and t not in groups]
     ppl = summary["perplexity"].get("word_perplexity")
     lines = [f"{summary['model']} R={summary['tp']}: {summary['spd_blocks']}/{summary['num_layers']} SPD blocks, "
-             f"strategy {summary['strategy']}, {summary['minutes']:.1f} min",
+             f"strategy {summary['strategy']}, {summary['minutes']:.1f} min in this run (reused stages not counted)",
              "| stage | status |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary["stages"].items()]
     lines += ["", "| measure | value |", "|---|---|",
