@@ -111,9 +111,9 @@ def plan_within_budget(forms: BlockForms, tokens: torch.Tensor, tp: int, budget:
     costs: isolated_costs(forms, tokens, tp, batch_size) if already measured (the same for every budget)."""
     costs = costs or isolated_costs(forms, tokens, tp, batch_size)
     base = costs["baseline_ppl"]
-    iso = {(int(k.split(":")[0]), k.split(":")[1]): c for k, c in costs["isolated"].items()}
-    best = {i: min(forms.forms(i), key=lambda f: iso[(i, f)]) for i in range(len(forms.layers))}
-    order = sorted(best, key=lambda i: iso[(i, best[i])])
+    iso = costs["isolated"]  # "i:form" -> increase
+    best = {i: min(forms.forms(i), key=lambda f: iso[f"{i}:{f}"]) for i in range(len(forms.layers))}
+    order = sorted(best, key=lambda i: iso[f"{i}:{best[i]}"])
     choice, ppl, trace = {}, base, []
     for i in tqdm(order, desc="planner: greedy"):
         trial = {**choice, i: best[i]}
@@ -125,7 +125,7 @@ def plan_within_budget(forms: BlockForms, tokens: torch.Tensor, tp: int, budget:
             choice, ppl = trial, p
     forms.configure_(tp, {})
     return {"baseline_ppl": base, "ppl": ppl, "choice": {str(i): f for i, f in sorted(choice.items())},
-            "spd_blocks": len(choice), "isolated": costs["isolated"], "trace": trace}
+            "spd_blocks": len(choice), "isolated": iso, "trace": trace}
 
 
 def threshold_rule_within_budget(forms: BlockForms, tokens: torch.Tensor, plan_full: SPDPlan, order: list[int],
