@@ -19,7 +19,9 @@ are fused into one weight each (one GEMM). Decode shapes are static: CUDA graphs
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -33,6 +35,14 @@ from overlap.decode_attention import supports
 from overlap.ops import EAGER_OPS, decode_mask
 from overlap.sync import Sync
 from spd.errors import ModelLoadError
+
+def no_prefetch(weight: torch.Tensor) -> None:
+    """A prefetch site's default: nothing (Transformer.prefetching binds an overlap.l2_prefetch.L2Prefetcher)."""
+
+
+def _nothing() -> None:
+    pass
+
 
 NORM_LINEAR_MAX_ROWS = 16  # decode rows (batch x tokens) up to which ops.norm_linear runs (one tl.dot tile)
 INIT_STD = 0.02  # random weights: LLaMA's initializer_range, keeps 80 random bf16 blocks finite
@@ -148,6 +158,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.kv_cache: KVCache | None = None
         self.ops = EAGER_OPS  # Transformer.set_fused_
+        self.prefetch = no_prefetch  # Transformer.prefetching: L2 prefetch of a weight (overlap.l2_prefetch)
 
     def forward(self, x, cos, sin, input_pos, mask, kv_len):
         return self.wo(self.heads(x, cos, sin, input_pos, mask, kv_len))  # (B, S, D), this rank's partial
@@ -158,6 +169,7 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         H, KV, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(x) if norm is None else norm_linear(self.ops, x, self.wqkv.weight, norm)  # (B, S, (H/R + 2 KV/R) Dh)
+        self.prefetch(self.wo.weight)  # while attention runs
         decode = S == 1 and mask is not None and not isinstance(mask, CausalBias)  # an additive (1, L) mask
         if decode and self.ops.decode_heads is not None and supports(qkv, Dh):  # one Triton pass (fused ops)
             cache = self.kv_cache
@@ -182,6 +194,7 @@ class MLP(nn.Module):
         self.w13 = nn.Linear(args.dim, 2 * args.ffn_dim, bias=False)
         self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)
         self.ops = EAGER_OPS  # Transformer.set_fused_
+        self.prefetch = no_prefetch  # Transformer.prefetching
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(self.act(x))  # (B, S, D), this rank's partial
@@ -190,8 +203,12 @@ class MLP(nn.Module):
         """The MLP up to (not including) w2: (B, S, F/R). With norm, x is not normalised yet and norm + w13 +
         SwiGLU run as one kernel (ops.norm_linear)."""
         if norm is not None:
-            return norm_linear(self.ops, x, self.w13.weight, norm, gated=True)  # (B, S, F/R)
-        return self.ops.swiglu(self.w13(x), self.ffn_dim)  # (B, S, F/R)
+            g = norm_linear(self.ops, x, self.w13.weight, norm, gated=True)  # (B, S, F/R)
+            self.prefetch(self.w2.weight)
+            return g
+        gate_up = self.w13(x)  # (B, S, 2 F/R)
+        self.prefetch(self.w2.weight)  # while SwiGLU runs
+        return self.ops.swiglu(gate_up, self.ffn_dim)  # (B, S, F/R)
 
 
 def norm_linear(ops, x: torch.Tensor, w: torch.Tensor, norm: RMSNorm, gated: bool = False) -> torch.Tensor:
@@ -210,6 +227,8 @@ class Block(nn.Module):
         self.attn_sync, self.mlp_sync, self.block_sync = Sync("attn"), Sync("mlp"), Sync("block")
         self.spd = False  # set by overlap.tp.set_plan_
         self.ops = EAGER_OPS  # Transformer.set_fused_
+        self.prefetch = no_prefetch  # Transformer.prefetching: a weight into L2
+        self.prefetch_next = _nothing  # Transformer.prefetching: the next block's wqkv (or the lm_head) into L2
 
     def add_norm(self, x: torch.Tensor, a: torch.Tensor):
         """(x + a, mlp_norm(x + a)): the residual add before the MLP and its norm (one kernel when fused)."""
@@ -221,19 +240,29 @@ class Block(nn.Module):
         if self.ops.norm_linear is not None and x.shape[0] * x.shape[1] <= NORM_LINEAR_MAX_ROWS:  # decode rows
             return self.forward_norm_linear(x, cos, sin, input_pos, mask, kv_len)
         a = self.attn(self.attn_norm(x), cos, sin, input_pos, mask, kv_len)  # (B, S, D) partial
+        self.prefetch(self.mlp.w13.weight)  # while the residual add + norm run
         if self.spd:
-            return x + self.block_sync(a + self.mlp(self.add_norm(x, a)[1]))  # the only sync
+            m = self.mlp(self.add_norm(x, a)[1])
+            self.prefetch_next()  # while the adds (and the sync) run
+            return x + self.block_sync(a + m)  # the only sync
         h, n = self.add_norm(x, self.attn_sync(a))  # sync 1; h = x + sum_r a_r
-        return h + self.mlp_sync(self.mlp(n))  # sync 2
+        m = self.mlp(n)
+        self.prefetch_next()
+        return h + self.mlp_sync(m)  # sync 2
 
     def forward_norm_linear(self, x, cos, sin, input_pos, mask, kv_len):
         """forward's arithmetic with each norm fused into the GEMV after it (ops.norm_linear): attn_norm +
         wqkv, and mlp_norm + w13 + SwiGLU, one kernel each; the residual adds stay plain adds."""
         a = self.attn.wo(self.attn.heads(x, cos, sin, input_pos, mask, kv_len, norm=self.attn_norm))  # partial
+        self.prefetch(self.mlp.w13.weight)
         if self.spd:
-            return x + self.block_sync(a + self.mlp.w2(self.mlp.act(x + a, norm=self.mlp_norm)))  # the only sync
+            m = self.mlp.w2(self.mlp.act(x + a, norm=self.mlp_norm))
+            self.prefetch_next()
+            return x + self.block_sync(a + m)  # the only sync
         h = x + self.attn_sync(a)  # sync 1
-        return h + self.mlp_sync(self.mlp.w2(self.mlp.act(h, norm=self.mlp_norm)))  # sync 2
+        m = self.mlp.w2(self.mlp.act(h, norm=self.mlp_norm))
+        self.prefetch_next()
+        return h + self.mlp_sync(m)  # sync 2
 
     def forward_fused(self, x, cos, sin, input_pos, mask, kv_len):
         """forward's arithmetic with wo / w2 and their sync fused: impl.matmul_all_reduce (docs/kernels.md)."""
@@ -283,6 +312,24 @@ class Transformer(nn.Module):
             if isinstance(m, (Block, Attention, MLP, RMSNorm)):
                 m.ops = ops
         return self
+
+    @contextlib.contextmanager
+    def prefetching(self, prefetch):
+        """Within the block, the prefetch sites call prefetch(weight) (overlap.l2_prefetch.L2Prefetcher): after
+        wqkv, wo; after wo, w13; after w13, w2; after w2, the next block's wqkv (the last block: the lm_head)."""
+        mods = [m for m in self.modules() if isinstance(m, (Block, Attention, MLP))]
+        for m in mods:
+            m.prefetch = prefetch
+        nxt = [b.attn.wqkv.weight for b in self.layers[1:]] + [self.output.weight]
+        for block, w in zip(self.layers, nxt):
+            block.prefetch_next = functools.partial(prefetch, w)
+        try:
+            yield
+        finally:
+            for m in mods:
+                m.prefetch = no_prefetch
+            for block in self.layers:
+                block.prefetch_next = _nothing
 
     @property
     def syncs(self) -> list[Sync]:

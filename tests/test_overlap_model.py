@@ -219,3 +219,41 @@ def test_compiled_decode_compiles_one_graph_per_block_kind():
         graphs = counters["stats"]["unique_graphs"] - before
     assert (outs[0] - outs[1]).abs().max() <= FUSED_FP32_ATOL
     assert 1 <= graphs <= 2, graphs
+
+
+@torch.no_grad()
+def test_prefetch_sites_name_each_next_weight_in_order():
+    """Transformer.prefetching: within a step, each GEMV is followed by the prefetch of the weight the next GEMV
+    reads (wo, w13, w2, then the next block's wqkv; the last block's: the lm_head), the same for SPD blocks and
+    the fused-norm path; outside the scope nothing is called. CPU: a recording callable stands in for the
+    L2Prefetcher (its kernel needs a GPU: tests/test_overlap_gpu.py)."""
+    model = Transformer.from_hf(tiny_hf())
+    rt = Runtime(shard_(model, single()), single(), 1, 32)
+    rt.prefill(tokens(1, 4))
+    names = {id(p): n for n, p in model.named_parameters()}
+    want = []
+    for i in range(len(model.layers)):
+        nxt = f"layers.{i + 1}.attn.wqkv.weight" if i + 1 < len(model.layers) else "output.weight"
+        want += [f"layers.{i}.attn.wo.weight", f"layers.{i}.mlp.w13.weight", f"layers.{i}.mlp.w2.weight", nxt]
+    seen = []
+    with model.prefetching(lambda w: seen.append(names[id(w)])):
+        ref = rt.decode_one(tokens(1, 1, seed=3)).clone()
+    assert seen == want
+    model.layers[1].spd = True
+    seen.clear()
+    with model.prefetching(lambda w: seen.append(names[id(w)])):
+        rt.pos = 4
+        out = rt.decode_one(tokens(1, 1, seed=3))
+    assert seen == want and not torch.equal(out, ref)  # SPD block 1 changes the logits, not the sites
+    seen.clear()
+    rt.pos = 4
+    rt.decode_one(tokens(1, 1, seed=3))
+    assert seen == []  # outside the scope: no_prefetch
+
+
+def test_l2_prefetch_needs_cuda_and_no_compile():
+    model = shard_(Transformer.from_hf(tiny_hf()), single())
+    with pytest.raises(ValueError, match="CUDA device"):
+        Runtime(model, single(), 1, 32, l2_prefetch=0.5)
+    with pytest.raises(ValueError, match="compile=False"):
+        Runtime(model, single(), 1, 32, compile=True, l2_prefetch=0.5)
