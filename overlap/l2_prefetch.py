@@ -15,6 +15,8 @@ ever waits for it. Hopper and later: one `cp.async.bulk.prefetch.L2` a CHUNK of 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -39,18 +41,44 @@ def _prefetch_kernel(ptr, nbytes, CHUNK: tl.constexpr, BULK: tl.constexpr, LANES
                                       is_pure=False, pack=1)  # not pure: kept though r is unused
 
 
+@triton.jit
+def _touch_kernel(ptr, sink_ptr, nwords, WORDS: tl.constexpr, BLOCK: tl.constexpr):
+    """Read WORDS int32 words a program (through L2, kept there: evict_last); the xor goes to a scratch word
+    only when it is a magic value, so the loads stay and nothing is written in practice."""
+    base = tl.program_id(0).to(tl.int64) * WORDS
+    acc = tl.zeros((BLOCK,), dtype=tl.int32)
+    for i in tl.range(0, WORDS, BLOCK):
+        offs = base + i + tl.arange(0, BLOCK)
+        acc ^= tl.load(ptr + offs, mask=offs < nwords, other=0, eviction_policy="evict_last")
+    x = tl.xor_sum(acc, axis=0)
+    tl.store(sink_ptr, x, mask=x == 0x5EED5EED)
+
+
 def prefetch_bytes(weight: torch.Tensor, budget: int) -> int:
     """Bytes of weight's leading rows to prefetch: at most budget, a multiple of 16 (the bulk op's unit)."""
     return min(weight.numel() * weight.element_size(), budget) // 16 * 16
 
 
-def prefetch_l2_(weight: torch.Tensor, nbytes: int) -> None:
-    """Ask L2 for the first nbytes of weight (contiguous, CUDA), on the current stream; returns at once."""
+TOUCH_WORDS = 8192  # int32 words (32 KiB) a touch program reads
+_SINKS: dict = {}
+
+
+def prefetch_l2_(weight: torch.Tensor, nbytes: int, mode: str = "bulk") -> None:
+    """Bring the first nbytes of weight (contiguous, CUDA) into L2, on the current stream. mode "bulk": prefetch
+    hints (the kernel returns at once, L2 fetches in the background); "touch": real loads, kept in L2."""
     if nbytes <= 0:
         return
     if not weight.is_cuda or not weight.is_contiguous():
         raise ValueError(f"prefetch_l2_ needs a contiguous CUDA tensor, got device {weight.device}, "
                          f"strides {weight.stride()}")
+    if mode == "touch":
+        words = nbytes // 4
+        sink = _SINKS.setdefault(weight.device, torch.zeros(1, dtype=torch.int32, device=weight.device))
+        _touch_kernel[(triton.cdiv(words, TOUCH_WORDS),)](weight.view(-1).view(torch.int32), sink, words,
+                                                           WORDS=TOUCH_WORDS, BLOCK=1024, num_warps=4)
+        return
+    if mode != "bulk":
+        raise ValueError(f"prefetch mode {mode!r}; valid: bulk, touch")
     bulk = torch.cuda.get_device_capability(weight.device) >= (9, 0)
     chunk = BULK_CHUNK if bulk else LINE
     grid = (triton.cdiv(triton.cdiv(nbytes, chunk), LANES),)
@@ -63,7 +91,7 @@ class L2Prefetcher:
 
     budget: bytes a prefetch may ask for, default DEFAULT_L2_FRACTION of the device's L2 (or l2_fraction)."""
 
-    def __init__(self, device: torch.device, l2_fraction: float = DEFAULT_L2_FRACTION):
+    def __init__(self, device: torch.device, l2_fraction: float = DEFAULT_L2_FRACTION, mode: str | None = None):
         if not 0.0 < l2_fraction <= 1.0:
             raise ValueError(f"l2_fraction must be in (0, 1], got {l2_fraction}")
         device = torch.device(device)
@@ -73,12 +101,13 @@ class L2Prefetcher:
         self.l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size
         self.budget = int(self.l2_bytes * l2_fraction)
         self.stream = torch.cuda.Stream(device)
+        self.mode = mode or os.environ.get("SPD_L2_PREFETCH_MODE", "bulk")
         self.calls = 0
 
     def __call__(self, weight: torch.Tensor) -> None:
         self.stream.wait_stream(torch.cuda.current_stream(self.device))  # after the GEMV just launched
         with torch.cuda.stream(self.stream):
-            prefetch_l2_(weight, prefetch_bytes(weight, self.budget))
+            prefetch_l2_(weight, prefetch_bytes(weight, self.budget), self.mode)
         self.calls += 1
 
     def join(self) -> None:

@@ -68,7 +68,7 @@ def graph_ms(body, iters: int = ITERS, reps: int = 10) -> float:
     return statistics.median(ts)
 
 
-def prefetch_cases(emit, tp: int, window_us: float, fractions: list[float]) -> None:
+def prefetch_cases(emit, tp: int, window_us: float, fractions: list[float], mode: str) -> None:
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     side = torch.cuda.Stream()
     cycles = int(window_us * CLOCK_HZ / 1e6)
@@ -90,14 +90,14 @@ def prefetch_cases(emit, tp: int, window_us: float, fractions: list[float]) -> N
                 if budget:
                     side.wait_stream(torch.cuda.current_stream())
                     with torch.cuda.stream(side):
-                        prefetch_l2_(w, prefetch_bytes(w, budget))
+                        prefetch_l2_(w, prefetch_bytes(w, budget), mode)
                 torch.cuda._sleep(cycles)
                 torch.mm(x, w.T)
                 if budget:
                     torch.cuda.current_stream().wait_stream(side)
 
             ms = graph_ms(body)
-            emit(dict(base, case="window_then_gemv", l2_fraction=frac, prefetch_mb=min(budget, nbytes) / 1e6,
+            emit(dict(base, case="window_then_gemv", mode=mode, l2_fraction=frac, prefetch_mb=min(budget, nbytes) / 1e6,
                       us=ms * 1e3, gemv_us=(ms - window_ms) * 1e3))
         del ws
         torch.cuda.empty_cache()
@@ -136,6 +136,7 @@ def main() -> None:
     p.add_argument("--window-us", type=float, nargs="+", default=[8.0])
     p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
     p.add_argument("--sustain-s", type=float, default=3.0)
+    p.add_argument("--modes", nargs="+", default=["bulk", "touch"], choices=["bulk", "touch"])
     a = p.parse_args()
     from spd.run import device_name
 
@@ -157,7 +158,8 @@ def main() -> None:
 
     for tp in a.tp:
         for w in a.window_us:
-            prefetch_cases(emit, tp, w, a.fractions)
+            for mode in a.modes:
+                prefetch_cases(emit, tp, w, a.fractions, mode)
     if a.sustain_s > 0:
         sustained(emit, a.sustain_s)
 
