@@ -401,7 +401,8 @@ def run_job(job: dict, profile_dir: Path | None = None, layers: int = 4, phase: 
         rates = measure_rates(ctx.device, torch_dtype(job["model"].get("dtype", "bfloat16")))
         if ctx.is_main:
             print(f"[spd-bench] floors: copy {rates['copy_tbps']:.3f} TB/s (read + write), matmul "
-                  f"{rates['matmul_tflops']:.1f} TFLOP/s ({rates['matmul_n']}^3 {rates['matmul_dtype']})", flush=True)
+                  f"{rates['matmul_tflops']:.1f} TFLOP/s burst, {rates['matmul_sustained_tflops']:.1f} sustained "
+                  f"({rates['matmul_n']}^3 {rates['matmul_dtype']})", flush=True)
         record = Recorder(job, ctx, rates)
         run_ours(job, ctx, record)
         if "hf_compile" in job["bench"]["variants"]:

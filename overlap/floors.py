@@ -6,6 +6,12 @@ Each bench job measures two ceilings once on its device (measure_rates):
     copy_tbps     a device-to-device copy of copy_bytes bytes, counted as bytes read + bytes written over the
                   median time (the convention of the device tool's METHOD.md: the HBM traffic a second)
     matmul_tflops an n x n x n product in the model's dtype on random data (2 n^3 FLOP over the median time)
+                  of 20 products after 3: the burst rate, at the boost clock
+    matmul_sustained_tflops
+                  the same product back to back for SUSTAIN_S seconds, the median of the second half: the rate
+                  the device holds under a continuous load. On an H200 (700 W) it is about 17% lower (the SM
+                  clock falls from 1980 to about 1450 MHz at the power limit; docs/benchmarks/sustained_matmul.md),
+                  and a timed prefill loop (warm-up + iterations, over a second) runs at that clock
 
 and every record states its floor (floor_fields), the larger of
 
@@ -14,7 +20,7 @@ and every record states its floor (floor_fields), the larger of
                    B rows, not counted) and the KV cache up to the decoded position (B x (context + 1)
                    positions of this rank's KV heads, K and V, every block); prefill reads the weights and
                    writes the KV cache of S positions
-    compute floor  matmul FLOPs / matmul_tflops: 2 x tokens x (the blocks' GEMM weights) + attention (causal:
+    compute floor  matmul FLOPs / matmul_sustained_tflops (floor_flop_burst_ms: over matmul_tflops): 2 x tokens x (the blocks' GEMM weights) + attention (causal:
                    QK^T and PV over the lower triangle, 2 x S^2 x Dh FLOP a query head and block for a prefill
                    of S, 4 x B x (context + 1) x Dh for a decode step) + the lm_head on the last token of each
                    sequence (2 x B x V x D)
@@ -35,6 +41,7 @@ from overlap.tp import layout_of
 
 GPU_COPY_BYTES = 2 << 30  # 2 GiB, 36x the H200's 60 MB L2
 GPU_MATMUL_N = 8192
+SUSTAIN_S = 2.0  # GPU: seconds of back-to-back products for the sustained rate (CPU: one batch)
 CPU_COPY_BYTES = 16 << 20  # CPU smoke runs: keeps the code path alive, the numbers mean little
 CPU_MATMUL_N = 256
 
@@ -97,25 +104,11 @@ class ShardShape:
 
 
 def _median_ms(fn, device: torch.device, warmup: int, iters: int) -> float:
-    import time
-
     for _ in range(warmup):
         fn()
-    if device.type != "cuda":
-        ts = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(ts)
-    torch.cuda.synchronize(device)
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    for s, e in ev:
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize(device)
-    return statistics.median(s.elapsed_time(e) for s, e in ev)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return statistics.median(_times_ms(fn, device, iters))
 
 
 @torch.no_grad()
@@ -132,12 +125,45 @@ def measure_rates(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> 
     a = torch.randn(n, n, device=device, dtype=mdt, generator=gen)
     b = torch.randn(n, n, device=device, dtype=mdt, generator=gen)
     mm_ms = _median_ms(lambda: torch.mm(a, b), device, 3, 20)
+    held_ms = _sustained_ms(lambda: torch.mm(a, b), device, SUSTAIN_S if cuda else 0.0)
     del a, b
     if cuda:
         torch.cuda.empty_cache()
     return dict(copy_bytes=nbytes, copy_ms=_sig(copy_ms), copy_tbps=_sig(2 * nbytes / copy_ms / 1e9),
                 matmul_n=n, matmul_dtype=str(mdt).removeprefix("torch."), matmul_ms=_sig(mm_ms),
-                matmul_tflops=_sig(2 * n**3 / mm_ms / 1e9))
+                matmul_tflops=_sig(2 * n**3 / mm_ms / 1e9), matmul_sustain_s=SUSTAIN_S if cuda else 0.0,
+                matmul_sustained_ms=_sig(held_ms), matmul_sustained_tflops=_sig(2 * n**3 / held_ms / 1e9))
+
+
+def _sustained_ms(fn, device: torch.device, seconds: float, batch: int = 20) -> float:
+    """Median ms of fn over the second half of batches of `batch` back-to-back calls run for `seconds` (at
+    least one batch), each call timed (CUDA events on a GPU)."""
+    import time
+
+    times: list[float] = []
+    t0 = time.perf_counter()
+    while not times or time.perf_counter() - t0 < seconds:
+        times += _times_ms(fn, device, batch)
+    return statistics.median(times[len(times) // 2:])
+
+
+def _times_ms(fn, device: torch.device, n: int) -> list[float]:
+    import time
+
+    if device.type != "cuda":
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+        return out
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for s, e in ev:
+        s.record()
+        fn()
+        e.record()
+    ev[-1][1].synchronize()
+    return [s.elapsed_time(e) for s, e in ev]
 
 
 def _sig(x: float, digits: int = 6) -> float:
@@ -149,8 +175,9 @@ def floor_fields(shape: ShardShape, rates: dict, phase: str, tokens: int, batch:
     """A record's floor: bytes and FLOPs counted, the memory and compute floors (ms), the larger, the fraction."""
     nbytes, flops = shape.work(phase, tokens, batch, context, dtype_bytes)
     mem_ms = nbytes / (rates["copy_tbps"] * 1e9)
-    flop_ms = flops / (rates["matmul_tflops"] * 1e9)
+    flop_ms = flops / (rates.get("matmul_sustained_tflops", rates["matmul_tflops"]) * 1e9)
     floor = max(mem_ms, flop_ms)
     return dict(floor_bytes=int(nbytes), floor_flops=float(flops), floor_mem_ms=_sig(mem_ms),
-                floor_flop_ms=_sig(flop_ms), floor_ms=_sig(floor), floor_bound="memory" if mem_ms >= flop_ms else "compute",
+                floor_flop_ms=_sig(flop_ms), floor_flop_burst_ms=_sig(flops / (rates["matmul_tflops"] * 1e9)),
+                floor_ms=_sig(floor), floor_bound="memory" if mem_ms >= flop_ms else "compute",
                 floor_frac=_sig(floor / median_ms, 4) if median_ms else None)

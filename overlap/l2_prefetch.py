@@ -43,13 +43,13 @@ def _prefetch_kernel(ptr, nbytes, CHUNK: tl.constexpr, BULK: tl.constexpr, LANES
 
 @triton.jit
 def _touch_kernel(ptr, sink_ptr, nwords, WORDS: tl.constexpr, BLOCK: tl.constexpr):
-    """Read WORDS int32 words a program (through L2, kept there: evict_last); the xor goes to a scratch word
+    """Read WORDS int32 words at a time, programs striding over nwords (through L2, kept there: evict_last); the xor goes to a scratch word
     only when it is a magic value, so the loads stay and nothing is written in practice."""
-    base = tl.program_id(0).to(tl.int64) * WORDS
     acc = tl.zeros((BLOCK,), dtype=tl.int32)
-    for i in tl.range(0, WORDS, BLOCK):
-        offs = base + i + tl.arange(0, BLOCK)
-        acc ^= tl.load(ptr + offs, mask=offs < nwords, other=0, eviction_policy="evict_last")
+    for start in tl.range(tl.program_id(0).to(tl.int64) * WORDS, nwords, tl.num_programs(0).to(tl.int64) * WORDS):
+        for i in tl.range(0, WORDS, BLOCK):
+            offs = start + i + tl.arange(0, BLOCK)
+            acc ^= tl.load(ptr + offs, mask=offs < nwords, other=0, eviction_policy="evict_last")
     x = tl.xor_sum(acc, axis=0)
     tl.store(sink_ptr, x, mask=x == 0x5EED5EED)
 
@@ -59,7 +59,8 @@ def prefetch_bytes(weight: torch.Tensor, budget: int) -> int:
     return min(weight.numel() * weight.element_size(), budget) // 16 * 16
 
 
-TOUCH_WORDS = 8192  # int32 words (32 KiB) a touch program reads
+TOUCH_WORDS = 8192  # int32 words (32 KiB) a touch program reads at a time
+TOUCH_PROGRAMS = int(os.environ.get("SPD_L2_TOUCH_PROGRAMS", "32"))  # few SMs: the main stream's kernels keep the rest
 _SINKS: dict = {}
 
 
@@ -74,7 +75,7 @@ def prefetch_l2_(weight: torch.Tensor, nbytes: int, mode: str = "bulk") -> None:
     if mode == "touch":
         words = nbytes // 4
         sink = _SINKS.setdefault(weight.device, torch.zeros(1, dtype=torch.int32, device=weight.device))
-        _touch_kernel[(triton.cdiv(words, TOUCH_WORDS),)](weight.view(-1).view(torch.int32), sink, words,
+        _touch_kernel[(min(TOUCH_PROGRAMS, triton.cdiv(words, TOUCH_WORDS)),)](weight.view(-1).view(torch.int32), sink, words,
                                                            WORDS=TOUCH_WORDS, BLOCK=1024, num_warps=4)
         return
     if mode != "bulk":
@@ -91,7 +92,8 @@ class L2Prefetcher:
 
     budget: bytes a prefetch may ask for, default DEFAULT_L2_FRACTION of the device's L2 (or l2_fraction)."""
 
-    def __init__(self, device: torch.device, l2_fraction: float = DEFAULT_L2_FRACTION, mode: str | None = None):
+    def __init__(self, device: torch.device, l2_fraction: float = DEFAULT_L2_FRACTION, mode: str | None = None,
+                 sites: tuple[str, ...] | None = None):
         if not 0.0 < l2_fraction <= 1.0:
             raise ValueError(f"l2_fraction must be in (0, 1], got {l2_fraction}")
         device = torch.device(device)
@@ -102,9 +104,12 @@ class L2Prefetcher:
         self.budget = int(self.l2_bytes * l2_fraction)
         self.stream = torch.cuda.Stream(device)
         self.mode = mode or os.environ.get("SPD_L2_PREFETCH_MODE", "bulk")
+        self.sites = set(sites or os.environ.get("SPD_L2_PREFETCH_SITES", "wqkv,wo,w13,w2").split(","))
         self.calls = 0
 
-    def __call__(self, weight: torch.Tensor) -> None:
+    def __call__(self, site: str, weight: torch.Tensor) -> None:
+        if site not in self.sites:
+            return
         self.stream.wait_stream(torch.cuda.current_stream(self.device))  # after the GEMV just launched
         with torch.cuda.stream(self.stream):
             prefetch_l2_(weight, prefetch_bytes(weight, self.budget), self.mode)

@@ -36,7 +36,7 @@ from overlap.ops import EAGER_OPS, decode_mask
 from overlap.sync import Sync
 from spd.errors import ModelLoadError
 
-def no_prefetch(weight: torch.Tensor) -> None:
+def no_prefetch(site: str, weight: torch.Tensor) -> None:
     """A prefetch site's default: nothing (Transformer.prefetching binds an overlap.l2_prefetch.L2Prefetcher)."""
 
 
@@ -169,7 +169,7 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         H, KV, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(x) if norm is None else norm_linear(self.ops, x, self.wqkv.weight, norm)  # (B, S, (H/R + 2 KV/R) Dh)
-        self.prefetch(self.wo.weight)  # while attention runs
+        self.prefetch("wo", self.wo.weight)  # while attention runs
         decode = S == 1 and mask is not None and not isinstance(mask, CausalBias)  # an additive (1, L) mask
         if decode and self.ops.decode_heads is not None and supports(qkv, Dh):  # one Triton pass (fused ops)
             cache = self.kv_cache
@@ -204,10 +204,10 @@ class MLP(nn.Module):
         SwiGLU run as one kernel (ops.norm_linear)."""
         if norm is not None:
             g = norm_linear(self.ops, x, self.w13.weight, norm, gated=True)  # (B, S, F/R)
-            self.prefetch(self.w2.weight)
+            self.prefetch("w2", self.w2.weight)
             return g
         gate_up = self.w13(x)  # (B, S, 2 F/R)
-        self.prefetch(self.w2.weight)  # while SwiGLU runs
+        self.prefetch("w2", self.w2.weight)  # while SwiGLU runs
         return self.ops.swiglu(gate_up, self.ffn_dim)  # (B, S, F/R)
 
 
@@ -240,7 +240,7 @@ class Block(nn.Module):
         if self.ops.norm_linear is not None and x.shape[0] * x.shape[1] <= NORM_LINEAR_MAX_ROWS:  # decode rows
             return self.forward_norm_linear(x, cos, sin, input_pos, mask, kv_len)
         a = self.attn(self.attn_norm(x), cos, sin, input_pos, mask, kv_len)  # (B, S, D) partial
-        self.prefetch(self.mlp.w13.weight)  # while the residual add + norm run
+        self.prefetch("w13", self.mlp.w13.weight)  # while the residual add + norm run
         if self.spd:
             m = self.mlp(self.add_norm(x, a)[1])
             self.prefetch_next()  # while the adds (and the sync) run
@@ -254,7 +254,7 @@ class Block(nn.Module):
         """forward's arithmetic with each norm fused into the GEMV after it (ops.norm_linear): attn_norm +
         wqkv, and mlp_norm + w13 + SwiGLU, one kernel each; the residual adds stay plain adds."""
         a = self.attn.wo(self.attn.heads(x, cos, sin, input_pos, mask, kv_len, norm=self.attn_norm))  # partial
-        self.prefetch(self.mlp.w13.weight)
+        self.prefetch("w13", self.mlp.w13.weight)
         if self.spd:
             m = self.mlp.w2(self.mlp.act(x + a, norm=self.mlp_norm))
             self.prefetch_next()
@@ -315,14 +315,15 @@ class Transformer(nn.Module):
 
     @contextlib.contextmanager
     def prefetching(self, prefetch):
-        """Within the block, the prefetch sites call prefetch(weight) (overlap.l2_prefetch.L2Prefetcher): after
-        wqkv, wo; after wo, w13; after w13, w2; after w2, the next block's wqkv (the last block: the lm_head)."""
+        """Within the block, the prefetch sites call prefetch(site, weight) (overlap.l2_prefetch.L2Prefetcher):
+        after wqkv, ("wo", wo); after wo, ("w13", w13); after w13, ("w2", w2); after w2, ("wqkv", the next
+        block's wqkv; the last block: the lm_head)."""
         mods = [m for m in self.modules() if isinstance(m, (Block, Attention, MLP))]
         for m in mods:
             m.prefetch = prefetch
         nxt = [b.attn.wqkv.weight for b in self.layers[1:]] + [self.output.weight]
         for block, w in zip(self.layers, nxt):
-            block.prefetch_next = functools.partial(prefetch, w)
+            block.prefetch_next = functools.partial(prefetch, "wqkv", w)
         try:
             yield
         finally:

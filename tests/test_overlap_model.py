@@ -236,12 +236,12 @@ def test_prefetch_sites_name_each_next_weight_in_order():
         nxt = f"layers.{i + 1}.attn.wqkv.weight" if i + 1 < len(model.layers) else "output.weight"
         want += [f"layers.{i}.attn.wo.weight", f"layers.{i}.mlp.w13.weight", f"layers.{i}.mlp.w2.weight", nxt]
     seen = []
-    with model.prefetching(lambda w: seen.append(names[id(w)])):
+    with model.prefetching(lambda site, w: seen.append(names[id(w)])):
         ref = rt.decode_one(tokens(1, 1, seed=3)).clone()
     assert seen == want
     model.layers[1].spd = True
     seen.clear()
-    with model.prefetching(lambda w: seen.append(names[id(w)])):
+    with model.prefetching(lambda site, w: seen.append(names[id(w)])):
         rt.pos = 4
         out = rt.decode_one(tokens(1, 1, seed=3))
     assert seen == want and not torch.equal(out, ref)  # SPD block 1 changes the logits, not the sites
