@@ -235,6 +235,9 @@ def norm_gemv_cases(emit, tps=(4, 8), deadline: float = float("inf")) -> None:
                         emit(dict(base, m=m, impl="norm_gemv", **cfg, error=str(e)[:200]))
                         continue
                     emit(dict(base, m=m, impl="norm_gemv", **cfg, us=us, floor_frac=floor_us / us, rel_err=err))
+                    if layer == "qkv":  # the kernel as wqkv's plain GEMV (the norm left to its compiled kernel)
+                        us = time_graph(lambda i: norm_gemv(x, ws[i % len(ws)], **cfg))
+                        emit(dict(base, m=m, impl="norm_gemv_no_norm", **cfg, us=us, floor_frac=floor_us / us))
             del ws
             torch.cuda.empty_cache()
 
