@@ -25,8 +25,8 @@ Job key prefill_graphs (default false) captures each plain prefill in a CUDA gra
 (GPU, impl nccl; records: prefill_graphs).
 Job key fuse (default false) runs RoPE, add + RMSNorm and SwiGLU as torch.compile'd kernels (GPU only;
 records: fused); with it, decode attention runs as one Triton pass unless decode_kernel is false (records:
-decode_kernel); job key l2_prefetch (default false; true or a share of L2 in (0, 1]) streams each next weight
-into L2 during a decode step's small kernels (overlap/l2_prefetch.py; records: l2_prefetch). ISO variants are timed once per (iso_ctas, iso_sm_carveout) pair of the job's lists
+decode_kernel), and decode's wqkv and w13 GEMVs through overlap.kernels.norm_gemv unless triton_gemv is false
+(records: triton_gemv). ISO variants are timed once per (iso_ctas, iso_sm_carveout) pair of the job's lists
 (default [null] each: NCCL's own thread-block count, no carve-out; Runtime.set_iso_), recorded as such.
 
     ... -m overlap.bench --job job.json --profile DIR [--layers 4] [--phase prefill|decode]
@@ -169,15 +169,10 @@ def norm_gemv_on(job: dict, ctx: TPContext) -> bool:
     return fuse_on(job, ctx) and bool(job.get("norm_gemv"))
 
 
-def l2_prefetch_of(job: dict, ctx: TPContext) -> float | None:
-    """The share of L2 a decode step's weight prefetch may fill (overlap.l2_prefetch), when the job says
-    l2_prefetch (a fraction in (0, 1], true: the default half) on a GPU; else None."""
-    v = job.get("l2_prefetch")
-    if not v or ctx.device.type != "cuda":
-        return None
-    from overlap.l2_prefetch import DEFAULT_L2_FRACTION
-
-    return DEFAULT_L2_FRACTION if v is True else float(v)
+def triton_gemv_on(job: dict, ctx: TPContext) -> bool:
+    """Decode's wqkv and w13 GEMVs through overlap.kernels.norm_gemv (no norm) instead of cuBLAS, when the job
+    says triton_gemv (default true) with the fused kernels."""
+    return fuse_on(job, ctx) and job.get("triton_gemv", True) is not False
 
 
 def prefill_graphs_on(job: dict, ctx: TPContext) -> bool:
@@ -231,7 +226,7 @@ class Recorder:
                            warmup=b["warmup"], iters=b["iters"], cuda_graphs=graphs_on(job, ctx),
                            compile=bool(job.get("compile")), impl=job.get("impl", "nccl"), fused=fuse_on(job, ctx),
                            decode_kernel=decode_kernel_on(job, ctx), norm_gemv=norm_gemv_on(job, ctx),
-                           l2_prefetch=l2_prefetch_of(job, ctx), device=device_name(),
+                           triton_gemv=triton_gemv_on(job, ctx), device=device_name(),
                            torch=torch.__version__, versions=_versions(), commit=git_commit(),
                            **({"command": job["command"]} if job.get("command") else {}), **(rates or {}))
 
@@ -290,7 +285,7 @@ def run_ours(job: dict, ctx: TPContext, record: Recorder) -> None:
             rt = Runtime(model, ctx, B, _round_up(context + 1), cuda_graphs=graphs_on(job, ctx),
                          compile=job.get("compile", False), impl=job.get("impl", "nccl"), fuse=fuse_on(job, ctx),
                          decode_kernel=decode_kernel_on(job, ctx), norm_gemv=norm_gemv_on(job, ctx),
-                         l2_prefetch=l2_prefetch_of(job, ctx))
+                         triton_gemv=triton_gemv_on(job, ctx))
             tok = torch.randint(0, args.vocab_size, (B, 1), generator=gen).to(ctx.device)  # (B, 1)
 
             def step():
@@ -346,7 +341,7 @@ def run_profile(job: dict, ctx: TPContext, out_dir: Path, layers: int,
         for graphs, suffix in modes:
             rt = Runtime(model, ctx, 1, _round_up(context + 1), cuda_graphs=graphs, impl=impl, fuse=fuse,
                          decode_kernel=decode_kernel_on(job, ctx), norm_gemv=norm_gemv_on(job, ctx),
-                         l2_prefetch=l2_prefetch_of(job, ctx))
+                         triton_gemv=triton_gemv_on(job, ctx))
 
             def steps(rt=rt):
                 for _ in range(5):

@@ -56,15 +56,6 @@ def check_devices(tp: int, backend: str) -> None:
         raise ParallelConfigError("parallel.backend=nccl needs CUDA GPUs; use parallel.backend=gloo (or auto) on CPU")
 
 
-def check_l2_prefetch(v) -> bool | float:
-    """bench.l2_prefetch: false, true (half the L2) or the share of L2 one prefetch may fill, in (0, 1]."""
-    if isinstance(v, bool) or v is None:
-        return bool(v)
-    if isinstance(v, (int, float)) and 0 < v <= 1:
-        return float(v)
-    raise SPDError(f"bench.l2_prefetch={v!r}: use false, true (half the L2) or a share of L2 in (0, 1], e.g. 0.5")
-
-
 def bench_job(cfg) -> dict:
     """The plain-JSON job every rank reads: model shape, bench settings, interconnect, output path."""
     b = cfg.bench
@@ -78,7 +69,7 @@ def bench_job(cfg) -> dict:
         interconnect=cfg.parallel.interconnect, out=str(Path(b.out).expanduser()), cuda_graphs=bool(b.cuda_graphs),
         compile=b.compile, timeout_s=float(b.timeout_s), impl=check_impl(b.impl, b.variants), fuse=b.fuse,
         iso_ctas=_int_list(b.iso_ctas, "iso_ctas"), iso_sm_carveout=_int_list(b.iso_sm_carveout, "iso_sm_carveout"),
-        decode_kernel=b.decode_kernel, norm_gemv=b.norm_gemv, l2_prefetch=check_l2_prefetch(b.l2_prefetch),
+        decode_kernel=b.decode_kernel, norm_gemv=b.norm_gemv, triton_gemv=b.triton_gemv,
         prefill_graphs=b.prefill_graphs, virtual_tp=int(b.virtual_tp),
         command="spd-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),  # the overrides, for the records
     )

@@ -19,9 +19,7 @@ are fused into one weight each (one GEMM). Decode shapes are static: CUDA graphs
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass, field
 
@@ -35,14 +33,6 @@ from overlap.decode_attention import supports
 from overlap.ops import EAGER_OPS, decode_mask
 from overlap.sync import Sync
 from spd.errors import ModelLoadError
-
-def no_prefetch(site: str, weight: torch.Tensor) -> None:
-    """A prefetch site's default: nothing (Transformer.prefetching binds an overlap.l2_prefetch.L2Prefetcher)."""
-
-
-def _nothing() -> None:
-    pass
-
 
 NORM_LINEAR_MAX_ROWS = 16  # decode rows (batch x tokens) up to which ops.norm_linear runs (one tl.dot tile)
 INIT_STD = 0.02  # random weights: LLaMA's initializer_range, keeps 80 random bf16 blocks finite
@@ -158,7 +148,6 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.kv_cache: KVCache | None = None
         self.ops = EAGER_OPS  # Transformer.set_fused_
-        self.prefetch = no_prefetch  # Transformer.prefetching: L2 prefetch of a weight (overlap.l2_prefetch)
 
     def forward(self, x, cos, sin, input_pos, mask, kv_len):
         return self.wo(self.heads(x, cos, sin, input_pos, mask, kv_len))  # (B, S, D), this rank's partial
@@ -168,8 +157,7 @@ class Attention(nn.Module):
         input and norm + wqkv run as one kernel (ops.norm_linear); else x is already normalised."""
         B, S, _ = x.shape
         H, KV, Dh = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = self.wqkv(x) if norm is None else norm_linear(self.ops, x, self.wqkv.weight, norm)  # (B, S, (H/R + 2 KV/R) Dh)
-        self.prefetch("wo", self.wo.weight)  # while attention runs
+        qkv = linear(self.ops, x, self.wqkv) if norm is None else norm_linear(self.ops, x, self.wqkv.weight, norm)  # (B, S, (H/R + 2 KV/R) Dh)
         decode = S == 1 and mask is not None and not isinstance(mask, CausalBias)  # an additive (1, L) mask
         if decode and self.ops.decode_heads is not None and supports(qkv, Dh):  # one Triton pass (fused ops)
             cache = self.kv_cache
@@ -194,7 +182,6 @@ class MLP(nn.Module):
         self.w13 = nn.Linear(args.dim, 2 * args.ffn_dim, bias=False)
         self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)
         self.ops = EAGER_OPS  # Transformer.set_fused_
-        self.prefetch = no_prefetch  # Transformer.prefetching
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(self.act(x))  # (B, S, D), this rank's partial
@@ -203,12 +190,17 @@ class MLP(nn.Module):
         """The MLP up to (not including) w2: (B, S, F/R). With norm, x is not normalised yet and norm + w13 +
         SwiGLU run as one kernel (ops.norm_linear)."""
         if norm is not None:
-            g = norm_linear(self.ops, x, self.w13.weight, norm, gated=True)  # (B, S, F/R)
-            self.prefetch("w2", self.w2.weight)
-            return g
-        gate_up = self.w13(x)  # (B, S, 2 F/R)
-        self.prefetch("w2", self.w2.weight)  # while SwiGLU runs
-        return self.ops.swiglu(gate_up, self.ffn_dim)  # (B, S, F/R)
+            return norm_linear(self.ops, x, self.w13.weight, norm, gated=True)  # (B, S, F/R)
+        return self.ops.swiglu(linear(self.ops, x, self.w13), self.ffn_dim)  # (B, S, F/R)
+
+
+def linear(ops, x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
+    """lin(x) for x (B, S, K); decode rows (B x S <= NORM_LINEAR_MAX_ROWS) through ops.gemv when set."""
+    rows = x.numel() // x.shape[-1]
+    if ops.gemv is None or rows > NORM_LINEAR_MAX_ROWS:
+        return lin(x)
+    y = ops.gemv(x.reshape(rows, x.shape[-1]), lin.weight)  # (rows, N)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def norm_linear(ops, x: torch.Tensor, w: torch.Tensor, norm: RMSNorm, gated: bool = False) -> torch.Tensor:
@@ -227,8 +219,6 @@ class Block(nn.Module):
         self.attn_sync, self.mlp_sync, self.block_sync = Sync("attn"), Sync("mlp"), Sync("block")
         self.spd = False  # set by overlap.tp.set_plan_
         self.ops = EAGER_OPS  # Transformer.set_fused_
-        self.prefetch = no_prefetch  # Transformer.prefetching: a weight into L2
-        self.prefetch_next = _nothing  # Transformer.prefetching: the next block's wqkv (or the lm_head) into L2
 
     def add_norm(self, x: torch.Tensor, a: torch.Tensor):
         """(x + a, mlp_norm(x + a)): the residual add before the MLP and its norm (one kernel when fused)."""
@@ -240,29 +230,19 @@ class Block(nn.Module):
         if self.ops.norm_linear is not None and x.shape[0] * x.shape[1] <= NORM_LINEAR_MAX_ROWS:  # decode rows
             return self.forward_norm_linear(x, cos, sin, input_pos, mask, kv_len)
         a = self.attn(self.attn_norm(x), cos, sin, input_pos, mask, kv_len)  # (B, S, D) partial
-        self.prefetch("w13", self.mlp.w13.weight)  # while the residual add + norm run
         if self.spd:
-            m = self.mlp(self.add_norm(x, a)[1])
-            self.prefetch_next()  # while the adds (and the sync) run
-            return x + self.block_sync(a + m)  # the only sync
+            return x + self.block_sync(a + self.mlp(self.add_norm(x, a)[1]))  # the only sync
         h, n = self.add_norm(x, self.attn_sync(a))  # sync 1; h = x + sum_r a_r
-        m = self.mlp(n)
-        self.prefetch_next()
-        return h + self.mlp_sync(m)  # sync 2
+        return h + self.mlp_sync(self.mlp(n))  # sync 2
 
     def forward_norm_linear(self, x, cos, sin, input_pos, mask, kv_len):
         """forward's arithmetic with each norm fused into the GEMV after it (ops.norm_linear): attn_norm +
         wqkv, and mlp_norm + w13 + SwiGLU, one kernel each; the residual adds stay plain adds."""
         a = self.attn.wo(self.attn.heads(x, cos, sin, input_pos, mask, kv_len, norm=self.attn_norm))  # partial
-        self.prefetch("w13", self.mlp.w13.weight)
         if self.spd:
-            m = self.mlp.w2(self.mlp.act(x + a, norm=self.mlp_norm))
-            self.prefetch_next()
-            return x + self.block_sync(a + m)  # the only sync
+            return x + self.block_sync(a + self.mlp.w2(self.mlp.act(x + a, norm=self.mlp_norm)))  # the only sync
         h = x + self.attn_sync(a)  # sync 1
-        m = self.mlp.w2(self.mlp.act(h, norm=self.mlp_norm))
-        self.prefetch_next()
-        return h + self.mlp_sync(m)  # sync 2
+        return h + self.mlp_sync(self.mlp.w2(self.mlp.act(h, norm=self.mlp_norm)))  # sync 2
 
     def forward_fused(self, x, cos, sin, input_pos, mask, kv_len):
         """forward's arithmetic with wo / w2 and their sync fused: impl.matmul_all_reduce (docs/kernels.md)."""
@@ -294,11 +274,13 @@ class Transformer(nn.Module):
     def fused(self) -> bool:
         return self.layers[0].ops is not EAGER_OPS if len(self.layers) else False
 
-    def set_fused_(self, on: bool = True, decode_kernel: bool = True, norm_gemv: bool = False) -> "Transformer":
+    def set_fused_(self, on: bool = True, decode_kernel: bool = True, norm_gemv: bool = False,
+                   triton_gemv: bool = False) -> "Transformer":
         """Run RoPE, residual add + RMSNorm and SwiGLU as torch.compile'd kernels (fused_ops) or eagerly;
         decode_kernel=False keeps fused_ops' compiled decode attention instead of the one-pass Triton kernel;
         norm_gemv=True (with on) runs decode rows' norm + wqkv and norm + w13 + SwiGLU as one Triton kernel
-        each (overlap.kernels.norm_gemv)."""
+        each (overlap.kernels.norm_gemv); triton_gemv=True (with on) runs decode rows' wqkv and w13 GEMVs through
+        that kernel without its norm instead of cuBLAS (the norm and SwiGLU stay compiled kernels)."""
         from overlap.fused_ops import fused_ops  # torch.compile and Triton only when asked for
 
         ops = fused_ops() if on else EAGER_OPS
@@ -308,29 +290,14 @@ class Transformer(nn.Module):
             from overlap.kernels.norm_gemv import norm_linear_op
 
             ops = dataclasses.replace(ops, norm_linear=norm_linear_op)
+        if on and triton_gemv:
+            from overlap.kernels.norm_gemv import gemv_op
+
+            ops = dataclasses.replace(ops, gemv=gemv_op)
         for m in self.modules():
             if isinstance(m, (Block, Attention, MLP, RMSNorm)):
                 m.ops = ops
         return self
-
-    @contextlib.contextmanager
-    def prefetching(self, prefetch):
-        """Within the block, the prefetch sites call prefetch(site, weight) (overlap.l2_prefetch.L2Prefetcher):
-        after wqkv, ("wo", wo); after wo, ("w13", w13); after w13, ("w2", w2); after w2, ("wqkv", the next
-        block's wqkv; the last block: the lm_head)."""
-        mods = [m for m in self.modules() if isinstance(m, (Block, Attention, MLP))]
-        for m in mods:
-            m.prefetch = prefetch
-        nxt = [b.attn.wqkv.weight for b in self.layers[1:]] + [self.output.weight]
-        for block, w in zip(self.layers, nxt):
-            block.prefetch_next = functools.partial(prefetch, "wqkv", w)
-        try:
-            yield
-        finally:
-            for m in mods:
-                m.prefetch = no_prefetch
-            for block in self.layers:
-                block.prefetch_next = _nothing
 
     @property
     def syncs(self) -> list[Sync]:

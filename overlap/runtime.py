@@ -23,7 +23,8 @@ stream (overlap.iso). torch.compile needs impl="nccl".
 fuse=True runs the steps between the weight GEMMs (RoPE, residual add + RMSNorm, SwiGLU, RMSNorm, decode attention) as
 torch.compile'd kernels (overlap.fused_ops), in prefill and decode alike; on CUDA a decode step's RoPE, cache
 write and attention then run as one Triton pass (overlap.decode_attention; decode_kernel=False: compiled ops instead),
-and with norm_gemv=True each norm and the GEMV after it (+ SwiGLU) too (overlap.kernels.norm_gemv). set_iso_ picks ISO's
+and with norm_gemv=True each norm and the GEMV after it (+ SwiGLU) too (overlap.kernels.norm_gemv); with
+triton_gemv=True the wqkv and w13 decode GEMVs run through that kernel without the norm. set_iso_ picks ISO's
 process group (NCCL thread blocks capped, overlap.context.comm_group) and an SM carve-out for cuBLAS
 GEMMs during ISO prefill (the GEMMs leave SMs to the NCCL kernels they overlap).
 """
@@ -47,32 +48,20 @@ class Runtime:
     def __init__(self, model: Transformer, ctx: TPContext, max_batch: int, max_seq: int,
                  cuda_graphs: bool | None = None, compile: bool = False, impl: str = "nccl", fuse: bool = False,
                  decode_kernel: bool = True, prefill_graphs: bool = False, norm_gemv: bool = False,
-                 l2_prefetch: float | None = None):
+                 triton_gemv: bool = False):
         self.model, self.ctx = model, ctx
         # prefill_graphs: a plain prefill (iso 1, impl nccl) of a given (batch, length, start) is captured once
         # and replayed (CUDA only). Measured on one H200 (R = 4 and 8 shards, 2048 and 8192 tokens): within 0.7%
         # of the eager prefill, whose launches keep ahead of the GPU (docs/benchmarks/spd_bench.md); kept as the
         # A/B switch that shows it, off by default.
         self.prefill_graphs = bool(prefill_graphs) and model.output.weight.device.type == "cuda" and impl == "nccl"
-        model.set_fused_(fuse, decode_kernel, norm_gemv)
+        model.set_fused_(fuse, decode_kernel, norm_gemv, triton_gemv)
         self.device = model.output.weight.device
         if compile and impl != "nccl":
             raise ValueError(f"compile=True needs impl='nccl' (impl {impl!r}'s kernels and symmetric-memory "
                              f"collectives are not traced by torch.compile); supported: compile with nccl, "
                              f"or symm_mem / triton eager (CUDA graphs allowed)")
         self.impl_name = impl
-        # l2_prefetch: decode steps stream each next weight's leading bytes into L2 on a side stream while the
-        # kernels before its GEMV run (overlap.l2_prefetch; the value: the share of L2 one prefetch may fill).
-        self.prefetcher = None
-        if l2_prefetch:
-            if compile:
-                raise ValueError("l2_prefetch needs compile=False (its side-stream launches are not traced by "
-                                 "torch.compile); use fuse=True for the fused kernels instead")
-            if model.output.weight.device.type != "cuda":
-                raise ValueError(f"l2_prefetch needs a model on a CUDA device, got {model.output.weight.device}")
-            from overlap.l2_prefetch import L2Prefetcher
-
-            self.prefetcher = L2Prefetcher(model.output.weight.device, float(l2_prefetch))
         self.impl = set_impl_(model, ctx, impl)  # None for nccl (the plain path); raises on a bad name
         model.setup_caches(max_batch, max_seq)
         self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
@@ -186,12 +175,7 @@ class Runtime:
         return sum(1 for k in self._graphs if isinstance(k, tuple) and k[0] == "prefill")
 
     def _step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        if self.prefetcher is None:
-            return self.model(token, pos, kv_len=self.max_seq, chunk_start=None, block_fn=self._block_fn)  # (B, 1, V)
-        with self.model.prefetching(self.prefetcher):
-            logits = self.model(token, pos, kv_len=self.max_seq, chunk_start=None, block_fn=self._block_fn)
-        self.prefetcher.join()  # the side stream rejoins once a step (and before a graph capture ends)
-        return logits
+        return self.model(token, pos, kv_len=self.max_seq, chunk_start=None, block_fn=self._block_fn)  # (B, 1, V)
 
     def _graph(self, batch: int):
         if batch not in self._graphs:

@@ -54,14 +54,7 @@ mk v4_dec_ng "${V[@]}" bench.virtual_tp=4 'bench.phases=[decode]' 'bench.batches
   bench.warmup=3 bench.norm_gemv=true
 mk v8_dec_ng "${V[@]}" bench.virtual_tp=8 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 \
   bench.warmup=3 bench.norm_gemv=true
-# issue 16: decode with each next weight prefetched into L2 during the small kernels (overlap/l2_prefetch.py)
-for f in 0.25 0.5 1.0; do
-  mk "v4_dec_pf$f" "${V[@]}" bench.virtual_tp=4 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 \
-    bench.warmup=3 bench.l2_prefetch=$f
-done
 mk v8_dec "${V[@]}" bench.virtual_tp=8 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 bench.warmup=3
-mk v8_dec_pf0.5 "${V[@]}" bench.virtual_tp=8 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 \
-  bench.warmup=3 bench.l2_prefetch=0.5
 mk v4_pre "${V[@]}" bench.virtual_tp=4 'bench.phases=[prefill]' 'bench.tokens=[2048,8192]' bench.iters=10 bench.warmup=2
 mk v4_prof "${V[@]}" bench.virtual_tp=4 'bench.phases=[decode]' 'bench.batches=[1]'
 mk v8_all "${V[@]}" bench.virtual_tp=8 'bench.tokens=[2048,8192]' 'bench.batches=[1,16]' bench.iters=10 bench.warmup=3

@@ -211,7 +211,7 @@ class BenchConfig:
     fuse: bool = True  # compiled RoPE / add+norm / SwiGLU / RMSNorm on GPUs (false: eager)
     decode_kernel: bool = True  # the one-pass Triton decode attention with fuse on CUDA (false: compiled ops)
     norm_gemv: bool = False  # with fuse on CUDA: decode's norm + wqkv, norm + w13 + SwiGLU as one Triton kernel each
-    l2_prefetch: Any = False  # decode on CUDA: next weight into L2 during small kernels (true or a share of L2, 0-1]
+    triton_gemv: bool = True  # with fuse on CUDA: decode's wqkv and w13 GEMVs through norm_gemv's kernel (no norm)
     compile: bool = False  # torch.compile the decode step's blocks before CUDA-graph capture
     prefill_graphs: bool = False  # capture prefill in CUDA graphs too
     iso_ctas: Any = None  # NCCL thread blocks of ISO's group: null (default), an int or a list to sweep

@@ -97,6 +97,25 @@ def rank_worker(ctx, full: Transformer, ids: torch.Tensor):
         out[name]["decode_norm_linear"] = torch.cat(
             [rt.decode_one(ids[:, i : i + 1]).clone() for i in range(SPLIT, ids.shape[1])], dim=1)
     out["norm_linear_calls"] = len(calls)
+    # and with wqkv's and w13's decode GEMVs through Ops.gemv (its plain-torch form; the kernel: the same file)
+    gemv_calls = []
+
+    def gemv(x, w):
+        gemv_calls.append(1)
+        return torch.nn.functional.linear(x, w)
+
+    ops = dataclasses.replace(model.layers[0].ops, norm_linear=None, gemv=gemv)
+    for m in model.modules():
+        if hasattr(m, "ops"):
+            m.ops = ops
+    for name, blocks in PLANS.items():
+        set_plan_(model, SPDPlan.zero_shot(ctx.world_size, LAYERS, blocks))
+        rt.invalidate()
+        rt.reset()
+        rt.prefill(ids[:, :SPLIT])  # 14 rows: through gemv too
+        out[name]["decode_gemv"] = torch.cat(
+            [rt.decode_one(ids[:, i : i + 1]).clone() for i in range(SPLIT, ids.shape[1])], dim=1)
+    out["gemv_calls"] = len(gemv_calls)
     random = build_sharded(model.args, ctx, dtype=torch.float32)
     out["random_shapes"] = {n: tuple(p.shape) for n, p in random.layers[0].named_parameters()}
     return out
@@ -157,8 +176,10 @@ def test_decode_with_norm_fused_into_the_gemv_equals_emulation(case, plan):
     ref = case["refs"][plan]["logits"]
     for res in case["results"]:
         assert _maxdiff(res[plan]["decode_norm_linear"], ref[:, SPLIT:]) <= TP_FP32_ATOL, f"rank {res['rank']}"
+        assert _maxdiff(res[plan]["decode_gemv"], ref[:, SPLIT:]) <= TP_FP32_ATOL, f"rank {res['rank']}"
         # not vacuous: every forward (the 14-row prefill and each decode step) ran it twice a block
         assert res["norm_linear_calls"] == len(PLANS) * (1 + case["ids"].shape[1] - SPLIT) * 2 * LAYERS
+        assert res["gemv_calls"] == res["norm_linear_calls"]  # the same two GEMVs a block and step
 
 
 @pytest.mark.parametrize("plan", PLANS)

@@ -199,3 +199,10 @@ def norm_linear_op(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor, 
                    gated: bool) -> torch.Tensor:
     """overlap.ops.Ops.norm_linear through this kernel (split_k auto)."""
     return norm_gemv(x, w, norm_weight=norm_weight, eps=eps, swiglu=gated)
+
+
+def gemv_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """overlap.ops.Ops.gemv through this kernel: x @ w.T for decode rows, no norm, no SwiGLU (split_k auto). At
+    the LLaMA-2-70B R = 4 and 8 shards' wqkv and w13 it is faster than cuBLAS on an H200; at wo and w2 it is
+    not (docs/benchmarks/norm_gemv.md), so the runtime uses it for wqkv and w13 only."""
+    return norm_gemv(x, w)
