@@ -90,13 +90,31 @@ def by_name(name: str) -> str:
     return "other elementwise"
 
 
-def label_eager(kernels: list[dict], ops: dict[int, dict], names: dict) -> tuple[list[tuple[dict, str, tuple]], dict]:
-    """[(kernel, label, (M, K, N) or None)], and {signature: (label, mkn)} for the graph trace."""
+TRITON_GEMVS = ("wqkv", "w13")  # what the runtime's triton_gemv runs through norm_gemv_kernel, in block order
+
+
+def label_eager(kernels: list[dict], ops: dict[int, dict], names: dict,
+                rows: int = 1) -> tuple[list[tuple[dict, str, tuple]], dict]:
+    """[(kernel, label, (M, K, N) or None)], and {signature: (label, mkn)} for the graph trace. The Triton GEMV
+    (overlap.kernels.norm_gemv, no aten op to read shapes from) runs wqkv then w13 in every block: its
+    launches are labelled in that order, with `rows` decode rows, its split-K reduce kernel with it."""
     out, sigs, seen = [], {}, set()
+    by_weight = {v: kn for kn, v in names.items()}
+    triton_gemvs = 0
     for k in kernels:
         eid = k.get("args", {}).get("External id")
         op = ops.get(eid)
         label, mkn = by_name(k["name"]), None
+        if k["name"].startswith("norm_gemv_kernel"):
+            name = TRITON_GEMVS[triton_gemvs % len(TRITON_GEMVS)]
+            triton_gemvs += 1
+            label, mkn = f"gemm: {name}", (rows, *by_weight[name])
+        elif k["name"].startswith("split_k_reduce_kernel"):  # the reduce pass of the launch before it
+            label = out[-1][1] if out else label
+        if label.startswith("gemm") and op is None:
+            out.append((k, label, mkn))
+            sigs.setdefault(_sig(k), (label, mkn))
+            continue
         if op is not None and op["name"] in GEMM_OPS and eid in seen:  # a split-K reduce: its GEMM's, no work
             out.append((k, out[-1][1] if out else label, None))
             continue
@@ -228,7 +246,7 @@ def analyse(out: Path, rates: dict, shape, layers: int, batch: int, context: int
             continue
         kernels, ops = tr
         if kind == "eager":
-            labelled, sigs = label_eager(kernels, ops, names)
+            labelled, sigs = label_eager(kernels, ops, names, batch)
             eager = labelled
         else:
             labelled = (eager and positional(eager, kernels)) or [
@@ -301,7 +319,8 @@ def main(argv=None) -> None:
     pos = a.context
     tok = torch.randint(0, args.vocab_size, (a.batch, 1), generator=gen).to(dev)
     for graphs in ([False, True] if cuda else [False]):
-        rt = Runtime(model, ctx, a.batch, -(-(pos + 1) // 64) * 64, cuda_graphs=graphs, fuse=cuda, decode_kernel=cuda)
+        rt = Runtime(model, ctx, a.batch, -(-(pos + 1) // 64) * 64, cuda_graphs=graphs, fuse=cuda, decode_kernel=cuda,
+                     triton_gemv=cuda)  # spd-bench's default decode step
 
         def steps(rt=rt):
             for _ in range(STEPS):

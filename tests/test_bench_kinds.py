@@ -53,3 +53,19 @@ def test_graph_replays_take_the_label_of_the_eager_kernel_at_the_same_place():
     graph = [_kernel("gemv", 100, 10, 0), _kernel("gemv", 111, 29, 0)]
     assert [lab for _, lab, _ in kk.positional(labelled, graph)] == ["gemm: wo", "gemm: w2"]
     assert kk.positional(labelled, graph[:1]) is None  # another sequence: no positional labels
+
+
+def test_triton_gemv_launches_are_wqkv_then_w13_with_their_reduce_pass():
+    """The runtime's triton_gemv (no aten op to read shapes from): wqkv then w13 in every block, each launch's
+    split-K reduce kernel with it; the bytes of each weight counted once."""
+    kernels = [_kernel("norm_gemv_kernel", 0, 12, 1), _kernel("split_k_reduce_kernel", 12, 1, 2),
+               _kernel("split_kernel", 20, 5, 3), _kernel("gemv", 30, 10, 4),
+               _kernel("norm_gemv_kernel", 50, 58, 5), _kernel("split_k_reduce_kernel", 108, 1, 6)]
+    labelled, _ = kk.label_eager(kernels, {}, kk.gemm_names(SHAPE))
+    assert [lab for _, lab, _ in labelled] == ["gemm: wqkv", "gemm: wqkv",
+                                              "attention: Triton split (RoPE, cache write, attention)", "gemm: ?",
+                                              "gemm: w13", "gemm: w13"]
+    s = kk.summarize(labelled, 1, 1, "decode", SHAPE, 1, 1, 2048, dict(copy_tbps=4.0, matmul_tflops=800.0))
+    rows = {r["kind"]: r for r in s["rows"]}
+    assert rows["gemm: w13"]["bytes_per_step"] == (8192 * 14336 + 8192 + 14336) * 2
+    assert rows["gemm: wqkv"]["us_per_step"] == 13
