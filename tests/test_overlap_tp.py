@@ -77,45 +77,29 @@ def rank_worker(ctx, full: Transformer, ids: torch.Tensor):
         gen = rt.generate(ids[:, :PROMPT], NEW_TOKENS)
         out[name] = dict(full=full, chunks=chunks, decode=decode, gen=gen, prefill_syncs=c1 - c0,
                          decode_syncs=(c3 - c2) / (ids.shape[1] - SPLIT))
-    # decode again with each norm fused into the GEMV after it (Ops.norm_linear; its plain-torch form here,
-    # the Triton kernel's parity is tests/test_kernels_norm_gemv.py): the same sharded arithmetic
-    calls = []
+    # decode again with each norm fused into the GEMV after it (Ops.norm_linear), then with wqkv's and w13's
+    # GEMVs through Ops.gemv: their plain-torch forms here (the Triton kernel's parity is
+    # tests/test_kernels_norm_gemv.py), the same sharded arithmetic
+    base_ops = model.layers[0].ops
+    for use, fn in (("norm_linear", norm_linear), ("gemv", torch.nn.functional.linear)):
+        calls = []
 
-    def counted(*a):
-        calls.append(1)
-        return norm_linear(*a)
+        def counted(*a, fn=fn, calls=calls):
+            calls.append(1)
+            return fn(*a)
 
-    ops = dataclasses.replace(model.layers[0].ops, norm_linear=counted)
-    for m in model.modules():
-        if hasattr(m, "ops"):
-            m.ops = ops
-    for name, blocks in PLANS.items():
-        set_plan_(model, SPDPlan.zero_shot(ctx.world_size, LAYERS, blocks))
-        rt.invalidate()
-        rt.reset()
-        rt.prefill(ids[:, :SPLIT])  # 14 rows: norm_linear too
-        out[name]["decode_norm_linear"] = torch.cat(
-            [rt.decode_one(ids[:, i : i + 1]).clone() for i in range(SPLIT, ids.shape[1])], dim=1)
-    out["norm_linear_calls"] = len(calls)
-    # and with wqkv's and w13's decode GEMVs through Ops.gemv (its plain-torch form; the kernel: the same file)
-    gemv_calls = []
-
-    def gemv(x, w):
-        gemv_calls.append(1)
-        return torch.nn.functional.linear(x, w)
-
-    ops = dataclasses.replace(model.layers[0].ops, norm_linear=None, gemv=gemv)
-    for m in model.modules():
-        if hasattr(m, "ops"):
-            m.ops = ops
-    for name, blocks in PLANS.items():
-        set_plan_(model, SPDPlan.zero_shot(ctx.world_size, LAYERS, blocks))
-        rt.invalidate()
-        rt.reset()
-        rt.prefill(ids[:, :SPLIT])  # 14 rows: through gemv too
-        out[name]["decode_gemv"] = torch.cat(
-            [rt.decode_one(ids[:, i : i + 1]).clone() for i in range(SPLIT, ids.shape[1])], dim=1)
-    out["gemv_calls"] = len(gemv_calls)
+        ops = dataclasses.replace(base_ops, **{use: counted})
+        for m in model.modules():
+            if hasattr(m, "ops"):
+                m.ops = ops
+        for name, blocks in PLANS.items():
+            set_plan_(model, SPDPlan.zero_shot(ctx.world_size, LAYERS, blocks))
+            rt.invalidate()
+            rt.reset()
+            rt.prefill(ids[:, :SPLIT])  # 14 rows: through it too
+            out[name][f"decode_{use}"] = torch.cat(
+                [rt.decode_one(ids[:, i : i + 1]).clone() for i in range(SPLIT, ids.shape[1])], dim=1)
+        out[f"{use}_calls"] = len(calls)
     random = build_sharded(model.args, ctx, dtype=torch.float32)
     out["random_shapes"] = {n: tuple(p.shape) for n, p in random.layers[0].named_parameters()}
     return out
