@@ -9,9 +9,9 @@ Each bench job measures two ceilings once on its device (measure_rates):
                   of 20 products after 3: the burst rate, at the boost clock
     matmul_sustained_tflops
                   the same product back to back for SUSTAIN_S seconds, the median of the second half: the rate
-                  the device holds under a continuous load. On an H200 (700 W) it is about 17% lower (the SM
-                  clock falls from 1980 to about 1450 MHz at the power limit; docs/benchmarks/sustained_matmul.md),
-                  and a timed prefill loop (warm-up + iterations, over a second) runs at that clock
+                  the device holds under a continuous load. On an H200 (700 W) it is 15-17% lower (the SM clock
+                  falls from 1980 to 1230-1560 MHz at the power limit; docs/benchmarks/sustained_matmul.md), and
+                  a timed prefill loop (warm-up + iterations, over a second) runs at that clock
 
 and every record states its floor (floor_fields), the larger of
 
@@ -20,7 +20,8 @@ and every record states its floor (floor_fields), the larger of
                    B rows, not counted) and the KV cache up to the decoded position (B x (context + 1)
                    positions of this rank's KV heads, K and V, every block); prefill reads the weights and
                    writes the KV cache of S positions
-    compute floor  matmul FLOPs / matmul_sustained_tflops (floor_flop_burst_ms: over matmul_tflops): 2 x tokens x (the blocks' GEMM weights) + attention (causal:
+    compute floor  matmul FLOPs / matmul_sustained_tflops (floor_flop_burst_ms: over matmul_tflops), the FLOPs
+                   being 2 x tokens x (the blocks' GEMM weights) + attention (causal:
                    QK^T and PV over the lower triangle, 2 x S^2 x Dh FLOP a query head and block for a prefill
                    of S, 4 x B x (context + 1) x Dh for a decode step) + the lm_head on the last token of each
                    sequence (2 x B x V x D)
