@@ -26,7 +26,8 @@ Job key prefill_graphs (default false) captures each plain prefill in a CUDA gra
 Job key fuse (default false) runs RoPE, add + RMSNorm and SwiGLU as torch.compile'd kernels (GPU only;
 records: fused); with it, decode attention runs as one Triton pass unless decode_kernel is false (records:
 decode_kernel), and decode's wqkv and w13 GEMVs through overlap.kernels.norm_gemv unless triton_gemv is false
-(records: triton_gemv). ISO variants are timed once per (iso_ctas, iso_sm_carveout) pair of the job's lists
+(records: triton_gemv); swiglu_gemv (default false) runs decode's SwiGLU inside w2's GEMV (records:
+swiglu_gemv). ISO variants are timed once per (iso_ctas, iso_sm_carveout) pair of the job's lists
 (default [null] each: NCCL's own thread-block count, no carve-out; Runtime.set_iso_), recorded as such.
 
     ... -m overlap.bench --job job.json --profile DIR [--layers 4] [--phase prefill|decode]
@@ -175,6 +176,12 @@ def triton_gemv_on(job: dict, ctx: TPContext) -> bool:
     return fuse_on(job, ctx) and job.get("triton_gemv", True) is not False
 
 
+def swiglu_gemv_on(job: dict, ctx: TPContext) -> bool:
+    """Decode's SwiGLU as the prologue of w2's GEMV (overlap.kernels.norm_gemv, gated_x), when the job says
+    swiglu_gemv (default false: its speed is not measured yet) with the fused kernels."""
+    return fuse_on(job, ctx) and bool(job.get("swiglu_gemv"))
+
+
 def prefill_graphs_on(job: dict, ctx: TPContext) -> bool:
     """Captured prefills (Runtime(prefill_graphs=True)) when the job says prefill_graphs, on a GPU with impl
     nccl; ISO variants stay eager (records: prefill_graphs)."""
@@ -226,7 +233,8 @@ class Recorder:
                            warmup=b["warmup"], iters=b["iters"], cuda_graphs=graphs_on(job, ctx),
                            compile=bool(job.get("compile")), impl=job.get("impl", "nccl"), fused=fuse_on(job, ctx),
                            decode_kernel=decode_kernel_on(job, ctx), norm_gemv=norm_gemv_on(job, ctx),
-                           triton_gemv=triton_gemv_on(job, ctx), device=device_name(),
+                           triton_gemv=triton_gemv_on(job, ctx), swiglu_gemv=swiglu_gemv_on(job, ctx),
+                           device=device_name(),
                            torch=torch.__version__, versions=_versions(), commit=git_commit(),
                            **({"command": job["command"]} if job.get("command") else {}), **(rates or {}))
 
@@ -285,7 +293,7 @@ def run_ours(job: dict, ctx: TPContext, record: Recorder) -> None:
             rt = Runtime(model, ctx, B, _round_up(context + 1), cuda_graphs=graphs_on(job, ctx),
                          compile=job.get("compile", False), impl=job.get("impl", "nccl"), fuse=fuse_on(job, ctx),
                          decode_kernel=decode_kernel_on(job, ctx), norm_gemv=norm_gemv_on(job, ctx),
-                         triton_gemv=triton_gemv_on(job, ctx))
+                         triton_gemv=triton_gemv_on(job, ctx), swiglu_gemv=swiglu_gemv_on(job, ctx))
             tok = torch.randint(0, args.vocab_size, (B, 1), generator=gen).to(ctx.device)  # (B, 1)
 
             def step():
@@ -341,7 +349,7 @@ def run_profile(job: dict, ctx: TPContext, out_dir: Path, layers: int,
         for graphs, suffix in modes:
             rt = Runtime(model, ctx, 1, _round_up(context + 1), cuda_graphs=graphs, impl=impl, fuse=fuse,
                          decode_kernel=decode_kernel_on(job, ctx), norm_gemv=norm_gemv_on(job, ctx),
-                         triton_gemv=triton_gemv_on(job, ctx))
+                         triton_gemv=triton_gemv_on(job, ctx), swiglu_gemv=swiglu_gemv_on(job, ctx))
 
             def steps(rt=rt):
                 for _ in range(5):

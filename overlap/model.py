@@ -184,6 +184,11 @@ class MLP(nn.Module):
         self.ops = EAGER_OPS  # Transformer.set_fused_
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if self.ops.swiglu_gemv is not None and rows <= NORM_LINEAR_MAX_ROWS:  # SwiGLU inside w2's GEMV
+            gate_up = linear(self.ops, x, self.w13)  # (B, S, 2 F/R)
+            y = self.ops.swiglu_gemv(gate_up.reshape(rows, gate_up.shape[-1]), self.w2.weight)  # (rows, D)
+            return y.view(*x.shape[:-1], y.shape[-1])
         return self.w2(self.act(x))  # (B, S, D), this rank's partial
 
     def act(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
@@ -275,12 +280,13 @@ class Transformer(nn.Module):
         return self.layers[0].ops is not EAGER_OPS if len(self.layers) else False
 
     def set_fused_(self, on: bool = True, decode_kernel: bool = True, norm_gemv: bool = False,
-                   triton_gemv: bool = False) -> "Transformer":
+                   triton_gemv: bool = False, swiglu_gemv: bool = False) -> "Transformer":
         """Run RoPE, residual add + RMSNorm and SwiGLU as torch.compile'd kernels (fused_ops) or eagerly;
         decode_kernel=False keeps fused_ops' compiled decode attention instead of the one-pass Triton kernel;
         norm_gemv=True (with on) runs decode rows' norm + wqkv and norm + w13 + SwiGLU as one Triton kernel
         each (overlap.kernels.norm_gemv); triton_gemv=True (with on) runs decode rows' wqkv and w13 GEMVs through
-        that kernel without its norm instead of cuBLAS (the norm and SwiGLU stay compiled kernels)."""
+        that kernel without its norm instead of cuBLAS (the norm and SwiGLU stay compiled kernels); swiglu_gemv=True
+        (with on) runs decode rows' SwiGLU inside w2's GEMV (the same kernel, gated_x)."""
         from overlap.fused_ops import fused_ops  # torch.compile and Triton only when asked for
 
         ops = fused_ops() if on else EAGER_OPS
@@ -294,6 +300,10 @@ class Transformer(nn.Module):
             from overlap.kernels.norm_gemv import gemv_op
 
             ops = dataclasses.replace(ops, gemv=gemv_op)
+        if on and swiglu_gemv:
+            from overlap.kernels.norm_gemv import swiglu_gemv_op
+
+            ops = dataclasses.replace(ops, swiglu_gemv=swiglu_gemv_op)
         for m in self.modules():
             if isinstance(m, (Block, Attention, MLP, RMSNorm)):
                 m.ops = ops

@@ -84,6 +84,9 @@ class Ops:
     # gemv(x (M, K), w) for rows M <= 16: wqkv's and w13's decode GEMVs (overlap.kernels.norm_gemv without a norm,
     # faster than cuBLAS at those skinny shapes); None: nn.Linear (cuBLAS)
     gemv: object = None
+    # swiglu_gemv(gate_up (M, 2F), w2) for rows M <= 16: SwiGLU as the prologue of w2's GEMV, one kernel
+    # (overlap.kernels.norm_gemv gated_x); None: swiglu, then nn.Linear
+    swiglu_gemv: object = None
 
 
 EAGER_OPS = Ops(rope_, add_rms_norm, swiglu, rms_norm, decode_attention)  # plain torch: the reference, CPU's

@@ -35,19 +35,20 @@ def run_case(case: str) -> dict:
 
 def test_matches_the_unfused_steps_in_the_interpreter():
     cases = run_case("kernel")
-    assert len(cases) == len(SHAPES) * 2 * 2 * 3
+    assert len(cases) == len(SHAPES) * (2 * 2 * 3 + 3)  # norm x swiglu x split_k, and gated_x x split_k
     for case in cases:
         assert case["err"] < FP32_TOL, case
         assert case["shape"] == case["ref_shape"], case
 
 
 def test_runtime_decode_with_the_kernel_equals_eager_in_the_interpreter():
-    """Both uses of the kernel in the runtime: Ops.norm_linear (norm + wqkv, norm + w13 + SwiGLU) and Ops.gemv
-    (wqkv and w13 alone); every decode step of every block calls it twice, and prefill rows never."""
+    """Every use of the kernel in the runtime: Ops.norm_linear (norm + wqkv, norm + w13 + SwiGLU), Ops.gemv
+    (wqkv and w13 alone), Ops.swiglu_gemv (SwiGLU + w2); every decode step of every block calls the first two
+    twice and the third once, and prefill rows never."""
     out = run_case("runtime")
-    for use in ("norm_linear", "gemv"):
+    for use, per_block in (("norm_linear", 2), ("gemv", 2), ("swiglu_gemv", 1)):
         assert out[use]["max_err"] < FP32_TOL, out
-        assert out[use]["kernel_calls"] == out["expected_calls"], out
+        assert out[use]["kernel_calls"] == out["steps_x_blocks"] * per_block, out
 
 
 def test_bad_arguments_say_what_is_wrong():
@@ -63,15 +64,20 @@ def test_bad_arguments_say_what_is_wrong():
         norm_gemv(x, w, split_k=9)
     with pytest.raises(KernelArgError, match="17"):
         norm_gemv(torch.randn(17, 64), w)
+    with pytest.raises(KernelArgError, match="gated_x needs x \\(M, 2 K\\)"):
+        norm_gemv(x, w, gated_x=True)  # x has K columns, not 2 K
+    with pytest.raises(KernelArgError, match="gated_x takes neither"):
+        norm_gemv(torch.randn(2, 128), w, gated_x=True, norm_weight=torch.ones(64))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("flag", ["triton_gemv", "swiglu_gemv"])
 @torch.no_grad()
-def test_runtime_with_the_triton_gemv_decodes_like_cublas_on_the_gpu():
-    """Runtime(fuse=True, triton_gemv=True) (decode's wqkv and w13 through this kernel, CUDA graphs) against the
-    same with cuBLAS, bf16, a 4-block random model of 70B-like proportions: logits within bf16 rounding noise
-    and the same greedy tokens."""
+def test_runtime_with_the_kernel_decodes_like_cublas_on_the_gpu(flag):
+    """Runtime(fuse=True, <flag>=True) (decode's wqkv and w13, or SwiGLU + w2, through this kernel; CUDA graphs)
+    against the same with cuBLAS, bf16, a 4-block random model of 70B-like proportions: logits within bf16
+    rounding noise and the same greedy tokens."""
     from overlap.context import single
     from overlap.model import ModelArgs, Transformer
     from overlap.runtime import Runtime
@@ -81,7 +87,7 @@ def test_runtime_with_the_triton_gemv_decodes_like_cublas_on_the_gpu():
     ids = torch.randint(0, 1024, (2, 24), generator=torch.Generator().manual_seed(6)).cuda()
     outs = {}
     for kernel in (False, True):
-        rt = Runtime(full, single("cuda:0"), 2, 64, fuse=True, triton_gemv=kernel)
+        rt = Runtime(full, single("cuda:0"), 2, 64, fuse=True, **{flag: kernel})
         rt.prefill(ids[:, :16])
         outs[kernel] = torch.cat([rt.decode_one(ids[:, i : i + 1]).float() for i in range(16, 24)], 1)
     err = ((outs[True] - outs[False]).norm() / outs[False].norm()).item()
@@ -123,6 +129,13 @@ def _interpreted() -> list[dict]:
                     err = ((y - ref).abs().max() / ref.abs().max()).item()
                     out.append({"m": m, "n": n, "k": k, "norm": norm is not None, "swiglu": swiglu,
                                 "split_k": split_k, "err": err, "shape": list(y.shape), "ref_shape": list(ref.shape)})
+        gate_up = torch.randn(m, 2 * k, generator=gen)  # w13's output [gate | up] before w2
+        for split_k in (1, 2, "auto"):
+            y = norm_gemv(gate_up, w, gated_x=True, split_k=split_k, block_k=32, sm_count=4)
+            ref = reference(gate_up, w, gated_x=True)
+            err = ((y - ref).abs().max() / ref.abs().max()).item()
+            out.append({"m": m, "n": n, "k": k, "gated_x": True, "split_k": split_k, "err": err,
+                        "shape": list(y.shape), "ref_shape": list(ref.shape)})
     return out
 
 
@@ -134,7 +147,7 @@ def _runtime() -> dict:
     import dataclasses
 
     from overlap.context import single
-    from overlap.kernels.norm_gemv import gemv_op, norm_linear_op
+    from overlap.kernels.norm_gemv import gemv_op, norm_linear_op, swiglu_gemv_op
     from overlap.model import ModelArgs, Transformer
     from overlap.runtime import Runtime
 
@@ -142,7 +155,7 @@ def _runtime() -> dict:
     full = Transformer.from_args(args, seed=3)
     full.layers[1].spd = True
     ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(4))
-    calls = {"norm_linear": [], "gemv": []}
+    calls = {"norm_linear": [], "gemv": [], "swiglu_gemv": []}
 
     def counted(use, fn):
         def call(*a):
@@ -151,11 +164,11 @@ def _runtime() -> dict:
         return call
 
     outs = {}
-    for use in (None, "norm_linear", "gemv"):
+    for use in (None, *calls):
         model = copy.deepcopy(full)
         rt = Runtime(model, single("cpu"), 2, 72, cuda_graphs=False)  # eager ops
         if use:
-            fn = {"norm_linear": norm_linear_op, "gemv": gemv_op}[use]
+            fn = {"norm_linear": norm_linear_op, "gemv": gemv_op, "swiglu_gemv": swiglu_gemv_op}[use]
             ops = dataclasses.replace(model.layers[0].ops, **{use: counted(use, fn)})
             for m in model.modules():
                 if hasattr(m, "ops"):
@@ -165,7 +178,7 @@ def _runtime() -> dict:
             outs[use] = torch.cat([rt.decode_one(ids[:, i : i + 1]) for i in range(12, 20)], 1)
     scale = outs[None].abs().max().item()
     return {**{use: {"max_err": (outs[None] - outs[use]).abs().max().item() / scale, "kernel_calls": len(calls[use])}
-               for use in calls}, "expected_calls": 8 * args.n_layers * 2}
+               for use in calls}, "steps_x_blocks": 8 * args.n_layers}
 
 
 if __name__ == "__main__":

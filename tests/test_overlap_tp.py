@@ -15,7 +15,7 @@ import torch
 
 from overlap.launch import spawn_ranks
 from overlap.model import ModelArgs, Transformer
-from overlap.ops import norm_linear
+from overlap.ops import norm_linear, swiglu
 from overlap.runtime import Runtime
 from overlap.tp import build_sharded, layout_of, set_plan_, shard_
 from spd.plan import SPDPlan
@@ -81,7 +81,9 @@ def rank_worker(ctx, full: Transformer, ids: torch.Tensor):
     # GEMVs through Ops.gemv: their plain-torch forms here (the Triton kernel's parity is
     # tests/test_kernels_norm_gemv.py), the same sharded arithmetic
     base_ops = model.layers[0].ops
-    for use, fn in (("norm_linear", norm_linear), ("gemv", torch.nn.functional.linear)):
+    swiglu_linear = lambda gate_up, w: torch.nn.functional.linear(swiglu(gate_up, w.shape[1]), w)  # noqa: E731
+    for use, fn in (("norm_linear", norm_linear), ("gemv", torch.nn.functional.linear),
+                    ("swiglu_gemv", swiglu_linear)):
         calls = []
 
         def counted(*a, fn=fn, calls=calls):
@@ -161,9 +163,11 @@ def test_decode_with_norm_fused_into_the_gemv_equals_emulation(case, plan):
     for res in case["results"]:
         assert _maxdiff(res[plan]["decode_norm_linear"], ref[:, SPLIT:]) <= TP_FP32_ATOL, f"rank {res['rank']}"
         assert _maxdiff(res[plan]["decode_gemv"], ref[:, SPLIT:]) <= TP_FP32_ATOL, f"rank {res['rank']}"
+        assert _maxdiff(res[plan]["decode_swiglu_gemv"], ref[:, SPLIT:]) <= TP_FP32_ATOL, f"rank {res['rank']}"
         # not vacuous: every forward (the 14-row prefill and each decode step) ran it twice a block
         assert res["norm_linear_calls"] == len(PLANS) * (1 + case["ids"].shape[1] - SPLIT) * 2 * LAYERS
         assert res["gemv_calls"] == res["norm_linear_calls"]  # the same two GEMVs a block and step
+        assert 2 * res["swiglu_gemv_calls"] == res["norm_linear_calls"]  # w2 alone
 
 
 @pytest.mark.parametrize("plan", PLANS)
