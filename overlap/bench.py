@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 
 from overlap.context import TPContext, init_tp, shutdown
+from overlap.floors import ShardShape, floor_fields, measure_rates, times_ms
 from overlap.model import ModelArgs
 from overlap.runtime import Runtime
 from overlap.tp import build_sharded, set_nocomm_, set_plan_, spd_share_plan
@@ -126,21 +127,7 @@ def measure(fn, ctx: TPContext, warmup: int, iters: int) -> list[float]:
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
     ctx.barrier()  # start together: a rank that is late would show up as another rank's comm time
-    if ctx.device.type != "cuda":
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return times
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    for start, end in zip(starts, ends):
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize(ctx.device)
-    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    return times_ms(fn, ctx.device, iters)
 
 
 def apply_variant_(model, variant: str) -> int:
@@ -221,8 +208,6 @@ class Recorder:
     def __init__(self, job: dict, ctx: TPContext, rates: dict | None = None):
         from spd.run import device_name, git_commit
 
-        from overlap.floors import ShardShape
-
         self.ctx, self.out, self.rates = ctx, Path(job["out"]), rates
         self.shape = ShardShape(ModelArgs.from_model_config(job["model"]), ctx.world_size)
         self.dtype_bytes = torch_dtype(job["model"].get("dtype", "bfloat16")).itemsize
@@ -245,8 +230,6 @@ class Recorder:
                    p20_ms=round(percentile(times, 20), 4), p80_ms=round(percentile(times, 80), 4),
                    time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         if self.rates:
-            from overlap.floors import floor_fields
-
             rec.update(floor_fields(self.shape, self.rates, fields["phase"], fields["tokens"], fields["batch"],
                                     fields["context"], self.dtype_bytes, rec["median_ms"]))
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -399,8 +382,6 @@ def run_job(job: dict, profile_dir: Path | None = None, layers: int = 4, phase: 
                 report(traces, profile_dir / "timeline.png")
             ctx.barrier()
             return
-        from overlap.floors import measure_rates
-
         rates = measure_rates(ctx.device, torch_dtype(job["model"].get("dtype", "bfloat16")))
         if ctx.is_main:
             print(f"[spd-bench] floors: copy {rates['copy_tbps']:.3f} TB/s (read + write), matmul "

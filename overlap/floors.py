@@ -109,7 +109,7 @@ def _median_ms(fn, device: torch.device, warmup: int, iters: int) -> float:
         fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return statistics.median(_times_ms(fn, device, iters))
+    return statistics.median(times_ms(fn, device, iters))
 
 
 @torch.no_grad()
@@ -144,11 +144,13 @@ def _sustained_ms(fn, device: torch.device, seconds: float, batch: int = 20) -> 
     times: list[float] = []
     t0 = time.perf_counter()
     while not times or time.perf_counter() - t0 < seconds:
-        times += _times_ms(fn, device, batch)
+        times += times_ms(fn, device, batch)
     return statistics.median(times[len(times) // 2:])
 
 
-def _times_ms(fn, device: torch.device, n: int) -> list[float]:
+def times_ms(fn, device: torch.device, n: int) -> list[float]:
+    """Milliseconds of each of n back-to-back calls of fn: CUDA events on a GPU (no host sync between calls),
+    perf_counter elsewhere."""
     import time
 
     if device.type != "cuda":

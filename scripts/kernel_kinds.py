@@ -111,10 +111,6 @@ def label_eager(kernels: list[dict], ops: dict[int, dict], names: dict,
             label, mkn = f"gemm: {name}", (rows, *by_weight[name])
         elif k["name"].startswith("split_k_reduce_kernel"):  # the reduce pass of the launch before it
             label = out[-1][1] if out else label
-        if label.startswith("gemm") and op is None:
-            out.append((k, label, mkn))
-            sigs.setdefault(_sig(k), (label, mkn))
-            continue
         if op is not None and op["name"] in GEMM_OPS and eid in seen:  # a split-K reduce: its GEMM's, no work
             out.append((k, out[-1][1] if out else label, None))
             continue
