@@ -27,7 +27,8 @@ Job key fuse (default false) runs RoPE, add + RMSNorm and SwiGLU as torch.compil
 records: fused); with it, decode attention runs as one Triton pass unless decode_kernel is false (records:
 decode_kernel), and decode's wqkv and w13 GEMVs through overlap.kernels.norm_gemv unless triton_gemv is false
 (records: triton_gemv); swiglu_gemv (default false) runs decode's SwiGLU inside w2's GEMV (records:
-swiglu_gemv). ISO variants are timed once per (iso_ctas, iso_sm_carveout) pair of the job's lists
+swiglu_gemv); pdl (default false) launches decode's kernels with programmatic dependent launch, wo and w2
+through the Triton GEMV too (records: pdl). ISO variants are timed once per (iso_ctas, iso_sm_carveout) pair of the job's lists
 (default [null] each: NCCL's own thread-block count, no carve-out; Runtime.set_iso_), recorded as such.
 
     ... -m overlap.bench --job job.json --profile DIR [--layers 4] [--phase prefill|decode]
@@ -169,6 +170,18 @@ def swiglu_gemv_on(job: dict, ctx: TPContext) -> bool:
     return fuse_on(job, ctx) and bool(job.get("swiglu_gemv"))
 
 
+def pdl_on(job: dict, ctx: TPContext) -> bool:
+    """Decode's kernels launched with programmatic dependent launch (Runtime(pdl=True)), when the job says pdl
+    (default false until measured) with the fused kernels and triton_gemv."""
+    return triton_gemv_on(job, ctx) and bool(job.get("pdl"))
+
+
+def decode_kernels(job: dict, ctx: TPContext) -> dict:
+    """The job's decode-kernel switches as Runtime takes them (and the records carry them)."""
+    return dict(decode_kernel=decode_kernel_on(job, ctx), norm_gemv=norm_gemv_on(job, ctx),
+                triton_gemv=triton_gemv_on(job, ctx), swiglu_gemv=swiglu_gemv_on(job, ctx), pdl=pdl_on(job, ctx))
+
+
 def prefill_graphs_on(job: dict, ctx: TPContext) -> bool:
     """Captured prefills (Runtime(prefill_graphs=True)) when the job says prefill_graphs, on a GPU with impl
     nccl; ISO variants stay eager (records: prefill_graphs)."""
@@ -217,9 +230,7 @@ class Recorder:
                            virtual_tp=check_virtual(job) > 1,
                            warmup=b["warmup"], iters=b["iters"], cuda_graphs=graphs_on(job, ctx),
                            compile=bool(job.get("compile")), impl=job.get("impl", "nccl"), fused=fuse_on(job, ctx),
-                           decode_kernel=decode_kernel_on(job, ctx), norm_gemv=norm_gemv_on(job, ctx),
-                           triton_gemv=triton_gemv_on(job, ctx), swiglu_gemv=swiglu_gemv_on(job, ctx),
-                           device=device_name(),
+                           **decode_kernels(job, ctx), device=device_name(),
                            torch=torch.__version__, versions=_versions(), commit=git_commit(),
                            **({"command": job["command"]} if job.get("command") else {}), **(rates or {}))
 
@@ -275,8 +286,7 @@ def run_ours(job: dict, ctx: TPContext, record: Recorder) -> None:
         for B in b["batches"]:
             rt = Runtime(model, ctx, B, _round_up(context + 1), cuda_graphs=graphs_on(job, ctx),
                          compile=job.get("compile", False), impl=job.get("impl", "nccl"), fuse=fuse_on(job, ctx),
-                         decode_kernel=decode_kernel_on(job, ctx), norm_gemv=norm_gemv_on(job, ctx),
-                         triton_gemv=triton_gemv_on(job, ctx), swiglu_gemv=swiglu_gemv_on(job, ctx))
+                         **decode_kernels(job, ctx))
             tok = torch.randint(0, args.vocab_size, (B, 1), generator=gen).to(ctx.device)  # (B, 1)
 
             def step():
@@ -331,8 +341,7 @@ def run_profile(job: dict, ctx: TPContext, out_dir: Path, layers: int,
         modes = [(True, ""), (False, "-eager")] if graphs_on(job, ctx) else [(False, "")]
         for graphs, suffix in modes:
             rt = Runtime(model, ctx, 1, _round_up(context + 1), cuda_graphs=graphs, impl=impl, fuse=fuse,
-                         decode_kernel=decode_kernel_on(job, ctx), norm_gemv=norm_gemv_on(job, ctx),
-                         triton_gemv=triton_gemv_on(job, ctx), swiglu_gemv=swiglu_gemv_on(job, ctx))
+                         **decode_kernels(job, ctx))
 
             def steps(rt=rt):
                 for _ in range(5):

@@ -82,7 +82,11 @@ def _kernels():
     def split_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, o_ptr, lse_ptr,
                      stride_qkv, stride_cb, stride_ch, stride_cl, scale,
                      KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, DH: tl.constexpr,
-                     SPLIT: tl.constexpr, NSPLIT: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+                     SPLIT: tl.constexpr, NSPLIT: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+                     GDC: tl.constexpr = False):
+        if GDC:  # launched with PDL: qkv is the previous kernel's output
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         bh = tl.program_id(0)  # b * KV + j
         s = tl.program_id(1)
         b, j = bh // KV, bh % KV
@@ -136,7 +140,10 @@ def _kernels():
     @triton.jit
     def merge_kernel(o_ptr, lse_ptr, out_ptr, stride_out,
                      KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, DH: tl.constexpr,
-                     NSPLIT: tl.constexpr, S_PAD: tl.constexpr):
+                     NSPLIT: tl.constexpr, S_PAD: tl.constexpr, GDC: tl.constexpr = False):
+        if GDC:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         bh = tl.program_id(0)
         g = tl.program_id(1)
         b, j = bh // KV, bh % KV
@@ -164,9 +171,11 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[device]
 
 
-def decode_attention_rope(qkv, cos, sin_signed, pos, k_cache, v_cache, n_heads: int, n_kv_heads: int) -> torch.Tensor:
+def decode_attention_rope(qkv, cos, sin_signed, pos, k_cache, v_cache, n_heads: int, n_kv_heads: int,
+                          pdl: bool = False) -> torch.Tensor:
     """decode_reference in two Triton launches: qkv (B, 1, (H + 2 KV) Dh), cos / sin_signed (1, 1, Dh) (or
-    (Dh,)), pos (1,) long on the device, caches (B, KV, Lmax, Dh) with unit stride in Dh -> (B, 1, H Dh)."""
+    (Dh,)), pos (1,) long on the device, caches (B, KV, Lmax, Dh) with unit stride in Dh -> (B, 1, H Dh).
+    pdl (CUDA): both launch with programmatic dependent launch, each waiting for the previous kernel first."""
     split_kernel, merge_kernel = _kernels()
     B, S, width = qkv.shape
     _, KV, L, Dh = k_cache.shape
@@ -182,11 +191,13 @@ def decode_attention_rope(qkv, cos, sin_signed, pos, k_cache, v_cache, n_heads: 
     o = torch.empty(B * KV * nsplit * g_pad, Dh, dtype=torch.float32, device=qkv.device)  # partials
     lse = torch.empty(B * KV * nsplit * g_pad, dtype=torch.float32, device=qkv.device)
     out = torch.empty(B, 1, H * Dh, dtype=qkv.dtype, device=qkv.device)
+    gdc = pdl and qkv.is_cuda
+    launch = {"launch_pdl": True} if gdc else {}
     split_kernel[(B * KV, nsplit)](
         qkv, cos.reshape(-1), sin_signed.reshape(-1), pos, k_cache, v_cache, o, lse,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), Dh**-0.5,
         KV=KV, G=G, G_PAD=g_pad, DH=Dh, SPLIT=split, NSPLIT=nsplit, BLOCK=BLOCK_N,
-        PRECISION="ieee" if qkv.dtype == torch.float32 else None)  # fp32: exact dots, not TF32
+        PRECISION="ieee" if qkv.dtype == torch.float32 else None, GDC=gdc, **launch)  # fp32: exact dots, not TF32
     merge_kernel[(B * KV, G)](o, lse, out, out.stride(0), KV=KV, G=G, G_PAD=g_pad, DH=Dh, NSPLIT=nsplit,
-                              S_PAD=max(2, 1 << (nsplit - 1).bit_length()))
+                              S_PAD=max(2, 1 << (nsplit - 1).bit_length()), GDC=gdc, **launch)
     return out

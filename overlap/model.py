@@ -20,6 +20,7 @@ are fused into one weight each (one GEMM). Decode shapes are static: CUDA graphs
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -150,7 +151,7 @@ class Attention(nn.Module):
         self.ops = EAGER_OPS  # Transformer.set_fused_
 
     def forward(self, x, cos, sin, input_pos, mask, kv_len):
-        return self.wo(self.heads(x, cos, sin, input_pos, mask, kv_len))  # (B, S, D), this rank's partial
+        return linear(self.ops, self.heads(x, cos, sin, input_pos, mask, kv_len), self.wo, down=True)  # (B, S, D) partial
 
     def heads(self, x, cos, sin, input_pos, mask, kv_len, norm: RMSNorm | None = None):
         """Attention up to (not including) wo: (B, S, H/R Dh), this rank's heads. With norm, x is the block
@@ -189,7 +190,7 @@ class MLP(nn.Module):
             gate_up = linear(self.ops, x, self.w13)  # (B, S, 2 F/R)
             y = self.ops.swiglu_gemv(gate_up.reshape(rows, gate_up.shape[-1]), self.w2.weight)  # (rows, D)
             return y.view(*x.shape[:-1], y.shape[-1])
-        return self.w2(self.act(x))  # (B, S, D), this rank's partial
+        return linear(self.ops, self.act(x), self.w2, down=True)  # (B, S, D), this rank's partial
 
     def act(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
         """The MLP up to (not including) w2: (B, S, F/R). With norm, x is not normalised yet and norm + w13 +
@@ -199,12 +200,14 @@ class MLP(nn.Module):
         return self.ops.swiglu(linear(self.ops, x, self.w13), self.ffn_dim)  # (B, S, F/R)
 
 
-def linear(ops, x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
-    """lin(x) for x (B, S, K); decode rows (B x S <= NORM_LINEAR_MAX_ROWS) through ops.gemv when set."""
+def linear(ops, x: torch.Tensor, lin: nn.Linear, down: bool = False) -> torch.Tensor:
+    """lin(x) for x (B, S, K); decode rows (B x S <= NORM_LINEAR_MAX_ROWS) through ops.gemv when set (down:
+    wo and w2, through ops.gemv_down)."""
     rows = x.numel() // x.shape[-1]
-    if ops.gemv is None or rows > NORM_LINEAR_MAX_ROWS:
+    gemv = ops.gemv_down if down else ops.gemv
+    if gemv is None or rows > NORM_LINEAR_MAX_ROWS:
         return lin(x)
-    y = ops.gemv(x.reshape(rows, x.shape[-1]), lin.weight)  # (rows, N)
+    y = gemv(x.reshape(rows, x.shape[-1]), lin.weight)  # (rows, N)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -236,18 +239,20 @@ class Block(nn.Module):
             return self.forward_norm_linear(x, cos, sin, input_pos, mask, kv_len)
         a = self.attn(self.attn_norm(x), cos, sin, input_pos, mask, kv_len)  # (B, S, D) partial
         if self.spd:
-            return x + self.block_sync(a + self.mlp(self.add_norm(x, a)[1]))  # the only sync
+            return self.ops.add(x, self.block_sync(self.ops.add(a, self.mlp(self.add_norm(x, a)[1]))))  # the only sync
         h, n = self.add_norm(x, self.attn_sync(a))  # sync 1; h = x + sum_r a_r
-        return h + self.mlp_sync(self.mlp(n))  # sync 2
+        return self.ops.add(h, self.mlp_sync(self.mlp(n)))  # sync 2
 
     def forward_norm_linear(self, x, cos, sin, input_pos, mask, kv_len):
         """forward's arithmetic with each norm fused into the GEMV after it (ops.norm_linear): attn_norm +
         wqkv, and mlp_norm + w13 + SwiGLU, one kernel each; the residual adds stay plain adds."""
-        a = self.attn.wo(self.attn.heads(x, cos, sin, input_pos, mask, kv_len, norm=self.attn_norm))  # partial
-        if self.spd:
-            return x + self.block_sync(a + self.mlp.w2(self.mlp.act(x + a, norm=self.mlp_norm)))  # the only sync
-        h = x + self.attn_sync(a)  # sync 1
-        return h + self.mlp_sync(self.mlp.w2(self.mlp.act(h, norm=self.mlp_norm)))  # sync 2
+        ops, heads = self.ops, self.attn.heads(x, cos, sin, input_pos, mask, kv_len, norm=self.attn_norm)
+        a = linear(ops, heads, self.attn.wo, down=True)  # partial
+        if self.spd:  # the only sync
+            return ops.add(x, self.block_sync(ops.add(a, linear(ops, self.mlp.act(ops.add(x, a), norm=self.mlp_norm),
+                                                                self.mlp.w2, down=True))))
+        h = ops.add(x, self.attn_sync(a))  # sync 1
+        return ops.add(h, self.mlp_sync(linear(ops, self.mlp.act(h, norm=self.mlp_norm), self.mlp.w2, down=True)))
 
     def forward_fused(self, x, cos, sin, input_pos, mask, kv_len):
         """forward's arithmetic with wo / w2 and their sync fused: impl.matmul_all_reduce (docs/kernels.md)."""
@@ -280,30 +285,38 @@ class Transformer(nn.Module):
         return self.layers[0].ops is not EAGER_OPS if len(self.layers) else False
 
     def set_fused_(self, on: bool = True, decode_kernel: bool = True, norm_gemv: bool = False,
-                   triton_gemv: bool = False, swiglu_gemv: bool = False) -> "Transformer":
+                   triton_gemv: bool = False, swiglu_gemv: bool = False, pdl: bool = False) -> "Transformer":
         """Run RoPE, residual add + RMSNorm and SwiGLU as torch.compile'd kernels (fused_ops) or eagerly;
         decode_kernel=False keeps fused_ops' compiled decode attention instead of the one-pass Triton kernel;
         norm_gemv=True (with on) runs decode rows' norm + wqkv and norm + w13 + SwiGLU as one Triton kernel
         each (overlap.kernels.norm_gemv); triton_gemv=True (with on) runs decode rows' wqkv and w13 GEMVs through
         that kernel without its norm instead of cuBLAS (the norm and SwiGLU stay compiled kernels); swiglu_gemv=True
-        (with on) runs decode rows' SwiGLU inside w2's GEMV (the same kernel, gated_x)."""
+        (with on) runs decode rows' SwiGLU inside w2's GEMV (the same kernel, gated_x); pdl=True (with on and
+        triton_gemv) launches every kernel of a decode step but the embedding's and lm_head's with programmatic
+        dependent launch, wo and w2 through the Triton GEMV too (gemv_down_op)."""
         from overlap.fused_ops import fused_ops  # torch.compile and Triton only when asked for
 
-        ops = fused_ops() if on else EAGER_OPS
+        if pdl and not (on and triton_gemv):
+            raise ValueError("pdl=True needs the fused kernels with triton_gemv=True (cuBLAS's GEMVs do not take part "
+                             "in programmatic dependent launch); got "
+                             f"on={on}, triton_gemv={triton_gemv}")
+        ops = fused_ops(pdl) if on else EAGER_OPS
         if on and not decode_kernel:
             ops = dataclasses.replace(ops, decode_heads=None)
         if on and norm_gemv:
             from overlap.kernels.norm_gemv import norm_linear_op
 
             ops = dataclasses.replace(ops, norm_linear=norm_linear_op)
-        if on and triton_gemv:
-            from overlap.kernels.norm_gemv import gemv_op
+        if on and (triton_gemv or swiglu_gemv):
+            from overlap.kernels.norm_gemv import gemv_down_op, gemv_op, swiglu_gemv_op
 
-            ops = dataclasses.replace(ops, gemv=gemv_op)
-        if on and swiglu_gemv:
-            from overlap.kernels.norm_gemv import swiglu_gemv_op
-
-            ops = dataclasses.replace(ops, swiglu_gemv=swiglu_gemv_op)
+            with_pdl = functools.partial(functools.partial, pdl=True) if pdl else (lambda f: f)
+            if triton_gemv:
+                ops = dataclasses.replace(ops, gemv=with_pdl(gemv_op))
+            if swiglu_gemv:
+                ops = dataclasses.replace(ops, swiglu_gemv=with_pdl(swiglu_gemv_op))
+            if pdl:
+                ops = dataclasses.replace(ops, gemv_down=with_pdl(gemv_down_op))
         for m in self.modules():
             if isinstance(m, (Block, Attention, MLP, RMSNorm)):
                 m.ops = ops

@@ -27,6 +27,11 @@ def add_rms_norm(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: fl
     return h, F.rms_norm(h, weight.shape, weight, eps)
 
 
+def add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + y: a residual add on its own (compiled with the fused ops, so that PDL takes it in)."""
+    return x + y
+
+
 def swiglu(gate_up: torch.Tensor, ffn_dim: int) -> torch.Tensor:
     """silu(gate) * up of the fused [gate; up] projection (..., 2 F/R) -> (..., F/R)."""
     gate, up = gate_up.split(ffn_dim, dim=-1)
@@ -70,7 +75,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 @dataclass(frozen=True)
 class Ops:
-    """The steps between a block's weight GEMMs: RoPE, residual add + RMSNorm, SwiGLU, RMSNorm, decode attention."""
+    """The steps between a block's weight GEMMs: RoPE, residual add + RMSNorm, SwiGLU, RMSNorm, decode attention;
+    and optionally each decode GEMV through a Triton kernel."""
 
     rope: object
     add_norm: object
@@ -87,6 +93,10 @@ class Ops:
     # swiglu_gemv(gate_up (M, 2F), w2) for rows M <= 16: SwiGLU as the prologue of w2's GEMV, one kernel
     # (overlap.kernels.norm_gemv gated_x); None: swiglu, then nn.Linear
     swiglu_gemv: object = None
+    # gemv_down(x (M, K), w) for rows M <= 16: wo's and w2's decode GEMVs through the same kernel (with PDL: every
+    # GEMV of the step takes part in programmatic dependent launch, which cuBLAS does not); None: nn.Linear
+    gemv_down: object = None
+    add: object = add  # the residual adds outside add_norm (compiled with the fused ops: PDL takes them in)
 
 
 EAGER_OPS = Ops(rope_, add_rms_norm, swiglu, rms_norm, decode_attention)  # plain torch: the reference, CPU's

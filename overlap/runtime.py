@@ -25,7 +25,8 @@ torch.compile'd kernels (overlap.fused_ops), in prefill and decode alike; on CUD
 write and attention then run as one Triton pass (overlap.decode_attention; decode_kernel=False: compiled ops instead),
 and with norm_gemv=True each norm and the GEMV after it (+ SwiGLU) too (overlap.kernels.norm_gemv); with
 triton_gemv=True the wqkv and w13 decode GEMVs run through that kernel without the norm; with swiglu_gemv=True
-decode's SwiGLU runs inside w2's GEMV (the same kernel). set_iso_ picks ISO's
+decode's SwiGLU runs inside w2's GEMV (the same kernel); with pdl=True every kernel of a decode step's blocks
+launches with programmatic dependent launch (wo and w2 through the Triton GEMV too). set_iso_ picks ISO's
 process group (NCCL thread blocks capped, overlap.context.comm_group) and an SM carve-out for cuBLAS
 GEMMs during ISO prefill (the GEMMs leave SMs to the NCCL kernels they overlap).
 """
@@ -49,14 +50,14 @@ class Runtime:
     def __init__(self, model: Transformer, ctx: TPContext, max_batch: int, max_seq: int,
                  cuda_graphs: bool | None = None, compile: bool = False, impl: str = "nccl", fuse: bool = False,
                  decode_kernel: bool = True, prefill_graphs: bool = False, norm_gemv: bool = False,
-                 triton_gemv: bool = False, swiglu_gemv: bool = False):
+                 triton_gemv: bool = False, swiglu_gemv: bool = False, pdl: bool = False):
         self.model, self.ctx = model, ctx
         # prefill_graphs: a plain prefill (iso 1, impl nccl) of a given (batch, length, start) is captured once
         # and replayed (CUDA only). Measured on one H200 (R = 4 and 8 shards, 2048 and 8192 tokens): within 0.7%
         # of the eager prefill, whose launches keep ahead of the GPU (docs/benchmarks/spd_bench.md); kept as the
         # A/B switch that shows it, off by default.
         self.prefill_graphs = bool(prefill_graphs) and model.output.weight.device.type == "cuda" and impl == "nccl"
-        model.set_fused_(fuse, decode_kernel, norm_gemv, triton_gemv, swiglu_gemv)
+        model.set_fused_(fuse, decode_kernel, norm_gemv, triton_gemv, swiglu_gemv, pdl)
         self.device = model.output.weight.device
         if compile and impl != "nccl":
             raise ValueError(f"compile=True needs impl='nccl' (impl {impl!r}'s kernels and symmetric-memory "

@@ -60,6 +60,13 @@ for r in 4 8; do
   mk "v${r}_dec_sg" "${V[@]}" bench.virtual_tp=$r 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 \
     bench.warmup=3 bench.swiglu_gemv=true
 done
+# issue 16: every decode kernel launched with programmatic dependent launch (bench.pdl), without and with swiglu_gemv
+for r in 4 8; do
+  mk "v${r}_dec_pdl" "${V[@]}" bench.virtual_tp=$r 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 \
+    bench.warmup=3 bench.pdl=true
+  mk "v${r}_dec_pdl_sg" "${V[@]}" bench.virtual_tp=$r 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 \
+    bench.warmup=3 bench.pdl=true bench.swiglu_gemv=true
+done
 # the headline table of docs/benchmarks/spd_bench.md: ours against transformers' compiled model, R = 4 and 8
 for r in 4 8; do
   mk "v${r}_peer" parallel.tp=1 'bench.variants=[nocomm,hf_compile]' bench.fuse=true bench.virtual_tp=$r \

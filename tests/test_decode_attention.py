@@ -8,6 +8,7 @@ bf16 and fp32, at LLaMA-2-70B's per-rank attention shape at TP 4 and inside the 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import sys
@@ -60,6 +61,8 @@ def test_kernel_on_gpu_llama2_70b_tp4_shape():
         out, k, v = run(decode_attention_rope, ins)
         assert (out - ref_out).abs().max().item() < GPU_FP32_TOL
         assert (k - ref_k).abs().max().item() < GPU_FP32_TOL and torch.equal(v, ref_v)
+        out_pdl, k_pdl, v_pdl = run(functools.partial(decode_attention_rope, pdl=True), ins)  # PDL: same kernels
+        assert torch.equal(out_pdl, out) and torch.equal(k_pdl, k) and torch.equal(v_pdl, v)
         bf = {n: t.bfloat16() if torch.is_tensor(t) and t.is_floating_point() else t for n, t in ins.items()}
         eager_bf16 = run(decode_reference, bf)[0].float()
         out_bf16, k_bf16, _ = run(decode_attention_rope, bf)

@@ -3,6 +3,7 @@ a fresh subprocess with TRITON_INTERPRET=1, as tests/test_kernels_interpret.py),
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -35,7 +36,7 @@ def run_case(case: str) -> dict:
 
 def test_matches_the_unfused_steps_in_the_interpreter():
     cases = run_case("kernel")
-    assert len(cases) == len(SHAPES) * (2 * 2 * 3 + 3)  # norm x swiglu x split_k, and gated_x x split_k
+    assert len(cases) == len(SHAPES) * (2 * 2 * 3 + 3) * 2  # (norm x swiglu x split_k, gated_x x split_k) x pdl
     for case in cases:
         assert case["err"] < FP32_TOL, case
         assert case["shape"] == case["ref_shape"], case
@@ -43,10 +44,11 @@ def test_matches_the_unfused_steps_in_the_interpreter():
 
 def test_runtime_decode_with_the_kernel_equals_eager_in_the_interpreter():
     """Every use of the kernel in the runtime: Ops.norm_linear (norm + wqkv, norm + w13 + SwiGLU), Ops.gemv
-    (wqkv and w13 alone), Ops.swiglu_gemv (SwiGLU + w2); every decode step of every block calls the first two
-    twice and the third once, and prefill rows never."""
+    (wqkv and w13 alone), Ops.swiglu_gemv (SwiGLU + w2), Ops.gemv_down (wo and w2), and all but norm_linear at
+    once with pdl (the peeled first tile); every decode step of every block calls each as often as it has
+    weights, and prefill rows never."""
     out = run_case("runtime")
-    for use, per_block in (("norm_linear", 2), ("gemv", 2), ("swiglu_gemv", 1)):
+    for use, per_block in (("norm_linear", 2), ("gemv", 2), ("swiglu_gemv", 1), ("gemv_down", 2), ("pdl", 4)):  # pdl: wqkv, w13, w2 (+ SwiGLU), wo
         assert out[use]["max_err"] < FP32_TOL, out
         assert out[use]["kernel_calls"] == out["steps_x_blocks"] * per_block, out
 
@@ -72,12 +74,12 @@ def test_bad_arguments_say_what_is_wrong():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("flag", ["triton_gemv", "swiglu_gemv"])
+@pytest.mark.parametrize("flags", ["triton_gemv", "swiglu_gemv", "triton_gemv,pdl", "triton_gemv,swiglu_gemv,pdl"])
 @torch.no_grad()
-def test_runtime_with_the_kernel_decodes_like_cublas_on_the_gpu(flag):
-    """Runtime(fuse=True, <flag>=True) (decode's wqkv and w13, or SwiGLU + w2, through this kernel; CUDA graphs)
-    against the same with cuBLAS, bf16, a 4-block random model of 70B-like proportions: logits within bf16
-    rounding noise and the same greedy tokens."""
+def test_runtime_with_the_kernel_decodes_like_cublas_on_the_gpu(flags):
+    """Runtime(fuse=True, <flags>=True) (decode's wqkv and w13, or SwiGLU + w2, through this kernel; with pdl
+    every GEMV, launched with programmatic dependent launch; CUDA graphs) against the same with cuBLAS, bf16, a
+    4-block random model of 70B-like proportions: logits within bf16 rounding noise and the same greedy tokens."""
     from overlap.context import single
     from overlap.model import ModelArgs, Transformer
     from overlap.runtime import Runtime
@@ -87,7 +89,8 @@ def test_runtime_with_the_kernel_decodes_like_cublas_on_the_gpu(flag):
     ids = torch.randint(0, 1024, (2, 24), generator=torch.Generator().manual_seed(6)).cuda()
     outs = {}
     for kernel in (False, True):
-        rt = Runtime(full, single("cuda:0"), 2, 64, fuse=True, **{flag: kernel})
+        rt = Runtime(full, single("cuda:0"), 2, 64, fuse=True, triton_gemv=False,
+                     **{flag: kernel for flag in flags.split(",")})
         rt.prefill(ids[:, :16])
         outs[kernel] = torch.cat([rt.decode_one(ids[:, i : i + 1]).float() for i in range(16, 24)], 1)
     err = ((outs[True] - outs[False]).norm() / outs[False].norm()).item()
@@ -107,10 +110,10 @@ def test_bf16_on_the_gpu_matches_the_unfused_steps(m):
         w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16()
         gw = (1 + 0.1 * torch.randn(k, device="cuda", generator=g)).bfloat16()
         ref = reference(x, w, norm_weight=gw, swiglu=swiglu).float()
-        for split_k in (1, 4, "auto"):
-            out = norm_gemv(x, w, norm_weight=gw, swiglu=swiglu, split_k=split_k).float()
+        for split_k, pdl in itertools.product((1, 4, "auto"), (False, True)):
+            out = norm_gemv(x, w, norm_weight=gw, swiglu=swiglu, split_k=split_k, pdl=pdl).float()
             # bf16 outputs: a rounding step apart at most where the fp32 sums differ in their last bits
-            assert torch.allclose(out, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()), (n, split_k)
+            assert torch.allclose(out, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()), (n, split_k, pdl)
 
 
 def _interpreted() -> list[dict]:
@@ -123,31 +126,33 @@ def _interpreted() -> list[dict]:
         gw = 1 + 0.1 * torch.randn(k, generator=gen)
         for norm in (None, gw):
             for swiglu in (False, True):
-                for split_k in (1, 2, "auto"):
-                    y = norm_gemv(x, w, norm_weight=norm, swiglu=swiglu, split_k=split_k, block_k=32, sm_count=4)
+                for split_k, pdl in itertools.product((1, 2, "auto"), (False, True)):  # pdl: first tile peeled
+                    y = norm_gemv(x, w, norm_weight=norm, swiglu=swiglu, split_k=split_k, block_k=32, sm_count=4,
+                                  pdl=pdl)
                     ref = reference(x, w, norm_weight=norm, swiglu=swiglu)
                     err = ((y - ref).abs().max() / ref.abs().max()).item()
-                    out.append({"m": m, "n": n, "k": k, "norm": norm is not None, "swiglu": swiglu,
+                    out.append({"m": m, "n": n, "k": k, "norm": norm is not None, "swiglu": swiglu, "pdl": pdl,
                                 "split_k": split_k, "err": err, "shape": list(y.shape), "ref_shape": list(ref.shape)})
         gate_up = torch.randn(m, 2 * k, generator=gen)  # w13's output [gate | up] before w2
-        for split_k in (1, 2, "auto"):
-            y = norm_gemv(gate_up, w, gated_x=True, split_k=split_k, block_k=32, sm_count=4)
+        for split_k, pdl in itertools.product((1, 2, "auto"), (False, True)):
+            y = norm_gemv(gate_up, w, gated_x=True, split_k=split_k, block_k=32, sm_count=4, pdl=pdl)
             ref = reference(gate_up, w, gated_x=True)
             err = ((y - ref).abs().max() / ref.abs().max()).item()
-            out.append({"m": m, "n": n, "k": k, "gated_x": True, "split_k": split_k, "err": err,
+            out.append({"m": m, "n": n, "k": k, "gated_x": True, "split_k": split_k, "pdl": pdl, "err": err,
                         "shape": list(y.shape), "ref_shape": list(ref.shape)})
     return out
 
 
 def _runtime() -> dict:
-    """Runtime decode (eager ops) against the same with Ops.norm_linear = this kernel, then with Ops.gemv = this
-    kernel, fp32, one baseline and one SPD block (overlap.tp.set_plan_ at R = 1 marks it; with norm_linear its
-    arithmetic is forward_norm_linear's SPD branch)."""
+    """Runtime decode (eager ops) against the same with each Ops field of the kernel set to it (one at a time,
+    then gemv, swiglu_gemv and gemv_down at once with pdl), fp32, one baseline and one SPD block
+    (overlap.tp.set_plan_ at R = 1 marks it; with norm_linear its arithmetic is forward_norm_linear's SPD branch)."""
     import copy
     import dataclasses
+    import functools
 
     from overlap.context import single
-    from overlap.kernels.norm_gemv import gemv_op, norm_linear_op, swiglu_gemv_op
+    from overlap.kernels.norm_gemv import gemv_down_op, gemv_op, norm_linear_op, swiglu_gemv_op
     from overlap.model import ModelArgs, Transformer
     from overlap.runtime import Runtime
 
@@ -155,7 +160,11 @@ def _runtime() -> dict:
     full = Transformer.from_args(args, seed=3)
     full.layers[1].spd = True
     ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(4))
-    calls = {"norm_linear": [], "gemv": [], "swiglu_gemv": []}
+    pdl = {f: functools.partial(fn, pdl=True)
+           for f, fn in (("gemv", gemv_op), ("swiglu_gemv", swiglu_gemv_op), ("gemv_down", gemv_down_op))}
+    uses = {"norm_linear": {"norm_linear": norm_linear_op}, "gemv": {"gemv": gemv_op},
+            "swiglu_gemv": {"swiglu_gemv": swiglu_gemv_op}, "gemv_down": {"gemv_down": gemv_down_op}, "pdl": pdl}
+    calls = {use: [] for use in uses}
 
     def counted(use, fn):
         def call(*a):
@@ -164,12 +173,11 @@ def _runtime() -> dict:
         return call
 
     outs = {}
-    for use in (None, *calls):
+    for use in (None, *uses):
         model = copy.deepcopy(full)
         rt = Runtime(model, single("cpu"), 2, 72, cuda_graphs=False)  # eager ops
         if use:
-            fn = {"norm_linear": norm_linear_op, "gemv": gemv_op, "swiglu_gemv": swiglu_gemv_op}[use]
-            ops = dataclasses.replace(model.layers[0].ops, **{use: counted(use, fn)})
+            ops = dataclasses.replace(model.layers[0].ops, **{f: counted(use, fn) for f, fn in uses[use].items()})
             for m in model.modules():
                 if hasattr(m, "ops"):
                     m.ops = ops

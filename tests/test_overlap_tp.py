@@ -78,12 +78,13 @@ def rank_worker(ctx, full: Transformer, ids: torch.Tensor):
         out[name] = dict(full=full, chunks=chunks, decode=decode, gen=gen, prefill_syncs=c1 - c0,
                          decode_syncs=(c3 - c2) / (ids.shape[1] - SPLIT))
     # decode again with each norm fused into the GEMV after it (Ops.norm_linear), then with wqkv's and w13's
-    # GEMVs through Ops.gemv: their plain-torch forms here (the Triton kernel's parity is
+    # GEMVs through Ops.gemv, SwiGLU + w2 through Ops.swiglu_gemv, wo's and w2's through Ops.gemv_down: their
+    # plain-torch forms here (the Triton kernel's parity is
     # tests/test_kernels_norm_gemv.py), the same sharded arithmetic
     base_ops = model.layers[0].ops
     swiglu_linear = lambda gate_up, w: torch.nn.functional.linear(swiglu(gate_up, w.shape[1]), w)  # noqa: E731
     for use, fn in (("norm_linear", norm_linear), ("gemv", torch.nn.functional.linear),
-                    ("swiglu_gemv", swiglu_linear)):
+                    ("swiglu_gemv", swiglu_linear), ("gemv_down", torch.nn.functional.linear)):
         calls = []
 
         def counted(*a, fn=fn, calls=calls):
@@ -164,10 +165,12 @@ def test_decode_with_norm_fused_into_the_gemv_equals_emulation(case, plan):
         assert _maxdiff(res[plan]["decode_norm_linear"], ref[:, SPLIT:]) <= TP_FP32_ATOL, f"rank {res['rank']}"
         assert _maxdiff(res[plan]["decode_gemv"], ref[:, SPLIT:]) <= TP_FP32_ATOL, f"rank {res['rank']}"
         assert _maxdiff(res[plan]["decode_swiglu_gemv"], ref[:, SPLIT:]) <= TP_FP32_ATOL, f"rank {res['rank']}"
+        assert _maxdiff(res[plan]["decode_gemv_down"], ref[:, SPLIT:]) <= TP_FP32_ATOL, f"rank {res['rank']}"
         # not vacuous: every forward (the 14-row prefill and each decode step) ran it twice a block
         assert res["norm_linear_calls"] == len(PLANS) * (1 + case["ids"].shape[1] - SPLIT) * 2 * LAYERS
         assert res["gemv_calls"] == res["norm_linear_calls"]  # the same two GEMVs a block and step
         assert 2 * res["swiglu_gemv_calls"] == res["norm_linear_calls"]  # w2 alone
+        assert res["gemv_down_calls"] == res["norm_linear_calls"]  # wo and w2
 
 
 @pytest.mark.parametrize("plan", PLANS)

@@ -48,6 +48,7 @@ def norm_gemv_kernel(
     M, N_OUT, K, K_SHARE, stride_xm, stride_wn, eps,  # ss (SPLIT_K, M); N_OUT: output columns (F with swiglu)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr, GATED_X: tl.constexpr = False,
+    PRELOAD: tl.constexpr = False, GDC: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -60,27 +61,19 @@ def norm_gemv_kernel(
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     ss = tl.zeros((BLOCK_M,), dtype=tl.float32)  # the rows' sums of squares over this program's share of K
     k_lo = pid_k * K_SHARE
-    for k0 in range(k_lo, k_lo + K_SHARE, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
-        if GATED_X:  # x's rows are [gate | up] (2 K columns): the product's input is silu(gate) * up
-            ut = tl.load(x_ptr + offs_m[:, None] * stride_xm + K + offs_k[None, :],
-                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            xt = _swiglu(xt.to(tl.float32), ut.to(tl.float32), x_ptr).to(dt)
-        if NORM:
-            xf = xt.to(tl.float32)
-            ss += tl.sum(xf * xf, axis=1)
-            gt = tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            xt = (xf * gt[None, :]).to(dt)
-        wt = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
-                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
-        acc = tl.dot(xt, tl.trans(wt), acc)
-        if SWIGLU:
-            wu = tl.load(w_ptr + (offs_n[:, None] + N_OUT) * stride_wn + offs_k[None, :],
-                         mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            acc_up = tl.dot(xt, tl.trans(wu), acc_up)
+    k_start = k_lo
+    if PRELOAD:  # the first weight tile is loaded before waiting on the previous kernel (PDL: its tail overlaps)
+        wt0, wu0 = _weights(w_ptr, offs_n, mask_n, k_lo, K, N_OUT, stride_wn, BLOCK_K, SWIGLU)
+        if GDC:
+            tl.extra.cuda.gdc_wait()  # x is the previous kernel's output: visible after this
+            tl.extra.cuda.gdc_launch_dependents()  # the next kernel may launch (it waits for this one's end)
+        acc, acc_up, ss = _tile(x_ptr, g_ptr, wt0, wu0, acc, acc_up, ss, offs_m, mask_m, k_lo, K, stride_xm,
+                                BLOCK_K, NORM, SWIGLU, GATED_X)
+        k_start = k_lo + BLOCK_K
+    for k0 in range(k_start, k_lo + K_SHARE, BLOCK_K):
+        wt, wu = _weights(w_ptr, offs_n, mask_n, k0, K, N_OUT, stride_wn, BLOCK_K, SWIGLU)
+        acc, acc_up, ss = _tile(x_ptr, g_ptr, wt, wu, acc, acc_up, ss, offs_m, mask_m, k0, K, stride_xm,
+                                BLOCK_K, NORM, SWIGLU, GATED_X)
     tile_mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
         if NORM:
@@ -105,6 +98,43 @@ def norm_gemv_kernel(
 
 
 @triton.jit
+def _weights(w_ptr, offs_n, mask_n, k0, K, N_OUT, stride_wn, BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr):
+    """The (BLOCK_N, BLOCK_K) weight tile at k0 (and with swiglu the matching up rows; else the same tile)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask = mask_n[:, None] & (offs_k < K)[None, :]
+    wt = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0.0)
+    wu = wt
+    if SWIGLU:
+        wu = tl.load(w_ptr + (offs_n[:, None] + N_OUT) * stride_wn + offs_k[None, :], mask=mask, other=0.0)
+    return wt, wu
+
+
+@triton.jit
+def _tile(x_ptr, g_ptr, wt, wu, acc, acc_up, ss, offs_m, mask_m, k0, K, stride_xm, BLOCK_K: tl.constexpr,
+          NORM: tl.constexpr, SWIGLU: tl.constexpr, GATED_X: tl.constexpr):
+    """One step of the K loop: x's tile at k0 (its prologue: SwiGLU of [gate | up], the norm's sums and g),
+    times the weight tile(s) into the fp32 accumulators."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    dt = x_ptr.dtype.element_ty
+    xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                 mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+    if GATED_X:  # x's rows are [gate | up] (2 K columns): the product's input is silu(gate) * up
+        ut = tl.load(x_ptr + offs_m[:, None] * stride_xm + K + offs_k[None, :],
+                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        xt = _swiglu(xt.to(tl.float32), ut.to(tl.float32), x_ptr).to(dt)
+    if NORM:
+        xf = xt.to(tl.float32)
+        ss += tl.sum(xf * xf, axis=1)
+        gt = tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        xt = (xf * gt[None, :]).to(dt)
+    acc = tl.dot(xt, tl.trans(wt), acc)
+    if SWIGLU:
+        acc_up = tl.dot(xt, tl.trans(wu), acc_up)
+    return acc, acc_up, ss
+
+
+@triton.jit
 def _swiglu(gate, up, y_ptr):
     """silu(gate) * up with the unfused steps' roundings: gate, up and silu(gate) in y's dtype."""
     dt = y_ptr.dtype.element_ty
@@ -115,7 +145,10 @@ def _swiglu(gate, up, y_ptr):
 
 @triton.jit
 def split_k_reduce_kernel(part_ptr, ss_ptr, y_ptr, M, N_OUT, K, eps, BLOCK: tl.constexpr, NORM: tl.constexpr,
-                          SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr):
+                          SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr, GDC: tl.constexpr = False):
+    if GDC:  # launched with PDL: the partials are the previous kernel's output
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat (m, n) of the output
     mask = offs < M * N_OUT
     m = offs // N_OUT
@@ -154,10 +187,14 @@ def auto_split_k(programs: int, k_blocks: int, sm_count: int) -> int:
 def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
               swiglu: bool = False, split_k: int | str = "auto", block_n: int = 64, block_k: int = 64,
               sm_count: int | None = None, num_warps: int = 4, num_stages: int = 4,
-              gated_x: bool = False) -> torch.Tensor:
+              gated_x: bool = False, pdl: bool = False) -> torch.Tensor:
     """act(rms_norm(x) @ w.T) for decode rows x (M, K), M <= 16, w (N, K): (M, N) or (M, N/2) with swiglu.
     gated_x: x (M, 2 K) holds [gate | up] (w13's output) and the product is swiglu(x) @ w.T (SwiGLU as the
     prologue of w2's GEMV; no norm, no swiglu then).
+    pdl: launch with programmatic dependent launch (CUDA, compute capability >= 9): the kernel loads its first
+    weight tile, then waits for the previous kernel (griddepcontrol.wait) before it reads x, and lets the next
+    kernel launch early; so a launch's ramp-up and its first weight loads overlap the previous kernel's tail.
+    On the CPU interpreter pdl only peels that first tile (the same arithmetic; the waits need a GPU).
 
     Defaults: the fastest configuration for both attn_norm + wqkv and mlp_norm + w13 + SwiGLU at the LLaMA-2-70B
     R = 4 shard, M = 1 and 16, in the H200 sweep of this version (docs/benchmarks/norm_gemv.md). Still slower
@@ -196,14 +233,18 @@ def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
     norm = norm_weight is not None
     ss = torch.empty((split_k, M), dtype=torch.float32, device=x.device) if split_k > 1 and norm else part
     g = norm_weight if norm else x  # unused pointer when there is no norm
+    gdc = pdl and x.is_cuda
+    launch = {"launch_pdl": True} if gdc else {}
     norm_gemv_kernel[(programs, split_k)](
         x, g, w, y, part, ss, M, n_out, K, k_share, x.stride(0), w.stride(0), eps,
         BLOCK_M=DECODE_MAX_M, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm, SWIGLU=swiglu,
-        SPLIT_K=split_k, GATED_X=gated_x, num_warps=num_warps, num_stages=num_stages)
+        SPLIT_K=split_k, GATED_X=gated_x, PRELOAD=pdl, GDC=gdc, num_warps=num_warps, num_stages=num_stages,
+        **launch)
     if split_k > 1:
         block = 256
         split_k_reduce_kernel[(triton.cdiv(M * n_out, block),)](part, ss, y, M, n_out, K, eps, BLOCK=block,
-                                                                NORM=norm, SWIGLU=swiglu, SPLIT_K=split_k)
+                                                                NORM=norm, SWIGLU=swiglu, SPLIT_K=split_k,
+                                                                GDC=gdc, **launch)
     return y
 
 
@@ -222,16 +263,23 @@ def norm_linear_op(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor, 
     return norm_gemv(x, w, norm_weight=norm_weight, eps=eps, swiglu=gated)
 
 
-def gemv_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def gemv_op(x: torch.Tensor, w: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """overlap.ops.Ops.gemv through this kernel: x @ w.T for decode rows, no norm, no SwiGLU (split_k auto). At
     the LLaMA-2-70B R = 4 and 8 shards' wqkv and w13 it is faster than cuBLAS on an H200; at wo and w2 it is
-    not (docs/benchmarks/norm_gemv.md), so the runtime uses it for wqkv and w13 only."""
-    return norm_gemv(x, w)
+    not (docs/benchmarks/norm_gemv.md), so the runtime uses it for wqkv and w13 (and gemv_down_op with PDL)."""
+    return norm_gemv(x, w, pdl=pdl)
 
 
-def swiglu_gemv_op(gate_up: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def gemv_down_op(x: torch.Tensor, w: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+    """overlap.ops.Ops.gemv_down through this kernel: wo's and w2's x @ w.T for decode rows, at those weights'
+    fastest configuration in the H200 sweep (32/128/4, no split: level with cuBLAS, docs/benchmarks/norm_gemv.md).
+    The runtime uses it with PDL only, where cuBLAS would break the chain of early launches."""
+    return norm_gemv(x, w, block_n=32, block_k=128, split_k=1, pdl=pdl)
+
+
+def swiglu_gemv_op(gate_up: torch.Tensor, w: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """overlap.ops.Ops.swiglu_gemv through this kernel: swiglu(gate_up) @ w.T for decode rows, SwiGLU as the
     prologue of w2's GEMV (one kernel instead of SwiGLU + cuBLAS). Config: w2's fastest in the H200 sweep of
     the GEMV alone (32/128/4, no split; docs/benchmarks/norm_gemv.md); its speed with the prologue is not
     measured yet, so the runtime uses it only with bench.swiglu_gemv=true."""
-    return norm_gemv(gate_up, w, gated_x=True, block_n=32, block_k=128, split_k=1)
+    return norm_gemv(gate_up, w, gated_x=True, block_n=32, block_k=128, split_k=1, pdl=pdl)
