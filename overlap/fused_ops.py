@@ -28,7 +28,7 @@ def fused_ops(pdl: bool = False) -> Ops:
 
         fns = (rope_, add_rms_norm, swiglu, rms_norm, decode_attention, add)
         options = {"triton.enable_pdl": True} if pdl else None
-        *steps, add = (torch.compile(f, fullgraph=True, dynamic=False, options=options) for f in fns)
+        *steps, compiled_add = (torch.compile(f, fullgraph=True, dynamic=False, options=options) for f in fns)
         heads = functools.partial(decode_attention_rope, pdl=True) if pdl else decode_attention_rope
-        _FUSED[pdl] = Ops(*steps, decode_heads=heads, add=add)
+        _FUSED[pdl] = Ops(*steps, decode_heads=heads, add=compiled_add)
     return _FUSED[pdl]

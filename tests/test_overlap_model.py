@@ -152,6 +152,8 @@ def test_user_errors_say_what_is_right():
         layout_of(ModelArgs.from_hf_config(hf.config), 3)
     with pytest.raises(RuntimeError, match="setup_caches"):
         Transformer.from_hf(hf)(tokens(), torch.arange(24), kv_len=24, chunk_start=0)
+    with pytest.raises(ValueError, match="pdl=True needs the fused kernels with triton_gemv=True"):
+        rt.model.set_fused_(on=True, triton_gemv=False, pdl=True)  # cuBLAS GEMVs would break the chain
 
 
 FUSED_FP32_ATOL = 1e-5  # fp32; inductor's kernels may keep x + a unrounded before the norm and reorder the norm's sum
