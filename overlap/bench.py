@@ -26,8 +26,8 @@ Job key prefill_graphs (default false) captures each plain prefill in a CUDA gra
 Job key fuse (default false) runs RoPE, add + RMSNorm and SwiGLU as torch.compile'd kernels (GPU only;
 records: fused); with it, decode attention runs as one Triton pass unless decode_kernel is false (records:
 decode_kernel), and decode's wqkv and w13 GEMVs through overlap.kernels.norm_gemv unless triton_gemv is false
-(records: triton_gemv); swiglu_gemv (default false) runs decode's SwiGLU inside w2's GEMV (records:
-swiglu_gemv); pdl (default false) launches decode's kernels with programmatic dependent launch, wo and w2
+(records: triton_gemv); swiglu_gemv (default false) runs decode's SwiGLU in the epilogue of w13's GEMV
+(records: swiglu_gemv); pdl (default false) launches decode's kernels with programmatic dependent launch, wo and w2
 through the Triton GEMV too (records: pdl). ISO variants are timed once per (iso_ctas, iso_sm_carveout) pair of the job's lists
 (default [null] each: NCCL's own thread-block count, no carve-out; Runtime.set_iso_), recorded as such.
 
@@ -165,7 +165,7 @@ def triton_gemv_on(job: dict, ctx: TPContext) -> bool:
 
 
 def swiglu_gemv_on(job: dict, ctx: TPContext) -> bool:
-    """Decode's SwiGLU as the prologue of w2's GEMV (overlap.kernels.norm_gemv, gated_x), when the job says
+    """Decode's SwiGLU in the epilogue of w13's GEMV (overlap.kernels.norm_gemv, swiglu), when the job says
     swiglu_gemv (default false: its speed is not measured yet) with the fused kernels."""
     return fuse_on(job, ctx) and bool(job.get("swiglu_gemv"))
 

@@ -185,11 +185,6 @@ class MLP(nn.Module):
         self.ops = EAGER_OPS  # Transformer.set_fused_
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if self.ops.swiglu_gemv is not None and rows <= NORM_LINEAR_MAX_ROWS:  # SwiGLU inside w2's GEMV
-            gate_up = linear(self.ops, x, self.w13)  # (B, S, 2 F/R)
-            y = self.ops.swiglu_gemv(gate_up.reshape(rows, gate_up.shape[-1]), self.w2.weight)  # (rows, D)
-            return y.view(*x.shape[:-1], y.shape[-1])
         return linear(self.ops, self.act(x), self.w2, down=True)  # (B, S, D), this rank's partial
 
     def act(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
@@ -197,6 +192,10 @@ class MLP(nn.Module):
         SwiGLU run as one kernel (ops.norm_linear)."""
         if norm is not None:
             return norm_linear(self.ops, x, self.w13.weight, norm, gated=True)  # (B, S, F/R)
+        rows = x.numel() // x.shape[-1]
+        if self.ops.swiglu_gemv is not None and rows <= NORM_LINEAR_MAX_ROWS:  # SwiGLU in w13's GEMV epilogue
+            y = self.ops.swiglu_gemv(x.reshape(rows, x.shape[-1]), self.w13.weight)  # (rows, F/R)
+            return y.view(*x.shape[:-1], y.shape[-1])
         return self.ops.swiglu(linear(self.ops, x, self.w13), self.ffn_dim)  # (B, S, F/R)
 
 
@@ -291,7 +290,7 @@ class Transformer(nn.Module):
         norm_gemv=True (with on) runs decode rows' norm + wqkv and norm + w13 + SwiGLU as one Triton kernel
         each (overlap.kernels.norm_gemv); triton_gemv=True (with on) runs decode rows' wqkv and w13 GEMVs through
         that kernel without its norm instead of cuBLAS (the norm and SwiGLU stay compiled kernels); swiglu_gemv=True
-        (with on) runs decode rows' SwiGLU inside w2's GEMV (the same kernel, gated_x); pdl=True (with on and
+        (with on) runs decode rows' w13 GEMV through that kernel with SwiGLU in its epilogue; pdl=True (with on and
         triton_gemv) launches every kernel of a decode step but the embedding's and lm_head's with programmatic
         dependent launch, wo and w2 through the Triton GEMV too (gemv_down_op)."""
         from overlap.fused_ops import fused_ops  # torch.compile and Triton only when asked for

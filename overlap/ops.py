@@ -90,8 +90,8 @@ class Ops:
     # gemv(x (M, K), w) for rows M <= 16: wqkv's and w13's decode GEMVs (overlap.kernels.norm_gemv without a norm,
     # faster than cuBLAS at those skinny shapes); None: nn.Linear (cuBLAS)
     gemv: object = None
-    # swiglu_gemv(gate_up (M, 2F), w2) for rows M <= 16: SwiGLU as the prologue of w2's GEMV, one kernel
-    # (overlap.kernels.norm_gemv gated_x); None: swiglu, then nn.Linear
+    # swiglu_gemv(x (M, K), w13) for rows M <= 16: w13's GEMV with SwiGLU in its epilogue, (M, F) (overlap.kernels.
+    # norm_gemv with swiglu); None: the GEMV, then swiglu
     swiglu_gemv: object = None
     # gemv_down(x (M, K), w) for rows M <= 16: wo's and w2's decode GEMVs through the same kernel (with PDL: every
     # GEMV of the step takes part in programmatic dependent launch, which cuBLAS does not); None: nn.Linear

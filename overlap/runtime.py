@@ -25,7 +25,7 @@ torch.compile'd kernels (overlap.fused_ops), in prefill and decode alike; on CUD
 write and attention then run as one Triton pass (overlap.decode_attention; decode_kernel=False: compiled ops instead),
 and with norm_gemv=True each norm and the GEMV after it (+ SwiGLU) too (overlap.kernels.norm_gemv); with
 triton_gemv=True the wqkv and w13 decode GEMVs run through that kernel without the norm; with swiglu_gemv=True
-decode's SwiGLU runs inside w2's GEMV (the same kernel); with pdl=True every kernel of a decode step's blocks
+decode's SwiGLU runs in the epilogue of w13's GEMV (the same kernel); with pdl=True every kernel of a decode step's blocks
 launches with programmatic dependent launch (wo and w2 through the Triton GEMV too). set_iso_ picks ISO's
 process group (NCCL thread blocks capped, overlap.context.comm_group) and an SM carve-out for cuBLAS
 GEMMs during ISO prefill (the GEMMs leave SMs to the NCCL kernels they overlap).

@@ -55,7 +55,7 @@ mk v4_dec_ng "${V[@]}" bench.virtual_tp=4 'bench.phases=[decode]' 'bench.batches
 mk v8_dec_ng "${V[@]}" bench.virtual_tp=8 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 \
   bench.warmup=3 bench.norm_gemv=true
 mk v8_dec "${V[@]}" bench.virtual_tp=8 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 bench.warmup=3
-# not run yet: SwiGLU inside w2's GEMV (bench.swiglu_gemv), against v4_dec / v8_dec in the same call
+# SwiGLU in the epilogue of w13's GEMV (bench.swiglu_gemv), against v4_dec / v8_dec in the same call
 for r in 4 8; do
   mk "v${r}_dec_sg" "${V[@]}" bench.virtual_tp=$r 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 \
     bench.warmup=3 bench.swiglu_gemv=true

@@ -78,11 +78,11 @@ def rank_worker(ctx, full: Transformer, ids: torch.Tensor):
         out[name] = dict(full=full, chunks=chunks, decode=decode, gen=gen, prefill_syncs=c1 - c0,
                          decode_syncs=(c3 - c2) / (ids.shape[1] - SPLIT))
     # decode again with each norm fused into the GEMV after it (Ops.norm_linear), then with wqkv's and w13's
-    # GEMVs through Ops.gemv, SwiGLU + w2 through Ops.swiglu_gemv, wo's and w2's through Ops.gemv_down: their
+    # GEMVs through Ops.gemv, w13 + SwiGLU through Ops.swiglu_gemv, wo's and w2's through Ops.gemv_down: their
     # plain-torch forms here (the Triton kernel's parity is
     # tests/test_kernels_norm_gemv.py), the same sharded arithmetic
     base_ops = model.layers[0].ops
-    swiglu_linear = lambda gate_up, w: torch.nn.functional.linear(swiglu(gate_up, w.shape[1]), w)  # noqa: E731
+    swiglu_linear = lambda x, w: swiglu(torch.nn.functional.linear(x, w), w.shape[0] // 2)  # noqa: E731
     for use, fn in (("norm_linear", norm_linear), ("gemv", torch.nn.functional.linear),
                     ("swiglu_gemv", swiglu_linear), ("gemv_down", torch.nn.functional.linear)):
         calls = []
@@ -169,7 +169,7 @@ def test_decode_with_norm_fused_into_the_gemv_equals_emulation(case, plan):
         # not vacuous: every forward (the 14-row prefill and each decode step) ran it twice a block
         assert res["norm_linear_calls"] == len(PLANS) * (1 + case["ids"].shape[1] - SPLIT) * 2 * LAYERS
         assert res["gemv_calls"] == res["norm_linear_calls"]  # the same two GEMVs a block and step
-        assert 2 * res["swiglu_gemv_calls"] == res["norm_linear_calls"]  # w2 alone
+        assert 2 * res["swiglu_gemv_calls"] == res["norm_linear_calls"]  # w13 alone
         assert res["gemv_down_calls"] == res["norm_linear_calls"]  # wo and w2
 
 

@@ -6,8 +6,6 @@
 
 In overlap.model's decode step these are attn_norm + wqkv and mlp_norm + w13 + SwiGLU: one launch (two
 with split-K) instead of two or three, and the norm's output and w13's (M, 2F) never go through memory.
-With gated_x, x (M, 2 K) is w13's output [gate | up] and the product's input is silu(gate) * up, rounded as
-overlap.ops.swiglu rounds it (SwiGLU as the prologue of w2's GEMV).
 
 The norm's per-row scale factors out of the product: norm(x) @ w.T = rstd * ((x * g) @ w.T), rstd =
 1 / sqrt(mean(x^2) + eps). So the kernel streams x once: each step of its K loop adds the tile's squares to
@@ -35,7 +33,7 @@ import triton.language as tl
 
 from overlap.kernels.checks import KernelArgError, check_decode_rows, check_dtype, check_matmul
 from overlap.kernels.schedule import DECODE_MAX_M
-from overlap.ops import norm_linear, swiglu as swiglu_of
+from overlap.ops import norm_linear
 
 OP = "norm_gemv"
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -47,7 +45,7 @@ def norm_gemv_kernel(
     x_ptr, g_ptr, w_ptr, y_ptr, part_ptr, ss_ptr,  # x (M, K), g (K,), w (N, K), y (M, N_OUT), part (SPLIT_K, M, N),
     M, N_OUT, K, K_SHARE, stride_xm, stride_wn, eps,  # ss (SPLIT_K, M); N_OUT: output columns (F with swiglu)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NORM: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr, GATED_X: tl.constexpr = False,
+    NORM: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr,
     PRELOAD: tl.constexpr = False, GDC: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
@@ -68,12 +66,12 @@ def norm_gemv_kernel(
             tl.extra.cuda.gdc_wait()  # x is the previous kernel's output: visible after this
             tl.extra.cuda.gdc_launch_dependents()  # the next kernel may launch (it waits for this one's end)
         acc, acc_up, ss = _tile(x_ptr, g_ptr, wt0, wu0, acc, acc_up, ss, offs_m, mask_m, k_lo, K, stride_xm,
-                                BLOCK_K, NORM, SWIGLU, GATED_X)
+                                BLOCK_K, NORM, SWIGLU)
         k_start = k_lo + BLOCK_K
     for k0 in range(k_start, k_lo + K_SHARE, BLOCK_K):
         wt, wu = _weights(w_ptr, offs_n, mask_n, k0, K, N_OUT, stride_wn, BLOCK_K, SWIGLU)
         acc, acc_up, ss = _tile(x_ptr, g_ptr, wt, wu, acc, acc_up, ss, offs_m, mask_m, k0, K, stride_xm,
-                                BLOCK_K, NORM, SWIGLU, GATED_X)
+                                BLOCK_K, NORM, SWIGLU)
     tile_mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
         if NORM:
@@ -111,18 +109,14 @@ def _weights(w_ptr, offs_n, mask_n, k0, K, N_OUT, stride_wn, BLOCK_K: tl.constex
 
 @triton.jit
 def _tile(x_ptr, g_ptr, wt, wu, acc, acc_up, ss, offs_m, mask_m, k0, K, stride_xm, BLOCK_K: tl.constexpr,
-          NORM: tl.constexpr, SWIGLU: tl.constexpr, GATED_X: tl.constexpr):
-    """One step of the K loop: x's tile at k0 (its prologue: SwiGLU of [gate | up], the norm's sums and g),
-    times the weight tile(s) into the fp32 accumulators."""
+          NORM: tl.constexpr, SWIGLU: tl.constexpr):
+    """One step of the K loop: x's tile at k0 (with the norm: its sums of squares, times g), times the weight
+    tile(s) into the fp32 accumulators."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
     dt = x_ptr.dtype.element_ty
     xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                  mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
-    if GATED_X:  # x's rows are [gate | up] (2 K columns): the product's input is silu(gate) * up
-        ut = tl.load(x_ptr + offs_m[:, None] * stride_xm + K + offs_k[None, :],
-                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        xt = _swiglu(xt.to(tl.float32), ut.to(tl.float32), x_ptr).to(dt)
     if NORM:
         xf = xt.to(tl.float32)
         ss += tl.sum(xf * xf, axis=1)
@@ -187,10 +181,8 @@ def auto_split_k(programs: int, k_blocks: int, sm_count: int) -> int:
 def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
               swiglu: bool = False, split_k: int | str = "auto", block_n: int = 64, block_k: int = 64,
               sm_count: int | None = None, num_warps: int = 4, num_stages: int = 4,
-              gated_x: bool = False, pdl: bool = False) -> torch.Tensor:
+              pdl: bool = False) -> torch.Tensor:
     """act(rms_norm(x) @ w.T) for decode rows x (M, K), M <= 16, w (N, K): (M, N) or (M, N/2) with swiglu.
-    gated_x: x (M, 2 K) holds [gate | up] (w13's output) and the product is swiglu(x) @ w.T (SwiGLU as the
-    prologue of w2's GEMV; no norm, no swiglu then).
     pdl: launch with programmatic dependent launch (CUDA, compute capability >= 9): the kernel loads its first
     weight tile, then waits for the previous kernel (griddepcontrol.wait) before it reads x, and lets the next
     kernel launch early; so a launch's ramp-up and its first weight loads overlap the previous kernel's tail.
@@ -199,16 +191,7 @@ def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
     Defaults: the fastest configuration for both attn_norm + wqkv and mlp_norm + w13 + SwiGLU at the LLaMA-2-70B
     R = 4 shard, M = 1 and 16, in the H200 sweep of this version (docs/benchmarks/norm_gemv.md). Still slower
     there than the runtime's compiled norm + cuBLAS, so the runtime uses it only with bench.norm_gemv=true."""
-    if gated_x:
-        if norm_weight is not None or swiglu:
-            raise KernelArgError(f"{OP}: gated_x takes neither norm_weight nor swiglu (it is w2's GEMV)")
-        if x.dim() != 2 or w.dim() != 2 or x.shape[1] != 2 * w.shape[1]:
-            raise KernelArgError(f"{OP}: gated_x needs x (M, 2 K) = [gate | up] for w (N, K); got x "
-                                 f"{tuple(x.shape)}, w {tuple(w.shape)}")
-        check_matmul(x[:, : w.shape[1]], w, OP)
-        M, N, K = x.shape[0], w.shape[0], w.shape[1]
-    else:
-        M, N, K = check_matmul(x, w, OP)
+    M, N, K = check_matmul(x, w, OP)
     check_decode_rows(M, DECODE_MAX_M, OP)
     check_dtype(x, DTYPES, OP)
     if x.stride(1) != 1 or w.stride(1) != 1:
@@ -238,7 +221,7 @@ def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
     norm_gemv_kernel[(programs, split_k)](
         x, g, w, y, part, ss, M, n_out, K, k_share, x.stride(0), w.stride(0), eps,
         BLOCK_M=DECODE_MAX_M, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm, SWIGLU=swiglu,
-        SPLIT_K=split_k, GATED_X=gated_x, PRELOAD=pdl, GDC=gdc, num_warps=num_warps, num_stages=num_stages,
+        SPLIT_K=split_k, PRELOAD=pdl, GDC=gdc, num_warps=num_warps, num_stages=num_stages,
         **launch)
     if split_k > 1:
         block = 256
@@ -249,11 +232,8 @@ def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
 
 
 def reference(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
-              swiglu: bool = False, gated_x: bool = False) -> torch.Tensor:
-    """The unfused steps in plain torch (overlap.ops.norm_linear, and swiglu before it with gated_x): the
-    parity reference."""
-    if gated_x:
-        x = swiglu_of(x, w.shape[1])
+              swiglu: bool = False) -> torch.Tensor:
+    """The unfused steps in plain torch (overlap.ops.norm_linear): the parity reference."""
     return norm_linear(x, w, norm_weight, eps, swiglu)
 
 
@@ -277,9 +257,7 @@ def gemv_down_op(x: torch.Tensor, w: torch.Tensor, pdl: bool = False) -> torch.T
     return norm_gemv(x, w, block_n=32, block_k=128, split_k=1, pdl=pdl)
 
 
-def swiglu_gemv_op(gate_up: torch.Tensor, w: torch.Tensor, pdl: bool = False) -> torch.Tensor:
-    """overlap.ops.Ops.swiglu_gemv through this kernel: swiglu(gate_up) @ w.T for decode rows, SwiGLU as the
-    prologue of w2's GEMV (one kernel instead of SwiGLU + cuBLAS). Config: w2's fastest in the H200 sweep of
-    the GEMV alone (32/128/4, no split; docs/benchmarks/norm_gemv.md); its speed with the prologue is not
-    measured yet, so the runtime uses it only with bench.swiglu_gemv=true."""
-    return norm_gemv(gate_up, w, gated_x=True, block_n=32, block_k=128, split_k=1, pdl=pdl)
+def swiglu_gemv_op(x: torch.Tensor, w: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+    """overlap.ops.Ops.swiglu_gemv through this kernel: swiglu(x @ w13.T) for decode rows, w13's GEMV with
+    SwiGLU in its epilogue (the split-K reduce's; one kernel fewer than GEMV + SwiGLU). Defaults as gemv_op's."""
+    return norm_gemv(x, w, swiglu=True, pdl=pdl)
