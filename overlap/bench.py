@@ -27,8 +27,8 @@ Job key fuse (default false) runs RoPE, add + RMSNorm and SwiGLU as torch.compil
 records: fused); with it, decode attention runs as one Triton pass unless decode_kernel is false (records:
 decode_kernel), and decode's wqkv and w13 GEMVs through overlap.kernels.norm_gemv unless triton_gemv is false
 (records: triton_gemv); swiglu_gemv (default false) runs decode's SwiGLU in the epilogue of w13's GEMV
-(records: swiglu_gemv); pdl (default false) launches decode's kernels with programmatic dependent launch, wo and w2
-through the Triton GEMV too (records: pdl). ISO variants are timed once per (iso_ctas, iso_sm_carveout) pair of the job's lists
+(records: swiglu_gemv); pdl (default true on GPUs of compute capability >= 9) launches decode's kernels with
+programmatic dependent launch, wo and w2 through the Triton GEMV too (records: pdl). ISO variants are timed once per (iso_ctas, iso_sm_carveout) pair of the job's lists
 (default [null] each: NCCL's own thread-block count, no carve-out; Runtime.set_iso_), recorded as such.
 
     ... -m overlap.bench --job job.json --profile DIR [--layers 4] [--phase prefill|decode]
@@ -171,9 +171,10 @@ def swiglu_gemv_on(job: dict, ctx: TPContext) -> bool:
 
 
 def pdl_on(job: dict, ctx: TPContext) -> bool:
-    """Decode's kernels launched with programmatic dependent launch (Runtime(pdl=True)), when the job says pdl
-    (default false until measured) with the fused kernels and triton_gemv."""
-    return triton_gemv_on(job, ctx) and bool(job.get("pdl"))
+    """Decode's kernels launched with programmatic dependent launch (Runtime(pdl=True)) with the fused kernels
+    and triton_gemv on a GPU that has it (compute capability >= 9), unless the job says pdl: false."""
+    return (triton_gemv_on(job, ctx) and job.get("pdl", True) is not False
+            and torch.cuda.get_device_capability(ctx.device)[0] >= 9)
 
 
 def decode_kernels(job: dict, ctx: TPContext) -> dict:

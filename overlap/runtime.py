@@ -57,8 +57,12 @@ class Runtime:
         # of the eager prefill, whose launches keep ahead of the GPU (docs/benchmarks/spd_bench.md); kept as the
         # A/B switch that shows it, off by default.
         self.prefill_graphs = bool(prefill_graphs) and model.output.weight.device.type == "cuda" and impl == "nccl"
-        model.set_fused_(fuse, decode_kernel, norm_gemv, triton_gemv, swiglu_gemv, pdl)
         self.device = model.output.weight.device
+        if pdl and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] < 9:
+            raise ValueError(f"pdl=True needs a GPU of compute capability >= 9 (Hopper); "
+                             f"{torch.cuda.get_device_name(self.device)} has "
+                             f"{torch.cuda.get_device_capability(self.device)}: pass pdl=False")
+        model.set_fused_(fuse, decode_kernel, norm_gemv, triton_gemv, swiglu_gemv, pdl)
         if compile and impl != "nccl":
             raise ValueError(f"compile=True needs impl='nccl' (impl {impl!r}'s kernels and symmetric-memory "
                              f"collectives are not traced by torch.compile); supported: compile with nccl, "

@@ -13,8 +13,10 @@ rate (overlap/floors.py), then traces with torch.profiler
 and labels every kernel: a GEMM by the weight shape of the aten::mm that launched it (wqkv, wo, w13, w2,
 lm_head; a split-K reduce kernel counts with its GEMM), the Triton decode attention's split and merge
 kernels, flash attention, the compiled elementwise kernels (RMSNorm, add + RMSNorm, RoPE, SwiGLU) and the
-rest by name. Graph-replayed kernels carry no operator, so they take the label of the eager kernel at the
-same place in the step (the same kernel sequence; else the one with the same name, grid and block). Per label: launches and microseconds per step and per block, the bytes it must
+rest by name (with --pdl, spd-bench's default on sm_90+, wo and w2 are Triton GEMVs too). Graph-replayed kernels carry no operator, so they take the label of the eager kernel at the
+same place in the step (the same kernel sequence; else the one with the same name, grid and block). Per label: launches and
+microseconds per step and per block (a kernel's exclusive time: the step's advance while it ran, since with PDL a
+kernel starts early and waits inside for the one before), the bytes it must
 move (GEMM: weight + activations; decode attention: the K/V cache read) and FLOPs, and the achieved
 TB/s and TFLOP/s against the measured ceilings. Writes DIR/kernel_kinds.json, DIR/kernel_kinds.md and the
 traces (gzip); prints the markdown.
@@ -91,13 +93,15 @@ def by_name(name: str) -> str:
 
 
 TRITON_GEMVS = ("wqkv", "w13")  # what the runtime's triton_gemv runs through norm_gemv_kernel, in block order
+TRITON_GEMVS_PDL = ("wqkv", "wo", "w13", "w2")  # with pdl: every GEMV of a block (gemv_down: wo and w2)
 
 
-def label_eager(kernels: list[dict], ops: dict[int, dict], names: dict,
-                rows: int = 1) -> tuple[list[tuple[dict, str, tuple]], dict]:
+def label_eager(kernels: list[dict], ops: dict[int, dict], names: dict, rows: int = 1,
+                gemvs: tuple = TRITON_GEMVS) -> tuple[list[tuple[dict, str, tuple]], dict]:
     """[(kernel, label, (M, K, N) or None)], and {signature: (label, mkn)} for the graph trace. The Triton GEMV
-    (overlap.kernels.norm_gemv, no aten op to read shapes from) runs wqkv then w13 in every block: its
-    launches are labelled in that order, with `rows` decode rows, its split-K reduce kernel with it."""
+    (overlap.kernels.norm_gemv, no aten op to read shapes from) runs `gemvs` in every block in that order (wqkv
+    then w13; with pdl all four): its launches are labelled so, with `rows` decode rows, its split-K reduce
+    kernel with it."""
     out, sigs, seen = [], {}, set()
     by_weight = {v: kn for kn, v in names.items()}
     triton_gemvs = 0
@@ -106,7 +110,7 @@ def label_eager(kernels: list[dict], ops: dict[int, dict], names: dict,
         op = ops.get(eid)
         label, mkn = by_name(k["name"]), None
         if k["name"].startswith("norm_gemv_kernel"):
-            name = TRITON_GEMVS[triton_gemvs % len(TRITON_GEMVS)]
+            name = gemvs[triton_gemvs % len(gemvs)]
             triton_gemvs += 1
             label, mkn = f"gemm: {name}", (rows, *by_weight[name])
         elif k["name"].startswith("split_k_reduce_kernel"):  # the reduce pass of the launch before it
@@ -158,10 +162,11 @@ def work(label: str, mkn, phase: str, shape, batch: int, tokens: int, context: i
 def summarize(labelled: list[tuple[dict, str, tuple]], steps: int, blocks: int, phase: str, shape, batch: int,
               tokens: int, context: int, rates: dict) -> dict:
     acc = defaultdict(lambda: dict(launches=0, us=0.0, bytes=0.0, flops=0.0, bytes_counted=True, flops_counted=True))
+    excl = _exclusive(k for k, _, _ in labelled)
     for k, label, mkn in labelled:
         a = acc[label]
         a["launches"] += 1
-        a["us"] += float(k["dur"])
+        a["us"] += excl[id(k)]
         nb, fl = work(label, mkn, phase, shape, batch, tokens, context)
         if nb is None:
             a["bytes_counted"] = False
@@ -195,6 +200,19 @@ def summarize(labelled: list[tuple[dict, str, tuple]], steps: int, blocks: int, 
                 rows=rows)
 
 
+def _exclusive(ks) -> dict[int, float]:
+    """{id(kernel): microseconds}: each kernel's end less the later of its start and every earlier-started
+    kernel's end (0 if it ends before them): the time the step advanced while it ran. Equal to its duration
+    when kernels do not overlap; with programmatic dependent launch a kernel starts early and waits inside
+    (griddepcontrol.wait), and that wait is the previous kernel's time, not its own."""
+    out, end = {}, -1e30
+    for k in sorted(ks, key=lambda e: e["ts"]):
+        a, b = float(k["ts"]), float(k["ts"]) + float(k["dur"])
+        out[id(k)] = max(0.0, b - max(a, end))
+        end = max(end, b)
+    return out
+
+
 def _busy(ks: list[dict]) -> float:
     total, end = 0.0, -1e30
     for k in sorted(ks, key=lambda e: e["ts"]):
@@ -224,7 +242,8 @@ def markdown(s: dict, title: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def analyse(out: Path, rates: dict, shape, layers: int, batch: int, context: int, tokens: list[int]) -> tuple[dict, str]:
+def analyse(out: Path, rates: dict, shape, layers: int, batch: int, context: int, tokens: list[int],
+            pdl: bool = False) -> tuple[dict, str]:
     """Label and summarise the traces in out (decode_eager, decode_graph, prefill_<S>; .json or .json.gz)."""
     def find(stem):
         for suffix in (".trace.json", ".trace.json.gz"):
@@ -242,7 +261,7 @@ def analyse(out: Path, rates: dict, shape, layers: int, batch: int, context: int
             continue
         kernels, ops = tr
         if kind == "eager":
-            labelled, sigs = label_eager(kernels, ops, names, batch)
+            labelled, sigs = label_eager(kernels, ops, names, batch, TRITON_GEMVS_PDL if pdl else TRITON_GEMVS)
             eager = labelled
         else:
             labelled = (eager and positional(eager, kernels)) or [
@@ -277,6 +296,8 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, nargs="*", default=[2048])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode with programmatic dependent launch (spd-bench's default on sm_90+; --no-pdl: without)")
     p.add_argument("--reanalyse", action="store_true",
                    help="only label and summarise the traces already in --out (rates from its kernel_kinds.json)")
     a = p.parse_args(argv)
@@ -284,13 +305,14 @@ def main(argv=None) -> None:
         prev = json.loads((a.out / "kernel_kinds.json").read_text())
         args = dataclasses.replace(ModelArgs.from_model_config(LLAMA2_70B), n_layers=prev["layers"])
         summaries, text = analyse(a.out, prev["rates"], ShardShape(args, prev["virtual_tp"]), prev["layers"],
-                                  a.batch, a.context, a.tokens)
+                                  a.batch, a.context, a.tokens, prev.get("pdl", False))
         (a.out / "kernel_kinds.json").write_text(json.dumps(dict(prev, summaries=summaries), indent=1) + "\n")
         (a.out / "kernel_kinds.md").write_text(text)
         print(text)
         return
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = dev.type == "cuda"
+    pdl = a.pdl and cuda and torch.cuda.get_device_capability(dev)[0] >= 9
     args = dataclasses.replace(ModelArgs.from_model_config(LLAMA2_70B), n_layers=a.layers)
     shape = ShardShape(args, a.virtual_tp)
     names = gemm_names(shape)
@@ -302,7 +324,7 @@ def main(argv=None) -> None:
     set_nocomm_(model, True)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     gen = torch.Generator().manual_seed(0)
-    result = dict(rates=rates, virtual_tp=a.virtual_tp, layers=a.layers, device=torch.cuda.get_device_name(0)
+    result = dict(rates=rates, virtual_tp=a.virtual_tp, layers=a.layers, pdl=pdl, batch=a.batch, device=torch.cuda.get_device_name(0)
                   if cuda else "cpu", torch=torch.__version__, summaries={})
     def trace(fn, path: Path, shapes: bool):
         with profile(activities=acts, record_shapes=shapes) as prof:
@@ -316,7 +338,7 @@ def main(argv=None) -> None:
     tok = torch.randint(0, args.vocab_size, (a.batch, 1), generator=gen).to(dev)
     for graphs in ([False, True] if cuda else [False]):
         rt = Runtime(model, ctx, a.batch, -(-(pos + 1) // 64) * 64, cuda_graphs=graphs, fuse=cuda, decode_kernel=cuda,
-                     triton_gemv=cuda)  # spd-bench's default decode step
+                     triton_gemv=cuda, pdl=pdl)  # spd-bench's default decode step
 
         def steps(rt=rt):
             for _ in range(STEPS):
@@ -334,7 +356,7 @@ def main(argv=None) -> None:
         rt.prefill(ids, last_only=True)
         trace(lambda: rt.prefill(ids, last_only=True), a.out / f"prefill_{S}.trace.json", True)
         del rt
-    result["summaries"], text = analyse(a.out, rates, shape, a.layers, a.batch, pos, a.tokens)
+    result["summaries"], text = analyse(a.out, rates, shape, a.layers, a.batch, pos, a.tokens, pdl)
     print(text, flush=True)
     (a.out / "kernel_kinds.json").write_text(json.dumps(result, indent=1) + "\n")
     (a.out / "kernel_kinds.md").write_text(text)

@@ -213,7 +213,7 @@ class BenchConfig:
     norm_gemv: bool = False  # with fuse on CUDA: decode's norm + wqkv, norm + w13 + SwiGLU as one Triton kernel each
     triton_gemv: bool = True  # with fuse on CUDA: decode's wqkv and w13 GEMVs through norm_gemv's kernel (no norm)
     swiglu_gemv: bool = False  # with fuse on CUDA: decode's SwiGLU in the epilogue of w13's GEMV (norm_gemv's kernel)
-    pdl: bool = False  # with fuse and triton_gemv on CUDA: decode's kernels with programmatic dependent launch
+    pdl: bool = True  # with fuse and triton_gemv on CUDA >= sm_90: decode's kernels with programmatic dependent launch
     compile: bool = False  # torch.compile the decode step's blocks before CUDA-graph capture
     prefill_graphs: bool = False  # capture prefill in CUDA graphs too
     iso_ctas: Any = None  # NCCL thread blocks of ISO's group: null (default), an int or a list to sweep

@@ -69,3 +69,19 @@ def test_triton_gemv_launches_are_wqkv_then_w13_with_their_reduce_pass():
     rows = {r["kind"]: r for r in s["rows"]}
     assert rows["gemm: w13"]["bytes_per_step"] == (8192 * 14336 + 8192 + 14336) * 2
     assert rows["gemm: wqkv"]["us_per_step"] == 13
+
+
+def test_with_pdl_all_four_gemvs_are_triton_and_overlapping_kernels_count_their_exclusive_time():
+    """Runtime(pdl=True): wqkv, wo, w13, w2 all through norm_gemv_kernel; a kernel launched early (PDL) that
+    waits for the one before it counts only the time after that one's end, so the step's time adds up."""
+    kernels = [_kernel("norm_gemv_kernel", 0, 12, 1), _kernel("split_kernel", 10, 6, 2),  # starts 2 us early
+               _kernel("norm_gemv_kernel", 15, 10, 3), _kernel("norm_gemv_kernel", 24, 60, 4),
+               _kernel("norm_gemv_kernel", 80, 30, 5)]
+    labelled, _ = kk.label_eager(kernels, {}, kk.gemm_names(SHAPE), gemvs=kk.TRITON_GEMVS_PDL)
+    assert [lab for _, lab, _ in labelled] == ["gemm: wqkv", "attention: Triton split (RoPE, cache write, attention)",
+                                              "gemm: wo", "gemm: w13", "gemm: w2"]
+    s = kk.summarize(labelled, 1, 1, "decode", SHAPE, 1, 1, 2048, dict(copy_tbps=4.0, matmul_tflops=800.0))
+    us = {r["kind"]: r["us_per_step"] for r in s["rows"]}
+    assert us == {"gemm: wqkv": 12, "attention: Triton split (RoPE, cache write, attention)": 4, "gemm: wo": 9,
+                  "gemm: w13": 59, "gemm: w2": 26}
+    assert sum(us.values()) == s["busy_us_per_step"] == 110
