@@ -78,22 +78,38 @@ def _kernels():
     import triton
     import triton.language as tl
 
+    global _kv_tile  # a module global, where the kernels' JIT looks names up
+
+    @triton.jit
+    def _kv_tile(kc_ptr, vc_ptr, cache, n0, end, pos, stride_cl, offs_d, BLOCK: tl.constexpr):
+        """The K and V cache rows n0 .. n0 + BLOCK (BLOCK, DH) below end, row pos (this step's) as zeros."""
+        offs_n = n0 + tl.arange(0, BLOCK)
+        ok = ((offs_n < end) & (offs_n != pos))[:, None]
+        rows = cache + offs_n[:, None] * stride_cl + offs_d[None, :]
+        return tl.load(kc_ptr + rows, mask=ok, other=0.0), tl.load(vc_ptr + rows, mask=ok, other=0.0)
+
     @triton.jit
     def split_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, o_ptr, lse_ptr,
                      stride_qkv, stride_cb, stride_ch, stride_cl, scale,
                      KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, DH: tl.constexpr,
                      SPLIT: tl.constexpr, NSPLIT: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
                      GDC: tl.constexpr = False):
-        if GDC:  # launched with PDL: qkv is the previous kernel's output
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         bh = tl.program_id(0)  # b * KV + j
         s = tl.program_id(1)
         b, j = bh // KV, bh % KV
-        pos = tl.load(pos_ptr)
+        pos = tl.load(pos_ptr)  # written before the step's first kernel: no wait needed for it
         start = s * SPLIT
-        offs_g = tl.arange(0, G_PAD)
+        end = tl.minimum(start + SPLIT, pos + 1)  # <= start for a chunk after p: no tile, l_s = -inf
         offs_d = tl.arange(0, DH)
+        cache = b * stride_cb + j * stride_ch
+        # The chunk's first K/V tile (earlier steps' rows; row p is this step's, taken from registers below)
+        # is loaded before the wait on the previous kernel: with PDL it streams while that kernel finishes.
+        # Each loop step then loads the next tile (software pipelining by one tile).
+        k_nxt, v_nxt = _kv_tile(kc_ptr, vc_ptr, cache, start, end, pos, stride_cl, offs_d, BLOCK)
+        if GDC:  # launched with PDL: qkv is the previous kernel's output
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        offs_g = tl.arange(0, G_PAD)
         rot_d = (offs_d + DH // 2) % DH  # roll by Dh/2: rotate_half up to sin's sign
         g_ok = offs_g < G
         out_row = (bh * NSPLIT + s) * G_PAD + offs_g  # rows of the (B KV, NSPLIT, G_PAD) partials
@@ -108,8 +124,6 @@ def _kernels():
         k_raw = qkv_ptr + b * stride_qkv + (KV * G + j) * DH
         k_new = (tl.load(k_raw + offs_d).to(tl.float32) * cos + tl.load(k_raw + rot_d).to(tl.float32) * sin).to(dtype)
         v_new = tl.load(qkv_ptr + b * stride_qkv + (KV * G + KV + j) * DH + offs_d)
-        cache = b * stride_cb + j * stride_ch
-        end = tl.minimum(start + SPLIT, pos + 1)  # <= start for a chunk after p: no tile, l_s = -inf
         p_vec = offs_d * 0 + pos  # (DH,): p as a vector, so the store mask has the store's shape
         owner = (p_vec >= start) & (p_vec < start + SPLIT)  # this chunk holds p
         tl.store(kc_ptr + cache + pos * stride_cl + offs_d, k_new, mask=owner)
@@ -121,11 +135,9 @@ def _kernels():
             offs_n = n0 + tl.arange(0, BLOCK)
             valid = offs_n < end
             at_pos = (offs_n == pos)[:, None]
-            rows = cache + offs_n[:, None] * stride_cl + offs_d[None, :]
-            k = tl.load(kc_ptr + rows, mask=valid[:, None] & ~at_pos, other=0.0)  # (BLOCK, DH)
-            v = tl.load(vc_ptr + rows, mask=valid[:, None] & ~at_pos, other=0.0)
-            k = tl.where(at_pos, k_new[None, :], k)
-            v = tl.where(at_pos, v_new[None, :], v)
+            k = tl.where(at_pos, k_new[None, :], k_nxt)  # (BLOCK, DH)
+            v = tl.where(at_pos, v_new[None, :], v_nxt)
+            k_nxt, v_nxt = _kv_tile(kc_ptr, vc_ptr, cache, n0 + BLOCK, end, pos, stride_cl, offs_d, BLOCK)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             scores = tl.where(valid[None, :], scores * scale, float("-inf"))  # (G_PAD, BLOCK)
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))

@@ -64,6 +64,8 @@ def test_bad_arguments_say_what_is_wrong():
         norm_gemv(x, w, norm_weight=torch.ones(32))
     with pytest.raises(KernelArgError, match="split_k=9; valid: 'auto' or 1..1"):
         norm_gemv(x, w, split_k=9)
+    with pytest.raises(KernelArgError, match="preload=3; valid: 0 or a power of two"):
+        norm_gemv(x, w, pdl=True, preload=3)
     with pytest.raises(KernelArgError, match="17"):
         norm_gemv(torch.randn(17, 64), w)
 

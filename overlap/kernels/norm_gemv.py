@@ -37,6 +37,8 @@ from overlap.ops import norm_linear
 
 OP = "norm_gemv"
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+PDL_PRELOAD_TILES = 4  # with pdl: K tiles a program loads before it waits for the previous kernel (the small
+# kernel before each decode GEMV takes 1.5-3 us on an H200, about 4 tiles of a program's weight stream)
 PROGRAMS_PER_SM = 2  # split-K target: programs in flight per SM (to be tuned on the GPU: docs/benchmarks)
 
 
@@ -46,7 +48,7 @@ def norm_gemv_kernel(
     M, N_OUT, K, K_SHARE, stride_xm, stride_wn, eps,  # ss (SPLIT_K, M); N_OUT: output columns (F with swiglu)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr,
-    PRELOAD: tl.constexpr = False, GDC: tl.constexpr = False,
+    PRELOAD: tl.constexpr = 0, GDC: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -60,14 +62,16 @@ def norm_gemv_kernel(
     ss = tl.zeros((BLOCK_M,), dtype=tl.float32)  # the rows' sums of squares over this program's share of K
     k_lo = pid_k * K_SHARE
     k_start = k_lo
-    if PRELOAD:  # the first weight tile is loaded before waiting on the previous kernel (PDL: its tail overlaps)
-        wt0, wu0 = _weights(w_ptr, offs_n, mask_n, k_lo, K, N_OUT, stride_wn, BLOCK_K, SWIGLU)
+    if PRELOAD:  # the first PRELOAD weight tiles, loaded before waiting on the previous kernel: with PDL they
+        # stream while that kernel finishes (weights do not depend on it); one wide step, within the share
+        k_end = tl.minimum(K, k_lo + K_SHARE)
+        wt0, wu0 = _weights(w_ptr, offs_n, mask_n, k_lo, k_end, N_OUT, stride_wn, BLOCK_K * PRELOAD, SWIGLU)
         if GDC:
             tl.extra.cuda.gdc_wait()  # x is the previous kernel's output: visible after this
             tl.extra.cuda.gdc_launch_dependents()  # the next kernel may launch (it waits for this one's end)
-        acc, acc_up, ss = _tile(x_ptr, g_ptr, wt0, wu0, acc, acc_up, ss, offs_m, mask_m, k_lo, K, stride_xm,
-                                BLOCK_K, NORM, SWIGLU)
-        k_start = k_lo + BLOCK_K
+        acc, acc_up, ss = _tile(x_ptr, g_ptr, wt0, wu0, acc, acc_up, ss, offs_m, mask_m, k_lo, k_end, stride_xm,
+                                BLOCK_K * PRELOAD, NORM, SWIGLU)
+        k_start = k_lo + BLOCK_K * PRELOAD
     for k0 in range(k_start, k_lo + K_SHARE, BLOCK_K):
         wt, wu = _weights(w_ptr, offs_n, mask_n, k0, K, N_OUT, stride_wn, BLOCK_K, SWIGLU)
         acc, acc_up, ss = _tile(x_ptr, g_ptr, wt, wu, acc, acc_up, ss, offs_m, mask_m, k0, K, stride_xm,
@@ -97,7 +101,8 @@ def norm_gemv_kernel(
 
 @triton.jit
 def _weights(w_ptr, offs_n, mask_n, k0, K, N_OUT, stride_wn, BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr):
-    """The (BLOCK_N, BLOCK_K) weight tile at k0 (and with swiglu the matching up rows; else the same tile)."""
+    """The (BLOCK_N, BLOCK_K) weight tile at k0, columns below K (and with swiglu the matching up rows; else
+    the same tile)."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask = mask_n[:, None] & (offs_k < K)[None, :]
     wt = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0.0)
@@ -181,12 +186,12 @@ def auto_split_k(programs: int, k_blocks: int, sm_count: int) -> int:
 def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
               swiglu: bool = False, split_k: int | str = "auto", block_n: int = 64, block_k: int = 64,
               sm_count: int | None = None, num_warps: int = 4, num_stages: int = 4,
-              pdl: bool = False) -> torch.Tensor:
+              pdl: bool = False, preload: int = PDL_PRELOAD_TILES) -> torch.Tensor:
     """act(rms_norm(x) @ w.T) for decode rows x (M, K), M <= 16, w (N, K): (M, N) or (M, N/2) with swiglu.
     pdl: launch with programmatic dependent launch (CUDA, compute capability >= 9): the kernel loads its first
-    weight tile, then waits for the previous kernel (griddepcontrol.wait) before it reads x, and lets the next
-    kernel launch early; so a launch's ramp-up and its first weight loads overlap the previous kernel's tail.
-    On the CPU interpreter pdl only peels that first tile (the same arithmetic; the waits need a GPU).
+    `preload` weight tiles, then waits for the previous kernel (griddepcontrol.wait) before it reads x, and
+    lets the next kernel launch early; so a launch's ramp-up and those weight loads overlap the previous
+    kernel. On the CPU interpreter pdl only peels those tiles (the same arithmetic; the waits need a GPU).
 
     Defaults: the fastest configuration for both attn_norm + wqkv and mlp_norm + w13 + SwiGLU at the LLaMA-2-70B
     R = 4 shard, M = 1 and 16, in the H200 sweep of this version (docs/benchmarks/norm_gemv.md). Still slower
@@ -208,6 +213,8 @@ def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
         if sm_count is None:
             sm_count = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
         split_k = auto_split_k(programs, k_blocks, sm_count)
+    if preload < 0 or preload & (preload - 1):
+        raise KernelArgError(f"{OP}: preload={preload}; valid: 0 or a power of two (tiles loaded before the wait)")
     if not isinstance(split_k, int) or not 1 <= split_k <= k_blocks:
         raise KernelArgError(f"{OP}: split_k={split_k!r}; valid: 'auto' or 1..{k_blocks} (K / block_k)")
     k_share = triton.cdiv(k_blocks, split_k) * block_k
@@ -221,7 +228,7 @@ def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
     norm_gemv_kernel[(programs, split_k)](
         x, g, w, y, part, ss, M, n_out, K, k_share, x.stride(0), w.stride(0), eps,
         BLOCK_M=DECODE_MAX_M, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm, SWIGLU=swiglu,
-        SPLIT_K=split_k, PRELOAD=pdl, GDC=gdc, num_warps=num_warps, num_stages=num_stages,
+        SPLIT_K=split_k, PRELOAD=preload if pdl else 0, GDC=gdc, num_warps=num_warps, num_stages=num_stages,
         **launch)
     if split_k > 1:
         block = 256
