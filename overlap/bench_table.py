@@ -68,8 +68,13 @@ def _kernels(rec: dict) -> str:
         return "unfused elementwise"
     triton = rec.get("decode_kernel") and rec["phase"] == "decode"  # prefill never runs it
     graphs = rec.get("prefill_graphs") and rec["phase"] == "prefill"
-    norm_gemv = rec.get("norm_gemv") and rec["phase"] == "decode"
-    return ("fused elementwise" + (" + Triton decode attention" if triton else "") + (" + norm-GEMV" if norm_gemv else "")
+    decode = rec["phase"] == "decode"
+    # decode's kernel switches, named as bench.* names them (what swiglu_gemv fuses differs by commit:
+    # docs/benchmarks/pdl.md); pdl holds for prefill's compiled kernels too. Records carry them since they exist.
+    switches = [("norm_gemv", " + norm-GEMV", decode), ("triton_gemv", " + Triton GEMV", decode),
+                ("swiglu_gemv", " + swiglu_gemv", decode), ("pdl", " + PDL", True)]
+    return ("fused elementwise" + (" + Triton decode attention" if triton else "")
+            + "".join(text for key, text, applies in switches if applies and rec.get(key))
             + (" + prefill CUDA graph" if graphs else ""))
 
 

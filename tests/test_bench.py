@@ -221,6 +221,19 @@ def test_table_labels_the_triton_decode_attention_on_decode_rows_only():
     assert "decode, bfloat16, impl nccl, fused elementwise, on" in text  # the A/B reference: its own table
 
 
+def test_table_keeps_each_decode_kernel_switch_in_its_own_table():
+    """Records of one commit that differ only in triton_gemv / swiglu_gemv / pdl (an A/B in one call) must not
+    land in one table, where one would hide the other."""
+    base = dict(_rec("nocomm", 10.9), fused=True, decode_kernel=True, triton_gemv=True, pdl=False)
+    text = tables([base, dict(base, median_ms=10.3, pdl=True), dict(base, median_ms=10.95, swiglu_gemv=True),
+                   dict(_rec("nocomm", 116.8, phase="prefill", tokens=2048, context=0), fused=True, pdl=True)])
+    assert "fused elementwise + Triton decode attention + Triton GEMV, on" in text
+    assert "fused elementwise + Triton decode attention + Triton GEMV + PDL, on" in text
+    assert "fused elementwise + Triton decode attention + Triton GEMV + swiglu_gemv, on" in text
+    assert "prefill, bfloat16, impl nccl, fused elementwise + PDL, on" in text
+    assert text.count("10.30") == 1 and text.count("10.90") == 1 and text.count("10.95") == 1
+
+
 @pytest.mark.parametrize("degree", [["parallel.tp=3"], ["bench.virtual_tp=3", "bench.variants=[nocomm]"]])
 def test_a_degree_the_shape_cannot_take_fails_before_launching(degree):
     from overlap.cli import bench_job
