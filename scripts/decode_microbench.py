@@ -9,7 +9,8 @@
 2. Every weight GEMV of a step (wqkv, wo, w13, w2 at M = 1) through F.linear, torch.mv and w @ x.T.
 3. Decode attention (16 query heads, 2 KV heads, Dh 128, cache 2112, position 2048; batch 1, 16): the
    eager path (RoPE, two cache writes, two batched GEMMs, softmax), fused_ops' compiled version, and
-   overlap.decode_attention's Triton pass at several programs-per-SM settings.
+   overlap.decode_attention's Triton pass at several programs-per-SM settings (chunk counts) and warps,
+   each with its floor (the K/V bytes over the copy bandwidth measured in the same run).
 4. overlap.kernels.norm_gemv (--only norm_gemv) at the R = 4 and 8 shards (--tp): attn_norm + wqkv,
    mlp_norm + w13 + SwiGLU, and wo and w2 alone, M = 1, 16, against the steps it replaces, eager
    (overlap.ops.norm_linear: F.rms_norm, F.linear (cuBLAS), SwiGLU: impl "unfused") and as the runtime runs
@@ -28,6 +29,7 @@ REPLAYS replays, per call. One JSON line per measurement (schema spd.decode_micr
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -136,11 +138,14 @@ def weight_cases(emit) -> None:
 
 def attention_cases(emit) -> None:
     from overlap import decode_attention as da
+    from overlap.floors import measure_rates
     from overlap.fused_ops import fused_ops
 
     H, KV, Dh, L, pos = 16, 2, 128, 2112, 2048
     gen = torch.Generator(device="cuda").manual_seed(1)
     compiled = fused_ops()
+    rates = measure_rates(torch.device("cuda"))  # floor_us: the K/V bytes over the copy bandwidth of this run
+    emit(dict(piece="rates", **rates))
     for B in (1, 16):
         qkv = torch.randn(B, 1, (H + 2 * KV) * Dh, generator=gen, device="cuda").bfloat16()
         caches = [(torch.randn(B, KV, L, Dh, generator=gen, device="cuda").bfloat16(),
@@ -167,17 +172,19 @@ def attention_cases(emit) -> None:
 
         emit(dict(piece="attention", batch=B, impl="eager", us=time_graph(path(EAGER_OPS))))
         emit(dict(piece="attention", batch=B, impl="compiled", us=time_graph(path(compiled))))
-        default = da.PROGRAMS_PER_SM
+        default = da.PROGRAMS_PER_SM, da.NUM_WARPS
         ref = path(EAGER_OPS)(0).float()
-        for per_sm in (0.25, 0.5, 1, 2, 4):
-            da.PROGRAMS_PER_SM = per_sm
+        # programs per SM 3 and 8 give 11 and 33 chunks at batch 16 (whole waves of 132 SMs at 33: 8 a SM)
+        for per_sm, warps in itertools.product((0.25, 0.5, 1, 2, 3, 4, 8), (4, 8)):
+            da.PROGRAMS_PER_SM, da.NUM_WARPS = per_sm, warps
             out = da.decode_attention_rope(qkv, cos, sin, p, *caches[0], H, KV).float()
             err = ((out - ref).norm() / ref.norm()).item()
             us = time_graph(lambda i: da.decode_attention_rope(qkv, cos, sin, p, *caches[i % len(caches)], H, KV))
             sms = torch.cuda.get_device_properties(0).multi_processor_count
-            emit(dict(piece="attention", batch=B, impl="triton", programs_per_sm=per_sm,
-                      nsplit=da.num_splits(B * KV, L, sms)[0], us=us, rel_err_vs_eager=err))
-        da.PROGRAMS_PER_SM = default
+            emit(dict(piece="attention", batch=B, impl="triton", programs_per_sm=per_sm, num_warps=warps,
+                      nsplit=da.num_splits(B * KV, L, sms)[0], us=us, rel_err_vs_eager=err,
+                      floor_us=2 * B * KV * (pos + 1) * Dh * 2 / (rates["copy_tbps"] * 1e12) * 1e6))
+        da.PROGRAMS_PER_SM, da.NUM_WARPS = default
 
 
 # 8 warps and block_n 16 lost everywhere in the sweep of commit 604ee40 (docs/benchmarks/norm_gemv.md); wider
