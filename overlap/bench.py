@@ -28,7 +28,8 @@ records: fused); with it, decode attention runs as one Triton pass unless decode
 decode_kernel), and decode's wqkv and w13 GEMVs through overlap.kernels.norm_gemv unless triton_gemv is false
 (records: triton_gemv); swiglu_gemv (default false) runs decode's SwiGLU in the epilogue of w13's GEMV
 (records: swiglu_gemv); pdl (default true on GPUs of compute capability >= 9) launches decode's kernels with
-programmatic dependent launch, wo and w2 through the Triton GEMV too (records: pdl). ISO variants are timed once per (iso_ctas, iso_sm_carveout) pair of the job's lists
+programmatic dependent launch, wo and w2 through the Triton GEMV too (records: pdl); qkv_in_attention (default
+false) has the decode attention kernel sum wqkv's split-K partials (records: qkv_in_attention). ISO variants are timed once per (iso_ctas, iso_sm_carveout) pair of the job's lists
 (default [null] each: NCCL's own thread-block count, no carve-out; Runtime.set_iso_), recorded as such.
 
     ... -m overlap.bench --job job.json --profile DIR [--layers 4] [--phase prefill|decode]
@@ -178,9 +179,12 @@ def pdl_on(job: dict, ctx: TPContext) -> bool:
 
 
 def decode_kernels(job: dict, ctx: TPContext) -> dict:
-    """The job's decode-kernel switches as Runtime takes them (and the records carry them)."""
+    """The job's decode-kernel switches as Runtime takes them (and the records carry them); qkv_in_attention
+    (default false until measured) with the Triton decode attention and triton_gemv."""
     return dict(decode_kernel=decode_kernel_on(job, ctx), norm_gemv=norm_gemv_on(job, ctx),
-                triton_gemv=triton_gemv_on(job, ctx), swiglu_gemv=swiglu_gemv_on(job, ctx), pdl=pdl_on(job, ctx))
+                triton_gemv=triton_gemv_on(job, ctx), swiglu_gemv=swiglu_gemv_on(job, ctx), pdl=pdl_on(job, ctx),
+                qkv_in_attention=decode_kernel_on(job, ctx) and triton_gemv_on(job, ctx)
+                and bool(job.get("qkv_in_attention")))
 
 
 def prefill_graphs_on(job: dict, ctx: TPContext) -> bool:

@@ -72,7 +72,8 @@ def _kernels(rec: dict) -> str:
     # decode's kernel switches, named as bench.* names them (what swiglu_gemv fuses differs by commit:
     # docs/benchmarks/pdl.md); pdl holds for prefill's compiled kernels too. Records carry them since they exist.
     switches = [("norm_gemv", " + norm-GEMV", decode), ("triton_gemv", " + Triton GEMV", decode),
-                ("swiglu_gemv", " + swiglu_gemv", decode), ("pdl", " + PDL", True)]
+                ("swiglu_gemv", " + swiglu_gemv", decode), ("pdl", " + PDL", True),
+                ("qkv_in_attention", " + qkv in attention", decode)]
     return ("fused elementwise" + (" + Triton decode attention" if triton else "")
             + "".join(text for key, text, applies in switches if applies and rec.get(key))
             + (" + prefill CUDA graph" if graphs else ""))

@@ -79,7 +79,18 @@ def _kernels():
     import triton
     import triton.language as tl
 
-    global _kv_tile  # a module global, where the kernels' JIT looks names up
+    global _kv_tile, _qkv  # module globals, where the kernels' JIT looks names up
+
+    @triton.jit
+    def _qkv(ptrs, mask, part_stride, PARTS: tl.constexpr, dtype: tl.constexpr):
+        """qkv at ptrs in the cache's dtype: loaded (PARTS 0), or the sum of PARTS split-K partials of wqkv's
+        GEMV part_stride apart, in split order, rounded to dtype (what norm_gemv's reduce kernel stores)."""
+        if PARTS == 0:
+            return tl.load(ptrs, mask=mask, other=0.0).to(dtype)
+        acc = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        for s in tl.static_range(1, PARTS):
+            acc += tl.load(ptrs + s * part_stride, mask=mask, other=0.0).to(tl.float32)
+        return acc.to(dtype)
 
     @triton.jit
     def _kv_tile(kc_ptr, vc_ptr, cache, n0, end, pos, stride_cl, offs_d, BLOCK: tl.constexpr):
@@ -94,7 +105,7 @@ def _kernels():
                      stride_qkv, stride_cb, stride_ch, stride_cl, scale,
                      KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, DH: tl.constexpr,
                      SPLIT: tl.constexpr, NSPLIT: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-                     GDC: tl.constexpr = False):
+                     GDC: tl.constexpr = False, PARTS: tl.constexpr = 0, part_stride=0):
         bh = tl.program_id(0)  # b * KV + j
         s = tl.program_id(1)
         b, j = bh // KV, bh % KV
@@ -114,17 +125,19 @@ def _kernels():
         rot_d = (offs_d + DH // 2) % DH  # roll by Dh/2: rotate_half up to sin's sign
         g_ok = offs_g < G
         out_row = (bh * NSPLIT + s) * G_PAD + offs_g  # rows of the (B KV, NSPLIT, G_PAD) partials
-        dtype = qkv_ptr.dtype.element_ty
+        dtype = kc_ptr.dtype.element_ty
         cos = tl.load(cos_ptr + offs_d).to(tl.float32)
         sin = tl.load(sin_ptr + offs_d).to(tl.float32)
         q_rows = qkv_ptr + b * stride_qkv + (j * G + offs_g[:, None]) * DH
-        q = tl.load(q_rows + offs_d[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
-        q_rot = tl.load(q_rows + rot_d[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+        q = _qkv(q_rows + offs_d[None, :], g_ok[:, None], part_stride, PARTS, dtype).to(tl.float32)
+        q_rot = _qkv(q_rows + rot_d[None, :], g_ok[:, None], part_stride, PARTS, dtype).to(tl.float32)
         q = (q * cos[None, :] + q_rot * sin[None, :]).to(dtype)  # (G_PAD, DH), rounded as eager rounds it
         # The new token's k and v: rotated, rounded to the cache's dtype, written by this chunk's owner.
         k_raw = qkv_ptr + b * stride_qkv + (KV * G + j) * DH
-        k_new = (tl.load(k_raw + offs_d).to(tl.float32) * cos + tl.load(k_raw + rot_d).to(tl.float32) * sin).to(dtype)
-        v_new = tl.load(qkv_ptr + b * stride_qkv + (KV * G + KV + j) * DH + offs_d)
+        k_new = (_qkv(k_raw + offs_d, offs_d >= 0, part_stride, PARTS, dtype).to(tl.float32) * cos
+                 + _qkv(k_raw + rot_d, offs_d >= 0, part_stride, PARTS, dtype).to(tl.float32) * sin).to(dtype)
+        v_new = _qkv(qkv_ptr + b * stride_qkv + (KV * G + KV + j) * DH + offs_d, offs_d >= 0, part_stride, PARTS,
+                     dtype)
         p_vec = offs_d * 0 + pos  # (DH,): p as a vector, so the store mask has the store's shape
         owner = (p_vec >= start) & (p_vec < start + SPLIT)  # this chunk holds p
         tl.store(kc_ptr + cache + pos * stride_cl + offs_d, k_new, mask=owner)
@@ -185,10 +198,20 @@ def _sm_count(device: torch.device) -> int:
 
 
 def decode_attention_rope(qkv, cos, sin_signed, pos, k_cache, v_cache, n_heads: int, n_kv_heads: int,
-                          pdl: bool = False) -> torch.Tensor:
+                          pdl: bool = False, parts: int = 0) -> torch.Tensor:
     """decode_reference in two Triton launches: qkv (B, 1, (H + 2 KV) Dh), cos / sin_signed (1, 1, Dh) (or
     (Dh,)), pos (1,) long on the device, caches (B, KV, Lmax, Dh) with unit stride in Dh -> (B, 1, H Dh).
-    pdl (CUDA): both launch with programmatic dependent launch, each waiting for the previous kernel first."""
+    pdl (CUDA): both launch with programmatic dependent launch, each waiting for the previous kernel first.
+    parts P >= 1: qkv is (P, B, (H + 2 KV) Dh), the split-K partials of wqkv's GEMV (norm_gemv(reduce=False)),
+    summed here in split order and rounded to the cache's dtype: the same qkv as norm_gemv's reduce kernel
+    stores, one launch fewer."""
+    if parts:
+        if qkv.dim() != 3 or qkv.shape[0] != parts:
+            raise ValueError(f"decode_attention_rope: parts={parts} needs qkv (parts, B, width); got {tuple(qkv.shape)}")
+        part_stride = qkv.stride(0)
+        qkv = qkv[0].unsqueeze(1)  # (B, 1, width): part 0, strides as the kernel reads them
+    else:
+        part_stride = 0
     split_kernel, merge_kernel = _kernels()
     B, S, width = qkv.shape
     _, KV, L, Dh = k_cache.shape
@@ -203,15 +226,15 @@ def decode_attention_rope(qkv, cos, sin_signed, pos, k_cache, v_cache, n_heads: 
     nsplit, split = num_splits(B * KV, L, _sm_count(qkv.device))
     o = torch.empty(B * KV * nsplit * g_pad, Dh, dtype=torch.float32, device=qkv.device)  # partials
     lse = torch.empty(B * KV * nsplit * g_pad, dtype=torch.float32, device=qkv.device)
-    out = torch.empty(B, 1, H * Dh, dtype=qkv.dtype, device=qkv.device)
+    out = torch.empty(B, 1, H * Dh, dtype=k_cache.dtype, device=qkv.device)
     gdc = pdl and qkv.is_cuda
     launch = {"launch_pdl": True} if gdc else {}
     split_kernel[(B * KV, nsplit)](
         qkv, cos.reshape(-1), sin_signed.reshape(-1), pos, k_cache, v_cache, o, lse,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), Dh**-0.5,
         KV=KV, G=G, G_PAD=g_pad, DH=Dh, SPLIT=split, NSPLIT=nsplit, BLOCK=BLOCK_N,
-        PRECISION="ieee" if qkv.dtype == torch.float32 else None, GDC=gdc, num_warps=NUM_WARPS,
-        **launch)  # fp32: exact dots, not TF32
+        PRECISION="ieee" if k_cache.dtype == torch.float32 else None, GDC=gdc, num_warps=NUM_WARPS,
+        PARTS=parts, part_stride=part_stride, **launch)  # fp32: exact dots, not TF32
     merge_kernel[(B * KV, G)](o, lse, out, out.stride(0), KV=KV, G=G, G_PAD=g_pad, DH=Dh, NSPLIT=nsplit,
                               S_PAD=max(2, 1 << (nsplit - 1).bit_length()), GDC=gdc, **launch)
     return out

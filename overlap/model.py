@@ -158,8 +158,14 @@ class Attention(nn.Module):
         input and norm + wqkv run as one kernel (ops.norm_linear); else x is already normalised."""
         B, S, _ = x.shape
         H, KV, Dh = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = linear(self.ops, x, self.wqkv) if norm is None else norm_linear(self.ops, x, self.wqkv.weight, norm)  # (B, S, (H/R + 2 KV/R) Dh)
         decode = S == 1 and mask is not None and not isinstance(mask, CausalBias)  # an additive (1, L) mask
+        if (decode and norm is None and self.ops.qkv_parts is not None and self.ops.decode_heads is not None
+                and B <= NORM_LINEAR_MAX_ROWS and supports(x, Dh)):  # wqkv's split-K reduce inside the attention
+            parts = self.ops.qkv_parts(x.reshape(B, x.shape[-1]), self.wqkv.weight)  # (P, B, (H/R + 2 KV/R) Dh)
+            cache = self.kv_cache
+            return self.ops.decode_heads(parts, cos, sin, input_pos, cache.k[:B], cache.v[:B], H, KV,
+                                         parts=parts.shape[0])  # (B, 1, H/R Dh)
+        qkv = linear(self.ops, x, self.wqkv) if norm is None else norm_linear(self.ops, x, self.wqkv.weight, norm)  # (B, S, (H/R + 2 KV/R) Dh)
         if decode and self.ops.decode_heads is not None and supports(qkv, Dh):  # one Triton pass (fused ops)
             cache = self.kv_cache
             return self.ops.decode_heads(qkv, cos, sin, input_pos, cache.k[:B], cache.v[:B], H, KV)  # (B, 1, H/R Dh)
@@ -284,7 +290,8 @@ class Transformer(nn.Module):
         return self.layers[0].ops is not EAGER_OPS if len(self.layers) else False
 
     def set_fused_(self, on: bool = True, decode_kernel: bool = True, norm_gemv: bool = False,
-                   triton_gemv: bool = False, swiglu_gemv: bool = False, pdl: bool = False) -> "Transformer":
+                   triton_gemv: bool = False, swiglu_gemv: bool = False, pdl: bool = False,
+                   qkv_in_attention: bool = False) -> "Transformer":
         """Run RoPE, residual add + RMSNorm and SwiGLU as torch.compile'd kernels (fused_ops) or eagerly;
         decode_kernel=False keeps fused_ops' compiled decode attention instead of the one-pass Triton kernel;
         norm_gemv=True (with on) runs decode rows' norm + wqkv and norm + w13 + SwiGLU as one Triton kernel
@@ -292,7 +299,9 @@ class Transformer(nn.Module):
         that kernel without its norm instead of cuBLAS (the norm and SwiGLU stay compiled kernels); swiglu_gemv=True
         (with on) runs decode rows' w13 GEMV through that kernel with SwiGLU in its epilogue; pdl=True (with on and
         triton_gemv) launches every kernel of a decode step but the embedding's and lm_head's with programmatic
-        dependent launch, wo and w2 through the Triton GEMV too (gemv_down_op)."""
+        dependent launch, wo and w2 through the Triton GEMV too (gemv_down_op); qkv_in_attention=True (with on,
+        decode_kernel and triton_gemv) leaves wqkv's split-K partials to the decode attention kernel, which sums
+        them (qkv_parts_op: one launch fewer a block)."""
         from overlap.fused_ops import fused_ops  # torch.compile and Triton only when asked for
 
         if pdl and not (on and triton_gemv):
@@ -306,8 +315,11 @@ class Transformer(nn.Module):
             from overlap.kernels.norm_gemv import norm_linear_op
 
             ops = dataclasses.replace(ops, norm_linear=norm_linear_op)
+        if qkv_in_attention and not (on and decode_kernel and triton_gemv):
+            raise ValueError("qkv_in_attention=True needs the fused kernels with decode_kernel=True and "
+                             f"triton_gemv=True; got on={on}, decode_kernel={decode_kernel}, triton_gemv={triton_gemv}")
         if on and (triton_gemv or swiglu_gemv):
-            from overlap.kernels.norm_gemv import gemv_down_op, gemv_op, swiglu_gemv_op
+            from overlap.kernels.norm_gemv import gemv_down_op, gemv_op, qkv_parts_op, swiglu_gemv_op
 
             with_pdl = functools.partial(functools.partial, pdl=True) if pdl else (lambda f: f)
             if triton_gemv:
@@ -316,6 +328,8 @@ class Transformer(nn.Module):
                 ops = dataclasses.replace(ops, swiglu_gemv=with_pdl(swiglu_gemv_op))
             if pdl:
                 ops = dataclasses.replace(ops, gemv_down=with_pdl(gemv_down_op))
+            if qkv_in_attention:
+                ops = dataclasses.replace(ops, qkv_parts=with_pdl(qkv_parts_op))
         for m in self.modules():
             if isinstance(m, (Block, Attention, MLP, RMSNorm)):
                 m.ops = ops

@@ -67,6 +67,11 @@ for r in 4 8; do
   mk "v${r}_dec_pdl_sg" "${V[@]}" bench.virtual_tp=$r 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 \
     bench.warmup=3 bench.pdl=true bench.swiglu_gemv=true
 done
+# not run yet: wqkv's split-K reduce inside the decode attention kernel (bench.qkv_in_attention), against v4_dec_pdl
+for r in 4 8; do
+  mk "v${r}_dec_qa" "${V[@]}" bench.virtual_tp=$r 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 \
+    bench.warmup=3 bench.qkv_in_attention=true
+done
 # the headline table of docs/benchmarks/spd_bench.md: ours against transformers' compiled model, R = 4 and 8
 for r in 4 8; do
   mk "v${r}_peer" parallel.tp=1 'bench.variants=[nocomm,hf_compile]' bench.fuse=true bench.virtual_tp=$r \
