@@ -73,7 +73,7 @@ def _kernels(rec: dict) -> str:
     # docs/benchmarks/pdl.md); pdl holds for prefill's compiled kernels too. Records carry them since they exist.
     switches = [("norm_gemv", " + norm-GEMV", decode), ("triton_gemv", " + Triton GEMV", decode),
                 ("swiglu_gemv", " + swiglu_gemv", decode), ("pdl", " + PDL", True),
-                ("qkv_in_attention", " + qkv in attention", decode)]
+                ("qkv_in_attention", " + qkv in attention", decode), ("fuse_residual", " + residual in norm", True)]
     return ("fused elementwise" + (" + Triton decode attention" if triton else "")
             + "".join(text for key, text, applies in switches if applies and rec.get(key))
             + (" + prefill CUDA graph" if graphs else ""))

@@ -240,13 +240,23 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, input_pos, mask, kv_len):
         if self.attn_sync.impl is not None:  # overlap.kernels' fused GEMM + all-reduce (impl != nccl)
             return self.forward_fused(x, cos, sin, input_pos, mask, kv_len)
-        if self.ops.norm_linear is not None and x.shape[0] * x.shape[1] <= NORM_LINEAR_MAX_ROWS:  # decode rows
+        if self.uses_norm_linear(x):  # decode rows
             return self.forward_norm_linear(x, cos, sin, input_pos, mask, kv_len)
-        a = self.attn(self.attn_norm(x), cos, sin, input_pos, mask, kv_len)  # (B, S, D) partial
+        return self.ops.add(*self.forward_pair(x, None, cos, sin, input_pos, mask, kv_len))
+
+    def uses_norm_linear(self, x) -> bool:
+        return self.ops.norm_linear is not None and x.shape[0] * x.shape[1] <= NORM_LINEAR_MAX_ROWS
+
+    def forward_pair(self, x, m, cos, sin, input_pos, mask, kv_len):
+        """forward of the input x + m (m None: x alone) as two summands (h, m') of its output: the block's last
+        residual add is left to the next block, whose attn_norm takes it in (ops.add_norm: one kernel fewer a
+        block; Transformer.fuse_residual)."""
+        x, xn = (x, self.attn_norm(x)) if m is None else self.ops.add_norm(x, m, self.attn_norm.weight, self.attn_norm.eps)
+        a = self.attn(xn, cos, sin, input_pos, mask, kv_len)  # (B, S, D) partial
         if self.spd:
-            return self.ops.add(x, self.block_sync(self.ops.add(a, self.mlp(self.add_norm(x, a)[1]))))  # the only sync
+            return x, self.block_sync(self.ops.add(a, self.mlp(self.add_norm(x, a)[1])))  # the only sync
         h, n = self.add_norm(x, self.attn_sync(a))  # sync 1; h = x + sum_r a_r
-        return self.ops.add(h, self.mlp_sync(self.mlp(n)))  # sync 2
+        return h, self.mlp_sync(self.mlp(n))  # sync 2
 
     def forward_norm_linear(self, x, cos, sin, input_pos, mask, kv_len):
         """forward's arithmetic with each norm fused into the GEMV after it (ops.norm_linear): attn_norm +
@@ -284,6 +294,7 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.max_batch = self.max_seq = 0
         self.tp, self.rank = 1, 0  # set by overlap.tp.shard_
+        self.fuse_residual = False  # set_fused_: each residual add between blocks inside the next block's norm
 
     @property
     def fused(self) -> bool:
@@ -291,7 +302,7 @@ class Transformer(nn.Module):
 
     def set_fused_(self, on: bool = True, decode_kernel: bool = True, norm_gemv: bool = False,
                    triton_gemv: bool = False, swiglu_gemv: bool = False, pdl: bool = False,
-                   qkv_in_attention: bool = False) -> "Transformer":
+                   qkv_in_attention: bool = False, fuse_residual: bool = False) -> "Transformer":
         """Run RoPE, residual add + RMSNorm and SwiGLU as torch.compile'd kernels (fused_ops) or eagerly;
         decode_kernel=False keeps fused_ops' compiled decode attention instead of the one-pass Triton kernel;
         norm_gemv=True (with on) runs decode rows' norm + wqkv and norm + w13 + SwiGLU as one Triton kernel
@@ -301,7 +312,9 @@ class Transformer(nn.Module):
         triton_gemv) launches every kernel of a decode step but the embedding's and lm_head's with programmatic
         dependent launch, wo and w2 through the Triton GEMV too (gemv_down_op); qkv_in_attention=True (with on,
         decode_kernel and triton_gemv) leaves wqkv's split-K partials to the decode attention kernel, which sums
-        them (qkv_parts_op: one launch fewer a block)."""
+        them (qkv_parts_op: one launch fewer a block); fuse_residual=True runs each block's last residual add
+        inside the next block's attn_norm (ops.add_norm; the last one inside the final norm): one kernel fewer
+        a block, in prefill and decode (not with norm_gemv's decode path, impl != nccl or a block_fn)."""
         from overlap.fused_ops import fused_ops  # torch.compile and Triton only when asked for
 
         if pdl and not (on and triton_gemv):
@@ -333,6 +346,7 @@ class Transformer(nn.Module):
         for m in self.modules():
             if isinstance(m, (Block, Attention, MLP, RMSNorm)):
                 m.ops = ops
+        self.fuse_residual = fuse_residual
         return self
 
     @property
@@ -373,6 +387,15 @@ class Transformer(nn.Module):
             raise RuntimeError("no KV cache: call setup_caches(max_batch, max_seq) (or use overlap.runtime.Runtime)")
         x = self.tok_embeddings(tokens)  # (B, S, D)
         cos, sin, mask = self.chunk_inputs(input_pos, kv_len, chunk_start, x.dtype)
+        if self.fuse_residual and block_fn is None and not any(
+                b.attn_sync.impl is not None or b.uses_norm_linear(x) for b in self.layers):
+            m = None  # the output is x + m: each residual add between blocks inside the next block's norm
+            for block in self.layers:
+                x, m = block.forward_pair(x, m, cos, sin, input_pos, mask, kv_len)
+            if last_only:
+                x, m = x[:, -1:], m[:, -1:]  # (B, 1, D)
+            norm = self.layers[-1].ops.add_norm(x, m, self.norm.weight, self.norm.eps)[1] if len(self.layers) else self.norm(x)
+            return self.output(norm)  # (B, S, V)
         for block in self.layers:
             x = (block_fn or run_block)(block, x, cos, sin, input_pos, mask, kv_len)
         if last_only:

@@ -72,6 +72,13 @@ for r in 4 8; do
   mk "v${r}_dec_qa" "${V[@]}" bench.virtual_tp=$r 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 \
     bench.warmup=3 bench.qkv_in_attention=true
 done
+# not run yet: each block's last residual add inside the next block's norm (bench.fuse_residual), decode and prefill
+for r in 4 8; do
+  mk "v${r}_dec_fr" "${V[@]}" bench.virtual_tp=$r 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 \
+    bench.warmup=3 bench.fuse_residual=true
+done
+mk v4_pre_fr "${V[@]}" bench.virtual_tp=4 'bench.phases=[prefill]' 'bench.tokens=[2048,8192]' bench.iters=10 \
+  bench.warmup=2 bench.fuse_residual=true
 # the headline table of docs/benchmarks/spd_bench.md: ours against transformers' compiled model, R = 4 and 8
 for r in 4 8; do
   mk "v${r}_peer" parallel.tp=1 'bench.variants=[nocomm,hf_compile]' bench.fuse=true bench.virtual_tp=$r \
