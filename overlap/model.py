@@ -314,7 +314,7 @@ class Transformer(nn.Module):
         decode_kernel and triton_gemv) leaves wqkv's split-K partials to the decode attention kernel, which sums
         them (qkv_parts_op: one launch fewer a block); fuse_residual=True runs each block's last residual add
         inside the next block's attn_norm (ops.add_norm; the last one inside the final norm): one kernel fewer
-        a block, in prefill and decode (not with norm_gemv's decode path, impl != nccl or a block_fn)."""
+        a block, in prefill and decode (refused with norm_gemv; Runtime refuses it with compile or impl != nccl)."""
         from overlap.fused_ops import fused_ops  # torch.compile and Triton only when asked for
 
         if pdl and not (on and triton_gemv):
@@ -328,6 +328,9 @@ class Transformer(nn.Module):
             from overlap.kernels.norm_gemv import norm_linear_op
 
             ops = dataclasses.replace(ops, norm_linear=norm_linear_op)
+        if fuse_residual and norm_gemv:
+            raise ValueError("fuse_residual=True does not combine with norm_gemv=True (its decode path keeps the "
+                             "plain residual adds); pick one")
         if qkv_in_attention and not (on and decode_kernel and triton_gemv):
             raise ValueError("qkv_in_attention=True needs the fused kernels with decode_kernel=True and "
                              f"triton_gemv=True; got on={on}, decode_kernel={decode_kernel}, triton_gemv={triton_gemv}")

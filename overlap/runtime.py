@@ -65,6 +65,10 @@ class Runtime:
             raise ValueError(f"pdl=True needs a GPU of compute capability >= 9 (Hopper); "
                              f"{torch.cuda.get_device_name(self.device)} has "
                              f"{torch.cuda.get_device_capability(self.device)}: pass pdl=False")
+        if fuse_residual and (compile or impl != "nccl"):
+            raise ValueError(f"fuse_residual=True needs impl='nccl' without compile (got impl={impl!r}, "
+                             f"compile={compile}): the fused GEMM + all-reduce blocks and compiled blocks keep the "
+                             "plain residual adds")
         model.set_fused_(fuse, decode_kernel, norm_gemv, triton_gemv, swiglu_gemv, pdl, qkv_in_attention, fuse_residual)
         if compile and impl != "nccl":
             raise ValueError(f"compile=True needs impl='nccl' (impl {impl!r}'s kernels and symmetric-memory "
