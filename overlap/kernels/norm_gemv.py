@@ -38,7 +38,7 @@ from overlap.ops import norm_linear
 OP = "norm_gemv"
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 PDL_PRELOAD_TILES = 1  # with pdl: K tiles a program loads before it waits for the previous kernel; on an H200
-# 4 tiles made the R = 4 and 8 decode steps 0.2 ms slower than 1 (docs/benchmarks/pdl.md)
+# 4 bought nothing measurable over 1 (docs/benchmarks/pdl.md)
 PROGRAMS_PER_SM = 2  # split-K target: programs in flight per SM (to be tuned on the GPU: docs/benchmarks)
 
 
