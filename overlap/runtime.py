@@ -69,7 +69,8 @@ class Runtime:
             raise ValueError(f"fuse_residual=True needs impl='nccl' without compile (got impl={impl!r}, "
                              f"compile={compile}): the fused GEMM + all-reduce blocks and compiled blocks keep the "
                              "plain residual adds")
-        model.set_fused_(fuse, decode_kernel, norm_gemv, triton_gemv, swiglu_gemv, pdl, qkv_in_attention, fuse_residual)
+        model.set_fused_(fuse, decode_kernel=decode_kernel, norm_gemv=norm_gemv, triton_gemv=triton_gemv,
+                         swiglu_gemv=swiglu_gemv, pdl=pdl, qkv_in_attention=qkv_in_attention, fuse_residual=fuse_residual)
         if compile and impl != "nccl":
             raise ValueError(f"compile=True needs impl='nccl' (impl {impl!r}'s kernels and symmetric-memory "
                              f"collectives are not traced by torch.compile); supported: compile with nccl, "

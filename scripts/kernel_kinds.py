@@ -298,6 +298,10 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                    help="decode with programmatic dependent launch (spd-bench's default on sm_90+; --no-pdl: without)")
+    p.add_argument("--qkv-in-attention", action="store_true", help="bench.qkv_in_attention: wqkv's split-K "
+                   "partials summed in the decode attention kernel")
+    p.add_argument("--fuse-residual", action="store_true", help="bench.fuse_residual: each block's last residual "
+                   "add inside the next block's norm")
     p.add_argument("--reanalyse", action="store_true",
                    help="only label and summarise the traces already in --out (rates from its kernel_kinds.json)")
     a = p.parse_args(argv)
@@ -324,8 +328,9 @@ def main(argv=None) -> None:
     set_nocomm_(model, True)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     gen = torch.Generator().manual_seed(0)
-    result = dict(rates=rates, virtual_tp=a.virtual_tp, layers=a.layers, pdl=pdl, batch=a.batch, device=torch.cuda.get_device_name(0)
-                  if cuda else "cpu", torch=torch.__version__, summaries={})
+    result = dict(rates=rates, virtual_tp=a.virtual_tp, layers=a.layers, pdl=pdl, batch=a.batch,
+                  qkv_in_attention=a.qkv_in_attention and cuda, fuse_residual=a.fuse_residual and cuda,
+                  device=torch.cuda.get_device_name(0) if cuda else "cpu", torch=torch.__version__, summaries={})
     def trace(fn, path: Path, shapes: bool):
         with profile(activities=acts, record_shapes=shapes) as prof:
             fn()
@@ -338,7 +343,8 @@ def main(argv=None) -> None:
     tok = torch.randint(0, args.vocab_size, (a.batch, 1), generator=gen).to(dev)
     for graphs in ([False, True] if cuda else [False]):
         rt = Runtime(model, ctx, a.batch, -(-(pos + 1) // 64) * 64, cuda_graphs=graphs, fuse=cuda, decode_kernel=cuda,
-                     triton_gemv=cuda, pdl=pdl)  # spd-bench's default decode step
+                     triton_gemv=cuda, pdl=pdl, qkv_in_attention=a.qkv_in_attention and cuda,
+                     fuse_residual=a.fuse_residual and cuda)  # spd-bench's default decode step (and the switches)
 
         def steps(rt=rt):
             for _ in range(STEPS):
@@ -351,7 +357,7 @@ def main(argv=None) -> None:
         rt.invalidate()
         del rt
     for S in a.tokens:
-        rt = Runtime(model, ctx, 1, -(-S // 64) * 64, cuda_graphs=False, fuse=cuda)
+        rt = Runtime(model, ctx, 1, -(-S // 64) * 64, cuda_graphs=False, fuse=cuda, fuse_residual=a.fuse_residual and cuda)
         ids = torch.randint(0, args.vocab_size, (1, S), generator=gen).to(dev)
         rt.prefill(ids, last_only=True)
         trace(lambda: rt.prefill(ids, last_only=True), a.out / f"prefill_{S}.trace.json", True)
