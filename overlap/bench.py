@@ -181,7 +181,8 @@ def pdl_on(job: dict, ctx: TPContext) -> bool:
 
 def decode_kernels(job: dict, ctx: TPContext) -> dict:
     """The job's kernel switches as Runtime takes them (and the records carry them); qkv_in_attention and
-    fuse_residual default false until measured."""
+    fuse_residual default false until measured. All but fuse_residual are decode's only: the prefill runtime
+    takes fuse, prefill_graphs and fuse_residual."""
     return dict(decode_kernel=decode_kernel_on(job, ctx), norm_gemv=norm_gemv_on(job, ctx),
                 triton_gemv=triton_gemv_on(job, ctx), swiglu_gemv=swiglu_gemv_on(job, ctx), pdl=pdl_on(job, ctx),
                 qkv_in_attention=decode_kernel_on(job, ctx) and triton_gemv_on(job, ctx)
@@ -272,7 +273,8 @@ def run_ours(job: dict, ctx: TPContext, record: Recorder) -> None:
     if "prefill" in b["phases"]:
         for S in b["tokens"]:
             rt = Runtime(model, ctx, 1, _round_up(S), cuda_graphs=False, impl=job.get("impl", "nccl"),
-                         fuse=fuse_on(job, ctx), prefill_graphs=prefill_graphs_on(job, ctx))
+                         fuse=fuse_on(job, ctx), prefill_graphs=prefill_graphs_on(job, ctx),
+                         fuse_residual=decode_kernels(job, ctx)["fuse_residual"])  # the decode switches: decode's
             ids = torch.randint(0, args.vocab_size, (1, S), generator=gen).to(ctx.device)  # (1, S)
             for v in variants:
                 spd = apply_variant_(model, v)
@@ -284,7 +286,8 @@ def run_ours(job: dict, ctx: TPContext, record: Recorder) -> None:
                     times = measure(lambda: rt.prefill(ids, last_only=True, iso=k), ctx, b["warmup"], b["iters"])
                     record(times, phase="prefill", tokens=S, batch=1, context=0, variant=v, spd_blocks=spd,
                            iso_chunks=k, iso_ctas=ctas, iso_sm_carveout=carveout,
-                           prefill_graphs=rt.prefill_graphs and k == 1)
+                           prefill_graphs=rt.prefill_graphs and k == 1,
+                           fuse_residual=rt.model.fuse_residual and k == 1)  # ISO's pieces keep the plain adds
             del rt
     variants = [v for v in variants if not is_iso(v)]  # decode has one token a sequence: nothing to split
     if "decode" in b["phases"] and variants:

@@ -69,10 +69,10 @@ def _kernels(rec: dict) -> str:
     triton = rec.get("decode_kernel") and rec["phase"] == "decode"  # prefill never runs it
     graphs = rec.get("prefill_graphs") and rec["phase"] == "prefill"
     decode = rec["phase"] == "decode"
-    # decode's kernel switches, named as bench.* names them (what swiglu_gemv fuses differs by commit:
-    # docs/benchmarks/pdl.md); pdl holds for prefill's compiled kernels too. Records carry them since they exist.
+    # the kernel switches, named as bench.* names them (what swiglu_gemv fuses differs by commit:
+    # docs/benchmarks/pdl.md); all but fuse_residual are decode's only. Records carry them since they exist.
     switches = [("norm_gemv", " + norm-GEMV", decode), ("triton_gemv", " + Triton GEMV", decode),
-                ("swiglu_gemv", " + swiglu_gemv", decode), ("pdl", " + PDL", True),
+                ("swiglu_gemv", " + swiglu_gemv", decode), ("pdl", " + PDL", decode),
                 ("qkv_in_attention", " + qkv in attention", decode), ("fuse_residual", " + residual in norm", True)]
     return ("fused elementwise" + (" + Triton decode attention" if triton else "")
             + "".join(text for key, text, applies in switches if applies and rec.get(key))
