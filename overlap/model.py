@@ -328,9 +328,9 @@ class Transformer(nn.Module):
             from overlap.kernels.norm_gemv import norm_linear_op
 
             ops = dataclasses.replace(ops, norm_linear=norm_linear_op)
-        if fuse_residual and norm_gemv:
-            raise ValueError("fuse_residual=True does not combine with norm_gemv=True (its decode path keeps the "
-                             "plain residual adds); pick one")
+        if norm_gemv and (fuse_residual or qkv_in_attention):
+            raise ValueError("fuse_residual=True and qkv_in_attention=True do not combine with norm_gemv=True (its "
+                             "decode path keeps the plain residual adds and reduces wqkv itself); pick one")
         if qkv_in_attention and not (on and decode_kernel and triton_gemv):
             raise ValueError("qkv_in_attention=True needs the fused kernels with decode_kernel=True and "
                              f"triton_gemv=True; got on={on}, decode_kernel={decode_kernel}, triton_gemv={triton_gemv}")
