@@ -274,7 +274,7 @@ def run_ours(job: dict, ctx: TPContext, record: Recorder) -> None:
         for S in b["tokens"]:
             rt = Runtime(model, ctx, 1, _round_up(S), cuda_graphs=False, impl=job.get("impl", "nccl"),
                          fuse=fuse_on(job, ctx), prefill_graphs=prefill_graphs_on(job, ctx),
-                         fuse_residual=decode_kernels(job, ctx)["fuse_residual"])  # the decode switches: decode's
+                         fuse_residual=decode_kernels(job, ctx)["fuse_residual"])  # the one switch prefill takes
             ids = torch.randint(0, args.vocab_size, (1, S), generator=gen).to(ctx.device)  # (1, S)
             for v in variants:
                 spd = apply_variant_(model, v)

@@ -159,16 +159,19 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         H, KV, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         decode = S == 1 and mask is not None and not isinstance(mask, CausalBias)  # an additive (1, L) mask
+        heads_kw = {}
         if (decode and norm is None and self.ops.qkv_parts is not None and self.ops.decode_heads is not None
                 and B <= NORM_LINEAR_MAX_ROWS and supports(x, Dh)):  # wqkv's split-K reduce inside the attention
-            parts = self.ops.qkv_parts(x.reshape(B, x.shape[-1]), self.wqkv.weight)  # (P, B, (H/R + 2 KV/R) Dh)
-            cache = self.kv_cache
-            return self.ops.decode_heads(parts, cos, sin, input_pos, cache.k[:B], cache.v[:B], H, KV,
-                                         parts=parts.shape[0])  # (B, 1, H/R Dh)
-        qkv = linear(self.ops, x, self.wqkv) if norm is None else norm_linear(self.ops, x, self.wqkv.weight, norm)  # (B, S, (H/R + 2 KV/R) Dh)
+            qkv = self.ops.qkv_parts(x.reshape(B, x.shape[-1]), self.wqkv.weight)  # (P, B, (H/R + 2 KV/R) Dh)
+            heads_kw = {"parts": qkv.shape[0]}
+        elif norm is None:
+            qkv = linear(self.ops, x, self.wqkv)  # (B, S, (H/R + 2 KV/R) Dh)
+        else:
+            qkv = norm_linear(self.ops, x, self.wqkv.weight, norm)
         if decode and self.ops.decode_heads is not None and supports(qkv, Dh):  # one Triton pass (fused ops)
             cache = self.kv_cache
-            return self.ops.decode_heads(qkv, cos, sin, input_pos, cache.k[:B], cache.v[:B], H, KV)  # (B, 1, H/R Dh)
+            return self.ops.decode_heads(qkv, cos, sin, input_pos, cache.k[:B], cache.v[:B], H, KV,
+                                         **heads_kw)  # (B, 1, H/R Dh)
         qk = self.ops.rope(qkv[..., : (H + KV) * Dh].view(B, S, H + KV, Dh), cos, sin)  # (B, S, H/R + KV/R, Dh)
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # (B, H/R, S, Dh), (B, KV/R, S, Dh)
         v = qkv[..., (H + KV) * Dh :].view(B, S, KV, Dh).transpose(1, 2)  # (B, KV/R, S, Dh)
@@ -397,8 +400,8 @@ class Transformer(nn.Module):
                 x, m = block.forward_pair(x, m, cos, sin, input_pos, mask, kv_len)
             if last_only:
                 x, m = x[:, -1:], m[:, -1:]  # (B, 1, D)
-            norm = self.layers[-1].ops.add_norm(x, m, self.norm.weight, self.norm.eps)[1] if len(self.layers) else self.norm(x)
-            return self.output(norm)  # (B, S, V)
+            normed = self.norm(x) if m is None else self.norm.ops.add_norm(x, m, self.norm.weight, self.norm.eps)[1]
+            return self.output(normed)  # (B, S, V)
         for block in self.layers:
             x = (block_fn or run_block)(block, x, cos, sin, input_pos, mask, kv_len)
         if last_only:

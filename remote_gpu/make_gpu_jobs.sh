@@ -46,7 +46,8 @@ mk r2_nop2p parallel.tp=2 parallel=nop2p 'bench.tokens=[2048]' 'bench.batches=[1
   bench.iters=10 bench.warmup=2 bench.fuse=true
 # one rank's shard alone on one GPU (kind nvidia-h200 is enough): nocomm at R = 4 and 8, decode attention A/B
 V=(parallel.tp=1 'bench.variants=[nocomm]' bench.fuse=true)
-mk v4_dec "${V[@]}" bench.virtual_tp=4 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 bench.warmup=3
+D=('bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 bench.warmup=3)
+mk v4_dec "${V[@]}" bench.virtual_tp=4 "${D[@]}" bench.pdl=false  # the step before PDL: the A/B reference
 mk v4_dec_nok "${V[@]}" bench.virtual_tp=4 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 \
   bench.warmup=3 bench.decode_kernel=false
 # issue 16: the norm + GEMV (+ SwiGLU) kernel (overlap/kernels/norm_gemv.py) against v4_dec / v8_all in the same call
@@ -54,28 +55,16 @@ mk v4_dec_ng "${V[@]}" bench.virtual_tp=4 'bench.phases=[decode]' 'bench.batches
   bench.warmup=3 bench.norm_gemv=true
 mk v8_dec_ng "${V[@]}" bench.virtual_tp=8 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 \
   bench.warmup=3 bench.norm_gemv=true
-mk v8_dec "${V[@]}" bench.virtual_tp=8 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 bench.warmup=3
-# SwiGLU in the epilogue of w13's GEMV (bench.swiglu_gemv), against v4_dec / v8_dec in the same call
+mk v8_dec "${V[@]}" bench.virtual_tp=8 "${D[@]}" bench.pdl=false
+# issue 16's decode A/B jobs, each against v4_dec / v8_dec (bench.pdl=false) or v{R}_dec_pdl in the same call:
+# programmatic dependent launch (pdl), SwiGLU in the epilogue of w13's GEMV (sg), and not run yet: wqkv's split-K
+# reduce inside the decode attention (qa), each block's last residual add inside the next block's norm (fr)
 for r in 4 8; do
-  mk "v${r}_dec_sg" "${V[@]}" bench.virtual_tp=$r 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 \
-    bench.warmup=3 bench.swiglu_gemv=true
-done
-# issue 16: every decode kernel launched with programmatic dependent launch (bench.pdl), without and with swiglu_gemv
-for r in 4 8; do
-  mk "v${r}_dec_pdl" "${V[@]}" bench.virtual_tp=$r 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 \
-    bench.warmup=3 bench.pdl=true
-  mk "v${r}_dec_pdl_sg" "${V[@]}" bench.virtual_tp=$r 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 \
-    bench.warmup=3 bench.pdl=true bench.swiglu_gemv=true
-done
-# not run yet: wqkv's split-K reduce inside the decode attention kernel (bench.qkv_in_attention), against v4_dec_pdl
-for r in 4 8; do
-  mk "v${r}_dec_qa" "${V[@]}" bench.virtual_tp=$r 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 \
-    bench.warmup=3 bench.qkv_in_attention=true
-done
-# not run yet: each block's last residual add inside the next block's norm (bench.fuse_residual), decode and prefill
-for r in 4 8; do
-  mk "v${r}_dec_fr" "${V[@]}" bench.virtual_tp=$r 'bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 \
-    bench.warmup=3 bench.fuse_residual=true
+  mk "v${r}_dec_sg" "${V[@]}" bench.virtual_tp=$r "${D[@]}" bench.pdl=false bench.swiglu_gemv=true
+  mk "v${r}_dec_pdl" "${V[@]}" bench.virtual_tp=$r "${D[@]}" bench.pdl=true
+  mk "v${r}_dec_pdl_sg" "${V[@]}" bench.virtual_tp=$r "${D[@]}" bench.pdl=true bench.swiglu_gemv=true
+  mk "v${r}_dec_qa" "${V[@]}" bench.virtual_tp=$r "${D[@]}" bench.qkv_in_attention=true
+  mk "v${r}_dec_fr" "${V[@]}" bench.virtual_tp=$r "${D[@]}" bench.fuse_residual=true
 done
 mk v4_pre_fr "${V[@]}" bench.virtual_tp=4 'bench.phases=[prefill]' 'bench.tokens=[2048,8192]' bench.iters=10 \
   bench.warmup=2 bench.fuse_residual=true
