@@ -28,8 +28,7 @@ records: fused); with it, decode attention runs as one Triton pass unless decode
 decode_kernel), and decode's wqkv and w13 GEMVs through overlap.kernels.norm_gemv unless triton_gemv is false
 (records: triton_gemv); swiglu_gemv (default false) runs decode's SwiGLU in the epilogue of w13's GEMV
 (records: swiglu_gemv); pdl (default true on GPUs of compute capability >= 9) launches decode's kernels with
-programmatic dependent launch, wo and w2 through the Triton GEMV too (records: pdl); qkv_in_attention (default
-false) has the decode attention kernel sum wqkv's split-K partials (records: qkv_in_attention); fuse_residual
+programmatic dependent launch, wo and w2 through the Triton GEMV too (records: pdl); fuse_residual
 (default false) runs each block's last residual add inside the next block's norm (records: fuse_residual). ISO variants are timed once per (iso_ctas, iso_sm_carveout) pair of the job's lists
 (default [null] each: NCCL's own thread-block count, no carve-out; Runtime.set_iso_), recorded as such.
 
@@ -180,13 +179,12 @@ def pdl_on(job: dict, ctx: TPContext) -> bool:
 
 
 def decode_kernels(job: dict, ctx: TPContext) -> dict:
-    """The job's kernel switches as Runtime takes them (and the records carry them); qkv_in_attention and
-    fuse_residual default false until measured. All but fuse_residual are decode's only: the prefill runtime
-    takes fuse, prefill_graphs and fuse_residual."""
+    """The job's kernel switches as Runtime takes them (and the records carry them); fuse_residual defaults false
+    until measured. All but fuse_residual are decode's only: the prefill runtime takes fuse, prefill_graphs and
+    fuse_residual."""
     return dict(decode_kernel=decode_kernel_on(job, ctx), norm_gemv=norm_gemv_on(job, ctx),
                 triton_gemv=triton_gemv_on(job, ctx), swiglu_gemv=swiglu_gemv_on(job, ctx), pdl=pdl_on(job, ctx),
-                qkv_in_attention=decode_kernel_on(job, ctx) and triton_gemv_on(job, ctx)
-                and bool(job.get("qkv_in_attention")), fuse_residual=fuse_on(job, ctx) and bool(job.get("fuse_residual")))
+                fuse_residual=fuse_on(job, ctx) and bool(job.get("fuse_residual")))
 
 
 def prefill_graphs_on(job: dict, ctx: TPContext) -> bool:

@@ -159,19 +159,13 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         H, KV, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         decode = S == 1 and mask is not None and not isinstance(mask, CausalBias)  # an additive (1, L) mask
-        heads_kw = {}
-        if (decode and norm is None and self.ops.qkv_parts is not None and self.ops.decode_heads is not None
-                and B <= NORM_LINEAR_MAX_ROWS and supports(x, Dh)):  # wqkv's split-K reduce inside the attention
-            qkv = self.ops.qkv_parts(x.reshape(B, x.shape[-1]), self.wqkv.weight)  # (P, B, (H/R + 2 KV/R) Dh)
-            heads_kw = {"parts": qkv.shape[0]}
-        elif norm is None:
+        if norm is None:
             qkv = linear(self.ops, x, self.wqkv)  # (B, S, (H/R + 2 KV/R) Dh)
         else:
             qkv = norm_linear(self.ops, x, self.wqkv.weight, norm)
         if decode and self.ops.decode_heads is not None and supports(qkv, Dh):  # one Triton pass (fused ops)
             cache = self.kv_cache
-            return self.ops.decode_heads(qkv, cos, sin, input_pos, cache.k[:B], cache.v[:B], H, KV,
-                                         **heads_kw)  # (B, 1, H/R Dh)
+            return self.ops.decode_heads(qkv, cos, sin, input_pos, cache.k[:B], cache.v[:B], H, KV)  # (B, 1, H/R Dh)
         qk = self.ops.rope(qkv[..., : (H + KV) * Dh].view(B, S, H + KV, Dh), cos, sin)  # (B, S, H/R + KV/R, Dh)
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # (B, H/R, S, Dh), (B, KV/R, S, Dh)
         v = qkv[..., (H + KV) * Dh :].view(B, S, KV, Dh).transpose(1, 2)  # (B, KV/R, S, Dh)
@@ -305,7 +299,7 @@ class Transformer(nn.Module):
 
     def set_fused_(self, on: bool = True, decode_kernel: bool = True, norm_gemv: bool = False,
                    triton_gemv: bool = False, swiglu_gemv: bool = False, pdl: bool = False,
-                   qkv_in_attention: bool = False, fuse_residual: bool = False) -> "Transformer":
+                   fuse_residual: bool = False) -> "Transformer":
         """Run RoPE, residual add + RMSNorm and SwiGLU as torch.compile'd kernels (fused_ops) or eagerly;
         decode_kernel=False keeps fused_ops' compiled decode attention instead of the one-pass Triton kernel;
         norm_gemv=True (with on) runs decode rows' norm + wqkv and norm + w13 + SwiGLU as one Triton kernel
@@ -313,11 +307,10 @@ class Transformer(nn.Module):
         that kernel without its norm instead of cuBLAS (the norm and SwiGLU stay compiled kernels); swiglu_gemv=True
         (with on) runs decode rows' w13 GEMV through that kernel with SwiGLU in its epilogue; pdl=True (with on and
         triton_gemv) launches every kernel of a decode step but the embedding's and lm_head's with programmatic
-        dependent launch, wo and w2 through the Triton GEMV too (gemv_down_op); qkv_in_attention=True (with on,
-        decode_kernel and triton_gemv) leaves wqkv's split-K partials to the decode attention kernel, which sums
-        them (qkv_parts_op: one launch fewer a block); fuse_residual=True runs each block's last residual add
-        inside the next block's attn_norm (ops.add_norm; the last one inside the final norm): one kernel fewer
-        a block, in prefill and decode (refused with norm_gemv; Runtime refuses it with compile or impl != nccl)."""
+        dependent launch, wo and w2 through the Triton GEMV too (gemv_down_op); fuse_residual=True runs each block's
+        last residual add inside the next block's attn_norm (ops.add_norm; the last one inside the final norm): one
+        kernel fewer a block, in prefill and decode (refused with norm_gemv; Runtime refuses it with compile or
+        impl != nccl)."""
         from overlap.fused_ops import fused_ops  # torch.compile and Triton only when asked for
 
         if pdl and not (on and triton_gemv):
@@ -331,14 +324,11 @@ class Transformer(nn.Module):
             from overlap.kernels.norm_gemv import norm_linear_op
 
             ops = dataclasses.replace(ops, norm_linear=norm_linear_op)
-        if norm_gemv and (fuse_residual or qkv_in_attention):
-            raise ValueError("fuse_residual=True and qkv_in_attention=True do not combine with norm_gemv=True (its "
-                             "decode path keeps the plain residual adds and reduces wqkv itself); pick one")
-        if qkv_in_attention and not (on and decode_kernel and triton_gemv):
-            raise ValueError("qkv_in_attention=True needs the fused kernels with decode_kernel=True and "
-                             f"triton_gemv=True; got on={on}, decode_kernel={decode_kernel}, triton_gemv={triton_gemv}")
+        if norm_gemv and fuse_residual:
+            raise ValueError("fuse_residual=True does not combine with norm_gemv=True (its decode path keeps the "
+                             "plain residual adds); pick one")
         if on and (triton_gemv or swiglu_gemv):
-            from overlap.kernels.norm_gemv import gemv_down_op, gemv_op, qkv_parts_op, swiglu_gemv_op
+            from overlap.kernels.norm_gemv import gemv_down_op, gemv_op, swiglu_gemv_op
 
             with_pdl = functools.partial(functools.partial, pdl=True) if pdl else (lambda f: f)
             if triton_gemv:
@@ -347,8 +337,6 @@ class Transformer(nn.Module):
                 ops = dataclasses.replace(ops, swiglu_gemv=with_pdl(swiglu_gemv_op))
             if pdl:
                 ops = dataclasses.replace(ops, gemv_down=with_pdl(gemv_down_op))
-            if qkv_in_attention:
-                ops = dataclasses.replace(ops, qkv_parts=with_pdl(qkv_parts_op))
         for m in self.modules():
             if isinstance(m, (Block, Attention, MLP, RMSNorm)):
                 m.ops = ops

@@ -96,10 +96,6 @@ class Ops:
     # gemv_down(x (M, K), w) for rows M <= 16: wo's and w2's decode GEMVs through the same kernel (with PDL: every
     # GEMV of the step takes part in programmatic dependent launch, which cuBLAS does not); None: nn.Linear
     gemv_down: object = None
-    # qkv_parts(x (M, K), wqkv) for rows M <= 16: wqkv's decode GEMV leaving its split-K partials (P, M, N) for
-    # decode_heads to sum (overlap.kernels.norm_gemv reduce=False; one launch fewer a block); None: gemv, then
-    # decode_heads
-    qkv_parts: object = None
     add: object = add  # the residual adds outside add_norm (compiled with the fused ops: PDL takes them in)
 
 

@@ -298,8 +298,6 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                    help="decode with programmatic dependent launch (spd-bench's default on sm_90+; --no-pdl: without)")
-    p.add_argument("--qkv-in-attention", action="store_true", help="bench.qkv_in_attention: wqkv's split-K "
-                   "partials summed in the decode attention kernel")
     p.add_argument("--fuse-residual", action="store_true", help="bench.fuse_residual: each block's last residual "
                    "add inside the next block's norm")
     p.add_argument("--reanalyse", action="store_true",
@@ -329,7 +327,7 @@ def main(argv=None) -> None:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     gen = torch.Generator().manual_seed(0)
     result = dict(rates=rates, virtual_tp=a.virtual_tp, layers=a.layers, pdl=pdl, batch=a.batch,
-                  qkv_in_attention=a.qkv_in_attention and cuda, fuse_residual=a.fuse_residual and cuda,
+                  fuse_residual=a.fuse_residual and cuda,
                   device=torch.cuda.get_device_name(0) if cuda else "cpu", torch=torch.__version__, summaries={})
     def trace(fn, path: Path, shapes: bool):
         with profile(activities=acts, record_shapes=shapes) as prof:
@@ -343,7 +341,7 @@ def main(argv=None) -> None:
     tok = torch.randint(0, args.vocab_size, (a.batch, 1), generator=gen).to(dev)
     for graphs in ([False, True] if cuda else [False]):
         rt = Runtime(model, ctx, a.batch, -(-(pos + 1) // 64) * 64, cuda_graphs=graphs, fuse=cuda, decode_kernel=cuda,
-                     triton_gemv=cuda, pdl=pdl, qkv_in_attention=a.qkv_in_attention and cuda,
+                     triton_gemv=cuda, pdl=pdl,
                      fuse_residual=a.fuse_residual and cuda)  # spd-bench's default decode step (and the switches)
 
         def steps(rt=rt):

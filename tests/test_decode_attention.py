@@ -39,17 +39,13 @@ def test_num_splits_cover_the_cache_in_whole_tiles():
 def test_kernel_equals_reference_in_the_interpreter():
     out = run_case("kernel")
     assert out["max_err"] < FP32_TOL and out["cache_err"] < FP32_TOL, out
-    assert out["cases"] >= 6
-    # qkv given as split-K partials (parts): summed in split order inside, the same output and cache bit for bit
-    assert out["parts_equal"] == out["cases"], out
+    assert out["cases"] >= 9
+    assert out["loop_tiles"] > 0, out  # some chunk ran the pipelined loop over more than one tile
 
 
 def test_runtime_decode_with_the_kernel_equals_eager_in_the_interpreter():
     out = run_case("runtime")
     assert out["max_err"] < FP32_TOL and out["kernel_calls"] == 8 * 2, out  # 8 decode steps x 2 blocks
-    # and with wqkv's split-K partials summed inside the kernel (Ops.qkv_parts: norm_gemv reduce=False)
-    assert out["parts_max_err"] < FP32_TOL and out["parts_calls"] == 8 * 2, out
-    assert out["parts_seen"] > 1, out  # the GEMV did split K: the kernel summed more than one partial
 
 
 @pytest.mark.gpu
@@ -121,24 +117,24 @@ def run(fn, ins: dict):
 
 
 def _kernel_case() -> dict:
-    from overlap.decode_attention import decode_attention_rope, decode_reference
+    from overlap.decode_attention import BLOCK_N, _sm_count, decode_attention_rope, decode_reference, num_splits
 
-    errs, cache_errs, cases, same = [], [], 0, 0
-    # (B, H, KV, Dh, Lmax, pos): GQA groups of 1, 3 (padded to 16 rows) and 8; positions at chunk edges
+    errs, cache_errs, cases, loop_tiles = [], [], 0, 0
+    # (B, H, KV, Dh, Lmax, pos): GQA groups of 1, 3 (padded to 16 rows) and 8; positions at chunk and tile edges;
+    # Lmax 600 makes chunks of 3 tiles (the loop after the first tile): p inside one, at a chunk's first row
+    # (no cache row before p in that chunk) and at its last
     for B, H, KV, Dh, L, pos in [(1, 8, 2, 16, 200, 0), (2, 6, 2, 32, 200, 63), (2, 6, 2, 32, 200, 64),
-                                 (1, 16, 2, 16, 300, 299), (3, 4, 4, 16, 130, 129), (1, 8, 1, 32, 70, 5)]:
+                                 (1, 16, 2, 16, 300, 299), (3, 4, 4, 16, 130, 129), (1, 8, 1, 32, 70, 5),
+                                 (1, 8, 2, 16, 600, 500), (1, 8, 2, 16, 600, 192), (1, 8, 2, 16, 600, 383)]:
         ins = make_inputs(B, H, KV, Dh, L, pos, "cpu", torch.float32, seed=pos + L)
         ref_out, ref_k, ref_v = run(decode_reference, ins)
         out, k, v = run(decode_attention_rope, ins)
         errs.append((out - ref_out).abs().max().item())
         cache_errs.append(max((k - ref_k).abs().max().item(), (v - ref_v).abs().max().item()))
         cases += 1
-        parts = torch.randn(3, *ins["qkv"].shape[::2], generator=torch.Generator().manual_seed(pos))  # (3, B, W)
-        summed = dict(ins, qkv=(parts[0] + parts[1] + parts[2]).unsqueeze(1))  # split order, as the reduce sums
-        want, want_k, want_v = run(decode_attention_rope, summed)
-        got, got_k, got_v = run(functools.partial(decode_attention_rope, parts=3), dict(ins, qkv=parts))
-        same += torch.equal(got, want) and torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
-    return {"max_err": max(errs), "cache_err": max(cache_errs), "cases": cases, "parts_equal": same}
+        split = num_splits(B * KV, L, _sm_count(torch.device("cpu")))[1]
+        loop_tiles += pos % split > BLOCK_N  # p's chunk read more than one tile before p
+    return {"max_err": max(errs), "cache_err": max(cache_errs), "cases": cases, "loop_tiles": loop_tiles}
 
 
 def _runtime_case() -> dict:
@@ -147,7 +143,6 @@ def _runtime_case() -> dict:
 
     from overlap.context import single
     from overlap.decode_attention import decode_attention_rope
-    from overlap.kernels.norm_gemv import norm_gemv
     from overlap.model import ModelArgs, Transformer
     from overlap.ops import EAGER_OPS
     from overlap.runtime import Runtime
@@ -162,20 +157,9 @@ def _runtime_case() -> dict:
         calls.append(1)
         return decode_attention_rope(*a)
 
-    parts_calls, parts_seen = [], []
-
-    def counted_parts(qkv, *a, parts=0):
-        parts_calls.append(1)
-        parts_seen.append(parts)
-        return decode_attention_rope(qkv, *a, parts=parts)
-
-    def qkv_parts(x, w):  # a split K of two or more blocks of 32 (dim 64), unreduced
-        return norm_gemv(x, w, block_k=32, split_k=2, reduce=False)
-
     kernel_ops = dataclasses.replace(EAGER_OPS, decode_heads=counted)
-    parts_ops = dataclasses.replace(EAGER_OPS, decode_heads=counted_parts, qkv_parts=qkv_parts)
     outs = []
-    for ops in (EAGER_OPS, kernel_ops, parts_ops):
+    for ops in (EAGER_OPS, kernel_ops):
         model = copy.deepcopy(full)
         rt = Runtime(model, single("cpu"), 2, 72, cuda_graphs=False)  # sets the eager ops
         for m in model.modules():
@@ -184,9 +168,7 @@ def _runtime_case() -> dict:
         with torch.no_grad():
             rt.prefill(ids[:, :12])
             outs.append(torch.cat([rt.decode_one(ids[:, i : i + 1]) for i in range(12, 20)], 1))
-    return {"max_err": (outs[0] - outs[1]).abs().max().item(), "kernel_calls": len(calls),
-            "parts_max_err": (outs[0] - outs[2]).abs().max().item(), "parts_calls": len(parts_calls),
-            "parts_seen": min(parts_seen)}
+    return {"max_err": (outs[0] - outs[1]).abs().max().item(), "kernel_calls": len(calls)}
 
 
 if __name__ == "__main__":

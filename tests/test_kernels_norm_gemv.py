@@ -42,13 +42,6 @@ def test_matches_the_unfused_steps_in_the_interpreter():
         assert case["shape"] == case["ref_shape"], case
 
 
-def test_unreduced_partials_sum_to_the_reduced_output_in_the_interpreter():
-    """reduce=False (what the decode attention sums itself, overlap.decode_attention parts): the split-K
-    partials (split_k, M, N), summed in split order, are the reduce kernel's output bit for bit (fp32)."""
-    out = run_case("partials")
-    assert out == {"cases": len(SHAPES) * 2, "equal": len(SHAPES) * 2, "splits": [1, 2] * len(SHAPES)}, out
-
-
 def test_runtime_decode_with_the_kernel_equals_eager_in_the_interpreter():
     """Every use of the kernel in the runtime: Ops.norm_linear (norm + wqkv, norm + w13 + SwiGLU), Ops.gemv
     (wqkv and w13 alone), Ops.swiglu_gemv (w13 + SwiGLU), Ops.gemv_down (wo and w2), and all but norm_linear at
@@ -71,8 +64,6 @@ def test_bad_arguments_say_what_is_wrong():
         norm_gemv(x, w, norm_weight=torch.ones(32))
     with pytest.raises(KernelArgError, match="split_k=9; valid: 'auto' or 1..1"):
         norm_gemv(x, w, split_k=9)
-    with pytest.raises(KernelArgError, match="reduce=False returns plain partials"):
-        norm_gemv(x, w, reduce=False, norm_weight=torch.ones(64))
     with pytest.raises(KernelArgError, match="preload=3; valid: 0 or a power of two"):
         norm_gemv(x, w, pdl=True, preload=3)
     with pytest.raises(KernelArgError, match="17"):
@@ -82,7 +73,7 @@ def test_bad_arguments_say_what_is_wrong():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("flags", ["triton_gemv", "swiglu_gemv", "triton_gemv,pdl", "triton_gemv,swiglu_gemv,pdl",
-                                   "triton_gemv,pdl,qkv_in_attention", "triton_gemv,pdl,fuse_residual"])
+                                   "triton_gemv,pdl,fuse_residual"])
 @torch.no_grad()
 def test_runtime_with_the_kernel_decodes_like_cublas_on_the_gpu(flags):
     """Runtime(fuse=True, <flags>=True) (decode's wqkv and w13, or w13 + SwiGLU, through this kernel; with pdl
@@ -190,25 +181,6 @@ def _runtime() -> dict:
                for use in calls}, "steps_x_blocks": 8 * args.n_layers}
 
 
-def _partials() -> dict:
-    from overlap.kernels.norm_gemv import norm_gemv
-
-    out = {"cases": 0, "equal": 0, "splits": []}
-    for i, (m, n, k) in enumerate(SHAPES):
-        gen = torch.Generator().manual_seed(10 + i)
-        x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
-        for split_k in (1, 2):
-            parts = norm_gemv(x, w, split_k=split_k, block_k=32, reduce=False)
-            y = norm_gemv(x, w, split_k=split_k, block_k=32)
-            summed = parts[0]
-            for p in parts[1:]:
-                summed = summed + p
-            out["cases"] += 1
-            out["equal"] += torch.equal(summed, y)
-            out["splits"].append(parts.shape[0])
-    return out
-
-
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run through the tests (they set TRITON_INTERPRET=1)"
-    print(json.dumps({"kernel": _interpreted, "runtime": _runtime, "partials": _partials}[sys.argv[1]]()))
+    print(json.dumps({"kernel": _interpreted, "runtime": _runtime}[sys.argv[1]]()))

@@ -154,12 +154,8 @@ def test_user_errors_say_what_is_right():
         Transformer.from_hf(hf)(tokens(), torch.arange(24), kv_len=24, chunk_start=0)
     with pytest.raises(ValueError, match="pdl=True needs the fused kernels with triton_gemv=True"):
         rt.model.set_fused_(on=True, triton_gemv=False, pdl=True)  # cuBLAS GEMVs would break the chain
-    with pytest.raises(ValueError, match="qkv_in_attention=True needs the fused kernels with decode_kernel=True"):
-        rt.model.set_fused_(on=True, decode_kernel=False, triton_gemv=True, qkv_in_attention=True)
-    with pytest.raises(ValueError, match="do not combine with norm_gemv=True"):
+    with pytest.raises(ValueError, match="fuse_residual=True does not combine with norm_gemv=True"):
         rt.model.set_fused_(on=True, norm_gemv=True, fuse_residual=True)
-    with pytest.raises(ValueError, match="do not combine with norm_gemv=True"):
-        rt.model.set_fused_(on=True, norm_gemv=True, triton_gemv=True, qkv_in_attention=True)
     with pytest.raises(ValueError, match="fuse_residual=True needs impl='nccl' without compile"):
         Runtime(rt.model, single(), 2, 16, compile=True, fuse_residual=True)
 

@@ -186,14 +186,12 @@ def auto_split_k(programs: int, k_blocks: int, sm_count: int) -> int:
 def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
               swiglu: bool = False, split_k: int | str = "auto", block_n: int = 64, block_k: int = 64,
               sm_count: int | None = None, num_warps: int = 4, num_stages: int = 4,
-              pdl: bool = False, preload: int = PDL_PRELOAD_TILES, reduce: bool = True) -> torch.Tensor:
+              pdl: bool = False, preload: int = PDL_PRELOAD_TILES) -> torch.Tensor:
     """act(rms_norm(x) @ w.T) for decode rows x (M, K), M <= 16, w (N, K): (M, N) or (M, N/2) with swiglu.
     pdl: launch with programmatic dependent launch (CUDA, compute capability >= 9): the kernel loads its first
     `preload` weight tiles, then waits for the previous kernel (griddepcontrol.wait) before it reads x, and
     lets the next kernel launch early; so a launch's ramp-up and those weight loads overlap the previous
     kernel. On the CPU interpreter pdl only peels those tiles (the same arithmetic; the waits need a GPU).
-    reduce=False (no norm, no swiglu): the un-reduced split-K partials (split_k, M, N) in fp32, or y as (1, M, N)
-    when split_k is 1, for a consumer that sums them in split order itself (overlap.decode_attention, parts).
 
     Defaults: the fastest configuration for both attn_norm + wqkv and mlp_norm + w13 + SwiGLU at the LLaMA-2-70B
     R = 4 shard, M = 1 and 16, in the H200 sweep of this version (docs/benchmarks/norm_gemv.md). Still slower
@@ -215,8 +213,6 @@ def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
         if sm_count is None:
             sm_count = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
         split_k = auto_split_k(programs, k_blocks, sm_count)
-    if not reduce and (norm_weight is not None or swiglu):
-        raise KernelArgError(f"{OP}: reduce=False returns plain partials: no norm_weight, no swiglu")
     if preload < 0 or preload & (preload - 1):
         raise KernelArgError(f"{OP}: preload={preload}; valid: 0 or a power of two (tiles loaded before the wait)")
     if not isinstance(split_k, int) or not 1 <= split_k <= k_blocks:
@@ -234,8 +230,6 @@ def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
         BLOCK_M=DECODE_MAX_M, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm, SWIGLU=swiglu,
         SPLIT_K=split_k, PRELOAD=preload if pdl else 0, GDC=gdc, num_warps=num_warps, num_stages=num_stages,
         **launch)
-    if not reduce:
-        return part if split_k > 1 else y.unsqueeze(0)
     if split_k > 1:
         block = 256
         split_k_reduce_kernel[(triton.cdiv(M * n_out, block),)](part, ss, y, M, n_out, K, eps, BLOCK=block,
@@ -261,12 +255,6 @@ def gemv_op(x: torch.Tensor, w: torch.Tensor, pdl: bool = False) -> torch.Tensor
     the LLaMA-2-70B R = 4 and 8 shards' wqkv and w13 it is faster than cuBLAS on an H200; at wo and w2 it is
     not (docs/benchmarks/norm_gemv.md), so the runtime uses it for wqkv and w13 (and gemv_down_op with PDL)."""
     return norm_gemv(x, w, pdl=pdl)
-
-
-def qkv_parts_op(x: torch.Tensor, w: torch.Tensor, pdl: bool = False) -> torch.Tensor:
-    """overlap.ops.Ops.qkv_parts through this kernel: wqkv's decode GEMV as gemv_op, its split-K partials left
-    un-reduced, (P, M, N), for the decode attention kernel to sum (one launch fewer a block)."""
-    return norm_gemv(x, w, pdl=pdl, reduce=False)
 
 
 def gemv_down_op(x: torch.Tensor, w: torch.Tensor, pdl: bool = False) -> torch.Tensor:
