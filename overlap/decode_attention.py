@@ -30,7 +30,6 @@ import os
 import torch
 
 BLOCK_N = 64  # cache positions per inner tile
-STAGES = 2  # software-pipelining stages of the split kernel's loop over its chunk's tiles (tl.range)
 NUM_WARPS = 4  # of the split kernel (Triton's default; swept by scripts/decode_microbench.py --only attention)
 PROGRAMS_PER_SM = 2  # chunks are sized so that B * KV * NSPLIT is about this many programs per SM (measured
 # best of 0.25..4 on one H200 at LLaMA-2-70B's TP-4 shape, batch 16; batch 1 is capped by whole tiles:
@@ -80,43 +79,34 @@ def _kernels():
     import triton
     import triton.language as tl
 
-    global _kv_tile, _online  # module globals, where the kernels' JIT looks names up
+    global _kv_tile  # module globals, where the kernels' JIT looks names up
 
     @triton.jit
-    def _kv_tile(kc_ptr, vc_ptr, cache, n0, hi, stride_cl, offs_d, BLOCK: tl.constexpr):
-        """The K and V cache rows n0 .. n0 + BLOCK (BLOCK, DH), rows from hi on as zeros."""
+    def _kv_tile(kc_ptr, vc_ptr, cache, n0, end, pos, stride_cl, offs_d, BLOCK: tl.constexpr):
+        """The K and V cache rows n0 .. n0 + BLOCK (BLOCK, DH) below end, row pos (this step's) as zeros."""
         offs_n = n0 + tl.arange(0, BLOCK)
-        ok = (offs_n < hi)[:, None]
+        ok = ((offs_n < end) & (offs_n != pos))[:, None]
         rows = cache + offs_n[:, None] * stride_cl + offs_d[None, :]
         return tl.load(kc_ptr + rows, mask=ok, other=0.0), tl.load(vc_ptr + rows, mask=ok, other=0.0)
-
-    @triton.jit
-    def _online(scores, m_i, l_i):
-        """One online-softmax step over scores (G_PAD, N), -inf where masked: (p, m, l, alpha), the running
-        output to be scaled by alpha. Every score -inf so far leaves m at -inf and p, l at 0 (no NaN)."""
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(scores - m_safe[:, None])
-        return p, m_new, l_i * alpha + tl.sum(p, axis=1), alpha
 
     @triton.jit
     def split_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, o_ptr, lse_ptr,
                      stride_qkv, stride_cb, stride_ch, stride_cl, scale,
                      KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, DH: tl.constexpr,
                      SPLIT: tl.constexpr, NSPLIT: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-                     STAGES: tl.constexpr, GDC: tl.constexpr = False):
+                     GDC: tl.constexpr = False):
         bh = tl.program_id(0)  # b * KV + j
         s = tl.program_id(1)
         b, j = bh // KV, bh % KV
         pos = tl.load(pos_ptr)  # written before the step's first kernel: no wait needed for it
         start = s * SPLIT
-        hi = tl.minimum(start + SPLIT, pos)  # the cache rows before p in this chunk: [start, hi), maybe none
+        end = tl.minimum(start + SPLIT, pos + 1)  # <= start for a chunk after p: no tile, l_s = -inf
         offs_d = tl.arange(0, DH)
         cache = b * stride_cb + j * stride_ch
-        # The chunk's first K/V tile is loaded before the wait on the previous kernel: with PDL it streams
-        # while that kernel finishes. The loop over the others is software-pipelined by Triton (STAGES).
-        k0, v0 = _kv_tile(kc_ptr, vc_ptr, cache, start, hi, stride_cl, offs_d, BLOCK)
+        # The chunk's first K/V tile (earlier steps' rows; row p is this step's, taken from registers below)
+        # is loaded before the wait on the previous kernel: with PDL it streams while that kernel finishes.
+        # Each loop step then loads the next tile (software pipelining by one tile).
+        k_nxt, v_nxt = _kv_tile(kc_ptr, vc_ptr, cache, start, end, pos, stride_cl, offs_d, BLOCK)
         if GDC:  # launched with PDL: qkv is the previous kernel's output
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -131,7 +121,7 @@ def _kernels():
         q = tl.load(q_rows + offs_d[None, :], mask=g_ok[:, None], other=0.0).to(dtype).to(tl.float32)
         q_rot = tl.load(q_rows + rot_d[None, :], mask=g_ok[:, None], other=0.0).to(dtype).to(tl.float32)
         q = (q * cos[None, :] + q_rot * sin[None, :]).to(dtype)  # (G_PAD, DH), rounded as eager rounds it
-        # The new token's k and v: rotated, rounded to the cache's dtype, written by the chunk that holds p.
+        # The new token's k and v: rotated, rounded to the cache's dtype, written by this chunk's owner.
         k_raw = qkv_ptr + b * stride_qkv + (KV * G + j) * DH
         k_new = (tl.load(k_raw + offs_d).to(dtype).to(tl.float32) * cos
                  + tl.load(k_raw + rot_d).to(dtype).to(tl.float32) * sin).to(dtype)
@@ -140,22 +130,24 @@ def _kernels():
         owner = (p_vec >= start) & (p_vec < start + SPLIT)  # this chunk holds p
         tl.store(kc_ptr + cache + pos * stride_cl + offs_d, k_new, mask=owner)
         tl.store(vc_ptr + cache + pos * stride_cl + offs_d, v_new, mask=owner)
-        # the first tile, then the rest of [start, hi)
-        scores = tl.dot(q, tl.trans(k0), input_precision=PRECISION) * scale
-        scores = tl.where((start + tl.arange(0, BLOCK) < hi)[None, :], scores, float("-inf"))  # (G_PAD, BLOCK)
-        p, m_i, l_i, _ = _online(scores, tl.full([G_PAD], float("-inf"), tl.float32), tl.zeros([G_PAD], tl.float32))
-        acc = tl.dot(p.to(dtype), v0, input_precision=PRECISION)
-        for n0 in tl.range(start + BLOCK, hi, BLOCK, num_stages=STAGES):
-            k, v = _kv_tile(kc_ptr, vc_ptr, cache, n0, hi, stride_cl, offs_d, BLOCK)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            scores = tl.where((n0 + tl.arange(0, BLOCK) < hi)[None, :], scores, float("-inf"))
-            p, m_i, l_i, alpha = _online(scores, m_i, l_i)
-            acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v, input_precision=PRECISION)
-        # row p (the chunk that holds it): this step's k and v from registers, so no program reads a row being written
-        s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale  # (G_PAD,)
-        s_new = tl.where((pos >= start) & (pos < start + SPLIT), s_new, float("-inf"))
-        p, m_i, l_i, alpha = _online(s_new[:, None], m_i, l_i)
-        acc = acc * alpha[:, None] + p * v_new.to(tl.float32)[None, :]
+        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, DH], tl.float32)
+        for n0 in range(start, end, BLOCK):
+            offs_n = n0 + tl.arange(0, BLOCK)
+            valid = offs_n < end
+            at_pos = (offs_n == pos)[:, None]
+            k = tl.where(at_pos, k_new[None, :], k_nxt)  # (BLOCK, DH)
+            v = tl.where(at_pos, v_new[None, :], v_nxt)
+            k_nxt, v_nxt = _kv_tile(kc_ptr, vc_ptr, cache, n0 + BLOCK, end, pos, stride_cl, offs_d, BLOCK)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            scores = tl.where(valid[None, :], scores * scale, float("-inf"))  # (G_PAD, BLOCK)
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
         tl.store(o_ptr + out_row[:, None] * DH + offs_d[None, :], acc / l_i[:, None])  # NaN for a skipped chunk
         tl.store(lse_ptr + out_row, m_i + tl.log(l_i))  # -inf for a skipped chunk: merge ignores it
 
@@ -220,7 +212,7 @@ def decode_attention_rope(qkv, cos, sin_signed, pos, k_cache, v_cache, n_heads: 
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), Dh**-0.5,
         KV=KV, G=G, G_PAD=g_pad, DH=Dh, SPLIT=split, NSPLIT=nsplit, BLOCK=BLOCK_N,
         PRECISION="ieee" if k_cache.dtype == torch.float32 else None, GDC=gdc, num_warps=NUM_WARPS,
-        STAGES=STAGES, **launch)  # fp32: exact dots, not TF32
+        **launch)  # fp32: exact dots, not TF32
     merge_kernel[(B * KV, G)](o, lse, out, out.stride(0), KV=KV, G=G, G_PAD=g_pad, DH=Dh, NSPLIT=nsplit,
                               S_PAD=max(2, 1 << (nsplit - 1).bit_length()), GDC=gdc, **launch)
     return out

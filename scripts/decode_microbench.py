@@ -9,7 +9,7 @@
 2. Every weight GEMV of a step (wqkv, wo, w13, w2 at M = 1) through F.linear, torch.mv and w @ x.T.
 3. Decode attention (16 query heads, 2 KV heads, Dh 128, cache 2112, position 2048; batch 1, 16): the
    eager path (RoPE, two cache writes, two batched GEMMs, softmax), fused_ops' compiled version, and
-   overlap.decode_attention's Triton pass over programs per SM (chunk counts), warps, pipelining stages and tile rows,
+   overlap.decode_attention's Triton pass over programs per SM (chunk counts), warps and tile rows,
    each with its floor (the K/V bytes over the copy bandwidth measured in the same run).
 4. overlap.kernels.norm_gemv (--only norm_gemv) at the R = 4 and 8 shards (--tp): attn_norm + wqkv,
    mlp_norm + w13 + SwiGLU, and wo and w2 alone, M = 1, 16, against the steps it replaces, eager
@@ -171,12 +171,12 @@ def attention_cases(emit) -> None:
 
         emit(dict(piece="attention", batch=B, impl="eager", us=time_graph(path(EAGER_OPS))))
         emit(dict(piece="attention", batch=B, impl="compiled", us=time_graph(path(compiled))))
-        default = da.PROGRAMS_PER_SM, da.NUM_WARPS, da.STAGES, da.BLOCK_N
+        default = da.PROGRAMS_PER_SM, da.NUM_WARPS, da.BLOCK_N
         ref = path(EAGER_OPS)(0).float()
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        for per_sm, warps, stages, block in ATTENTION_GRID:
-            da.PROGRAMS_PER_SM, da.NUM_WARPS, da.STAGES, da.BLOCK_N = per_sm, warps, stages, block
-            cfg = dict(programs_per_sm=per_sm, num_warps=warps, stages=stages, block_n=block,
+        for per_sm, warps, block in ATTENTION_GRID:
+            da.PROGRAMS_PER_SM, da.NUM_WARPS, da.BLOCK_N = per_sm, warps, block
+            cfg = dict(programs_per_sm=per_sm, num_warps=warps, block_n=block,
                        nsplit=da.num_splits(B * KV, L, sms)[0])
             try:
                 out = da.decode_attention_rope(qkv, cos, sin, p, *caches[0], H, KV).float()
@@ -187,14 +187,13 @@ def attention_cases(emit) -> None:
             emit(dict(piece="attention", batch=B, impl="triton", **cfg, us=us,
                       rel_err_vs_eager=((out - ref).norm() / ref.norm()).item(),
                       floor_us=2 * B * KV * (pos + 1) * Dh * 2 / (rates["copy_tbps"] * 1e12) * 1e6))
-        da.PROGRAMS_PER_SM, da.NUM_WARPS, da.STAGES, da.BLOCK_N = default
+        da.PROGRAMS_PER_SM, da.NUM_WARPS, da.BLOCK_N = default
 
 
-# (programs per SM, warps, pipelining stages, tile rows) of the decode attention's split kernel: every chunk
-# count (per SM 8 is 33 chunks at batch 16: one tile each) at 1-4 stages, and a few wider tiles and 8 warps
-ATTENTION_GRID = ([(per_sm, 4, stages, 64) for per_sm in (0.5, 1, 2, 4, 8) for stages in (1, 2, 3, 4)]
-                  + [(per_sm, 4, stages, block) for per_sm in (1, 2) for stages in (2, 3) for block in (32, 128)]
-                  + [(per_sm, 8, 3, 64) for per_sm in (1, 2)])
+# (programs per SM, warps, tile rows) of the decode attention's split kernel: every chunk count (per SM 8 is 33
+# chunks at batch 16: one tile each) at 4 and 8 warps, and tiles of 32 and 128 rows
+ATTENTION_GRID = ([(per_sm, warps, 64) for per_sm in (0.5, 1, 2, 4, 8) for warps in (4, 8)]
+                  + [(per_sm, 4, block) for per_sm in (1, 2) for block in (32, 128)])
 
 
 # 8 warps and block_n 16 lost everywhere in the sweep of commit 604ee40 (docs/benchmarks/norm_gemv.md); wider
