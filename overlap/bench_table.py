@@ -10,7 +10,9 @@ base, and the communication share of base, (base - nocomm) / base. Where the rec
 bytes over the measured copy rate; c: compute-bound, FLOPs over the measured matmul rate) and the fraction
 of it reached (floor / median) by the reference variant (base, else nocomm) and by hf_compile, and, where
 an hf_compile record of the same setup exists, the speed-up hf_compile / reference. When a measurement
-was repeated, the last record wins.
+was repeated, the last record wins, and the text says how many cells had repeats. A commit is shortened to
+12 characters when it is a hash; a label such as "abc123+decode_attention@def456" (what a run on a GPU box
+with a file swapped in records as SPD_COMMIT) is shown whole.
 
     python scripts/bench_table.py docs/benchmarks/spd_bench.jsonl [more.jsonl] [-o table.md]
 """
@@ -120,13 +122,22 @@ def _ratio(peer: dict | None, ours: dict | None) -> str:
     return f"{peer['median_ms'] / ours['median_ms']:.2f}x"
 
 
+def _commit(commit: str) -> str:
+    """A hash shortened to 12 characters; any other label (e.g. "abc123+decode_attention@def456") whole."""
+    return commit[:12] if all(c in "0123456789abcdef" for c in commit.lower()) else commit
+
+
 def tables(records: list[dict]) -> str:
     """The markdown text: one titled table per (model, device, dtype, phase)."""
     latest: dict[tuple, dict] = {}
+    repeated = set()
     for rec in records:
         setup = (rec["model"], rec["device"], rec.get("dtype", ""), rec["phase"], rec.get("impl", "nccl"),
                  _kernels(rec), rec["commit"], bool(rec.get("virtual_tp")))
-        latest[(setup, rec["tp"], rec["interconnect"], _size(rec), _label(rec))] = rec
+        key = (setup, rec["tp"], rec["interconnect"], _size(rec), _label(rec))
+        if key in latest:
+            repeated.add(key)
+        latest[key] = rec
     groups: dict[tuple, dict] = {}
     for (setup, tp, ic, size, label), rec in latest.items():
         groups.setdefault(setup, {}).setdefault((tp, ic, size), {})[label] = rec
@@ -137,7 +148,7 @@ def tables(records: list[dict]) -> str:
         any_rec = next(iter(next(iter(rows.values())).values()))
         alone = ", one rank's shard alone (virtual R)" if virtual else ""
         parts.append(f"### {model}, {phase}, {dtype}, impl {impl}, {kernels}"
-                     f"{alone}, on {device} (torch {any_rec['torch']}, commit {commit[:12]})\n")
+                     f"{alone}, on {device} (torch {any_rec['torch']}, commit {_commit(commit)})\n")
         floors = any(r.get("floor_ms") for cells in rows.values() for r in cells.values())
         ref = "base" if "base" in variants else "nocomm" if "nocomm" in variants else None
         peer = "hf_compile" in variants
@@ -161,6 +172,9 @@ def tables(records: list[dict]) -> str:
         parts.append("")
     parts.append("Milliseconds: median (20th-80th percentile) over the timed iterations, warm-up excluded. "
                  "nocomm skips every all-reduce (wrong numbers, the lower bound).")
+    if repeated:
+        parts.append(f"{len(repeated)} cell(s) had more than one record of the same setup (a repeated job, or two "
+                     "jobs of one call): each shows the last in file order.")
     if any(r.get("floor_ms") for r in latest.values()):
         parts.append("Floor: the larger of bytes / measured copy bandwidth (m) and FLOPs / measured matmul "
                      "throughput (c), both measured in the same run (overlap/floors.py); X of floor = floor / "

@@ -212,6 +212,16 @@ def test_a_refused_job_exits_non_zero_and_writes_no_job_file(tmp_path):
     assert "torch.distributed.run" not in done.stdout and not (tmp_path / "job.json").exists()
 
 
+def test_table_says_which_cells_had_repeats_and_keeps_commit_labels_whole():
+    label = "0ed9b92+decode_attention@4fcbc7e"  # SPD_COMMIT of a run with one file swapped in
+    text = tables([_rec("nocomm", 10.55, commit="0ed9b92"), _rec("nocomm", 10.54, commit="0ed9b92"),
+                   _rec("nocomm", 10.47, commit=label), _rec("base", 12.0, commit="a" * 40)])
+    assert f"commit {label})" in text and f"commit {'a' * 12})" in text
+    assert "| 10.54 (10.44-10.64) |" in text and "10.55" not in text  # the last record of the cell
+    assert "1 cell(s) had more than one record" in text
+    assert "more than one record" not in tables([_rec("nocomm", 10.55)])
+
+
 def test_table_labels_the_triton_decode_attention_on_decode_rows_only():
     dec = dict(_rec("nocomm", 11.0), fused=True, decode_kernel=True)
     pre = dict(_rec("nocomm", 117.0, phase="prefill", tokens=2048, context=0), fused=True, decode_kernel=True)
