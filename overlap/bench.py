@@ -28,9 +28,9 @@ records: fused); with it, decode attention runs as one Triton pass unless decode
 decode_kernel), and decode's wqkv and w13 GEMVs through overlap.kernels.norm_gemv unless triton_gemv is false
 (records: triton_gemv); swiglu_gemv (default false) runs decode's SwiGLU in the epilogue of w13's GEMV
 (records: swiglu_gemv); pdl (default true on GPUs of compute capability >= 9) launches decode's kernels with
-programmatic dependent launch, wo and w2 through the Triton GEMV too (records: pdl); fuse_residual
-(default false) runs each block's last residual add inside the next block's norm (records: fuse_residual). ISO variants are timed once per (iso_ctas, iso_sm_carveout) pair of the job's lists
-(default [null] each: NCCL's own thread-block count, no carve-out; Runtime.set_iso_), recorded as such.
+programmatic dependent launch, wo and w2 through the Triton GEMV too (records: pdl). ISO variants are timed
+once per (iso_ctas, iso_sm_carveout) pair of the job's lists (default [null] each: NCCL's own thread-block
+count, no carve-out; Runtime.set_iso_), recorded as such.
 
     ... -m overlap.bench --job job.json --profile DIR [--layers 4] [--phase prefill|decode]
 
@@ -179,12 +179,10 @@ def pdl_on(job: dict, ctx: TPContext) -> bool:
 
 
 def decode_kernels(job: dict, ctx: TPContext) -> dict:
-    """The job's kernel switches as Runtime takes them (and the records carry them); fuse_residual defaults false
-    until measured. All but fuse_residual are decode's only: the prefill runtime takes fuse, prefill_graphs and
-    fuse_residual."""
+    """The job's decode-kernel switches as Runtime takes them (and the records carry them); the prefill runtime
+    takes fuse and prefill_graphs only."""
     return dict(decode_kernel=decode_kernel_on(job, ctx), norm_gemv=norm_gemv_on(job, ctx),
-                triton_gemv=triton_gemv_on(job, ctx), swiglu_gemv=swiglu_gemv_on(job, ctx), pdl=pdl_on(job, ctx),
-                fuse_residual=fuse_on(job, ctx) and bool(job.get("fuse_residual")))
+                triton_gemv=triton_gemv_on(job, ctx), swiglu_gemv=swiglu_gemv_on(job, ctx), pdl=pdl_on(job, ctx))
 
 
 def prefill_graphs_on(job: dict, ctx: TPContext) -> bool:
@@ -271,8 +269,7 @@ def run_ours(job: dict, ctx: TPContext, record: Recorder) -> None:
     if "prefill" in b["phases"]:
         for S in b["tokens"]:
             rt = Runtime(model, ctx, 1, _round_up(S), cuda_graphs=False, impl=job.get("impl", "nccl"),
-                         fuse=fuse_on(job, ctx), prefill_graphs=prefill_graphs_on(job, ctx),
-                         fuse_residual=decode_kernels(job, ctx)["fuse_residual"])  # the one switch prefill takes
+                         fuse=fuse_on(job, ctx), prefill_graphs=prefill_graphs_on(job, ctx))
             ids = torch.randint(0, args.vocab_size, (1, S), generator=gen).to(ctx.device)  # (1, S)
             for v in variants:
                 spd = apply_variant_(model, v)
@@ -284,8 +281,7 @@ def run_ours(job: dict, ctx: TPContext, record: Recorder) -> None:
                     times = measure(lambda: rt.prefill(ids, last_only=True, iso=k), ctx, b["warmup"], b["iters"])
                     record(times, phase="prefill", tokens=S, batch=1, context=0, variant=v, spd_blocks=spd,
                            iso_chunks=k, iso_ctas=ctas, iso_sm_carveout=carveout,
-                           prefill_graphs=rt.prefill_graphs and k == 1,
-                           fuse_residual=rt.model.fuse_residual and k == 1)  # ISO's pieces keep the plain adds
+                           prefill_graphs=rt.prefill_graphs and k == 1)
             del rt
     variants = [v for v in variants if not is_iso(v)]  # decode has one token a sequence: nothing to split
     if "decode" in b["phases"] and variants:

@@ -73,7 +73,8 @@ def _kernels(rec: dict) -> str:
     decode = rec["phase"] == "decode"
     # the kernel switches, named as bench.* names them (what swiglu_gemv fuses differs by commit:
     # docs/benchmarks/pdl.md); all but fuse_residual are decode's only. Records carry them since they exist (a
-    # record without one: off); qkv_in_attention only old records (the switch is removed), kept apart by it.
+    # record without one: off); qkv_in_attention and fuse_residual only old records (the switches are removed),
+    # kept apart by them.
     switches = [("norm_gemv", " + norm-GEMV", decode), ("triton_gemv", " + Triton GEMV", decode),
                 ("swiglu_gemv", " + swiglu_gemv", decode), ("pdl", " + PDL", decode),
                 ("qkv_in_attention", " + qkv in attention", decode), ("fuse_residual", " + residual in norm", True)]

@@ -237,23 +237,13 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, input_pos, mask, kv_len):
         if self.attn_sync.impl is not None:  # overlap.kernels' fused GEMM + all-reduce (impl != nccl)
             return self.forward_fused(x, cos, sin, input_pos, mask, kv_len)
-        if self.uses_norm_linear(x):  # decode rows
+        if self.ops.norm_linear is not None and x.shape[0] * x.shape[1] <= NORM_LINEAR_MAX_ROWS:  # decode rows
             return self.forward_norm_linear(x, cos, sin, input_pos, mask, kv_len)
-        return self.ops.add(*self.forward_pair(x, None, cos, sin, input_pos, mask, kv_len))
-
-    def uses_norm_linear(self, x) -> bool:
-        return self.ops.norm_linear is not None and x.shape[0] * x.shape[1] <= NORM_LINEAR_MAX_ROWS
-
-    def forward_pair(self, x, m, cos, sin, input_pos, mask, kv_len):
-        """forward of the input x + m (m None: x alone) as two summands (h, m') of its output: the block's last
-        residual add is left to the next block, whose attn_norm takes it in (ops.add_norm: one kernel fewer a
-        block; Transformer.fuse_residual)."""
-        x, xn = (x, self.attn_norm(x)) if m is None else self.ops.add_norm(x, m, self.attn_norm.weight, self.attn_norm.eps)
-        a = self.attn(xn, cos, sin, input_pos, mask, kv_len)  # (B, S, D) partial
+        a = self.attn(self.attn_norm(x), cos, sin, input_pos, mask, kv_len)  # (B, S, D) partial
         if self.spd:
-            return x, self.block_sync(self.ops.add(a, self.mlp(self.add_norm(x, a)[1])))  # the only sync
+            return self.ops.add(x, self.block_sync(self.ops.add(a, self.mlp(self.add_norm(x, a)[1]))))  # the only sync
         h, n = self.add_norm(x, self.attn_sync(a))  # sync 1; h = x + sum_r a_r
-        return h, self.mlp_sync(self.mlp(n))  # sync 2
+        return self.ops.add(h, self.mlp_sync(self.mlp(n)))  # sync 2
 
     def forward_norm_linear(self, x, cos, sin, input_pos, mask, kv_len):
         """forward's arithmetic with each norm fused into the GEMV after it (ops.norm_linear): attn_norm +
@@ -291,15 +281,13 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.max_batch = self.max_seq = 0
         self.tp, self.rank = 1, 0  # set by overlap.tp.shard_
-        self.fuse_residual = False  # set_fused_: each residual add between blocks inside the next block's norm
 
     @property
     def fused(self) -> bool:
         return self.layers[0].ops is not EAGER_OPS if len(self.layers) else False
 
     def set_fused_(self, on: bool = True, decode_kernel: bool = True, norm_gemv: bool = False,
-                   triton_gemv: bool = False, swiglu_gemv: bool = False, pdl: bool = False,
-                   fuse_residual: bool = False) -> "Transformer":
+                   triton_gemv: bool = False, swiglu_gemv: bool = False, pdl: bool = False) -> "Transformer":
         """Run RoPE, residual add + RMSNorm and SwiGLU as torch.compile'd kernels (fused_ops) or eagerly;
         decode_kernel=False keeps fused_ops' compiled decode attention instead of the one-pass Triton kernel;
         norm_gemv=True (with on) runs decode rows' norm + wqkv and norm + w13 + SwiGLU as one Triton kernel
@@ -307,10 +295,7 @@ class Transformer(nn.Module):
         that kernel without its norm instead of cuBLAS (the norm and SwiGLU stay compiled kernels); swiglu_gemv=True
         (with on) runs decode rows' w13 GEMV through that kernel with SwiGLU in its epilogue; pdl=True (with on and
         triton_gemv) launches every kernel of a decode step but the embedding's and lm_head's with programmatic
-        dependent launch, wo and w2 through the Triton GEMV too (gemv_down_op); fuse_residual=True runs each block's
-        last residual add inside the next block's attn_norm (ops.add_norm; the last one inside the final norm): one
-        kernel fewer a block, in prefill and decode (refused with norm_gemv; Runtime refuses it with compile or
-        impl != nccl)."""
+        dependent launch, wo and w2 through the Triton GEMV too (gemv_down_op)."""
         from overlap.fused_ops import fused_ops  # torch.compile and Triton only when asked for
 
         if pdl and not (on and triton_gemv):
@@ -324,9 +309,6 @@ class Transformer(nn.Module):
             from overlap.kernels.norm_gemv import norm_linear_op
 
             ops = dataclasses.replace(ops, norm_linear=norm_linear_op)
-        if norm_gemv and fuse_residual:
-            raise ValueError("fuse_residual=True does not combine with norm_gemv=True (its decode path keeps the "
-                             "plain residual adds); pick one")
         if on and (triton_gemv or swiglu_gemv):
             from overlap.kernels.norm_gemv import gemv_down_op, gemv_op, swiglu_gemv_op
 
@@ -340,7 +322,6 @@ class Transformer(nn.Module):
         for m in self.modules():
             if isinstance(m, (Block, Attention, MLP, RMSNorm)):
                 m.ops = ops
-        self.fuse_residual = fuse_residual
         return self
 
     @property
@@ -381,15 +362,6 @@ class Transformer(nn.Module):
             raise RuntimeError("no KV cache: call setup_caches(max_batch, max_seq) (or use overlap.runtime.Runtime)")
         x = self.tok_embeddings(tokens)  # (B, S, D)
         cos, sin, mask = self.chunk_inputs(input_pos, kv_len, chunk_start, x.dtype)
-        if self.fuse_residual and block_fn is None and not any(
-                b.attn_sync.impl is not None or b.uses_norm_linear(x) for b in self.layers):
-            m = None  # the output is x + m: each residual add between blocks inside the next block's norm
-            for block in self.layers:
-                x, m = block.forward_pair(x, m, cos, sin, input_pos, mask, kv_len)
-            if last_only:
-                x, m = x[:, -1:], m[:, -1:]  # (B, 1, D)
-            normed = self.norm(x) if m is None else self.norm.ops.add_norm(x, m, self.norm.weight, self.norm.eps)[1]
-            return self.output(normed)  # (B, S, V)
         for block in self.layers:
             x = (block_fn or run_block)(block, x, cos, sin, input_pos, mask, kv_len)
         if last_only:

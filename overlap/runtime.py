@@ -26,8 +26,7 @@ write and attention then run as one Triton pass (overlap.decode_attention; decod
 and with norm_gemv=True each norm and the GEMV after it (+ SwiGLU) too (overlap.kernels.norm_gemv); with
 triton_gemv=True the wqkv and w13 decode GEMVs run through that kernel without the norm; with swiglu_gemv=True
 decode's SwiGLU runs in the epilogue of w13's GEMV (the same kernel); with pdl=True every kernel of a decode step's blocks
-launches with programmatic dependent launch (wo and w2 through the Triton GEMV too); with fuse_residual=True
-each block's last residual add runs inside the next block's norm (one kernel fewer a block). set_iso_ picks ISO's
+launches with programmatic dependent launch (wo and w2 through the Triton GEMV too). set_iso_ picks ISO's
 process group (NCCL thread blocks capped, overlap.context.comm_group) and an SM carve-out for cuBLAS
 GEMMs during ISO prefill (the GEMMs leave SMs to the NCCL kernels they overlap).
 """
@@ -51,7 +50,7 @@ class Runtime:
     def __init__(self, model: Transformer, ctx: TPContext, max_batch: int, max_seq: int,
                  cuda_graphs: bool | None = None, compile: bool = False, impl: str = "nccl", fuse: bool = False,
                  decode_kernel: bool = True, prefill_graphs: bool = False, norm_gemv: bool = False,
-                 triton_gemv: bool = False, swiglu_gemv: bool = False, pdl: bool = False, fuse_residual: bool = False):
+                 triton_gemv: bool = False, swiglu_gemv: bool = False, pdl: bool = False):
         self.model, self.ctx = model, ctx
         # prefill_graphs: a plain prefill (iso 1, impl nccl) of a given (batch, length, start) is captured once
         # and replayed (CUDA only). Measured on one H200 (R = 4 and 8 shards, 2048 and 8192 tokens): within 0.7%
@@ -63,12 +62,8 @@ class Runtime:
             raise ValueError(f"pdl=True needs a GPU of compute capability >= 9 (Hopper); "
                              f"{torch.cuda.get_device_name(self.device)} has "
                              f"{torch.cuda.get_device_capability(self.device)}: pass pdl=False")
-        if fuse_residual and (compile or impl != "nccl"):
-            raise ValueError(f"fuse_residual=True needs impl='nccl' without compile (got impl={impl!r}, "
-                             f"compile={compile}): the fused GEMM + all-reduce blocks and compiled blocks keep the "
-                             "plain residual adds")
         model.set_fused_(fuse, decode_kernel=decode_kernel, norm_gemv=norm_gemv, triton_gemv=triton_gemv,
-                         swiglu_gemv=swiglu_gemv, pdl=pdl, fuse_residual=fuse_residual)
+                         swiglu_gemv=swiglu_gemv, pdl=pdl)
         if compile and impl != "nccl":
             raise ValueError(f"compile=True needs impl='nccl' (impl {impl!r}'s kernels and symmetric-memory "
                              f"collectives are not traced by torch.compile); supported: compile with nccl, "

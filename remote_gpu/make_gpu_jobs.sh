@@ -57,16 +57,12 @@ mk v8_dec_ng "${V[@]}" bench.virtual_tp=8 'bench.phases=[decode]' 'bench.batches
   bench.warmup=3 bench.norm_gemv=true
 mk v8_dec "${V[@]}" bench.virtual_tp=8 "${D[@]}" bench.pdl=false
 # issue 16's decode A/B jobs, each against v4_dec / v8_dec (bench.pdl=false) or v{R}_dec_pdl in the same call:
-# programmatic dependent launch (pdl), SwiGLU in the epilogue of w13's GEMV (sg), and not run yet: each block's
-# last residual add inside the next block's norm (fr)
+# programmatic dependent launch (pdl) and SwiGLU in the epilogue of w13's GEMV (sg)
 for r in 4 8; do
   mk "v${r}_dec_sg" "${V[@]}" bench.virtual_tp=$r "${D[@]}" bench.pdl=false bench.swiglu_gemv=true
   mk "v${r}_dec_pdl" "${V[@]}" bench.virtual_tp=$r "${D[@]}" bench.pdl=true
   mk "v${r}_dec_pdl_sg" "${V[@]}" bench.virtual_tp=$r "${D[@]}" bench.pdl=true bench.swiglu_gemv=true
-  mk "v${r}_dec_fr" "${V[@]}" bench.virtual_tp=$r "${D[@]}" bench.fuse_residual=true
 done
-mk v4_pre_fr "${V[@]}" bench.virtual_tp=4 'bench.phases=[prefill]' 'bench.tokens=[2048,8192]' bench.iters=10 \
-  bench.warmup=2 bench.fuse_residual=true
 # the headline table of docs/benchmarks/spd_bench.md: ours against transformers' compiled model, R = 4 and 8
 for r in 4 8; do
   mk "v${r}_peer" parallel.tp=1 'bench.variants=[nocomm,hf_compile]' bench.fuse=true bench.virtual_tp=$r \

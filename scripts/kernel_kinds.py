@@ -298,8 +298,6 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                    help="decode with programmatic dependent launch (spd-bench's default on sm_90+; --no-pdl: without)")
-    p.add_argument("--fuse-residual", action="store_true", help="bench.fuse_residual: each block's last residual "
-                   "add inside the next block's norm")
     p.add_argument("--reanalyse", action="store_true",
                    help="only label and summarise the traces already in --out (rates from its kernel_kinds.json)")
     a = p.parse_args(argv)
@@ -327,7 +325,6 @@ def main(argv=None) -> None:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     gen = torch.Generator().manual_seed(0)
     result = dict(rates=rates, virtual_tp=a.virtual_tp, layers=a.layers, pdl=pdl, batch=a.batch,
-                  fuse_residual=a.fuse_residual and cuda,
                   device=torch.cuda.get_device_name(0) if cuda else "cpu", torch=torch.__version__, summaries={})
     def trace(fn, path: Path, shapes: bool):
         with profile(activities=acts, record_shapes=shapes) as prof:
@@ -341,8 +338,7 @@ def main(argv=None) -> None:
     tok = torch.randint(0, args.vocab_size, (a.batch, 1), generator=gen).to(dev)
     for graphs in ([False, True] if cuda else [False]):
         rt = Runtime(model, ctx, a.batch, -(-(pos + 1) // 64) * 64, cuda_graphs=graphs, fuse=cuda, decode_kernel=cuda,
-                     triton_gemv=cuda, pdl=pdl,
-                     fuse_residual=a.fuse_residual and cuda)  # spd-bench's default decode step (and the switches)
+                     triton_gemv=cuda, pdl=pdl)  # spd-bench's default decode step
 
         def steps(rt=rt):
             for _ in range(STEPS):
@@ -355,7 +351,7 @@ def main(argv=None) -> None:
         rt.invalidate()
         del rt
     for S in a.tokens:
-        rt = Runtime(model, ctx, 1, -(-S // 64) * 64, cuda_graphs=False, fuse=cuda, fuse_residual=a.fuse_residual and cuda)
+        rt = Runtime(model, ctx, 1, -(-S // 64) * 64, cuda_graphs=False, fuse=cuda)
         ids = torch.randint(0, args.vocab_size, (1, S), generator=gen).to(dev)
         rt.prefill(ids, last_only=True)
         trace(lambda: rt.prefill(ids, last_only=True), a.out / f"prefill_{S}.trace.json", True)

@@ -238,7 +238,8 @@ def test_table_keeps_each_decode_kernel_switch_in_its_own_table():
     text = tables([base, dict(base, median_ms=10.3, pdl=True), dict(base, median_ms=10.95, swiglu_gemv=True),
                    dict(base, median_ms=10.46, pdl=True, qkv_in_attention=True),  # an old record's switch (removed)
                    dict(_rec("nocomm", 116.8, phase="prefill", tokens=2048, context=0), fused=True, pdl=True),
-                   dict(_rec("nocomm", 115.8, phase="prefill", tokens=2048, context=0), fused=True, fuse_residual=True)])
+                   dict(_rec("nocomm", 115.8, phase="prefill", tokens=2048, context=0), fused=True,
+                        fuse_residual=True)])  # an old record's switch (removed)
     assert "fused elementwise + Triton decode attention + Triton GEMV, on" in text
     assert "fused elementwise + Triton decode attention + Triton GEMV + PDL, on" in text
     assert "fused elementwise + Triton decode attention + Triton GEMV + swiglu_gemv, on" in text

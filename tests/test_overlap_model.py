@@ -154,10 +154,6 @@ def test_user_errors_say_what_is_right():
         Transformer.from_hf(hf)(tokens(), torch.arange(24), kv_len=24, chunk_start=0)
     with pytest.raises(ValueError, match="pdl=True needs the fused kernels with triton_gemv=True"):
         rt.model.set_fused_(on=True, triton_gemv=False, pdl=True)  # cuBLAS GEMVs would break the chain
-    with pytest.raises(ValueError, match="fuse_residual=True does not combine with norm_gemv=True"):
-        rt.model.set_fused_(on=True, norm_gemv=True, fuse_residual=True)
-    with pytest.raises(ValueError, match="fuse_residual=True needs impl='nccl' without compile"):
-        Runtime(rt.model, single(), 2, 16, compile=True, fuse_residual=True)
 
 
 FUSED_FP32_ATOL = 1e-5  # fp32; inductor's kernels may keep x + a unrounded before the norm and reorder the norm's sum
@@ -225,43 +221,3 @@ def test_compiled_decode_compiles_one_graph_per_block_kind():
         graphs = counters["stats"]["unique_graphs"] - before
     assert (outs[0] - outs[1]).abs().max() <= FUSED_FP32_ATOL
     assert 1 <= graphs <= 2, graphs
-
-
-@torch.no_grad()
-def test_residual_fused_into_the_next_norm_equals_the_plain_loop():
-    """Transformer.fuse_residual (bench.fuse_residual): each block's last residual add inside the next block's
-    norm and the last inside the final norm; eager fp32 ops, so the same arithmetic bit for bit: prefill (all
-    tokens, last only), decode, with an SPD block; one add + norm more a block and forward, one add fewer."""
-    import dataclasses
-
-    hf = tiny_hf()
-    ids = tokens()
-    outs = {}
-    for fused in (False, True):
-        rt = runtime_of(hf, max_seq=32)
-        set_plan_(rt.model, SPDPlan.zero_shot(1, 3, [1]))
-        rt.model.set_fused_(on=False, fuse_residual=fused)
-        calls = {"add_norm": 0, "add": 0}
-
-        def counted(name, fn):
-            def call(*a):
-                calls[name] += 1
-                return fn(*a)
-            return call
-
-        ops = dataclasses.replace(rt.model.layers[0].ops, add_norm=counted("add_norm", rt.model.layers[0].ops.add_norm),
-                                  add=counted("add", rt.model.layers[0].ops.add))
-        for m in rt.model.modules():
-            if hasattr(m, "ops"):
-                m.ops = ops
-        full = rt.prefill(ids)
-        rt.reset()
-        last = rt.prefill(ids[:, :16], last_only=True)
-        dec = torch.cat([rt.decode_one(ids[:, i : i + 1]) for i in range(16, 24)], 1)
-        outs[fused] = (full, last, dec, dict(calls))
-    for a, b in zip(outs[False][:3], outs[True][:3]):
-        assert torch.equal(a, b)
-    forwards, blocks, spd = 1 + 1 + 8, 3, 1
-    plain, fused = outs[False][3], outs[True][3]
-    assert plain["add_norm"] == forwards * blocks and fused["add_norm"] == forwards * (2 * blocks)
-    assert plain["add"] == forwards * (blocks + spd) and fused["add"] == forwards * spd  # SPD's a + mlp stays
