@@ -10,7 +10,8 @@
 3. Decode attention (16 query heads, 2 KV heads, Dh 128, cache 2112, position 2048; batch 1, 16): the
    eager path (RoPE, two cache writes, two batched GEMMs, softmax), fused_ops' compiled version, and
    overlap.decode_attention's Triton pass over programs per SM (chunk counts), warps and tile rows,
-   each with its floor (the K/V bytes over the copy bandwidth measured in the same run).
+   each with its floor (the K/V bytes over the copy bandwidth measured in the same run) and the split kernel's
+   registers a thread and spilled bytes as compiled for that configuration (split_regs, split_spills).
 4. overlap.kernels.norm_gemv (--only norm_gemv) at the R = 4 and 8 shards (--tp): attn_norm + wqkv,
    mlp_norm + w13 + SwiGLU, and wo and w2 alone, M = 1, 16, against the steps it replaces, eager
    (overlap.ops.norm_linear: F.rms_norm, F.linear (cuBLAS), SwiGLU: impl "unfused") and as the runtime runs
@@ -40,6 +41,18 @@ import torch.nn.functional as F
 CALLS = 24  # ops per captured graph
 REPLAYS = 30
 L2_BYTES = 60 << 20  # H200's L2 is 60 MB: weight copies together at least 4x this
+
+
+def compiled_resources(jit_fn) -> dict:
+    """{specialisation key: (registers a thread, spilled bytes)} of a Triton JIT function's compiled variants
+    launched so far (found by shape in its device caches, whose layout differs across Triton versions)."""
+    out = {}
+    for cache in getattr(jit_fn, "device_caches", {}).values():
+        for part in cache if isinstance(cache, tuple) else ():
+            for key, kernel in part.items() if isinstance(part, dict) else ():
+                if getattr(kernel, "n_regs", None) is not None:
+                    out[str(key)] = (kernel.n_regs, kernel.n_spills)
+    return out
 
 
 def time_graph(fn) -> float:
@@ -179,7 +192,11 @@ def attention_cases(emit) -> None:
             cfg = dict(programs_per_sm=per_sm, num_warps=warps, block_n=block,
                        nsplit=da.num_splits(B * KV, L, sms)[0])
             try:
+                seen = compiled_resources(da._kernels()[0])
                 out = da.decode_attention_rope(qkv, cos, sin, p, *caches[0], H, KV).float()
+                new = [r for k, r in compiled_resources(da._kernels()[0]).items() if k not in seen]
+                if len(new) == 1:  # the split kernel compiled for this config: registers a thread, spilled bytes
+                    cfg.update(split_regs=new[0][0], split_spills=new[0][1])
                 us = time_graph(lambda i: da.decode_attention_rope(qkv, cos, sin, p, *caches[i % len(caches)], H, KV))
             except Exception as e:  # a config Triton cannot build (shared memory)
                 emit(dict(piece="attention", batch=B, impl="triton", **cfg, error=str(e)[:200]))
