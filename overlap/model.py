@@ -151,7 +151,8 @@ class Attention(nn.Module):
         self.ops = EAGER_OPS  # Transformer.set_fused_
 
     def forward(self, x, cos, sin, input_pos, mask, kv_len):
-        return linear(self.ops, self.heads(x, cos, sin, input_pos, mask, kv_len), self.wo, down=True)  # (B, S, D) partial
+        heads = self.heads(x, cos, sin, input_pos, mask, kv_len)  # (B, S, H/R Dh)
+        return linear(self.ops, heads, self.wo, down=True)  # (B, S, D), this rank's partial
 
     def heads(self, x, cos, sin, input_pos, mask, kv_len, norm: RMSNorm | None = None):
         """Attention up to (not including) wo: (B, S, H/R Dh), this rank's heads. With norm, x is the block

@@ -13,9 +13,10 @@ rate (overlap/floors.py), then traces with torch.profiler
 and labels every kernel: a GEMM by the weight shape of the aten::mm that launched it (wqkv, wo, w13, w2,
 lm_head; a split-K reduce kernel counts with its GEMM), the Triton decode attention's split and merge
 kernels, flash attention, the compiled elementwise kernels (RMSNorm, add + RMSNorm, RoPE, SwiGLU) and the
-rest by name (with --pdl, spd-bench's default on sm_90+, wo and w2 are Triton GEMVs too). Graph-replayed kernels carry no operator, so they take the label of the eager kernel at the
-same place in the step (the same kernel sequence; else the one with the same name, grid and block). Per label: launches and
-microseconds per step and per block (a kernel's exclusive time: the step's advance while it ran, since with PDL a
+rest by name (with --pdl, spd-bench's default on sm_90+, wo and w2 are Triton GEMVs too). Graph-replayed
+kernels carry no operator, so they take the label of the eager kernel at the same place in the step (the same
+kernel sequence; else the one with the same name, grid and block). Per label: launches and microseconds per
+step and per block (a kernel's exclusive time: the step's advance while it ran, since with PDL a
 kernel starts early and waits inside for the one before), the bytes it must
 move (GEMM: weight + activations; decode attention: the K/V cache read) and FLOPs, and the achieved
 TB/s and TFLOP/s against the measured ceilings. Writes DIR/kernel_kinds.json, DIR/kernel_kinds.md and the
@@ -177,7 +178,7 @@ def summarize(labelled: list[tuple[dict, str, tuple]], steps: int, blocks: int, 
         else:
             a["flops"] += fl
     ks = [k for k, _, _ in labelled]
-    busy = _busy(ks)
+    busy = sum(excl.values())  # the union of the kernels' intervals: the GPU's busy time
     span = (max(k["ts"] + k["dur"] for k in ks) - min(k["ts"] for k in ks)) if ks else 0.0
     rows = []
     for label, a in sorted(acc.items(), key=lambda kv: -kv[1]["us"]):
@@ -211,19 +212,6 @@ def _exclusive(ks) -> dict[int, float]:
         out[id(k)] = max(0.0, b - max(a, end))
         end = max(end, b)
     return out
-
-
-def _busy(ks: list[dict]) -> float:
-    total, end = 0.0, -1e30
-    for k in sorted(ks, key=lambda e: e["ts"]):
-        a, b = float(k["ts"]), float(k["ts"]) + float(k["dur"])
-        if a > end:
-            total += b - a
-            end = b
-        elif b > end:
-            total += b - end
-            end = b
-    return total
 
 
 def markdown(s: dict, title: str) -> str:
