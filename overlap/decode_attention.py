@@ -155,8 +155,8 @@ def _kernels():
     def merge_kernel(o_ptr, lse_ptr, out_ptr, stride_out,
                      KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, DH: tl.constexpr,
                      NSPLIT: tl.constexpr, S_PAD: tl.constexpr, GDC: tl.constexpr = False):
-        if GDC:  # the next kernel (wo's GEMV) may launch at once, while the split kernel runs: its prologue
-            # (weights into L2) overlaps the attention; its own wait covers this kernel's end, so the wait here
+        if GDC:  # the next kernel (wo's GEMV) may launch at once, while the split kernel runs: its prologue (its
+            # first weight tiles) overlaps the attention; its own wait covers this kernel's end, so the wait here
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
         bh = tl.program_id(0)

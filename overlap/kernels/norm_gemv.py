@@ -32,7 +32,6 @@ import triton
 import triton.language as tl
 
 from overlap.kernels.checks import KernelArgError, check_decode_rows, check_dtype, check_matmul
-from overlap.kernels.l2_prefetch import L2_BYTES_DEFAULT, prefetch_rows
 from overlap.kernels.schedule import DECODE_MAX_M
 from overlap.ops import norm_linear
 
@@ -49,7 +48,7 @@ def norm_gemv_kernel(
     M, N_OUT, K, K_SHARE, stride_xm, stride_wn, eps,  # ss (SPLIT_K, M); N_OUT: output columns (F with swiglu)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr,
-    PRELOAD: tl.constexpr = 0, GDC: tl.constexpr = False, PF_EL=0, PF_CHUNKS: tl.constexpr = 0,
+    PRELOAD: tl.constexpr = 0, GDC: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -63,12 +62,6 @@ def norm_gemv_kernel(
     ss = tl.zeros((BLOCK_M,), dtype=tl.float32)  # the rows' sums of squares over this program's share of K
     k_lo = pid_k * K_SHARE
     k_start = k_lo
-    if PF_CHUNKS:  # the first PF_EL elements of each of this program's weight rows into L2 (no registers, no
-        # waiting): with PDL this runs while the previous kernel does, and the loop's loads then hit L2
-        n_pf = tl.minimum(PF_EL, tl.minimum(K, k_lo + K_SHARE) - k_lo)
-        prefetch_rows(w_ptr + offs_n * stride_wn + k_lo, n_pf, mask_n, PF_CHUNKS)
-        if SWIGLU:
-            prefetch_rows(w_ptr + (offs_n + N_OUT) * stride_wn + k_lo, n_pf, mask_n, PF_CHUNKS)
     if PRELOAD:  # the first PRELOAD weight tiles, loaded before waiting on the previous kernel: with PDL they
         # stream while that kernel finishes (weights do not depend on it); one wide step, within the share
         k_end = tl.minimum(K, k_lo + K_SHARE)
@@ -194,15 +187,12 @@ def auto_split_k(programs: int, k_blocks: int, sm_count: int) -> int:
 def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
               swiglu: bool = False, split_k: int | str = "auto", block_n: int = 64, block_k: int = 64,
               sm_count: int | None = None, num_warps: int = 4, num_stages: int = 4,
-              pdl: bool = False, preload: int = PDL_PRELOAD_TILES,
-              l2_bytes: int = L2_BYTES_DEFAULT) -> torch.Tensor:
+              pdl: bool = False, preload: int = PDL_PRELOAD_TILES) -> torch.Tensor:
     """act(rms_norm(x) @ w.T) for decode rows x (M, K), M <= 16, w (N, K): (M, N) or (M, N/2) with swiglu.
     pdl: launch with programmatic dependent launch (CUDA, compute capability >= 9): the kernel loads its first
     `preload` weight tiles, then waits for the previous kernel (griddepcontrol.wait) before it reads x, and
     lets the next kernel launch early; so a launch's ramp-up and those weight loads overlap the previous
-    kernel. With pdl on a GPU each program first prefetches the start of its weight rows into L2, l2_bytes over
-    the whole launch (overlap.kernels.l2_prefetch; 0: none), so the weights stream while the previous kernel
-    runs. On the CPU interpreter pdl only peels those tiles (the same arithmetic; the waits need a GPU).
+    kernel. On the CPU interpreter pdl only peels those tiles (the same arithmetic; the waits need a GPU).
 
     Defaults: the fastest configuration for both attn_norm + wqkv and mlp_norm + w13 + SwiGLU at the LLaMA-2-70B
     R = 4 shard, M = 1 and 16, in the H200 sweep of this version (docs/benchmarks/norm_gemv.md). Still slower
@@ -226,8 +216,6 @@ def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
         split_k = auto_split_k(programs, k_blocks, sm_count)
     if preload < 0 or preload & (preload - 1):
         raise KernelArgError(f"{OP}: preload={preload}; valid: 0 or a power of two (tiles loaded before the wait)")
-    if not isinstance(l2_bytes, int) or l2_bytes < 0:
-        raise KernelArgError(f"{OP}: l2_bytes={l2_bytes!r}; valid: an int >= 0 (bytes prefetched into L2, 0: none)")
     if not isinstance(split_k, int) or not 1 <= split_k <= k_blocks:
         raise KernelArgError(f"{OP}: split_k={split_k!r}; valid: 'auto' or 1..{k_blocks} (K / block_k)")
     k_share = triton.cdiv(k_blocks, split_k) * block_k
@@ -238,26 +226,17 @@ def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
     g = norm_weight if norm else x  # unused pointer when there is no norm
     gdc = pdl and x.is_cuda
     launch = {"launch_pdl": True} if gdc else {}
-    rows = programs * split_k * block_n * (2 if swiglu else 1)  # weight rows prefetched, counted per program
-    pf_el = l2_bytes // (rows * w.element_size()) if gdc and _aligned16(w, k_share) else 0
-    pf_chunks = triton.next_power_of_2(max(1, num_warps * 32 // block_n)) if pf_el else 0
     norm_gemv_kernel[(programs, split_k)](
         x, g, w, y, part, ss, M, n_out, K, k_share, x.stride(0), w.stride(0), eps,
         BLOCK_M=DECODE_MAX_M, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm, SWIGLU=swiglu,
-        SPLIT_K=split_k, PRELOAD=preload if pdl else 0, GDC=gdc, PF_EL=pf_el, PF_CHUNKS=pf_chunks,
-        num_warps=num_warps, num_stages=num_stages, **launch)
+        SPLIT_K=split_k, PRELOAD=preload if pdl else 0, GDC=gdc, num_warps=num_warps, num_stages=num_stages,
+        **launch)
     if split_k > 1:
         block = 256
         split_k_reduce_kernel[(triton.cdiv(M * n_out, block),)](part, ss, y, M, n_out, K, eps, BLOCK=block,
                                                                 NORM=norm, SWIGLU=swiglu, SPLIT_K=split_k,
                                                                 GDC=gdc, **launch)
     return y
-
-
-def _aligned16(w: torch.Tensor, k_share: int) -> bool:
-    """Every program's row pieces start on 16 bytes (what the bulk prefetch needs)."""
-    e = w.element_size()
-    return w.data_ptr() % 16 == 0 and w.stride(0) * e % 16 == 0 and k_share * e % 16 == 0
 
 
 def reference(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
