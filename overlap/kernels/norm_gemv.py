@@ -39,7 +39,8 @@ OP = "norm_gemv"
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 PDL_PRELOAD_TILES = 1  # with pdl: K tiles a program loads before it waits for the previous kernel; on an H200
 # 4 bought nothing measurable over 1 (docs/benchmarks/pdl.md)
-PROGRAMS_PER_SM = 2  # split-K target: programs in flight per SM (to be tuned on the GPU: docs/benchmarks)
+PROGRAMS_PER_SM = 2  # split-K target: programs in flight per SM; 4 made the R = 4 decode step 0.2 ms slower on an
+# H200 (docs/benchmarks/pdl.md)
 
 
 @triton.jit
@@ -260,7 +261,8 @@ def gemv_op(x: torch.Tensor, w: torch.Tensor, pdl: bool = False) -> torch.Tensor
 
 def gemv_down_op(x: torch.Tensor, w: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """overlap.ops.Ops.gemv_down through this kernel: wo's and w2's x @ w.T for decode rows, at those weights'
-    fastest configuration in the H200 sweep (32/128/4, no split: level with cuBLAS, docs/benchmarks/norm_gemv.md).
+    fastest configuration in the H200 sweep (32/128/4, no split: level with cuBLAS, docs/benchmarks/norm_gemv.md;
+    gemv_op's split-K made the decode step 0.1-0.2 ms slower with PDL, docs/benchmarks/pdl.md).
     The runtime uses it with PDL only, where cuBLAS would break the chain of early launches."""
     return norm_gemv(x, w, block_n=32, block_k=128, split_k=1, pdl=pdl)
 
