@@ -5,6 +5,7 @@ floors, floor_frac = floor / median), so a hand-edited or mislabelled record fai
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
@@ -17,6 +18,7 @@ FILES = sorted((ROOT / "docs" / "benchmarks").glob("*.jsonl"))
 LABEL = re.compile(r"([0-9a-f]{7,40})(\+\S+)?")  # a commit, optionally + what the variant changed
 
 
+@functools.cache
 def _records() -> list[tuple[str, int, dict]]:
     out = []
     for f in FILES:
