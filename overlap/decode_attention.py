@@ -31,7 +31,6 @@ import torch
 
 BLOCK_N = 64  # cache positions per inner tile
 NUM_WARPS = 4  # of the split kernel (Triton's default; swept by scripts/decode_microbench.py --only attention)
-NUM_STAGES = 3  # tiles of a chunk in flight after its first (Triton's pipeliner; swept the same way)
 PROGRAMS_PER_SM = 2  # chunks are sized so that B * KV * NSPLIT is about this many programs per SM (measured
 # best of 0.25..4 on one H200 at LLaMA-2-70B's TP-4 shape, batch 16; batch 1 is capped by whole tiles:
 # docs/benchmarks/spd_bench.md, "One rank alone on one H200"). Merging in the last chunk program instead of a second launch was
@@ -80,7 +79,7 @@ def _kernels():
     import triton
     import triton.language as tl
 
-    global _kv_tile, _attend_tile  # module globals, where the kernels' JIT looks names up
+    global _kv_tile  # module globals, where the kernels' JIT looks names up
 
     @triton.jit
     def _kv_tile(kc_ptr, vc_ptr, cache, n0, end, pos, stride_cl, offs_d, BLOCK: tl.constexpr):
@@ -91,26 +90,11 @@ def _kernels():
         return tl.load(kc_ptr + rows, mask=ok, other=0.0), tl.load(vc_ptr + rows, mask=ok, other=0.0)
 
     @triton.jit
-    def _attend_tile(q, k, v, n0, end, pos, scale, m_i, l_i, acc, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
-        """Cache rows n0 .. n0 + BLOCK below end, row pos left out (this step's token, folded in apart), into
-        the online softmax (m_i, l_i, acc) of the G_PAD query rows q. k, v are the loaded tiles, unchanged,
-        so that Triton's pipeliner can stage the loads in shared memory straight for the dots."""
-        offs_n = n0 + tl.arange(0, BLOCK)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        scores = tl.where(((offs_n < end) & (offs_n != pos))[None, :], scores * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        return m_new, l_i, acc
-
-    @triton.jit
     def split_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, o_ptr, lse_ptr,
                      stride_qkv, stride_cb, stride_ch, stride_cl, scale,
                      KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, DH: tl.constexpr,
                      SPLIT: tl.constexpr, NSPLIT: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-                     STAGES: tl.constexpr, GDC: tl.constexpr = False):
+                     GDC: tl.constexpr = False):
         bh = tl.program_id(0)  # b * KV + j
         s = tl.program_id(1)
         b, j = bh // KV, bh % KV
@@ -119,10 +103,10 @@ def _kernels():
         end = tl.minimum(start + SPLIT, pos + 1)  # <= start for a chunk after p: no tile, l_s = -inf
         offs_d = tl.arange(0, DH)
         cache = b * stride_cb + j * stride_ch
-        # The chunk's first K/V tile (earlier steps' rows; row p, this step's, is not read: it is written here)
+        # The chunk's first K/V tile (earlier steps' rows; row p is this step's, taken from registers below)
         # is loaded before the wait on the previous kernel: with PDL it streams while that kernel finishes.
-        # The later tiles go through Triton's software pipeliner (STAGES tiles in flight, in shared memory).
-        k_first, v_first = _kv_tile(kc_ptr, vc_ptr, cache, start, end, pos, stride_cl, offs_d, BLOCK)
+        # Each loop step then loads the next tile (software pipelining by one tile).
+        k_nxt, v_nxt = _kv_tile(kc_ptr, vc_ptr, cache, start, end, pos, stride_cl, offs_d, BLOCK)
         if GDC:  # launched with PDL: qkv is the previous kernel's output
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -146,18 +130,24 @@ def _kernels():
         owner = (p_vec >= start) & (p_vec < start + SPLIT)  # this chunk holds p
         tl.store(kc_ptr + cache + pos * stride_cl + offs_d, k_new, mask=owner)
         tl.store(vc_ptr + cache + pos * stride_cl + offs_d, v_new, mask=owner)
-        # The softmax starts from this step's token (score q . k_new, weight 1, value v_new) in the chunk
-        # holding p, from nothing elsewhere; the tiles then leave row p out.
-        mine = (pos >= start) & (pos < end)
-        s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale  # (G_PAD,)
-        m_i = tl.where(mine, s_new, float("-inf"))
-        l_i = tl.where(mine, 1.0, 0.0) + tl.zeros([G_PAD], tl.float32)
-        acc = tl.where(mine, v_new.to(tl.float32)[None, :], 0.0) + tl.zeros([G_PAD, DH], tl.float32)
-        if start < end:
-            m_i, l_i, acc = _attend_tile(q, k_first, v_first, start, end, pos, scale, m_i, l_i, acc, BLOCK, PRECISION)
-        for n0 in tl.range(start + BLOCK, end, BLOCK, num_stages=STAGES):
-            k, v = _kv_tile(kc_ptr, vc_ptr, cache, n0, end, pos, stride_cl, offs_d, BLOCK)
-            m_i, l_i, acc = _attend_tile(q, k, v, n0, end, pos, scale, m_i, l_i, acc, BLOCK, PRECISION)
+        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, DH], tl.float32)
+        for n0 in range(start, end, BLOCK):
+            offs_n = n0 + tl.arange(0, BLOCK)
+            valid = offs_n < end
+            at_pos = (offs_n == pos)[:, None]
+            k = tl.where(at_pos, k_new[None, :], k_nxt)  # (BLOCK, DH)
+            v = tl.where(at_pos, v_new[None, :], v_nxt)
+            k_nxt, v_nxt = _kv_tile(kc_ptr, vc_ptr, cache, n0 + BLOCK, end, pos, stride_cl, offs_d, BLOCK)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            scores = tl.where(valid[None, :], scores * scale, float("-inf"))  # (G_PAD, BLOCK)
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
         tl.store(o_ptr + out_row[:, None] * DH + offs_d[None, :], acc / l_i[:, None])  # NaN for a skipped chunk
         tl.store(lse_ptr + out_row, m_i + tl.log(l_i))  # -inf for a skipped chunk: merge ignores it
 
@@ -221,7 +211,7 @@ def decode_attention_rope(qkv, cos, sin_signed, pos, k_cache, v_cache, n_heads: 
     split_kernel[(B * KV, nsplit)](
         qkv, cos.reshape(-1), sin_signed.reshape(-1), pos, k_cache, v_cache, o, lse,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), Dh**-0.5,
-        KV=KV, G=G, G_PAD=g_pad, DH=Dh, SPLIT=split, NSPLIT=nsplit, BLOCK=BLOCK_N, STAGES=NUM_STAGES,
+        KV=KV, G=G, G_PAD=g_pad, DH=Dh, SPLIT=split, NSPLIT=nsplit, BLOCK=BLOCK_N,
         PRECISION="ieee" if k_cache.dtype == torch.float32 else None, GDC=gdc, num_warps=NUM_WARPS,
         **launch)  # fp32: exact dots, not TF32
     merge_kernel[(B * KV, G)](o, lse, out, out.stride(0), KV=KV, G=G, G_PAD=g_pad, DH=Dh, NSPLIT=nsplit,

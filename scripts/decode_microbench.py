@@ -9,11 +9,11 @@
 2. Every weight GEMV of a step (wqkv, wo, w13, w2 at M = 1) through F.linear, torch.mv and w @ x.T.
 3. Decode attention (16 query heads, 2 KV heads, Dh 128, cache 2112, position 2048; batch 1, 16): the
    eager path (RoPE, two cache writes, two batched GEMMs, softmax), fused_ops' compiled version, and
-   overlap.decode_attention's Triton pass over programs per SM (chunk counts), warps, tile rows and pipeline
-   stages, each with its floor (the K/V bytes over the copy bandwidth measured in the same run) and the split
-   kernel as compiled for that configuration: registers a thread, spilled bytes, shared memory, and the
-   asynchronous copies in its PTX (split_regs, split_spills, split_smem, split_cp_async: 0 when Triton's
-   pipeliner did not stage the loads).
+   overlap.decode_attention's Triton pass over programs per SM (chunk counts), warps and tile rows, each
+   with its floor (the K/V bytes over the copy bandwidth measured in the same run) and the split kernel as
+   compiled for that configuration: registers a thread, spilled bytes, shared memory, and the asynchronous
+   copies in its PTX (split_regs, split_spills, split_smem, split_cp_async: 0 when Triton's pipeliner did
+   not stage the loads).
 4. overlap.kernels.norm_gemv (--only norm_gemv) at the R = 4 and 8 shards (--tp): attn_norm + wqkv,
    mlp_norm + w13 + SwiGLU, and wo and w2 alone, M = 1, 16, against the steps it replaces, eager
    (overlap.ops.norm_linear: F.rms_norm, F.linear (cuBLAS), SwiGLU: impl "unfused") and as the runtime runs
@@ -189,18 +189,18 @@ def attention_cases(emit) -> None:
 
         emit(dict(piece="attention", batch=B, impl="eager", us=time_graph(path(EAGER_OPS))))
         emit(dict(piece="attention", batch=B, impl="compiled", us=time_graph(path(compiled))))
-        default = da.PROGRAMS_PER_SM, da.NUM_WARPS, da.BLOCK_N, da.NUM_STAGES
+        default = da.PROGRAMS_PER_SM, da.NUM_WARPS, da.BLOCK_N
         ref = path(EAGER_OPS)(0).float()
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        for per_sm, warps, block, stages in ATTENTION_GRID:
-            da.PROGRAMS_PER_SM, da.NUM_WARPS, da.BLOCK_N, da.NUM_STAGES = per_sm, warps, block, stages
-            cfg = dict(programs_per_sm=per_sm, num_warps=warps, block_n=block, num_stages=stages,
+        for per_sm, warps, block in ATTENTION_GRID:
+            da.PROGRAMS_PER_SM, da.NUM_WARPS, da.BLOCK_N = per_sm, warps, block
+            cfg = dict(programs_per_sm=per_sm, num_warps=warps, block_n=block,
                        nsplit=da.num_splits(B * KV, L, sms)[0])
             try:
                 seen = compiled_resources(da._kernels()[0])
                 out = da.decode_attention_rope(qkv, cos, sin, p, *caches[0], H, KV).float()
                 new = [r for k, r in compiled_resources(da._kernels()[0]).items() if k not in seen]
-                if len(new) == 1:  # the split kernel compiled for this config: registers a thread, spilled bytes
+                if len(new) == 1:  # the split kernel compiled for this config
                     cfg.update({f"split_{k}": v for k, v in new[0].items()})
                 us = time_graph(lambda i: da.decode_attention_rope(qkv, cos, sin, p, *caches[i % len(caches)], H, KV))
             except Exception as e:  # a config Triton cannot build (shared memory)
@@ -209,15 +209,13 @@ def attention_cases(emit) -> None:
             emit(dict(piece="attention", batch=B, impl="triton", **cfg, us=us,
                       rel_err_vs_eager=((out - ref).norm() / ref.norm()).item(),
                       floor_us=2 * B * KV * (pos + 1) * Dh * 2 / (rates["copy_tbps"] * 1e12) * 1e6))
-        da.PROGRAMS_PER_SM, da.NUM_WARPS, da.BLOCK_N, da.NUM_STAGES = default
+        da.PROGRAMS_PER_SM, da.NUM_WARPS, da.BLOCK_N = default
 
 
-# (programs per SM, warps, tile rows, pipeline stages) of the decode attention's split kernel: every chunk count
-# (per SM 8 is 33 chunks at batch 16: one tile each) at 4 and 8 warps, tiles of 32 and 128 rows, 2 to 6 stages
-ATTENTION_GRID = ([(per_sm, warps, 64, 3) for per_sm in (0.5, 1, 2, 4, 8) for warps in (4, 8)]
-                  + [(per_sm, 4, block, 3) for per_sm in (1, 2) for block in (32, 128)]
-                  + [(per_sm, 4, 64, stages) for per_sm in (1, 2, 4) for stages in (2, 4)]
-                  + [(per_sm, 4, 32, stages) for per_sm in (1, 2) for stages in (4, 6)])
+# (programs per SM, warps, tile rows) of the decode attention's split kernel: every chunk count (per SM 8 is 33
+# chunks at batch 16: one tile each) at 4 and 8 warps, and tiles of 32 and 128 rows
+ATTENTION_GRID = ([(per_sm, warps, 64) for per_sm in (0.5, 1, 2, 4, 8) for warps in (4, 8)]
+                  + [(per_sm, 4, block) for per_sm in (1, 2) for block in (32, 128)])
 
 
 # 8 warps and block_n 16 lost everywhere in the sweep of commit 604ee40 (docs/benchmarks/norm_gemv.md); wider
