@@ -296,7 +296,7 @@ class Transformer(nn.Module):
         that kernel without its norm instead of cuBLAS (the norm and SwiGLU stay compiled kernels); swiglu_gemv=True
         (with on) runs decode rows' w13 GEMV through that kernel with SwiGLU in its epilogue; pdl=True (with on and
         triton_gemv) launches every kernel of a decode step but the embedding's and lm_head's with programmatic
-        dependent launch, wo and w2 through the Triton GEMV too (gemv_down_op)."""
+        dependent launch (norm_gemv's kernels too), wo and w2 through the Triton GEMV too (gemv_down_op)."""
         from overlap.fused_ops import fused_ops  # torch.compile and Triton only when asked for
 
         if pdl and not (on and triton_gemv):
@@ -306,14 +306,14 @@ class Transformer(nn.Module):
         ops = fused_ops(pdl) if on else EAGER_OPS
         if on and not decode_kernel:
             ops = dataclasses.replace(ops, decode_heads=None)
+        with_pdl = functools.partial(functools.partial, pdl=True) if pdl else (lambda f: f)
         if on and norm_gemv:
             from overlap.kernels.norm_gemv import norm_linear_op
 
-            ops = dataclasses.replace(ops, norm_linear=norm_linear_op)
+            ops = dataclasses.replace(ops, norm_linear=with_pdl(norm_linear_op))
         if on and (triton_gemv or swiglu_gemv):
             from overlap.kernels.norm_gemv import gemv_down_op, gemv_op, swiglu_gemv_op
 
-            with_pdl = functools.partial(functools.partial, pdl=True) if pdl else (lambda f: f)
             if triton_gemv:
                 ops = dataclasses.replace(ops, gemv=with_pdl(gemv_op))
             if swiglu_gemv:

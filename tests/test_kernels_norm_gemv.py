@@ -44,11 +44,12 @@ def test_matches_the_unfused_steps_in_the_interpreter():
 
 def test_runtime_decode_with_the_kernel_equals_eager_in_the_interpreter():
     """Every use of the kernel in the runtime: Ops.norm_linear (norm + wqkv, norm + w13 + SwiGLU), Ops.gemv
-    (wqkv and w13 alone), Ops.swiglu_gemv (w13 + SwiGLU), Ops.gemv_down (wo and w2), and all but norm_linear at
-    once with pdl (the peeled first tile); every decode step of every block calls each as often as it has
+    (wqkv and w13 alone), Ops.swiglu_gemv (w13 + SwiGLU), Ops.gemv_down (wo and w2), all but norm_linear at
+    once with pdl (the peeled first tile), and norm_linear with gemv_down, with pdl; every decode step of every block calls each as often as it has
     weights, and prefill rows never."""
     out = run_case("runtime")
-    for use, per_block in (("norm_linear", 2), ("gemv", 2), ("swiglu_gemv", 1), ("gemv_down", 2), ("pdl", 4)):  # pdl: wqkv, w13 + SwiGLU, wo, w2
+    for use, per_block in (("norm_linear", 2), ("gemv", 2), ("swiglu_gemv", 1), ("gemv_down", 2),
+                           ("pdl", 4), ("norm_linear_pdl", 4)):  # with pdl: wqkv, w13 (+ SwiGLU), wo, w2
         assert out[use]["max_err"] < FP32_TOL, out
         assert out[use]["kernel_calls"] == out["steps_x_blocks"] * per_block, out
 
@@ -72,7 +73,8 @@ def test_bad_arguments_say_what_is_wrong():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("flags", ["triton_gemv", "swiglu_gemv", "triton_gemv,pdl", "triton_gemv,swiglu_gemv,pdl"])
+@pytest.mark.parametrize("flags", ["triton_gemv", "swiglu_gemv", "triton_gemv,pdl", "triton_gemv,swiglu_gemv,pdl",
+                                   "triton_gemv,norm_gemv,pdl"])
 @torch.no_grad()
 def test_runtime_with_the_kernel_decodes_like_cublas_on_the_gpu(flags):
     """Runtime(fuse=True, <flags>=True) (decode's wqkv and w13, or w13 + SwiGLU, through this kernel; with pdl
@@ -136,7 +138,7 @@ def _interpreted() -> list[dict]:
 
 def _runtime() -> dict:
     """Runtime decode (eager ops) against the same with each Ops field of the kernel set to it (one at a time,
-    then gemv, swiglu_gemv and gemv_down at once with pdl), fp32, one baseline and one SPD block
+    then gemv, swiglu_gemv and gemv_down at once with pdl, and norm_linear with gemv_down with pdl), fp32, one baseline and one SPD block
     (overlap.tp.set_plan_ at R = 1 marks it; with norm_linear its arithmetic is forward_norm_linear's SPD branch)."""
     import copy
     import dataclasses
@@ -154,7 +156,9 @@ def _runtime() -> dict:
     pdl = {f: functools.partial(fn, pdl=True)
            for f, fn in (("gemv", gemv_op), ("swiglu_gemv", swiglu_gemv_op), ("gemv_down", gemv_down_op))}
     uses = {"norm_linear": {"norm_linear": norm_linear_op}, "gemv": {"gemv": gemv_op},
-            "swiglu_gemv": {"swiglu_gemv": swiglu_gemv_op}, "gemv_down": {"gemv_down": gemv_down_op}, "pdl": pdl}
+            "swiglu_gemv": {"swiglu_gemv": swiglu_gemv_op}, "gemv_down": {"gemv_down": gemv_down_op}, "pdl": pdl,
+            "norm_linear_pdl": {"norm_linear": functools.partial(norm_linear_op, pdl=True),
+                                "gemv_down": pdl["gemv_down"]}}
     calls = {use: [] for use in uses}
 
     def counted(use, fn):

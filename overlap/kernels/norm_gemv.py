@@ -247,9 +247,9 @@ def reference(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
 
 
 def norm_linear_op(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                   gated: bool) -> torch.Tensor:
+                   gated: bool, pdl: bool = False) -> torch.Tensor:
     """overlap.ops.Ops.norm_linear through this kernel (split_k auto)."""
-    return norm_gemv(x, w, norm_weight=norm_weight, eps=eps, swiglu=gated)
+    return norm_gemv(x, w, norm_weight=norm_weight, eps=eps, swiglu=gated, pdl=pdl)
 
 
 def gemv_op(x: torch.Tensor, w: torch.Tensor, pdl: bool = False) -> torch.Tensor:
