@@ -9,9 +9,9 @@
 2. Every weight GEMV of a step (wqkv, wo, w13, w2 at M = 1) through F.linear, torch.mv and w @ x.T.
 3. Decode attention (16 query heads, 2 KV heads, Dh 128, cache 2112, position 2048; batch 1, 16): the
    eager path (RoPE, two cache writes, two batched GEMMs, softmax), fused_ops' compiled version, and
-   overlap.decode_attention's Triton pass over programs per SM (chunk counts), warps and tile rows, each
-   with its floor (the K/V bytes over the copy bandwidth measured in the same run) and the split kernel as
-   compiled for that configuration: registers a thread, spilled bytes, shared memory, and the asynchronous
+   overlap.decode_attention's Triton pass over programs per SM (chunk counts), warps, tile rows and register
+   caps, each with its floor (the K/V bytes over the copy bandwidth measured in the same run) and the split
+   kernel as compiled for that configuration: registers a thread, spilled bytes, shared memory, and the asynchronous
    copies in its PTX (split_regs, split_spills, split_smem, split_cp_async: 0 when Triton's pipeliner did
    not stage the loads).
 4. overlap.kernels.norm_gemv (--only norm_gemv) at the R = 4 and 8 shards (--tp): attn_norm + wqkv,
@@ -189,12 +189,12 @@ def attention_cases(emit) -> None:
 
         emit(dict(piece="attention", batch=B, impl="eager", us=time_graph(path(EAGER_OPS))))
         emit(dict(piece="attention", batch=B, impl="compiled", us=time_graph(path(compiled))))
-        default = da.PROGRAMS_PER_SM, da.NUM_WARPS, da.BLOCK_N
+        default = da.PROGRAMS_PER_SM, da.NUM_WARPS, da.BLOCK_N, da.MAXNREG
         ref = path(EAGER_OPS)(0).float()
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        for per_sm, warps, block in ATTENTION_GRID:
-            da.PROGRAMS_PER_SM, da.NUM_WARPS, da.BLOCK_N = per_sm, warps, block
-            cfg = dict(programs_per_sm=per_sm, num_warps=warps, block_n=block,
+        for per_sm, warps, block, maxnreg in ATTENTION_GRID:
+            da.PROGRAMS_PER_SM, da.NUM_WARPS, da.BLOCK_N, da.MAXNREG = per_sm, warps, block, maxnreg
+            cfg = dict(programs_per_sm=per_sm, num_warps=warps, block_n=block, maxnreg=maxnreg,
                        nsplit=da.num_splits(B * KV, L, sms)[0])
             try:
                 seen = compiled_resources(da._kernels()[0])
@@ -209,13 +209,17 @@ def attention_cases(emit) -> None:
             emit(dict(piece="attention", batch=B, impl="triton", **cfg, us=us,
                       rel_err_vs_eager=((out - ref).norm() / ref.norm()).item(),
                       floor_us=2 * B * KV * (pos + 1) * Dh * 2 / (rates["copy_tbps"] * 1e12) * 1e6))
-        da.PROGRAMS_PER_SM, da.NUM_WARPS, da.BLOCK_N = default
+        da.PROGRAMS_PER_SM, da.NUM_WARPS, da.BLOCK_N, da.MAXNREG = default
 
 
-# (programs per SM, warps, tile rows) of the decode attention's split kernel: every chunk count (per SM 8 is 33
-# chunks at batch 16: one tile each) at 4 and 8 warps, and tiles of 32 and 128 rows
-ATTENTION_GRID = ([(per_sm, warps, 64) for per_sm in (0.5, 1, 2, 4, 8) for warps in (4, 8)]
-                  + [(per_sm, 4, block) for per_sm in (1, 2) for block in (32, 128)])
+# (programs per SM, warps, tile rows, register cap) of the decode attention's split kernel: every chunk count
+# (per SM 8 is 33 chunks at batch 16: one tile each) at 4 and 8 warps, tiles of 32 and 128 rows; and chunkings
+# that fit one wave (1.9 per SM: 8 chunks of 288 rows at batch 16 with 32-row tiles, 7 of 320 with 64) or
+# registers capped so that 3 or 4 programs fit an SM (at 252 registers a thread only 2 do: ncu, commit ed7ca8a)
+ATTENTION_GRID = ([(per_sm, warps, 64, None) for per_sm in (0.5, 1, 2, 4, 8) for warps in (4, 8)]
+                  + [(per_sm, 4, block, None) for per_sm in (1, 2) for block in (32, 128)]
+                  + [(1.9, 4, block, None) for block in (32, 64)]
+                  + [(per_sm, 4, block, cap) for per_sm in (1.9, 2) for block in (32, 64) for cap in (128, 168)])
 
 
 # 8 warps and block_n 16 lost everywhere in the sweep of commit 604ee40 (docs/benchmarks/norm_gemv.md); wider
