@@ -30,6 +30,9 @@ import os
 import torch
 
 BLOCK_N = 64  # cache positions per inner tile
+SMALL_BLOCK_N = 32  # the tile when whole BLOCK_N tiles would leave SMs idle (few sequences and KV heads: batch 1
+# at LLaMA-2-70B's TP-4 shard runs 66 programs of 64 rows or 132 of 32; 32 rows made that step 0.08 ms faster
+# and batch 16's 0.3 ms slower on one H200: docs/benchmarks/pdl.md, "The tile by batch")
 NUM_WARPS = 4  # of the split kernel (Triton's default; swept by scripts/decode_microbench.py --only attention)
 MAXNREG = None  # registers a thread the split kernel may use (None: the compiler's choice; swept the same way)
 PROGRAMS_PER_SM = 2  # chunks are sized so that B * KV * NSPLIT is about this many programs per SM (measured
@@ -61,13 +64,17 @@ def decode_reference(qkv, cos, sin_signed, pos, k_cache, v_cache, n_heads: int, 
     return decode_attention(q, k_cache, v_cache, mask).transpose(1, 2).reshape(B, 1, H * Dh)
 
 
-def num_splits(batch_kv: int, max_seq: int, sm_count: int) -> tuple[int, int]:
-    """(NSPLIT, SPLIT): chunks of SPLIT positions (a multiple of BLOCK_N) filling about PROGRAMS_PER_SM
-    programs per SM over batch_kv = B * KV (sequence, KV head) pairs."""
-    tiles = -(-max_seq // BLOCK_N)
+def num_splits(batch_kv: int, max_seq: int, sm_count: int) -> tuple[int, int, int]:
+    """(NSPLIT, SPLIT, BLOCK): chunks of SPLIT positions (a multiple of the tile, BLOCK rows) filling about
+    PROGRAMS_PER_SM programs per SM over batch_kv = B * KV (sequence, KV head) pairs. The tile is BLOCK_N, or
+    SMALL_BLOCK_N where chunks of one BLOCK_N tile each would still be fewer programs than SMs."""
+    block = BLOCK_N
+    if batch_kv * -(-max_seq // block) < sm_count:
+        block = min(block, SMALL_BLOCK_N)
+    tiles = -(-max_seq // block)
     want = max(1, min(tiles, math.ceil(PROGRAMS_PER_SM * sm_count / batch_kv)))
-    split = -(-tiles // want) * BLOCK_N
-    return -(-max_seq // split), split
+    split = -(-tiles // want) * block
+    return -(-max_seq // split), split, block
 
 
 _KERNELS: list = []
@@ -203,7 +210,7 @@ def decode_attention_rope(qkv, cos, sin_signed, pos, k_cache, v_cache, n_heads: 
         raise ValueError("decode_attention_rope needs caches of one layout with unit stride in head_dim")
     G = H // KV
     g_pad = max(16, 1 << (G - 1).bit_length())  # tl.dot's smallest M
-    nsplit, split = num_splits(B * KV, L, _sm_count(qkv.device))
+    nsplit, split, block = num_splits(B * KV, L, _sm_count(qkv.device))
     o = torch.empty(B * KV * nsplit * g_pad, Dh, dtype=torch.float32, device=qkv.device)  # partials
     lse = torch.empty(B * KV * nsplit * g_pad, dtype=torch.float32, device=qkv.device)
     out = torch.empty(B, 1, H * Dh, dtype=k_cache.dtype, device=qkv.device)
@@ -212,7 +219,7 @@ def decode_attention_rope(qkv, cos, sin_signed, pos, k_cache, v_cache, n_heads: 
     split_kernel[(B * KV, nsplit)](
         qkv, cos.reshape(-1), sin_signed.reshape(-1), pos, k_cache, v_cache, o, lse,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), Dh**-0.5,
-        KV=KV, G=G, G_PAD=g_pad, DH=Dh, SPLIT=split, NSPLIT=nsplit, BLOCK=BLOCK_N,
+        KV=KV, G=G, G_PAD=g_pad, DH=Dh, SPLIT=split, NSPLIT=nsplit, BLOCK=block,
         PRECISION="ieee" if k_cache.dtype == torch.float32 else None, GDC=gdc, num_warps=NUM_WARPS,
         **launch, **({"maxnreg": MAXNREG} if MAXNREG else {}))  # fp32: exact dots, not TF32
     merge_kernel[(B * KV, G)](o, lse, out, out.stride(0), KV=KV, G=G, G_PAD=g_pad, DH=Dh, NSPLIT=nsplit,

@@ -189,11 +189,13 @@ def attention_cases(emit) -> None:
 
         emit(dict(piece="attention", batch=B, impl="eager", us=time_graph(path(EAGER_OPS))))
         emit(dict(piece="attention", batch=B, impl="compiled", us=time_graph(path(compiled))))
-        default = da.PROGRAMS_PER_SM, da.NUM_WARPS, da.BLOCK_N, da.MAXNREG
+        default = da.PROGRAMS_PER_SM, da.NUM_WARPS, da.BLOCK_N, da.SMALL_BLOCK_N, da.MAXNREG
         ref = path(EAGER_OPS)(0).float()
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         for per_sm, warps, block, maxnreg in ATTENTION_GRID:
-            da.PROGRAMS_PER_SM, da.NUM_WARPS, da.BLOCK_N, da.MAXNREG = per_sm, warps, block, maxnreg
+            # the tile pinned: SMALL_BLOCK_N = block (the default step picks its tile by batch, num_splits)
+            da.PROGRAMS_PER_SM, da.NUM_WARPS, da.BLOCK_N, da.SMALL_BLOCK_N, da.MAXNREG = (per_sm, warps, block, block,
+                                                                                           maxnreg)
             cfg = dict(programs_per_sm=per_sm, num_warps=warps, block_n=block, maxnreg=maxnreg,
                        nsplit=da.num_splits(B * KV, L, sms)[0])
             try:
@@ -209,7 +211,7 @@ def attention_cases(emit) -> None:
             emit(dict(piece="attention", batch=B, impl="triton", **cfg, us=us,
                       rel_err_vs_eager=((out - ref).norm() / ref.norm()).item(),
                       floor_us=2 * B * KV * (pos + 1) * Dh * 2 / (rates["copy_tbps"] * 1e12) * 1e6))
-        da.PROGRAMS_PER_SM, da.NUM_WARPS, da.BLOCK_N, da.MAXNREG = default
+        da.PROGRAMS_PER_SM, da.NUM_WARPS, da.BLOCK_N, da.SMALL_BLOCK_N, da.MAXNREG = default
 
 
 # (programs per SM, warps, tile rows, register cap) of the decode attention's split kernel: every chunk count

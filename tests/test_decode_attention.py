@@ -28,12 +28,16 @@ def run_case(case: str) -> dict:
 
 
 def test_num_splits_cover_the_cache_in_whole_tiles():
-    from overlap.decode_attention import BLOCK_N, num_splits
+    from overlap.decode_attention import BLOCK_N, SMALL_BLOCK_N, num_splits
 
     for bkv, L, sms in [(2, 2112, 132), (32, 2112, 132), (1, 64, 132), (3, 200, 4), (8, 100000, 132)]:
-        n, split = num_splits(bkv, L, sms)
-        assert split % BLOCK_N == 0 and n * split >= L > (n - 1) * split, (bkv, L, sms, n, split)
+        n, split, block = num_splits(bkv, L, sms)
+        assert split % block == 0 and n * split >= L > (n - 1) * split, (bkv, L, sms, n, split)
         assert bkv * n <= max(bkv, 2 * sms + bkv)  # about two programs per SM, at least one chunk per pair
+        # the small tile only where one BLOCK_N tile a program leaves SMs idle
+        assert block == (SMALL_BLOCK_N if bkv * -(-L // BLOCK_N) < sms else BLOCK_N), (bkv, L, sms, block)
+    assert num_splits(2, 2112, 132) == (66, 32, 32)  # batch 1 at LLaMA-2-70B's TP-4 shard: a program an SM
+    assert num_splits(32, 2112, 132)[2] == BLOCK_N  # batch 16: 64-row tiles
 
 
 def test_kernel_equals_reference_in_the_interpreter():
@@ -41,6 +45,7 @@ def test_kernel_equals_reference_in_the_interpreter():
     assert out["max_err"] < FP32_TOL and out["cache_err"] < FP32_TOL, out
     assert out["cases"] >= 9
     assert out["loop_tiles"] > 0, out  # some chunk ran the pipelined loop over more than one tile
+    assert out["blocks"] == [32, 64], out  # both tiles: the small one where few pairs would leave SMs idle
 
 
 def test_runtime_decode_with_the_kernel_equals_eager_in_the_interpreter():
@@ -117,9 +122,9 @@ def run(fn, ins: dict):
 
 
 def _kernel_case() -> dict:
-    from overlap.decode_attention import BLOCK_N, _sm_count, decode_attention_rope, decode_reference, num_splits
+    from overlap.decode_attention import _sm_count, decode_attention_rope, decode_reference, num_splits
 
-    errs, cache_errs, cases, loop_tiles = [], [], 0, 0
+    errs, cache_errs, cases, loop_tiles, blocks = [], [], 0, 0, set()
     # (B, H, KV, Dh, Lmax, pos): GQA groups of 1, 3 (padded to 16 rows) and 8; positions at chunk and tile edges;
     # Lmax 600 makes chunks of 3 tiles (the loop after the first tile): p inside one, at a chunk's first row
     # (no cache row before p in that chunk) and at its last
@@ -132,9 +137,11 @@ def _kernel_case() -> dict:
         errs.append((out - ref_out).abs().max().item())
         cache_errs.append(max((k - ref_k).abs().max().item(), (v - ref_v).abs().max().item()))
         cases += 1
-        split = num_splits(B * KV, L, _sm_count(torch.device("cpu")))[1]
-        loop_tiles += pos % split > BLOCK_N  # p's chunk read more than one tile before p
-    return {"max_err": max(errs), "cache_err": max(cache_errs), "cases": cases, "loop_tiles": loop_tiles}
+        _, split, block = num_splits(B * KV, L, _sm_count(torch.device("cpu")))
+        loop_tiles += pos % split > block  # p's chunk read more than one tile before p
+        blocks.add(block)
+    return {"max_err": max(errs), "cache_err": max(cache_errs), "cases": cases, "loop_tiles": loop_tiles,
+            "blocks": sorted(blocks)}
 
 
 def _runtime_case() -> dict:
