@@ -32,7 +32,7 @@ import torch
 BLOCK_N = 64  # cache positions per inner tile
 SMALL_BLOCK_N = 32  # the tile when whole BLOCK_N tiles would leave SMs idle (few sequences and KV heads: batch 1
 # at LLaMA-2-70B's TP-4 shard runs 66 programs of 64 rows or 132 of 32; 32 rows made that step 0.08 ms faster
-# and batch 16's 0.3 ms slower on one H200: docs/benchmarks/pdl.md, "The tile by batch")
+# and batch 16's 0.3 ms slower on one H200: docs/benchmarks/pdl.md, "The attention's tile by batch")
 NUM_WARPS = 4  # of the split kernel (Triton's default; swept by scripts/decode_microbench.py --only attention)
 MAXNREG = None  # registers a thread the split kernel may use (None: the compiler's choice; swept the same way)
 PROGRAMS_PER_SM = 2  # chunks are sized so that B * KV * NSPLIT is about this many programs per SM (measured
