@@ -178,11 +178,18 @@ def pdl_on(job: dict, ctx: TPContext) -> bool:
             and torch.cuda.get_device_capability(ctx.device)[0] >= 9)
 
 
+def stream_gemv_on(job: dict, ctx: TPContext) -> bool:
+    """Batch-1 decode GEMVs through overlap.kernels.stream_gemv (weight tiles into shared memory before the PDL
+    wait), when the job says stream_gemv (default false) and PDL is on."""
+    return pdl_on(job, ctx) and bool(job.get("stream_gemv"))
+
+
 def decode_kernels(job: dict, ctx: TPContext) -> dict:
     """The job's decode-kernel switches as Runtime takes them (and the records carry them); the prefill runtime
     takes fuse and prefill_graphs only."""
     return dict(decode_kernel=decode_kernel_on(job, ctx), norm_gemv=norm_gemv_on(job, ctx),
-                triton_gemv=triton_gemv_on(job, ctx), swiglu_gemv=swiglu_gemv_on(job, ctx), pdl=pdl_on(job, ctx))
+                triton_gemv=triton_gemv_on(job, ctx), swiglu_gemv=swiglu_gemv_on(job, ctx), pdl=pdl_on(job, ctx),
+                stream_gemv=stream_gemv_on(job, ctx))
 
 
 def prefill_graphs_on(job: dict, ctx: TPContext) -> bool:

@@ -77,6 +77,7 @@ def _kernels(rec: dict) -> str:
     # kept apart by them.
     switches = [("norm_gemv", " + norm-GEMV", decode), ("triton_gemv", " + Triton GEMV", decode),
                 ("swiglu_gemv", " + swiglu_gemv", decode), ("pdl", " + PDL", decode),
+                ("stream_gemv", " + stream GEMV", decode),
                 ("qkv_in_attention", " + qkv in attention", decode), ("fuse_residual", " + residual in norm", True)]
     return ("fused elementwise" + (" + Triton decode attention" if triton else "")
             + "".join(text for key, text, applies in switches if applies and rec.get(key))

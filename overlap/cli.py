@@ -70,7 +70,7 @@ def bench_job(cfg) -> dict:
         compile=b.compile, timeout_s=float(b.timeout_s), impl=check_impl(b.impl, b.variants), fuse=b.fuse,
         iso_ctas=_int_list(b.iso_ctas, "iso_ctas"), iso_sm_carveout=_int_list(b.iso_sm_carveout, "iso_sm_carveout"),
         decode_kernel=b.decode_kernel, norm_gemv=b.norm_gemv, triton_gemv=b.triton_gemv, swiglu_gemv=b.swiglu_gemv,
-        pdl=b.pdl,
+        pdl=b.pdl, stream_gemv=b.stream_gemv,
         prefill_graphs=b.prefill_graphs, virtual_tp=int(b.virtual_tp),
         command="spd-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),  # the overrides, for the records
     )

@@ -288,7 +288,8 @@ class Transformer(nn.Module):
         return self.layers[0].ops is not EAGER_OPS if len(self.layers) else False
 
     def set_fused_(self, on: bool = True, decode_kernel: bool = True, norm_gemv: bool = False,
-                   triton_gemv: bool = False, swiglu_gemv: bool = False, pdl: bool = False) -> "Transformer":
+                   triton_gemv: bool = False, swiglu_gemv: bool = False, pdl: bool = False,
+                   stream_gemv: bool = False) -> "Transformer":
         """Run RoPE, residual add + RMSNorm and SwiGLU as torch.compile'd kernels (fused_ops) or eagerly;
         decode_kernel=False keeps fused_ops' compiled decode attention instead of the one-pass Triton kernel;
         norm_gemv=True (with on) runs decode rows' norm + wqkv and norm + w13 + SwiGLU as one Triton kernel
@@ -296,7 +297,9 @@ class Transformer(nn.Module):
         that kernel without its norm instead of cuBLAS (the norm and SwiGLU stay compiled kernels); swiglu_gemv=True
         (with on) runs decode rows' w13 GEMV through that kernel with SwiGLU in its epilogue; pdl=True (with on and
         triton_gemv) launches every kernel of a decode step but the embedding's and lm_head's with programmatic
-        dependent launch (norm_gemv's kernels too), wo and w2 through the Triton GEMV too (gemv_down_op)."""
+        dependent launch (norm_gemv's kernels too), wo and w2 through the Triton GEMV too (gemv_down_op);
+        stream_gemv=True (with pdl) runs batch-1 decode's four GEMVs through overlap.kernels.stream_gemv, which copies
+        its first weight tiles into shared memory before the PDL wait (other row counts: as without it)."""
         from overlap.fused_ops import fused_ops  # torch.compile and Triton only when asked for
 
         if pdl and not (on and triton_gemv):
@@ -311,6 +314,8 @@ class Transformer(nn.Module):
             from overlap.kernels.norm_gemv import norm_linear_op
 
             ops = dataclasses.replace(ops, norm_linear=with_pdl(norm_linear_op))
+        if stream_gemv and not pdl:
+            raise ValueError("stream_gemv=True needs pdl=True (its point is the weight copies before the PDL wait)")
         if on and (triton_gemv or swiglu_gemv):
             from overlap.kernels.norm_gemv import gemv_down_op, gemv_op, swiglu_gemv_op
 
@@ -320,6 +325,10 @@ class Transformer(nn.Module):
                 ops = dataclasses.replace(ops, swiglu_gemv=with_pdl(swiglu_gemv_op))
             if pdl:
                 ops = dataclasses.replace(ops, gemv_down=with_pdl(gemv_down_op))
+            if stream_gemv:
+                from overlap.kernels.stream_gemv import streamed
+
+                ops = dataclasses.replace(ops, gemv=streamed(ops.gemv), gemv_down=streamed(ops.gemv_down))
         for m in self.modules():
             if isinstance(m, (Block, Attention, MLP, RMSNorm)):
                 m.ops = ops

@@ -50,7 +50,8 @@ class Runtime:
     def __init__(self, model: Transformer, ctx: TPContext, max_batch: int, max_seq: int,
                  cuda_graphs: bool | None = None, compile: bool = False, impl: str = "nccl", fuse: bool = False,
                  decode_kernel: bool = True, prefill_graphs: bool = False, norm_gemv: bool = False,
-                 triton_gemv: bool = False, swiglu_gemv: bool = False, pdl: bool = False):
+                 triton_gemv: bool = False, swiglu_gemv: bool = False, pdl: bool = False,
+                 stream_gemv: bool = False):
         self.model, self.ctx = model, ctx
         # prefill_graphs: a plain prefill (iso 1, impl nccl) of a given (batch, length, start) is captured once
         # and replayed (CUDA only). Measured on one H200 (R = 4 and 8 shards, 2048 and 8192 tokens): within 0.7%
@@ -63,7 +64,7 @@ class Runtime:
                              f"{torch.cuda.get_device_name(self.device)} has "
                              f"{torch.cuda.get_device_capability(self.device)}: pass pdl=False")
         model.set_fused_(fuse, decode_kernel=decode_kernel, norm_gemv=norm_gemv, triton_gemv=triton_gemv,
-                         swiglu_gemv=swiglu_gemv, pdl=pdl)
+                         swiglu_gemv=swiglu_gemv, pdl=pdl, stream_gemv=stream_gemv)
         if compile and impl != "nccl":
             raise ValueError(f"compile=True needs impl='nccl' (impl {impl!r}'s kernels and symmetric-memory "
                              f"collectives are not traced by torch.compile); supported: compile with nccl, "

@@ -24,6 +24,9 @@
    Each record carries the weight bytes over the copy bandwidth measured in the same run (floor_us) and
    the fraction reached; each config is checked against the reference before it is timed (rel_err).
 
+5. overlap.kernels.stream_gemv (--only stream_gemv) at M = 1: every weight GEMV of the shards, against the
+   Triton GEMV the runtime runs without it, over block sizes, stages and split-K (stream_gemv_cases).
+
 Each op is timed inside a CUDA graph of CALLS calls that cycle over enough weight copies (> L2) that no
 call reads a weight from L2 (as in a real step, where every layer has its own weights); medians of
 REPLAYS replays, per call. One JSON line per measurement (schema spd.decode_micro/1).
@@ -296,12 +299,60 @@ def norm_gemv_cases(emit, tps=(4, 8), deadline: float = float("inf")) -> None:
             torch.cuda.empty_cache()
 
 
+STREAM_GRID = [dict(block_n=bn, block_k=bk, stages=st) for bn in (16, 32, 64) for bk in (128, 256) for st in (4, 8)
+               if bn * bk * st * 2 <= 128 << 10]  # shared memory a program
+
+
+def stream_gemv_cases(emit, tps=(4, 8), deadline: float = float("inf")) -> None:
+    """overlap.kernels.stream_gemv at M = 1 against the Triton GEMV the runtime runs without it (gemv_op for wqkv
+    and w13, gemv_down_op for wo and w2), both without PDL (back to back: what the shared-memory ring costs or
+    saves by itself; its point, the copies before the PDL wait, shows only in the step): the runtime's config
+    and STREAM_GRID with split-K 1, 2, 4, 8 where the shares divide K and give 0.5 to 4 programs an SM."""
+    from overlap.floors import measure_rates
+    from overlap.kernel_bench import llama70b_layers
+    from overlap.kernels.norm_gemv import gemv_down_op, gemv_op
+    from overlap.kernels.stream_gemv import config, reference, stream_gemv
+
+    rates = measure_rates(torch.device("cuda"))
+    emit(dict(piece="rates", **rates))
+    bw = rates["copy_tbps"] * 1e12
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    for tp in tps:
+        for layer, (style, k, n) in llama70b_layers(tp).items():
+            ws = copies((n, k), torch.bfloat16, gen)
+            x = torch.randn(1, k, generator=gen, device="cuda").bfloat16()
+            ref = reference(x, ws[0]).float()
+            base = dict(piece="stream_gemv", tp=tp, layer=layer, n=n, k=k, m=1, floor_us=n * k * 2 / bw * 1e6)
+            now = gemv_down_op if style == "row" else gemv_op
+            us = time_graph(lambda i: now(x, ws[i % len(ws)]))
+            emit(dict(base, impl="triton_gemv", us=us, floor_frac=base["floor_us"] / us))
+            cfgs = [dict(config(n, k, sms), runtime=True)]
+            cfgs += [dict(c, split_k=s) for c in STREAM_GRID for s in (1, 2, 4, 8) if k % (c["block_k"] * s) == 0
+                     and sms // 2 <= -(-n // c["block_n"]) * s <= 4 * sms]  # programs: half a wave to 4 an SM
+            for cfg in cfgs:
+                if time.time() > deadline:
+                    emit(dict(base, impl="stopped", reason="--seconds reached"))
+                    return
+                args = {key: v for key, v in cfg.items() if key != "runtime"}
+                try:
+                    err = ((stream_gemv(x, ws[0], **args).float() - ref).norm() / ref.norm()).item()
+                    us = time_graph(lambda i: stream_gemv(x, ws[i % len(ws)], **args))
+                except Exception as e:  # a config Triton cannot build
+                    emit(dict(base, impl="stream_gemv", **cfg, error=str(e)[:200]))
+                    continue
+                emit(dict(base, impl="stream_gemv", **cfg, us=us, floor_frac=base["floor_us"] / us, rel_err=err))
+            del ws
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--only", choices=("gemv", "attention", "weights", "norm_gemv"))
+    parser.add_argument("--only", choices=("gemv", "attention", "weights", "norm_gemv", "stream_gemv"))
     parser.add_argument("--tp", type=int, nargs="+", default=[4, 8], help="norm_gemv: the shards' degrees")
-    parser.add_argument("--seconds", type=float, default=float("inf"), help="norm_gemv: stop after this long")
+    parser.add_argument("--seconds", type=float, default=float("inf"),
+                        help="norm_gemv, stream_gemv: stop after this long")
     a = parser.parse_args()
     from spd.run import git_commit
 
@@ -328,6 +379,8 @@ def main() -> None:
         gemv_cases(emit)
     if a.only in (None, "norm_gemv"):
         norm_gemv_cases(emit, a.tp, time.time() + a.seconds)
+    if a.only in (None, "stream_gemv"):
+        stream_gemv_cases(emit, a.tp, time.time() + a.seconds)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,80 @@
+"""overlap.kernels.stream_gemv against its plain-torch reference on a GPU (Gluon: Triton's CPU interpreter does
+not run it), and its configuration and argument checks on any machine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from overlap.kernels.checks import KernelArgError
+from overlap.kernels.stream_gemv import BLOCK_K, BLOCK_N, PROGRAMS_PER_SM, STAGES, config, stream_gemv
+
+BF16_TOL = 1e-2  # one bf16 rounding of the output (eps 3.9e-3) over fp32 sums in another order
+
+
+def test_config_splits_k_to_fill_the_sms_and_only_where_its_tiles_divide():
+    for n, k in ((2560, 8192), (8192, 2048), (14336, 8192), (8192, 7168), (1280, 8192), (640, 384)):
+        c = config(n, k, 132)
+        s = c["split_k"]
+        assert (c["block_n"], c["block_k"], c["stages"]) == (BLOCK_N, BLOCK_K, STAGES)
+        assert (k // BLOCK_K) % s == 0  # every share has whole tiles
+        programs = -(-n // BLOCK_N)
+        assert s == 1 or programs * (s // 2) < PROGRAMS_PER_SM * 132  # the smallest such power of two
+        assert programs * s >= PROGRAMS_PER_SM * 132 or (k // BLOCK_K) % (s * 2)  # enough, or K allows no more
+    assert config(14336, 8192, 132)["split_k"] == 1  # 448 programs already
+
+
+def test_bad_arguments_say_what_is_wrong():
+    w = torch.zeros(64, 256, dtype=torch.bfloat16)
+    with pytest.raises(KernelArgError, match="one row"):
+        stream_gemv(torch.zeros(2, 256, dtype=torch.bfloat16), w)
+    with pytest.raises(KernelArgError, match="block_k"):
+        stream_gemv(torch.zeros(1, 256, dtype=torch.bfloat16), w, block_k=96)
+    with pytest.raises(KernelArgError, match="multiple"):
+        stream_gemv(torch.zeros(1, 256, dtype=torch.bfloat16), w, block_k=128, split_k=4)
+    with pytest.raises(KernelArgError, match="CUDA"):
+        stream_gemv(torch.zeros(1, 256, dtype=torch.bfloat16), w, block_k=128)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n,k", [(2560, 8192), (8192, 2048), (200, 1024), (96, 512)])
+@pytest.mark.parametrize("cfg", [dict(block_n=32, block_k=128, stages=8, split_k=1),
+                                 dict(block_n=16, block_k=256, stages=4, split_k=2),
+                                 dict(block_n=64, block_k=128, stages=2, split_k=4)])
+@pytest.mark.parametrize("pdl", [False, True])
+def test_matches_plain_torch_on_the_gpu(n, k, cfg, pdl):
+    """bf16, N not always a multiple of block_n, fewer tiles than stages (k 512 at split 4: one tile a share)."""
+    if pdl and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("PDL needs compute capability >= 9")
+    g = torch.Generator(device="cuda").manual_seed(n + k)
+    x = torch.randn(1, k, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16()
+    ref = (x.float() @ w.float().T)
+    out = stream_gemv(x, w, pdl=pdl, **cfg).float()
+    assert out.shape == (1, n)
+    assert ((out - ref).norm() / ref.norm()).item() < BF16_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="needs a GPU of compute capability >= 9 (PDL)")
+@torch.no_grad()
+def test_runtime_with_stream_gemv_decodes_like_without_it():
+    """Runtime(stream_gemv=True) at batch 1 (every decode GEMV through the kernel, CUDA graphs, PDL) against
+    Runtime(pdl=True) alone: logits within bf16 rounding noise over 4 blocks, the same greedy tokens."""
+    from overlap.context import single
+    from overlap.model import ModelArgs, Transformer
+    from overlap.runtime import Runtime
+
+    args = ModelArgs(vocab_size=1024, dim=1024, n_layers=4, n_heads=16, n_kv_heads=2, ffn_dim=3584)
+    full = Transformer.from_args(args, device="cuda", dtype=torch.bfloat16, seed=5)
+    ids = torch.randint(0, 1024, (1, 24), generator=torch.Generator().manual_seed(6)).cuda()
+    outs = {}
+    for stream in (False, True):
+        rt = Runtime(full, single("cuda:0"), 1, 64, fuse=True, triton_gemv=True, pdl=True, stream_gemv=stream)
+        rt.prefill(ids[:, :16])
+        outs[stream] = torch.cat([rt.decode_one(ids[:, i : i + 1]).float() for i in range(16, 24)], 1)
+    err = ((outs[True] - outs[False]).norm() / outs[False].norm()).item()
+    assert err < 2e-2, err
+    assert (outs[True].argmax(-1) == outs[False].argmax(-1)).float().mean() >= 0.9
