@@ -4,9 +4,9 @@
 
 The Triton GEMV (overlap.kernels.norm_gemv) can load one weight tile before griddepcontrol.wait: held in
 registers, more tiles cost occupancy (docs/benchmarks/pdl.md). Here each program (BLOCK_N rows, the s-th of
-SPLIT_K shares of K) issues asynchronous copies (cp.async) of its first STAGES weight tiles into shared
-memory, then waits for the previous kernel (x is its output), then runs its K loop over a ring of STAGES
-buffers: wait for the oldest copy, multiply it by x's tile (fp32 products, summed per row), refill that
+SPLIT_K shares of K) issues TMA copies of its first STAGES weight tiles into shared memory (one mbarrier a
+buffer), then waits for the previous kernel (x is its output), then runs its K loop over the ring of STAGES
+buffers: wait for tile i's barrier, multiply the tile by x's (fp32 products, summed per row), refill that
 buffer with the tile STAGES ahead. So with programmatic dependent launch up to STAGES x BLOCK_N x BLOCK_K
 weight elements a program are read from HBM while the previous kernel (attention, a norm) still runs.
 
@@ -24,7 +24,7 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
 from overlap.kernels.checks import KernelArgError, check_dtype, check_matmul
 
@@ -32,64 +32,62 @@ OP = "stream_gemv"
 DTYPES = (torch.bfloat16, torch.float16)
 BLOCK_N = 32  # the runtime's configuration (streamed): weight rows a program
 BLOCK_K = 128  # columns a tile
-STAGES = 8  # tiles in flight a program (8 x 32 x 128 bf16: 64 KB of shared memory), all copied before the PDL wait
-PROGRAMS_PER_SM = 1  # split-K target: with STAGES tiles in flight a program, one an SM keeps HBM busy
-VEC_ELEMS = 8  # elements a thread copies at once: 16 bytes of bf16, one cp.async
-VEC = gl.constexpr(VEC_ELEMS)  # the same, as the kernels see it
-# cp.async into shared memory: Triton 3.6 names it async_copy_global_to_shared, later releases async_load
-_copy = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
-_barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # a CTA's barrier: thread_barrier in 3.6, barrier later
+STAGES = 4  # tiles in flight a program (4 x 32 x 128 bf16: 32 KB of shared memory), all copied before the PDL wait
+PROGRAMS_PER_SM = 2  # split-K target, as norm_gemv's
+# the TMA load: Triton 3.6 names it async_copy_global_to_shared, later releases async_load
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 
 @gluon.jit
-def stream_gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, N, stride_wn,
+def stream_gemv_kernel(w_desc, x_ptr, y_ptr, part_ptr, N,
                        K_SHARE: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                        SPLIT_K: gl.constexpr, GDC: gl.constexpr):
-    TPW_K: gl.constexpr = BLOCK_K // VEC  # threads along K (8 elements each), the rest of a warp's 32 along N
-    layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TPW_K, TPW_K], [gl.num_warps(), 1], [1, 0])
-    smem_layout: gl.constexpr = gl.SwizzledSharedLayout(VEC, 1, 1, [1, 0])
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
     N_TILES: gl.constexpr = K_SHARE // BLOCK_K
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
-    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
-    offs_k = pid_k * K_SHARE + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, layout))
-    mask_n = offs_n < N
-    mask = mask_n[:, None]  # rows below N (K divides evenly), broadcast along K by the copy
-    w_tile = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]  # (BLOCK_N, BLOCK_K) pointers of tile 0
-    ring = gl.allocate_shared_memory(w_ptr.dtype.element_ty, [STAGES, BLOCK_N, BLOCK_K], smem_layout)
+    n0 = pid_n * BLOCK_N
+    k_lo = pid_k * K_SHARE
+    ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(bars.index(s), count=1)
+    fence_async_shared()
     for s in gl.static_range(STAGES):  # weights do not depend on the previous kernel: copy before the wait
-        if s < N_TILES:
-            _copy(ring.index(s), w_tile + s * BLOCK_K, mask=mask)
-        async_copy.commit_group()  # one group a stage, empty past the last tile, so the counts stay aligned
+        mbarrier.expect(bars.index(s), w_desc.block_type.nbytes, pred=s < N_TILES)
+        _tma_load(w_desc, [n0, k_lo + s * BLOCK_K], bars.index(s), ring.index(s), pred=s < N_TILES)
     if GDC:
         gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
                                   pack=1)
         gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
                                   is_pure=False, pack=1)
     acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, layout)
+    offs_k = k_lo + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, layout))
     for i in range(N_TILES):
+        slot = i % STAGES
         xt = gl.load(x_ptr + offs_k + i * BLOCK_K).to(gl.float32)  # (BLOCK_K,), from L2
-        async_copy.wait_group(STAGES - 1)  # the oldest group, tile i, has landed (this thread's copies)
-        _barrier()  # and every thread's
-        wt = ring.index(i % STAGES).load(layout).to(gl.float32)
-        acc += wt * xt[None, :]
-        _barrier()  # every thread has read the buffer before it is refilled
-        if i + STAGES < N_TILES:
-            _copy(ring.index(i % STAGES), w_tile + (i + STAGES) * BLOCK_K, mask=mask)
-        async_copy.commit_group()
-    y = gl.sum(acc, axis=1)  # (BLOCK_N,)
+        mbarrier.wait(bars.index(slot), (i // STAGES) & 1)  # tile i has landed
+        acc += ring.index(slot).load(layout).to(gl.float32) * xt[None, :]
+        refill = i + STAGES < N_TILES  # the compiler syncs the CTA before the buffer is overwritten
+        mbarrier.expect(bars.index(slot), w_desc.block_type.nbytes, pred=refill)
+        _tma_load(w_desc, [n0, k_lo + (i + STAGES) * BLOCK_K], bars.index(slot), ring.index(slot), pred=refill)
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(s))
+    out: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])  # one thread an output
+    y = gl.convert_layout(gl.sum(acc, axis=1), out)  # (BLOCK_N,)
+    offs_n = n0 + gl.arange(0, BLOCK_N, layout=out)
     if SPLIT_K == 1:
-        gl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+        gl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
     else:
-        gl.store(part_ptr + pid_k * N + offs_n, y, mask=mask_n)
+        gl.store(part_ptr + pid_k * N + offs_n, y, mask=offs_n < N)
 
 
 def supported(x: torch.Tensor, w: torch.Tensor, block_k: int) -> bool:
-    """Whether stream_gemv runs here: one row, CUDA (compute capability >= 8: cp.async), a 16-bit dtype, rows
-    of w contiguous and K a multiple of block_k."""
+    """Whether stream_gemv runs here: one row, CUDA (compute capability >= 9: TMA), a 16-bit dtype, rows of w
+    contiguous and 16-byte aligned (TMA) and K a multiple of block_k."""
     return (x.is_cuda and x.shape[0] == 1 and x.dtype in DTYPES and w.dtype == x.dtype and w.stride(1) == 1
             and x.stride(-1) == 1 and w.shape[1] % block_k == 0
-            and _device(x.device)[0] >= 8)
+            and w.data_ptr() % 16 == 0 and w.stride(0) * w.element_size() % 16 == 0 and _device(x.device)[0] >= 9)
 
 
 @functools.cache
@@ -109,7 +107,7 @@ def stream_gemv(x: torch.Tensor, w: torch.Tensor, *, block_n: int = 32, block_k:
     check_dtype(x, DTYPES, OP)
     if M != 1:
         raise KernelArgError(f"{OP}: takes one row, got x of {M} rows; use overlap.kernels.norm_gemv for more")
-    if block_k % VEC_ELEMS or not 8 <= block_k // VEC_ELEMS <= 32 or block_k & (block_k - 1):
+    if block_k not in (64, 128, 256):
         raise KernelArgError(f"{OP}: block_k={block_k}; valid: a power of two from 64 to 256")
     if K % (block_k * split_k):
         raise KernelArgError(f"{OP}: K={K} is not a multiple of block_k x split_k = {block_k} x {split_k}")
@@ -118,9 +116,14 @@ def stream_gemv(x: torch.Tensor, w: torch.Tensor, *, block_n: int = 32, block_k:
                              f"{x.stride()}, {w.stride()})")
     y = torch.empty((1, N), dtype=x.dtype, device=x.device)
     part = torch.empty((split_k, 1, N), dtype=torch.float32, device=x.device) if split_k > 1 else y
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
     launch = {"launch_pdl": True} if pdl else {}
+    dtype = gl.bfloat16 if w.dtype == torch.bfloat16 else gl.float16
+    desc = TensorDescriptor.from_tensor(w, [block_n, block_k], gl.NVMMASharedLayout.get_default_for([block_n, block_k],
+                                                                                                   dtype))
     stream_gemv_kernel[(triton.cdiv(N, block_n), split_k)](
-        x, w, y, part, N, w.stride(0), K_SHARE=K // split_k, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
+        desc, x, y, part, N, K_SHARE=K // split_k, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
         SPLIT_K=split_k, GDC=pdl, num_warps=num_warps, **launch)
     if split_k > 1:
         block = 256
