@@ -28,7 +28,8 @@ records: fused); with it, decode attention runs as one Triton pass unless decode
 decode_kernel), and decode's wqkv and w13 GEMVs through overlap.kernels.norm_gemv unless triton_gemv is false
 (records: triton_gemv); swiglu_gemv (default false) runs decode's SwiGLU in the epilogue of w13's GEMV
 (records: swiglu_gemv); pdl (default true on GPUs of compute capability >= 9) launches decode's kernels with
-programmatic dependent launch, wo and w2 through the Triton GEMV too (records: pdl). ISO variants are timed
+programmatic dependent launch, wo and w2 through the Triton GEMV too (records: pdl), and with it batch-1 decode's
+GEMVs through overlap.kernels.stream_gemv unless stream_gemv is false (records: stream_gemv). ISO variants are timed
 once per (iso_ctas, iso_sm_carveout) pair of the job's lists (default [null] each: NCCL's own thread-block
 count, no carve-out; Runtime.set_iso_), recorded as such.
 
@@ -180,8 +181,8 @@ def pdl_on(job: dict, ctx: TPContext) -> bool:
 
 def stream_gemv_on(job: dict, ctx: TPContext) -> bool:
     """Batch-1 decode GEMVs through overlap.kernels.stream_gemv (weight tiles into shared memory before the PDL
-    wait), when the job says stream_gemv (default false) and PDL is on."""
-    return pdl_on(job, ctx) and bool(job.get("stream_gemv"))
+    wait) when PDL is on, unless the job says stream_gemv: false."""
+    return pdl_on(job, ctx) and job.get("stream_gemv", True) is not False
 
 
 def decode_kernels(job: dict, ctx: TPContext) -> dict:

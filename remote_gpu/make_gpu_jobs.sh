@@ -59,7 +59,7 @@ for r in 4 8; do
   mk "v${r}_dec_sg" "${V[@]}" bench.virtual_tp=$r "${D[@]}" bench.pdl=false bench.swiglu_gemv=true
   mk "v${r}_dec_pdl" "${V[@]}" bench.virtual_tp=$r "${D[@]}" bench.pdl=true
   mk "v${r}_dec_pdl_sg" "${V[@]}" bench.virtual_tp=$r "${D[@]}" bench.pdl=true bench.swiglu_gemv=true
-  mk "v${r}_dec_st" "${V[@]}" bench.virtual_tp=$r "${D[@]}" bench.pdl=true bench.stream_gemv=true  # shared-memory weight ring
+  mk "v${r}_dec_nost" "${V[@]}" bench.virtual_tp=$r "${D[@]}" bench.pdl=true bench.stream_gemv=false  # no shared-memory weight ring
 done
 # the headline table of docs/benchmarks/spd_bench.md: ours against transformers' compiled model, R = 4 and 8
 for r in 4 8; do

@@ -214,7 +214,7 @@ class BenchConfig:
     triton_gemv: bool = True  # with fuse on CUDA: decode's wqkv and w13 GEMVs through norm_gemv's kernel (no norm)
     swiglu_gemv: bool = False  # with fuse on CUDA: decode's SwiGLU in the epilogue of w13's GEMV (norm_gemv's kernel)
     pdl: bool = True  # with fuse and triton_gemv on CUDA >= sm_90: decode's kernels with programmatic dependent launch
-    stream_gemv: bool = False  # with pdl: batch-1 decode GEMVs stream their first weight tiles into shared memory
+    stream_gemv: bool = True  # with pdl: batch-1 decode GEMVs stream their first weight tiles into shared memory
     # before the PDL wait (overlap.kernels.stream_gemv)
     compile: bool = False  # torch.compile the decode step's blocks before CUDA-graph capture
     prefill_graphs: bool = False  # capture prefill in CUDA graphs too

@@ -237,6 +237,7 @@ def test_table_keeps_each_decode_kernel_switch_in_its_own_table():
     base = dict(_rec("nocomm", 10.9), fused=True, decode_kernel=True, triton_gemv=True, pdl=False)
     text = tables([base, dict(base, median_ms=10.3, pdl=True), dict(base, median_ms=10.95, swiglu_gemv=True),
                    dict(base, median_ms=10.46, pdl=True, qkv_in_attention=True),  # an old record's switch (removed)
+                   dict(base, median_ms=9.67, pdl=True, stream_gemv=True),
                    dict(_rec("nocomm", 116.8, phase="prefill", tokens=2048, context=0), fused=True, pdl=True),
                    dict(_rec("nocomm", 115.8, phase="prefill", tokens=2048, context=0), fused=True,
                         fuse_residual=True)])  # an old record's switch (removed)
@@ -244,9 +245,10 @@ def test_table_keeps_each_decode_kernel_switch_in_its_own_table():
     assert "fused elementwise + Triton decode attention + Triton GEMV + PDL, on" in text
     assert "fused elementwise + Triton decode attention + Triton GEMV + swiglu_gemv, on" in text
     assert "fused elementwise + Triton decode attention + Triton GEMV + PDL + qkv in attention, on" in text
+    assert "fused elementwise + Triton decode attention + Triton GEMV + PDL + stream GEMV, on" in text
     assert "prefill, bfloat16, impl nccl, fused elementwise, on" in text  # pdl is decode's: prefill runs without
     assert "prefill, bfloat16, impl nccl, fused elementwise + residual in norm, on" in text  # fuse_residual: both
-    assert all(text.count(ms) == 1 for ms in ("10.30", "10.90", "10.95", "10.46")), text
+    assert all(text.count(ms) == 1 for ms in ("10.30", "10.90", "10.95", "10.46", "9.67")), text
 
 
 @pytest.mark.parametrize("degree", [["parallel.tp=3"], ["bench.virtual_tp=3", "bench.variants=[nocomm]"]])

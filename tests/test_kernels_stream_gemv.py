@@ -58,23 +58,31 @@ def test_matches_plain_torch_on_the_gpu(n, k, cfg, pdl):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
-                    reason="needs a GPU of compute capability >= 9 (PDL)")
+                    reason="needs a GPU of compute capability >= 9 (PDL, TMA)")
 @torch.no_grad()
 def test_runtime_with_stream_gemv_decodes_like_without_it():
     """Runtime(stream_gemv=True) at batch 1 (every decode GEMV through the kernel, CUDA graphs, PDL) against
-    Runtime(pdl=True) alone: logits within bf16 rounding noise over 4 blocks, the same greedy tokens."""
+    Runtime(pdl=True) alone, over 4 blocks of a random bf16 model: their logits differ by no more than the
+    Triton GEMV's differ from cuBLAS's (the bf16 rounding noise of sums in another order; a kernel reading a
+    wrong tile or row would be off by O(1)). Greedy tokens are no yardstick here: a random model's top logits
+    are near ties."""
     from overlap.context import single
     from overlap.model import ModelArgs, Transformer
     from overlap.runtime import Runtime
 
     args = ModelArgs(vocab_size=1024, dim=1024, n_layers=4, n_heads=16, n_kv_heads=2, ffn_dim=3584)
     full = Transformer.from_args(args, device="cuda", dtype=torch.bfloat16, seed=5)
-    ids = torch.randint(0, 1024, (1, 24), generator=torch.Generator().manual_seed(6)).cuda()
+    ids = torch.randint(0, 1024, (1, 40), generator=torch.Generator().manual_seed(6)).cuda()
     outs = {}
-    for stream in (False, True):
-        rt = Runtime(full, single("cuda:0"), 1, 64, fuse=True, triton_gemv=True, pdl=True, stream_gemv=stream)
+    for name, flags in (("cublas", {}), ("pdl", dict(triton_gemv=True, pdl=True)),
+                        ("stream", dict(triton_gemv=True, pdl=True, stream_gemv=True))):
+        rt = Runtime(full, single("cuda:0"), 1, 64, fuse=True, **flags)
         rt.prefill(ids[:, :16])
-        outs[stream] = torch.cat([rt.decode_one(ids[:, i : i + 1]).float() for i in range(16, 24)], 1)
-    err = ((outs[True] - outs[False]).norm() / outs[False].norm()).item()
-    assert err < 2e-2, err
-    assert (outs[True].argmax(-1) == outs[False].argmax(-1)).float().mean() >= 0.9
+        outs[name] = torch.cat([rt.decode_one(ids[:, i : i + 1]).float() for i in range(16, 40)], 1)
+
+    def err(a, b):
+        return ((outs[a] - outs[b]).norm() / outs[b].norm()).item()
+
+    noise = err("pdl", "cublas")
+    assert 0 < err("stream", "pdl") <= 2 * noise + 1e-3, (err("stream", "pdl"), noise)
+    assert err("stream", "pdl") < 2e-2
