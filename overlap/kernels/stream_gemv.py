@@ -32,7 +32,8 @@ OP = "stream_gemv"
 DTYPES = (torch.bfloat16, torch.float16)
 BLOCK_N = 32  # the runtime's configuration (streamed): weight rows a program
 BLOCK_K = 128  # columns a tile
-STAGES = 4  # tiles in flight a program (4 x 32 x 128 bf16: 32 KB of shared memory), all copied before the PDL wait
+STAGES = 3  # tiles in flight a program (3 x 32 x 128 bf16: 24 KB of shared memory), all copied before the PDL wait;
+# of 2, 3, 4 and 8, 3 made the R = 4 batch-1 step fastest on an H200 (docs/benchmarks/pdl.md, "stream_gemv")
 PROGRAMS_PER_SM = 2  # split-K target, as norm_gemv's
 # the TMA load: Triton 3.6 names it async_copy_global_to_shared, later releases async_load
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
