@@ -110,7 +110,7 @@ def label_eager(kernels: list[dict], ops: dict[int, dict], names: dict, rows: in
         eid = k.get("args", {}).get("External id")
         op = ops.get(eid)
         label, mkn = by_name(k["name"]), None
-        if k["name"].startswith("norm_gemv_kernel"):
+        if k["name"].startswith(("norm_gemv_kernel", "stream_gemv_kernel")):  # stream_gemv: batch 1 with it
             name = gemvs[triton_gemvs % len(gemvs)]
             triton_gemvs += 1
             label, mkn = f"gemm: {name}", (rows, *by_weight[name])
@@ -286,6 +286,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                    help="decode with programmatic dependent launch (spd-bench's default on sm_90+; --no-pdl: without)")
+    p.add_argument("--stream-gemv", action=argparse.BooleanOptionalAction, default=True,
+                   help="with pdl, batch-1 GEMVs through overlap.kernels.stream_gemv (spd-bench's default)")
     p.add_argument("--reanalyse", action="store_true",
                    help="only label and summarise the traces already in --out (rates from its kernel_kinds.json)")
     a = p.parse_args(argv)
@@ -312,7 +314,8 @@ def main(argv=None) -> None:
     set_nocomm_(model, True)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     gen = torch.Generator().manual_seed(0)
-    result = dict(rates=rates, virtual_tp=a.virtual_tp, layers=a.layers, pdl=pdl, batch=a.batch,
+    stream = pdl and a.stream_gemv
+    result = dict(rates=rates, virtual_tp=a.virtual_tp, layers=a.layers, pdl=pdl, stream_gemv=stream, batch=a.batch,
                   device=torch.cuda.get_device_name(0) if cuda else "cpu", torch=torch.__version__, summaries={})
     def trace(fn, path: Path, shapes: bool):
         with profile(activities=acts, record_shapes=shapes) as prof:
@@ -326,7 +329,7 @@ def main(argv=None) -> None:
     tok = torch.randint(0, args.vocab_size, (a.batch, 1), generator=gen).to(dev)
     for graphs in ([False, True] if cuda else [False]):
         rt = Runtime(model, ctx, a.batch, -(-(pos + 1) // 64) * 64, cuda_graphs=graphs, fuse=cuda, decode_kernel=cuda,
-                     triton_gemv=cuda, pdl=pdl)  # spd-bench's default decode step
+                     triton_gemv=cuda, pdl=pdl, stream_gemv=stream)  # spd-bench's default decode step
 
         def steps(rt=rt):
             for _ in range(STEPS):

@@ -85,3 +85,15 @@ def test_with_pdl_all_four_gemvs_are_triton_and_overlapping_kernels_count_their_
     assert us == {"gemm: wqkv": 12, "attention: Triton split (RoPE, cache write, attention)": 4, "gemm: wo": 9,
                   "gemm: w13": 59, "gemm: w2": 26}
     assert sum(us.values()) == s["busy_us_per_step"] == 110
+
+
+def test_stream_gemv_launches_are_labelled_like_the_triton_gemv():
+    """Runtime(stream_gemv=True) at batch 1: the four GEMVs launch stream_gemv_kernel (wqkv and wo with their
+    split-K reduce), labelled in block order like norm_gemv_kernel's launches."""
+    kernels = [_kernel("stream_gemv_kernel", 0, 12, 1), _kernel("split_k_reduce_kernel", 12, 1, 2),
+               _kernel("split_kernel", 14, 5, 3), _kernel("stream_gemv_kernel", 20, 10, 4),
+               _kernel("stream_gemv_kernel", 31, 55, 5), _kernel("stream_gemv_kernel", 87, 28, 6)]
+    labelled, _ = kk.label_eager(kernels, {}, kk.gemm_names(SHAPE), gemvs=kk.TRITON_GEMVS_PDL)
+    assert [lab for _, lab, _ in labelled] == ["gemm: wqkv", "gemm: wqkv",
+                                              "attention: Triton split (RoPE, cache write, attention)",
+                                              "gemm: wo", "gemm: w13", "gemm: w2"]
