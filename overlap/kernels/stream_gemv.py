@@ -25,6 +25,7 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from overlap.kernels.checks import KernelArgError, check_dtype, check_matmul
 
@@ -98,8 +99,8 @@ def _device(device: torch.device) -> tuple[int, int]:
     return p.major, p.multi_processor_count
 
 
-def stream_gemv(x: torch.Tensor, w: torch.Tensor, *, block_n: int = 32, block_k: int = 128, stages: int = 8,
-                split_k: int = 1, num_warps: int = 4, pdl: bool = False) -> torch.Tensor:
+def stream_gemv(x: torch.Tensor, w: torch.Tensor, *, block_n: int = BLOCK_N, block_k: int = BLOCK_K,
+                stages: int = STAGES, split_k: int = 1, num_warps: int = 4, pdl: bool = False) -> torch.Tensor:
     """x @ w.T for one decode row x (1, K), w (N, K) -> (1, N). pdl: launch with programmatic dependent launch
     (compute capability >= 9): the first `stages` weight tiles are copied before the wait on the previous kernel."""
     from overlap.kernels.norm_gemv import split_k_reduce_kernel
@@ -117,8 +118,6 @@ def stream_gemv(x: torch.Tensor, w: torch.Tensor, *, block_n: int = 32, block_k:
                              f"{x.stride()}, {w.stride()})")
     y = torch.empty((1, N), dtype=x.dtype, device=x.device)
     part = torch.empty((split_k, 1, N), dtype=torch.float32, device=x.device) if split_k > 1 else y
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
     launch = {"launch_pdl": True} if pdl else {}
     dtype = gl.bfloat16 if w.dtype == torch.bfloat16 else gl.float16
     desc = TensorDescriptor.from_tensor(w, [block_n, block_k], gl.NVMMASharedLayout.get_default_for([block_n, block_k],
