@@ -28,6 +28,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from overlap.kernels.checks import KernelArgError, check_dtype, check_matmul
+from overlap.kernels.norm_gemv import split_k_reduce_kernel
 
 OP = "stream_gemv"
 DTYPES = (torch.bfloat16, torch.float16)
@@ -103,8 +104,6 @@ def stream_gemv(x: torch.Tensor, w: torch.Tensor, *, block_n: int = BLOCK_N, blo
                 stages: int = STAGES, split_k: int = 1, num_warps: int = 4, pdl: bool = False) -> torch.Tensor:
     """x @ w.T for one decode row x (1, K), w (N, K) -> (1, N). pdl: launch with programmatic dependent launch
     (compute capability >= 9): the first `stages` weight tiles are copied before the wait on the previous kernel."""
-    from overlap.kernels.norm_gemv import split_k_reduce_kernel
-
     M, N, K = check_matmul(x, w, OP)
     check_dtype(x, DTYPES, OP)
     if M != 1:
