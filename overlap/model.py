@@ -238,7 +238,7 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, input_pos, mask, kv_len):
         if self.attn_sync.impl is not None:  # overlap.kernels' fused GEMM + all-reduce (impl != nccl)
             return self.forward_fused(x, cos, sin, input_pos, mask, kv_len)
-        if self.ops.norm_linear is not None and x.shape[0] * x.shape[1] <= NORM_LINEAR_MAX_ROWS:  # decode rows
+        if self.ops.norm_linear is not None and x.shape[0] * x.shape[1] <= self.ops.norm_linear_rows:  # decode rows
             return self.forward_norm_linear(x, cos, sin, input_pos, mask, kv_len)
         a = self.attn(self.attn_norm(x), cos, sin, input_pos, mask, kv_len)  # (B, S, D) partial
         if self.spd:
@@ -299,7 +299,8 @@ class Transformer(nn.Module):
         triton_gemv) launches every kernel of a decode step but the embedding's and lm_head's with programmatic
         dependent launch (norm_gemv's kernels too), wo and w2 through the Triton GEMV too (gemv_down_op);
         stream_gemv=True (with pdl) runs batch-1 decode's four GEMVs through overlap.kernels.stream_gemv, which copies
-        its first weight tiles into shared memory before the PDL wait (other row counts: as without it)."""
+        its first weight tiles into shared memory before the PDL wait, attn_norm folded into wqkv's and mlp_norm and
+        SwiGLU into w13's (other row counts: as without it)."""
         from overlap.fused_ops import fused_ops  # torch.compile and Triton only when asked for
 
         if pdl and not (on and triton_gemv):
@@ -326,9 +327,11 @@ class Transformer(nn.Module):
             if pdl:
                 ops = dataclasses.replace(ops, gemv_down=with_pdl(gemv_down_op))
             if stream_gemv:
-                from overlap.kernels.stream_gemv import streamed
+                from overlap.kernels.stream_gemv import streamed, streamed_norm_linear
 
                 ops = dataclasses.replace(ops, gemv=streamed(ops.gemv), gemv_down=streamed(ops.gemv_down))
+                rows = ops.norm_linear_rows if ops.norm_linear is not None else 1  # with norm_gemv: its rows too
+                ops = dataclasses.replace(ops, norm_linear=streamed_norm_linear(ops), norm_linear_rows=rows)
         for m in self.modules():
             if isinstance(m, (Block, Attention, MLP, RMSNorm)):
                 m.ops = ops

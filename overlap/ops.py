@@ -87,6 +87,7 @@ class Ops:
     # norm_linear(x (M, K), w, norm_weight, eps, gated) for rows M <= 16 (the function above): a block's norm +
     # wqkv and norm + w13 + SwiGLU as one kernel each (overlap.kernels.norm_gemv); None: the separate steps
     norm_linear: object = None
+    norm_linear_rows: int = 16  # the most decode rows a block runs through norm_linear (stream_gemv's: 1)
     # gemv(x (M, K), w) for rows M <= 16: wqkv's and w13's decode GEMVs (overlap.kernels.norm_gemv without a norm,
     # faster than cuBLAS at those skinny shapes); None: nn.Linear (cuBLAS)
     gemv: object = None

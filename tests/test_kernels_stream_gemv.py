@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from overlap.kernels.checks import KernelArgError
-from overlap.kernels.stream_gemv import BLOCK_K, BLOCK_N, PROGRAMS_PER_SM, STAGES, config, stream_gemv
+from overlap.kernels.stream_gemv import BLOCK_K, BLOCK_N, PROGRAMS_PER_SM, STAGES, config, reference, stream_gemv
 
 BF16_TOL = 1e-2  # one bf16 rounding of the output (eps 3.9e-3) over fp32 sums in another order
 
@@ -35,6 +35,64 @@ def test_bad_arguments_say_what_is_wrong():
         stream_gemv(torch.zeros(1, 256, dtype=torch.bfloat16), w, block_k=128, split_k=4)
     with pytest.raises(KernelArgError, match="CUDA"):
         stream_gemv(torch.zeros(1, 256, dtype=torch.bfloat16), w, block_k=128)
+    with pytest.raises(KernelArgError, match="norm_weight has shape \\(128,\\), x's rows need \\(256,\\)"):
+        stream_gemv(torch.zeros(1, 256, dtype=torch.bfloat16), w, norm_weight=torch.ones(128))
+    with pytest.raises(KernelArgError, match="swiglu needs w's rows to be \\[gate; up\\]"):
+        stream_gemv(torch.zeros(1, 256, dtype=torch.bfloat16), w[:63], swiglu=True)
+
+
+def test_config_of_swiglu_halves_the_rows_of_a_tile():
+    c = config(2 * 7168, 8192, 132, swiglu=True)  # w13 of the LLaMA-2-70B R = 4 shard: 448 programs of 16 + 16 rows
+    assert (c["block_n"], c["split_k"]) == (BLOCK_N // 2, 1)
+
+
+@torch.no_grad()
+def test_runtime_routes_one_row_decode_through_the_fused_norm_and_swiglu(monkeypatch):
+    """On the CPU, with stream_gemv standing in as its plain-torch reference (the kernel itself is Gluon, GPU-only):
+    Transformer.set_fused_(stream_gemv=True)'s ops run a batch-1 decode step's attn_norm + wqkv and mlp_norm + w13
+    + SwiGLU as one norm_linear call each, and wo and w2 as one GEMV each, with configurations the kernel takes;
+    batch 2 takes the unfused steps; logits equal the eager model's (fp32) in a baseline and an SPD block."""
+    import copy
+    import dataclasses
+
+    import overlap.kernels.stream_gemv as sg
+    from overlap.context import single
+    from overlap.model import ModelArgs, Transformer
+    from overlap.ops import EAGER_OPS
+    from overlap.runtime import Runtime
+
+    calls = []
+
+    def fake(x, w, *, norm_weight=None, eps=1e-5, swiglu=False, block_n, block_k, stages, split_k, pdl):
+        assert pdl and x.shape[0] == 1 and w.shape[1] % (block_k * split_k) == 0 and stages == STAGES
+        calls.append((norm_weight is not None, swiglu))
+        return reference(x, w, norm_weight=norm_weight, eps=eps, swiglu=swiglu)
+
+    monkeypatch.setattr(sg, "stream_gemv", fake)
+    monkeypatch.setattr(sg, "supported", lambda x, w, block_k: x.shape[0] == 1)
+    monkeypatch.setattr(sg, "_device", lambda device: (9, 132))
+    args = ModelArgs(vocab_size=128, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=384)
+    full = Transformer.from_args(args, seed=3)
+    full.layers[1].spd = True
+    for batch in (1, 2):
+        ids = torch.randint(0, 128, (batch, 14), generator=torch.Generator().manual_seed(batch))
+        outs = {}
+        for fused in (False, True):
+            model = copy.deepcopy(full)
+            rt = Runtime(model, single("cpu"), batch, 32, cuda_graphs=False)  # eager ops
+            if fused:
+                ops = dataclasses.replace(EAGER_OPS, gemv=lambda x, w: x @ w.T, gemv_down=lambda x, w: x @ w.T)
+                ops = dataclasses.replace(ops, gemv=sg.streamed(ops.gemv), gemv_down=sg.streamed(ops.gemv_down))
+                ops = dataclasses.replace(ops, norm_linear=sg.streamed_norm_linear(ops), norm_linear_rows=1)
+                for m in model.modules():
+                    if hasattr(m, "ops"):
+                        m.ops = ops
+            calls.clear()
+            rt.prefill(ids[:, :10])
+            outs[fused] = torch.cat([rt.decode_one(ids[:, i : i + 1]) for i in range(10, 14)], 1)
+        assert (outs[True] - outs[False]).abs().max() <= 1e-4 * outs[False].abs().max()
+        per_step = [(True, False), (False, False), (True, True), (False, False)] * args.n_layers  # wqkv, wo, w13, w2
+        assert calls == (per_step * 4 if batch == 1 else []), calls[:8]
 
 
 @pytest.mark.gpu
@@ -55,6 +113,28 @@ def test_matches_plain_torch_on_the_gpu(n, k, cfg, pdl):
     out = stream_gemv(x, w, pdl=pdl, **cfg).float()
     assert out.shape == (1, n)
     assert ((out - ref).norm() / ref.norm()).item() < BF16_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n,k", [(2560, 8192), (14336, 8192), (200, 1024)])
+@pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize("split_k", [1, 4])
+@pytest.mark.parametrize("pdl", [False, True])
+def test_norm_and_swiglu_match_the_unfused_steps_on_the_gpu(n, k, swiglu, split_k, pdl):
+    """With the norm folded in (and SwiGLU of [gate; up] rows): against reference, the unfused steps in plain torch
+    (rms_norm, linear, swiglu); x with a non-unit scale and norm weights away from 1, so a missing rstd or g fails."""
+    if pdl and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("PDL needs compute capability >= 9")
+    g = torch.Generator(device="cuda").manual_seed(n + k + split_k)
+    x = (torch.randn(1, k, device="cuda", generator=g) * 3).bfloat16()
+    nw = (1 + 0.5 * torch.randn(k, device="cuda", generator=g)).bfloat16()
+    w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16()
+    ref = reference(x, w, norm_weight=nw, eps=1e-5, swiglu=swiglu).float()
+    block_n = 16 if swiglu else 32
+    out = stream_gemv(x, w, norm_weight=nw, eps=1e-5, swiglu=swiglu, block_n=block_n, split_k=split_k, pdl=pdl)
+    assert out.shape == (1, n // 2 if swiglu else n)
+    assert ((out.float() - ref).norm() / ref.norm()).item() < BF16_TOL
 
 
 @pytest.mark.gpu
@@ -102,7 +182,7 @@ class _FakeWeight:
         return (self.shape[1], 1)
 
 
-def _compile_for_sm90(n: int, k: int, split_k: int):
+def _compile_for_sm90(n: int, k: int, split_k: int, norm: bool = False, swiglu: bool = False):
     """stream_gemv_kernel compiled ahead of time for sm_90 (ptxas ships with Triton), or None where this Triton's
     private binding helpers differ from the ones this uses."""
     import triton
@@ -122,7 +202,9 @@ def _compile_for_sm90(n: int, k: int, split_k: int):
         desc = TensorDescriptor(w, w.shape, w.stride(), [BLOCK_N, BLOCK_K],
                                 gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.bfloat16))
         x = _FakeWeight(1, k)
-        args = (desc, x, x, _FakeWeight(split_k, n), n, k // split_k, BLOCK_N, BLOCK_K, STAGES, split_k, True)
+        n_out = n // 2 if swiglu else n
+        args = (desc, x, x, x, _FakeWeight(split_k, n), _FakeWeight(split_k, 1), n_out, k, 1e-5, k // split_k, BLOCK_N,
+                BLOCK_K, STAGES, split_k, True, norm, swiglu)
         binder = create_function_from_signature(stream_gemv_kernel.signature, stream_gemv_kernel.params, backend)
         bound, spec, options = binder(*args, num_warps=4, launch_pdl=True)
         options, signature, constexprs, attrs = stream_gemv_kernel._pack_args(
@@ -133,15 +215,18 @@ def _compile_for_sm90(n: int, k: int, split_k: int):
                           options=options.__dict__)
 
 
-@pytest.mark.parametrize("n,k,split_k", [(2560, 8192, 4), (8192, 2048, 1)])
-def test_the_weight_copies_are_issued_before_the_pdl_wait(n, k, split_k):
-    """The kernel's point, checked in its PTX on any machine: STAGES TMA copies of weight tiles come before
-    griddepcontrol.wait (x's loads after it), the K loop refills the ring, and it fits in shared memory."""
-    kernel = _compile_for_sm90(n, k, split_k)
+@pytest.mark.parametrize("n,k,split_k,norm,swiglu", [(2560, 8192, 4, False, False), (8192, 2048, 1, False, False),
+                                                    (2560, 8192, 4, True, False), (14336, 8192, 1, True, True)])
+def test_the_weight_copies_are_issued_before_the_pdl_wait(n, k, split_k, norm, swiglu):
+    """The kernel's point, checked in its PTX on any machine: STAGES TMA copies of weight tiles (with SwiGLU a
+    gate and an up tile each) come before griddepcontrol.wait (x's and the norm weight's loads after it), the K
+    loop refills the ring, and it fits in shared memory."""
+    kernel = _compile_for_sm90(n, k, split_k, norm, swiglu)
     ptx = kernel.asm["ptx"]
     wait = ptx.index("griddepcontrol.wait")
+    halves = 2 if swiglu else 1
     before = ptx[:wait].count("cp.async.bulk.tensor")
-    assert before == STAGES, before
-    assert ptx[wait:].count("cp.async.bulk.tensor") >= 1  # the refill in the loop
+    assert before == STAGES * halves, before
+    assert ptx[wait:].count("cp.async.bulk.tensor") >= halves  # the refill in the loop
     assert "ld.global" not in ptx[:wait]  # x (the previous kernel's output) is read only after the wait
-    assert kernel.metadata.shared >= STAGES * BLOCK_N * BLOCK_K * 2
+    assert kernel.metadata.shared >= STAGES * halves * BLOCK_N * BLOCK_K * 2

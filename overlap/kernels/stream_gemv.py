@@ -1,6 +1,9 @@
 """Decode GEMV (one row) whose weight tiles stream through shared memory, the first ones before the PDL wait.
 
-    y = x @ w.T        x (1, K) a decode row, w (N, K) an nn.Linear weight, y (1, N)
+    y = act(norm(x) @ w.T)        x (1, K) a decode row, w (N, K) an nn.Linear weight, y (1, N)
+    norm, act: optional RMSNorm before (weight g) and SwiGLU after (w's rows [gate; up], y (1, N/2)), as in
+    overlap.kernels.norm_gemv: the norm's rstd factors out of the product (rstd * ((x * g) @ w.T)), so the K loop
+    sums x's squares and multiplies x by g; rstd and SwiGLU are applied to the fp32 sums at the end.
 
 The Triton GEMV (overlap.kernels.norm_gemv) can load one weight tile before griddepcontrol.wait: held in
 registers, more tiles cost occupancy (docs/benchmarks/pdl.md). Here each program (BLOCK_N rows, the s-th of
@@ -12,8 +15,10 @@ weight elements a program are read from HBM while the previous kernel (attention
 
 Written in Gluon (triton.experimental.gluon, explicit layouts and shared memory), which Triton's CPU
 interpreter does not run: parity is tested on the GPU (tests/test_kernels_stream_gemv.py) against
-`reference`, plain torch. With SPLIT_K > 1 the fp32 partials are summed, in split order, by norm_gemv's
-reduce kernel.
+`reference`, plain torch. With SPLIT_K > 1 the fp32 partials (and the shares' sums of squares) are summed, in
+split order, by norm_gemv's reduce kernel, which applies rstd and SwiGLU. In the runtime (`streamed`,
+`streamed_norm_linear`) a batch-1 decode block runs attn_norm + wqkv, wo, mlp_norm + w13 + SwiGLU and w2 through
+it: four launches (plus split-K reduces) where the separate steps took seven.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from overlap.kernels.checks import KernelArgError, check_dtype, check_matmul
 from overlap.kernels.norm_gemv import split_k_reduce_kernel
+from overlap.ops import norm_linear
 
 OP = "stream_gemv"
 DTYPES = (torch.bfloat16, torch.float16)
@@ -42,47 +48,79 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 
 @gluon.jit
-def stream_gemv_kernel(w_desc, x_ptr, y_ptr, part_ptr, N,
+def stream_gemv_kernel(w_desc, x_ptr, g_ptr, y_ptr, part_ptr, ss_ptr, N_OUT, K, eps,
                        K_SHARE: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                       SPLIT_K: gl.constexpr, GDC: gl.constexpr):
+                       SPLIT_K: gl.constexpr, GDC: gl.constexpr, NORM: gl.constexpr = False,
+                       SWIGLU: gl.constexpr = False):
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
     N_TILES: gl.constexpr = K_SHARE // BLOCK_K
+    HALVES: gl.constexpr = 2 if SWIGLU else 1  # with SwiGLU a stage holds the gate tile and the matching up tile
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     n0 = pid_n * BLOCK_N
     k_lo = pid_k * K_SHARE
-    ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
+    ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES * HALVES, BLOCK_N, BLOCK_K], w_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(bars.index(s), count=1)
     fence_async_shared()
     for s in gl.static_range(STAGES):  # weights do not depend on the previous kernel: copy before the wait
-        mbarrier.expect(bars.index(s), w_desc.block_type.nbytes, pred=s < N_TILES)
-        _tma_load(w_desc, [n0, k_lo + s * BLOCK_K], bars.index(s), ring.index(s), pred=s < N_TILES)
+        _copy(w_desc, ring, bars, s, n0, N_OUT, k_lo + s * BLOCK_K, s < N_TILES, HALVES)
     if GDC:
         gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
                                   pack=1)
         gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
                                   is_pure=False, pack=1)
     acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, layout)
+    acc_up = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, layout)
+    ss = gl.sum(gl.zeros([BLOCK_K], gl.float32, gl.SliceLayout(0, layout)), axis=0)  # x's sum of squares, this share
     offs_k = k_lo + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, layout))
     for i in range(N_TILES):
         slot = i % STAGES
         xt = gl.load(x_ptr + offs_k + i * BLOCK_K).to(gl.float32)  # (BLOCK_K,), from L2
+        if NORM:  # norm(x) = rstd * x * g: the squares summed here, rstd applied to the sums at the end
+            ss += gl.sum(xt * xt, axis=0)
+            gt = gl.load(g_ptr + offs_k + i * BLOCK_K).to(gl.float32)
+            xt = (xt * gt).to(x_ptr.dtype.element_ty).to(gl.float32)  # rounded where the unfused norm rounds
         mbarrier.wait(bars.index(slot), (i // STAGES) & 1)  # tile i has landed
-        acc += ring.index(slot).load(layout).to(gl.float32) * xt[None, :]
-        refill = i + STAGES < N_TILES  # the compiler syncs the CTA before the buffer is overwritten
-        mbarrier.expect(bars.index(slot), w_desc.block_type.nbytes, pred=refill)
-        _tma_load(w_desc, [n0, k_lo + (i + STAGES) * BLOCK_K], bars.index(slot), ring.index(slot), pred=refill)
+        acc += ring.index(slot * HALVES).load(layout).to(gl.float32) * xt[None, :]
+        if SWIGLU:
+            acc_up += ring.index(slot * HALVES + 1).load(layout).to(gl.float32) * xt[None, :]
+        # refill with the tile STAGES ahead (the compiler syncs the CTA before the buffer is overwritten)
+        _copy(w_desc, ring, bars, slot, n0, N_OUT, k_lo + (i + STAGES) * BLOCK_K, i + STAGES < N_TILES, HALVES)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(s))
     out: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])  # one thread an output
     y = gl.convert_layout(gl.sum(acc, axis=1), out)  # (BLOCK_N,)
+    up = gl.convert_layout(gl.sum(acc_up, axis=1), out)
     offs_n = n0 + gl.arange(0, BLOCK_N, layout=out)
     if SPLIT_K == 1:
-        gl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
-    else:
-        gl.store(part_ptr + pid_k * N + offs_n, y, mask=offs_n < N)
+        if NORM:
+            rstd = 1.0 / gl.sqrt(ss / K + eps)
+            y = y * rstd
+            up = up * rstd
+        if SWIGLU:  # silu(gate) * up with the unfused steps' roundings: gate, up and silu(gate) in y's dtype
+            dt: gl.constexpr = y_ptr.dtype.element_ty
+            gate = y.to(dt).to(gl.float32)
+            y = (gate / (1.0 + gl.exp(-gate))).to(dt).to(gl.float32) * up.to(dt).to(gl.float32)
+        gl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N_OUT)
+    else:  # fp32 partials (gate and up side by side) and the share's sum of squares: norm_gemv's reduce finishes
+        gl.store(part_ptr + pid_k * N_OUT * HALVES + offs_n, y, mask=offs_n < N_OUT)
+        if SWIGLU:
+            gl.store(part_ptr + pid_k * N_OUT * HALVES + N_OUT + offs_n, up, mask=offs_n < N_OUT)
+        if NORM:
+            if pid_n == 0:
+                gl.store(ss_ptr + pid_k, ss)
+
+
+@gluon.jit
+def _copy(w_desc, ring, bars, slot, n0, N_OUT, k, pred, HALVES: gl.constexpr):
+    """TMA copies of the weight tile at rows n0 (and with SwiGLU the up rows n0 + N_OUT), columns k, into the
+    ring's buffer(s) of stage `slot`, completing on its mbarrier; nothing when pred is false."""
+    mbarrier.expect(bars.index(slot), HALVES * w_desc.block_type.nbytes, pred=pred)
+    _tma_load(w_desc, [n0, k], bars.index(slot), ring.index(slot * HALVES), pred=pred)
+    if HALVES == 2:
+        _tma_load(w_desc, [n0 + N_OUT, k], bars.index(slot), ring.index(slot * HALVES + 1), pred=pred)
 
 
 def supported(x: torch.Tensor, w: torch.Tensor, block_k: int) -> bool:
@@ -100,10 +138,13 @@ def _device(device: torch.device) -> tuple[int, int]:
     return p.major, p.multi_processor_count
 
 
-def stream_gemv(x: torch.Tensor, w: torch.Tensor, *, block_n: int = BLOCK_N, block_k: int = BLOCK_K,
-                stages: int = STAGES, split_k: int = 1, num_warps: int = 4, pdl: bool = False) -> torch.Tensor:
-    """x @ w.T for one decode row x (1, K), w (N, K) -> (1, N). pdl: launch with programmatic dependent launch
-    (compute capability >= 9): the first `stages` weight tiles are copied before the wait on the previous kernel."""
+def stream_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
+                swiglu: bool = False, block_n: int = BLOCK_N, block_k: int = BLOCK_K, stages: int = STAGES,
+                split_k: int = 1, num_warps: int = 4, pdl: bool = False) -> torch.Tensor:
+    """act(norm(x) @ w.T) for one decode row x (1, K), w (N, K) -> (1, N), or (1, N/2) with swiglu (w's rows
+    [gate; up]); norm: RMSNorm with weight norm_weight (K,) when given. pdl: launch with programmatic dependent
+    launch (compute capability >= 9): the first `stages` weight tiles are copied before the wait on the previous
+    kernel."""
     M, N, K = check_matmul(x, w, OP)
     check_dtype(x, DTYPES, OP)
     if M != 1:
@@ -112,32 +153,43 @@ def stream_gemv(x: torch.Tensor, w: torch.Tensor, *, block_n: int = BLOCK_N, blo
         raise KernelArgError(f"{OP}: block_k={block_k}; valid: a power of two from 64 to 256")
     if K % (block_k * split_k):
         raise KernelArgError(f"{OP}: K={K} is not a multiple of block_k x split_k = {block_k} x {split_k}")
+    if norm_weight is not None and tuple(norm_weight.shape) != (K,):
+        raise KernelArgError(f"{OP}: norm_weight has shape {tuple(norm_weight.shape)}, x's rows need ({K},)")
+    if swiglu and N % 2:
+        raise KernelArgError(f"{OP}: swiglu needs w's rows to be [gate; up] (an even count), got {N}")
     if not x.is_cuda or w.stride(1) != 1 or x.stride(-1) != 1:
         raise KernelArgError(f"{OP}: needs CUDA tensors with contiguous rows (x {x.device}, strides "
                              f"{x.stride()}, {w.stride()})")
-    y = torch.empty((1, N), dtype=x.dtype, device=x.device)
+    norm = norm_weight is not None
+    n_out = N // 2 if swiglu else N
+    y = torch.empty((1, n_out), dtype=x.dtype, device=x.device)
     part = torch.empty((split_k, 1, N), dtype=torch.float32, device=x.device) if split_k > 1 else y
+    ss = torch.empty((split_k, 1), dtype=torch.float32, device=x.device) if split_k > 1 and norm else part
     launch = {"launch_pdl": True} if pdl else {}
     dtype = gl.bfloat16 if w.dtype == torch.bfloat16 else gl.float16
     desc = TensorDescriptor.from_tensor(w, [block_n, block_k], gl.NVMMASharedLayout.get_default_for([block_n, block_k],
                                                                                                    dtype))
-    stream_gemv_kernel[(triton.cdiv(N, block_n), split_k)](
-        desc, x, y, part, N, K_SHARE=K // split_k, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
-        SPLIT_K=split_k, GDC=pdl, num_warps=num_warps, **launch)
+    stream_gemv_kernel[(triton.cdiv(n_out, block_n), split_k)](
+        desc, x, norm_weight if norm else x, y, part, ss, n_out, K, eps, K_SHARE=K // split_k, BLOCK_N=block_n,
+        BLOCK_K=block_k, STAGES=stages, SPLIT_K=split_k, GDC=pdl, NORM=norm, SWIGLU=swiglu, num_warps=num_warps,
+        **launch)
     if split_k > 1:
         block = 256
-        split_k_reduce_kernel[(triton.cdiv(N, block),)](part, part, y, 1, N, K, 0.0, BLOCK=block, NORM=False,
-                                                        SWIGLU=False, SPLIT_K=split_k, GDC=pdl, **launch)
+        split_k_reduce_kernel[(triton.cdiv(n_out, block),)](part, ss, y, 1, n_out, K, eps, BLOCK=block, NORM=norm,
+                                                            SWIGLU=swiglu, SPLIT_K=split_k, GDC=pdl, **launch)
     return y
 
 
-def config(n: int, k: int, sm_count: int) -> dict:
-    """The runtime's configuration for w (n, k): BLOCK_N x BLOCK_K tiles, STAGES of them in flight, split-K to
-    about PROGRAMS_PER_SM programs an SM (the smallest power of two; K's tiles divide evenly among the shares)."""
+def config(n: int, k: int, sm_count: int, swiglu: bool = False) -> dict:
+    """The runtime's configuration for w (n, k): BLOCK_N x BLOCK_K tiles (with swiglu BLOCK_N / 2 gate rows and
+    as many up rows: the same bytes a stage), STAGES of them in flight, split-K to about PROGRAMS_PER_SM programs
+    an SM (the smallest power of two; K's tiles divide evenly among the shares)."""
+    block_n = BLOCK_N // 2 if swiglu else BLOCK_N
+    programs = triton.cdiv(n // 2 if swiglu else n, block_n)
     split, tiles = 1, k // BLOCK_K
-    while triton.cdiv(n, BLOCK_N) * split < PROGRAMS_PER_SM * sm_count and tiles % (split * 2) == 0:
+    while programs * split < PROGRAMS_PER_SM * sm_count and tiles % (split * 2) == 0:
         split *= 2
-    return dict(block_n=BLOCK_N, block_k=BLOCK_K, stages=STAGES, split_k=split)
+    return dict(block_n=block_n, block_k=BLOCK_K, stages=STAGES, split_k=split)
 
 
 def streamed(fallback):
@@ -151,6 +203,27 @@ def streamed(fallback):
     return gemv
 
 
-def reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Plain torch: x @ w.T with fp32 accumulation, rounded to x's dtype."""
-    return (x.float() @ w.float().T).to(x.dtype)
+def streamed_norm_linear(ops):
+    """An Ops.norm_linear (x (M, K), w, norm_weight, eps, gated) that runs one-row CUDA calls through stream_gemv
+    with the norm (and SwiGLU when gated) fused, with PDL; every other call through ops.norm_linear when set (the
+    norm_gemv kernel), else as ops' separate steps (norm, gemv, swiglu)."""
+    def norm_linear(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                    gated: bool) -> torch.Tensor:
+        if not supported(x, w, BLOCK_K):
+            if ops.norm_linear is not None:
+                return ops.norm_linear(x, w, norm_weight, eps, gated)
+            y = ops.gemv(ops.norm(x, norm_weight, eps), w)
+            return ops.swiglu(y, w.shape[0] // 2) if gated else y
+        return stream_gemv(x, w, norm_weight=norm_weight, eps=eps, swiglu=gated, pdl=True,
+                           **config(w.shape[0], w.shape[1], _device(x.device)[1], swiglu=gated))
+
+    return norm_linear
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
+              swiglu: bool = False) -> torch.Tensor:
+    """Plain torch: the unfused steps (overlap.ops.norm_linear: rms_norm, F.linear with fp32 accumulation,
+    swiglu), what the eager runtime runs."""
+    if norm_weight is None and not swiglu:
+        return (x.float() @ w.float().T).to(x.dtype)
+    return norm_linear(x, w, norm_weight, eps, swiglu)
