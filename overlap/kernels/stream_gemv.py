@@ -73,13 +73,14 @@ def stream_gemv_kernel(w_desc, x_ptr, g_ptr, y_ptr, part_ptr, ss_ptr, N_OUT, K, 
                                   is_pure=False, pack=1)
     acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, layout)
     acc_up = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, layout)
-    ss = gl.sum(gl.zeros([BLOCK_K], gl.float32, gl.SliceLayout(0, layout)), axis=0)  # x's sum of squares, this share
+    ssv = gl.zeros([BLOCK_K], gl.float32, gl.SliceLayout(0, layout))  # x's squares, this share (summed at the end:
+    # a sum across warps every step would sync the CTA there)
     offs_k = k_lo + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, layout))
     for i in range(N_TILES):
         slot = i % STAGES
         xt = gl.load(x_ptr + offs_k + i * BLOCK_K).to(gl.float32)  # (BLOCK_K,), from L2
         if NORM:  # norm(x) = rstd * x * g: the squares summed here, rstd applied to the sums at the end
-            ss += gl.sum(xt * xt, axis=0)
+            ssv += xt * xt
             gt = gl.load(g_ptr + offs_k + i * BLOCK_K).to(gl.float32)
             xt = (xt * gt).to(x_ptr.dtype.element_ty).to(gl.float32)  # rounded where the unfused norm rounds
         mbarrier.wait(bars.index(slot), (i // STAGES) & 1)  # tile i has landed
@@ -94,6 +95,7 @@ def stream_gemv_kernel(w_desc, x_ptr, g_ptr, y_ptr, part_ptr, ss_ptr, N_OUT, K, 
     y = gl.convert_layout(gl.sum(acc, axis=1), out)  # (BLOCK_N,)
     up = gl.convert_layout(gl.sum(acc_up, axis=1), out)
     offs_n = n0 + gl.arange(0, BLOCK_N, layout=out)
+    ss = gl.sum(ssv, axis=0)
     if SPLIT_K == 1:
         if NORM:
             rstd = 1.0 / gl.sqrt(ss / K + eps)
