@@ -76,12 +76,20 @@ def stream_gemv_kernel(w_desc, x_ptr, g_ptr, y_ptr, part_ptr, ss_ptr, N_OUT, K, 
     ssv = gl.zeros([BLOCK_K], gl.float32, gl.SliceLayout(0, layout))  # x's squares, this share (summed at the end:
     # a sum across warps every step would sync the CTA there)
     offs_k = k_lo + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, layout))
+    # x's tile (and g's) one step ahead: its L2 latency overlaps the wait for the weight tile and the products
+    xn = gl.load(x_ptr + offs_k)
+    gn = gl.load(g_ptr + offs_k) if NORM else xn
     for i in range(N_TILES):
         slot = i % STAGES
-        xt = gl.load(x_ptr + offs_k + i * BLOCK_K).to(gl.float32)  # (BLOCK_K,), from L2
+        xt = xn.to(gl.float32)  # (BLOCK_K,)
+        gt = gn.to(gl.float32)
+        ahead = offs_k + (i + 1) * BLOCK_K
+        more = ahead < k_lo + K_SHARE
+        xn = gl.load(x_ptr + ahead, mask=more, other=0.0)
+        if NORM:
+            gn = gl.load(g_ptr + ahead, mask=more, other=0.0)
         if NORM:  # norm(x) = rstd * x * g: the squares summed here, rstd applied to the sums at the end
             ssv += xt * xt
-            gt = gl.load(g_ptr + offs_k + i * BLOCK_K).to(gl.float32)
             xt = (xt * gt).to(x_ptr.dtype.element_ty).to(gl.float32)  # rounded where the unfused norm rounds
         mbarrier.wait(bars.index(slot), (i // STAGES) & 1)  # tile i has landed
         acc += ring.index(slot * HALVES).load(layout).to(gl.float32) * xt[None, :]
