@@ -19,8 +19,7 @@ def fused_ops(pdl: bool = False) -> Ops:
     spreads a decode row over more threads than ATen's one-block-a-row kernel (10 us for 1 x 8192). On CUDA a
     decode step's RoPE, cache write and attention run as one Triton pass (overlap.decode_attention).
     pdl: inductor's kernels and the decode attention launch with programmatic dependent launch (each waits
-    for the previous kernel inside, after its launch; inductor's triton.enable_pdl), and the residual adds run
-    through overlap.kernels.pdl_add, which lets the next kernel launch at once."""
+    for the previous kernel inside, after its launch; inductor's triton.enable_pdl)."""
     if pdl not in _FUSED:
         import torch._dynamo.config as dynamo_config
 
@@ -31,9 +30,5 @@ def fused_ops(pdl: bool = False) -> Ops:
         options = {"triton.enable_pdl": True} if pdl else None
         *steps, compiled_add = (torch.compile(f, fullgraph=True, dynamic=False, options=options) for f in fns)
         heads = functools.partial(decode_attention_rope, pdl=True) if pdl else decode_attention_rope
-        if pdl:  # a Triton add that lets the next kernel launch first thing (inductor's let it only at their end)
-            from overlap.kernels.pdl_add import pdl_add
-
-            compiled_add = pdl_add
         _FUSED[pdl] = Ops(*steps, decode_heads=heads, add=compiled_add)
     return _FUSED[pdl]

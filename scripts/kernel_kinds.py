@@ -84,8 +84,6 @@ def by_name(name: str) -> str:
         return "attention: flash (SDPA)"
     if n.startswith("triton_"):
         return "fused elementwise (compiled: norms, RoPE, SwiGLU, adds)"
-    if n.startswith("add_kernel"):
-        return "residual add (overlap.kernels.pdl_add)"
     if any(k in n for k in ("gemm", "gemv", "nvjet", "cutlass", "xmma", "splitk")):
         return "gemm: ?"
     if "embedding" in n or "index" in n:
