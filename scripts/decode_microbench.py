@@ -25,7 +25,8 @@
    the fraction reached; each config is checked against the reference before it is timed (rel_err).
 
 5. overlap.kernels.stream_gemv (--only stream_gemv) at M = 1: every weight GEMV of the shards, against the
-   Triton GEMV the runtime runs without it, over block sizes, stages and split-K (stream_gemv_cases).
+   Triton GEMV the runtime runs without it, over block sizes, stages and split-K (stream_gemv_cases); at wqkv
+   and w13 also with the norm (and SwiGLU) folded in, against the compiled steps it replaces (fused_cases).
 
 Each op is timed inside a CUDA graph of CALLS calls that cycle over enough weight copies (> L2) that no
 call reads a weight from L2 (as in a real step, where every layer has its own weights); medians of
@@ -303,6 +304,33 @@ STREAM_GRID = [dict(block_n=bn, block_k=bk, stages=st) for bn in (16, 32, 64) fo
                if bn * bk * st * 2 <= 128 << 10]  # shared memory a program
 
 
+def fused_cases(emit, base: dict, x, ws: list, gated: bool, config, stream_gemv, sms: int) -> None:
+    """stream_gemv with the norm (and SwiGLU when gated) folded in, at the runtime's configuration, against the
+    steps it replaces (fused_ops' compiled RMSNorm, stream_gemv, compiled SwiGLU) and the plain GEMV alone; no
+    PDL, so each launch waits for the one before (what the fold costs inside the kernel)."""
+    from overlap.fused_ops import fused_ops
+    from overlap.kernels.stream_gemv import reference
+
+    ops = fused_ops()
+    n, k = ws[0].shape
+    g = (1 + 0.1 * torch.randn(k, device="cuda")).bfloat16()
+    fold = config(n, k, sms, swiglu=gated)
+    plain = config(n, k, sms)
+    ref = reference(x, ws[0], norm_weight=g, swiglu=gated).float()
+
+    def steps(i):
+        y = stream_gemv(ops.norm(x, g, 1e-5), ws[i % len(ws)], **plain)
+        return ops.swiglu(y, n // 2) if gated else y
+
+    runs = {"stream_gemv_fused": lambda i: stream_gemv(x, ws[i % len(ws)], norm_weight=g, swiglu=gated, **fold),
+            "compiled_steps": steps, "stream_gemv_plain": lambda i: stream_gemv(x, ws[i % len(ws)], **plain)}
+    for impl, fn in runs.items():
+        err = None if impl == "stream_gemv_plain" else ((fn(0).float() - ref).norm() / ref.norm()).item()
+        us = time_graph(fn)
+        emit(dict(base, impl=impl, **(fold if impl == "stream_gemv_fused" else plain), norm=impl != "stream_gemv_plain",
+                  swiglu=gated and impl != "stream_gemv_plain", us=us, floor_frac=base["floor_us"] / us, rel_err=err))
+
+
 def stream_gemv_cases(emit, tps=(4, 8), deadline: float = float("inf")) -> None:
     """overlap.kernels.stream_gemv at M = 1 against the Triton GEMV the runtime runs without it (gemv_op for wqkv
     and w13, gemv_down_op for wo and w2), both without PDL (back to back: what the shared-memory ring costs or
@@ -327,6 +355,8 @@ def stream_gemv_cases(emit, tps=(4, 8), deadline: float = float("inf")) -> None:
             now = gemv_down_op if style == "row" else gemv_op
             us = time_graph(lambda i: now(x, ws[i % len(ws)]))
             emit(dict(base, impl="triton_gemv", us=us, floor_frac=base["floor_us"] / us))
+            if style == "col":  # what the runtime runs there: the norm (and at gate_up SwiGLU) folded in
+                fused_cases(emit, base, x, ws, layer == "gate_up", config, stream_gemv, sms)
             cfgs = [dict(config(n, k, sms), runtime=True)]
             cfgs += [dict(c, split_k=s) for c in STREAM_GRID for s in (1, 2, 4, 8) if k % (c["block_k"] * s) == 0
                      and sms // 2 <= -(-n // c["block_n"]) * s <= 4 * sms]  # programs: half a wave to 4 an SM
