@@ -304,12 +304,12 @@ STREAM_GRID = [dict(block_n=bn, block_k=bk, stages=st) for bn in (16, 32, 64) fo
                if bn * bk * st * 2 <= 128 << 10]  # shared memory a program
 
 
-def fused_cases(emit, base: dict, x, ws: list, gated: bool, config, stream_gemv, sms: int) -> None:
+def fused_cases(emit, base: dict, x, ws: list, gated: bool, sms: int) -> None:
     """stream_gemv with the norm (and SwiGLU when gated) folded in, at the runtime's configuration, against the
     steps it replaces (fused_ops' compiled RMSNorm, stream_gemv, compiled SwiGLU) and the plain GEMV alone; no
     PDL, so each launch waits for the one before (what the fold costs inside the kernel)."""
     from overlap.fused_ops import fused_ops
-    from overlap.kernels.stream_gemv import reference
+    from overlap.kernels.stream_gemv import config, reference, stream_gemv
 
     ops = fused_ops()
     n, k = ws[0].shape
@@ -356,7 +356,7 @@ def stream_gemv_cases(emit, tps=(4, 8), deadline: float = float("inf")) -> None:
             us = time_graph(lambda i: now(x, ws[i % len(ws)]))
             emit(dict(base, impl="triton_gemv", us=us, floor_frac=base["floor_us"] / us))
             if style == "col":  # what the runtime runs there: the norm (and at gate_up SwiGLU) folded in
-                fused_cases(emit, base, x, ws, layer == "gate_up", config, stream_gemv, sms)
+                fused_cases(emit, base, x, ws, layer == "gate_up", sms)
             cfgs = [dict(config(n, k, sms), runtime=True)]
             cfgs += [dict(c, split_k=s) for c in STREAM_GRID for s in (1, 2, 4, 8) if k % (c["block_k"] * s) == 0
                      and sms // 2 <= -(-n // c["block_n"]) * s <= 4 * sms]  # programs: half a wave to 4 an SM

@@ -86,9 +86,8 @@ def stream_gemv_kernel(w_desc, x_ptr, g_ptr, y_ptr, part_ptr, ss_ptr, N_OUT, K, 
         ahead = offs_k + (i + 1) * BLOCK_K
         more = ahead < k_lo + K_SHARE
         xn = gl.load(x_ptr + ahead, mask=more, other=0.0)
-        if NORM:
-            gn = gl.load(g_ptr + ahead, mask=more, other=0.0)
         if NORM:  # norm(x) = rstd * x * g: the squares summed here, rstd applied to the sums at the end
+            gn = gl.load(g_ptr + ahead, mask=more, other=0.0)
             ssv += xt * xt
             xt = (xt * gt).to(x_ptr.dtype.element_ty).to(gl.float32)  # rounded where the unfused norm rounds
         mbarrier.wait(bars.index(slot), (i // STAGES) & 1)  # tile i has landed
