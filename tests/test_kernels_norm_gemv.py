@@ -187,3 +187,26 @@ def _runtime() -> dict:
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run through the tests (they set TRITON_INTERPRET=1)"
     print(json.dumps({"kernel": _interpreted, "runtime": _runtime}[sys.argv[1]]()))
+
+
+@pytest.mark.parametrize("after", [False, True])
+def test_split_k_reduce_lets_the_next_kernel_launch_before_or_after_its_wait(after):
+    """The reduce's PDL order, checked in its sm_90 PTX on any machine: launch_dependents before
+    griddepcontrol.wait by default (norm_gemv's), after it with LAUNCH_AFTER_WAIT (stream_gemv's)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from overlap.kernels.norm_gemv import split_k_reduce_kernel
+
+    sig = {"part_ptr": "*fp32", "ss_ptr": "*fp32", "y_ptr": "*bf16", "M": "i32", "N_OUT": "i32", "K": "i32",
+           "eps": "fp32", "BLOCK": "constexpr", "NORM": "constexpr", "SWIGLU": "constexpr", "SPLIT_K": "constexpr",
+           "GDC": "constexpr", "LAUNCH_AFTER_WAIT": "constexpr"}
+    consts = {"BLOCK": 256, "NORM": True, "SWIGLU": False, "SPLIT_K": 4, "GDC": True, "LAUNCH_AFTER_WAIT": after}
+    try:
+        src = ASTSource(split_k_reduce_kernel, sig, consts)
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    except (TypeError, ValueError, AttributeError) as e:  # Triton's private API moved
+        pytest.skip(f"this Triton's ahead-of-time compile differs: {e}")
+    wait, launch = ptx.index("griddepcontrol.wait"), ptx.index("griddepcontrol.launch_dependents")
+    assert (launch > wait) == after

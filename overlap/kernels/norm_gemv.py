@@ -145,11 +145,19 @@ def _swiglu(gate, up, y_ptr):
 
 @triton.jit
 def split_k_reduce_kernel(part_ptr, ss_ptr, y_ptr, M, N_OUT, K, eps, BLOCK: tl.constexpr, NORM: tl.constexpr,
-                          SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr, GDC: tl.constexpr = False):
-    if GDC:  # launched with PDL: the partials are the previous kernel's output. The next kernel may launch at
-        # once (its own wait covers this kernel's end, and so the wait here): its prologue overlaps more
+                          SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr, GDC: tl.constexpr = False,
+                          LAUNCH_AFTER_WAIT: tl.constexpr = False):
+    # Launched with PDL, the partials are the previous kernel's output. The next kernel may launch at once (its
+    # own wait covers this kernel's end, and so the wait here), or only after the wait (LAUNCH_AFTER_WAIT). On one
+    # H200 at R = 4, once made norm_gemv's batch-16 step 0.5 ms slower; after the wait made stream_gemv's batch-1
+    # step 0.09-0.10 ms faster, in two calls (docs/benchmarks/pdl.md, "When the split-K reduce lets the next
+    # kernel launch").
+    if GDC and not LAUNCH_AFTER_WAIT:
         tl.extra.cuda.gdc_launch_dependents()
+    if GDC:
         tl.extra.cuda.gdc_wait()
+    if GDC and LAUNCH_AFTER_WAIT:
+        tl.extra.cuda.gdc_launch_dependents()
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat (m, n) of the output
     mask = offs < M * N_OUT
     m = offs // N_OUT

@@ -185,7 +185,8 @@ def stream_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor |
     if split_k > 1:
         block = 256
         split_k_reduce_kernel[(triton.cdiv(n_out, block),)](part, ss, y, 1, n_out, K, eps, BLOCK=block, NORM=norm,
-                                                            SWIGLU=swiglu, SPLIT_K=split_k, GDC=pdl, **launch)
+                                                            SWIGLU=swiglu, SPLIT_K=split_k, GDC=pdl,
+                                                            LAUNCH_AFTER_WAIT=True, **launch)
     return y
 
 
