@@ -149,9 +149,9 @@ def split_k_reduce_kernel(part_ptr, ss_ptr, y_ptr, M, N_OUT, K, eps, BLOCK: tl.c
                           LAUNCH_AFTER_WAIT: tl.constexpr = False):
     # Launched with PDL, the partials are the previous kernel's output. The next kernel may launch at once (its
     # own wait covers this kernel's end, and so the wait here), or only after the wait (LAUNCH_AFTER_WAIT). On one
-    # H200 at R = 4, once made norm_gemv's batch-16 step 0.5 ms slower; after the wait made stream_gemv's batch-1
-    # step 0.09-0.10 ms faster, in two calls (docs/benchmarks/pdl.md, "When the split-K reduce lets the next
-    # kernel launch").
+    # H200 at R = 4, launching after the wait made norm_gemv's batch-16 step 0.5 ms slower and stream_gemv's
+    # batch-1 step 0.09-0.10 ms faster, in two calls each (docs/benchmarks/pdl.md, "... the reduce's launch
+    # order"): stream_gemv launches its reduce with LAUNCH_AFTER_WAIT, norm_gemv without.
     if GDC and not LAUNCH_AFTER_WAIT:
         tl.extra.cuda.gdc_launch_dependents()
     if GDC:
