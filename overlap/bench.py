@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 
 from overlap.context import TPContext, init_tp, shutdown
-from overlap.floors import ShardShape, floor_fields, measure_rates, times_ms
+from overlap.floors import ShardShape, Timed, floor_fields, host_launch_ms, measure_rates, times_ms
 from overlap.model import ModelArgs
 from overlap.runtime import Runtime
 from overlap.tp import build_sharded, set_nocomm_, set_plan_, spd_share_plan
@@ -66,6 +66,7 @@ SCHEMA = "spd.bench/1"
 SEQ_ALIGN = 64  # cache lengths are rounded up to this: aligned attention masks, at most 63 masked extra positions
 _SPD = re.compile(r"spd(\d{1,3})(\+iso)?$")
 ISO_CHUNKS = 2  # default bench.iso_chunks: ISO's two pieces
+HOST_BOUND_FRAC = 0.9  # a record whose host_ms is at least this fraction of its median gets a warning
 PEERS = ("hf_tp", "hf_compile")  # transformers' models, timed after ours (overlap/hf_tp.py, overlap/hf_compile.py)
 VIRTUAL_OK = ("nocomm", "hf_compile")  # what one rank's shard alone can time honestly (no communication)
 
@@ -123,14 +124,17 @@ def percentile(xs: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-def measure(fn, ctx: TPContext, warmup: int, iters: int) -> list[float]:
-    """Per-iteration milliseconds of fn() after warm-up; device events on CUDA, no host sync inside."""
+def measure(fn, ctx: TPContext, warmup: int, iters: int) -> Timed:
+    """Per-iteration milliseconds of fn() after warm-up; device events on CUDA, no host sync inside. Then, on
+    CUDA, one more call timed on the host with the device idle (host_launch_ms: what launching one iteration
+    costs the host; every rank makes that call, so collectives stay matched)."""
     for _ in range(warmup):
         fn()
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
     ctx.barrier()  # start together: a rank that is late would show up as another rank's comm time
-    return times_ms(fn, ctx.device, iters)
+    times = times_ms(fn, ctx.device, iters)
+    return Timed(times, host_launch_ms(fn, ctx.device))
 
 
 def apply_variant_(model, variant: str) -> int:
@@ -254,6 +258,9 @@ class Recorder:
         if self.rates:
             rec.update(floor_fields(self.shape, self.rates, fields["phase"], fields["tokens"], fields["batch"],
                                     fields["context"], self.dtype_bytes, rec["median_ms"]))
+        host = getattr(times, "host_ms", None)
+        if host is not None:
+            rec.update(host_ms=round(host, 4), host_frac=round(host / rec["median_ms"], 4))
         self.out.parent.mkdir(parents=True, exist_ok=True)
         with open(self.out, "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -262,6 +269,12 @@ class Recorder:
             if "floor_ms" in rec else ""
         print(f"[spd-bench] tp={self.ctx.world_size} {fields['phase']} {size} {fields['variant']}: "
               f"{rec['median_ms']:.3f} ms (p20 {rec['p20_ms']:.3f}, p80 {rec['p80_ms']:.3f}){floor}", flush=True)
+        if rec.get("host_frac", 0) >= HOST_BOUND_FRAC:
+            print(f"[spd-bench] warning: launching one iteration took the host {rec['host_ms']:.3f} ms, "
+                  f"{100 * rec['host_frac']:.0f}% of the {rec['median_ms']:.3f} ms measured: the device may have "
+                  "waited for the host, so this time may be the host's launch path (a slow or busy CPU) rather "
+                  "than the device's; CUDA graphs take the host out (bench.cuda_graphs for decode, "
+                  "bench.prefill_graphs for prefill)", flush=True)
 
 
 def run_ours(job: dict, ctx: TPContext, record: Recorder) -> None:

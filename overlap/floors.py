@@ -169,6 +169,31 @@ def times_ms(fn, device: torch.device, n: int) -> list[float]:
     return [s.elapsed_time(e) for s, e in ev]
 
 
+class Timed(list):
+    """Per-iteration milliseconds (the list) and host_ms, host_launch_ms of the same fn (None off CUDA)."""
+
+    def __init__(self, times, host_ms: float | None = None):
+        super().__init__(times)
+        self.host_ms = host_ms
+
+
+def host_launch_ms(fn, device: torch.device) -> float | None:
+    """Milliseconds the host takes to return from one call of fn issued with the device idle (CUDA; None
+    elsewhere): the launch path's time for one iteration, an upper bound of it (a launch also waits while the
+    driver's queue of pending work is full). Near the device time of an iteration, the device may have waited
+    for the host in the timed loop: the time measured is then the host's (a slow or busy CPU shows there)."""
+    import time
+
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    ms = (time.perf_counter() - t0) * 1e3
+    torch.cuda.synchronize(device)
+    return ms
+
+
 def _sig(x: float, digits: int = 6) -> float:
     return float(f"{x:.{digits}g}")
 

@@ -330,3 +330,30 @@ def test_table_states_floor_fraction_and_the_hf_compile_ratio():
     assert "Floor: the larger of bytes / measured copy bandwidth" in text
     old = tables([_rec("base", 14.0)])  # records without floors: the old columns only
     assert "floor" not in old.split("\n")[2]
+
+
+def test_a_record_states_the_hosts_launch_time_and_warns_where_it_nears_the_measured_time(tmp_path, capsys):
+    """host_ms (one iteration launched with the device idle) and host_frac go into the record; at 90% of the
+    median or more the run says the time may be the host's; CPU timings carry neither."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from overlap.bench import Recorder
+    from overlap.floors import Timed, host_launch_ms
+
+    model = dict(name="tiny", hidden_size=64, intermediate_size=172, num_layers=4, num_heads=8, num_kv_heads=4,
+                 vocab_size=512, dtype="float32")
+    job = dict(model=model, bench=dict(warmup=1, iters=3, variants=["nocomm"]), interconnect="nvlink", out=str(tmp_path / "r.jsonl"))
+    ctx = SimpleNamespace(is_main=True, world_size=1, device=torch.device("cpu"))
+    record = Recorder(job, ctx)
+    size = dict(phase="prefill", tokens=32, batch=1, context=0, variant="nocomm")
+    record(Timed([10.0, 10.0, 10.0], host_ms=2.5), **size)
+    record(Timed([10.0, 10.0, 10.0], host_ms=9.5), **size)
+    record([10.0, 10.0, 10.0], **size)  # a plain list (CPU): no host fields
+    recs = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [(r.get("host_ms"), r.get("host_frac")) for r in recs] == [(2.5, 0.25), (9.5, 0.95), (None, None)]
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "9.500 ms, 95%" in warnings[0] and "host" in warnings[0]
+    assert host_launch_ms(lambda: None, torch.device("cpu")) is None  # on a CPU the host is the device
+    assert Timed([1.0, 2.0]) == [1.0, 2.0] and Timed([1.0]).host_ms is None
