@@ -54,6 +54,7 @@ from pathlib import Path
 
 import torch
 
+from overlap.bench_table import HOST_BOUND_FRAC
 from overlap.context import TPContext, init_tp, shutdown
 from overlap.floors import ShardShape, Timed, floor_fields, host_launch_ms, measure_rates, times_ms
 from overlap.model import ModelArgs
@@ -66,7 +67,6 @@ SCHEMA = "spd.bench/1"
 SEQ_ALIGN = 64  # cache lengths are rounded up to this: aligned attention masks, at most 63 masked extra positions
 _SPD = re.compile(r"spd(\d{1,3})(\+iso)?$")
 ISO_CHUNKS = 2  # default bench.iso_chunks: ISO's two pieces
-HOST_BOUND_FRAC = 0.9  # a record whose host_ms is at least this fraction of its median gets a warning
 PEERS = ("hf_tp", "hf_compile")  # transformers' models, timed after ours (overlap/hf_tp.py, overlap/hf_compile.py)
 VIRTUAL_OK = ("nocomm", "hf_compile")  # what one rank's shard alone can time honestly (no communication)
 

@@ -4,7 +4,8 @@ One table per (model, device, dtype, phase, impl, fused kernels, commit, virtual
 one setup of one code version; a row per (R, interconnect, size), where size is the prefill length or
 the decode batch and context; a column per variant with "median (p20-p80)" in ms (ISO variants timed
 with a capped NCCL group or an SM carve-out are labelled e.g. "iso c8 s16": at most 8 NCCL thread
-blocks, 16 SMs left free by cuBLAS), then two derived columns: what SPD on every block saves against
+blocks, 16 SMs left free by cuBLAS; a cell marked "h" may be the host's time: its host_frac is 0.9 or more),
+then two derived columns: what SPD on every block saves against
 base, and the communication share of base, (base - nocomm) / base. Where the records carry floors
 (overlap/floors.py, measured in the same run) the table adds the row's floor in ms (m: memory-bound,
 bytes over the measured copy rate; c: compute-bound, FLOPs over the measured matmul rate) and the fraction
@@ -27,6 +28,7 @@ from pathlib import Path
 SCHEMA = "spd.bench/1"
 ORDER = ["base", "iso", "spd25", "spd50", "spd75", "spd100", "spd100+iso", "nocomm", "hf_tp", "hf_compile"]
 PEERS = ("hf_tp", "hf_compile")
+HOST_BOUND_FRAC = 0.9  # host_frac from which a cell is marked (and spd-bench warns): its time may be the host's
 
 
 def read_records(paths) -> list[dict]:
@@ -94,10 +96,15 @@ def _size_label(phase: str, size: tuple) -> str:
     return f"{size[0]} tokens" if phase == "prefill" else f"batch {size[0]}, ctx {size[1]}"
 
 
+def _host_bound(rec: dict | None) -> bool:
+    return rec is not None and rec.get("host_frac", 0) >= HOST_BOUND_FRAC
+
+
 def _cell(rec: dict | None) -> str:
     if rec is None:
         return "-"
-    return f"{rec['median_ms']:.2f} ({rec['p20_ms']:.2f}-{rec['p80_ms']:.2f})"
+    mark = " h" if _host_bound(rec) else ""
+    return f"{rec['median_ms']:.2f} ({rec['p20_ms']:.2f}-{rec['p80_ms']:.2f}){mark}"
 
 
 def _pct(a: dict | None, b: dict | None) -> str:
@@ -177,6 +184,9 @@ def tables(records: list[dict]) -> str:
     if repeated:
         parts.append(f"{len(repeated)} cell(s) had more than one record of the same setup (a repeated job, or two "
                      "jobs of one call): each shows the last in file order.")
+    if any(_host_bound(r) for r in latest.values()):
+        parts.append(f"h: launching one iteration took the host at least {100 * HOST_BOUND_FRAC:.0f}% of the median "
+                     "(host_ms, with the GPU idle), so the time may be the host's launch path rather than the GPU's.")
     if any(r.get("floor_ms") for r in latest.values()):
         parts.append("Floor: the larger of bytes / measured copy bandwidth (m) and FLOPs / measured matmul "
                      "throughput (c), both measured in the same run (overlap/floors.py); X of floor = floor / "

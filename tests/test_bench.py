@@ -357,3 +357,15 @@ def test_a_record_states_the_hosts_launch_time_and_warns_where_it_nears_the_meas
     assert len(warnings) == 1 and "9.500 ms, 95%" in warnings[0] and "host" in warnings[0]
     assert host_launch_ms(lambda: None, torch.device("cpu")) is None  # on a CPU the host is the device
     assert Timed([1.0, 2.0]) == [1.0, 2.0] and Timed([1.0]).host_ms is None
+
+
+def test_table_marks_the_cells_whose_time_may_be_the_hosts():
+    """A record with host_frac >= 0.9 shows "h" and the table says what it means; below, or without the field
+    (older records, CPU runs), nothing."""
+    recs = [_rec("base", 136.1, phase="prefill", tokens=2048, context=0, host_ms=130.0, host_frac=0.955),
+            _rec("nocomm", 62.1, phase="prefill", tokens=8192, context=0, host_ms=40.0, host_frac=0.644),
+            _rec("spd100", 60.0, phase="prefill", tokens=2048, context=0)]
+    text = tables(recs)
+    assert "136.10 (136.00-136.20) h |" in text and "62.10 (62.00-62.20) |" in text
+    assert "60.00 (59.90-60.10) |" in text and "h: launching one iteration took the host at least 90%" in text
+    assert "h: launching" not in tables(recs[1:])
