@@ -152,12 +152,12 @@ def split_k_reduce_kernel(part_ptr, ss_ptr, y_ptr, M, N_OUT, K, eps, BLOCK: tl.c
     # H200 at R = 4, launching after the wait made norm_gemv's batch-16 step 0.5 ms slower and stream_gemv's
     # batch-1 step 0.09-0.10 ms faster, in two calls each (docs/benchmarks/pdl.md, "... the reduce's launch
     # order"): stream_gemv launches its reduce with LAUNCH_AFTER_WAIT, norm_gemv without.
-    if GDC and not LAUNCH_AFTER_WAIT:
-        tl.extra.cuda.gdc_launch_dependents()
     if GDC:
+        if not LAUNCH_AFTER_WAIT:
+            tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    if GDC and LAUNCH_AFTER_WAIT:
-        tl.extra.cuda.gdc_launch_dependents()
+        if LAUNCH_AFTER_WAIT:
+            tl.extra.cuda.gdc_launch_dependents()
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat (m, n) of the output
     mask = offs < M * N_OUT
     m = offs // N_OUT
