@@ -327,10 +327,10 @@ class Transformer(nn.Module):
             if pdl:
                 ops = dataclasses.replace(ops, gemv_down=with_pdl(gemv_down_op))
             if stream_gemv:
-                from overlap.kernels.stream_gemv import streamed, streamed_norm_linear
+                from overlap.kernels.stream_gemv import MAX_ROWS, streamed, streamed_norm_linear
 
                 ops = dataclasses.replace(ops, gemv=streamed(ops.gemv), gemv_down=streamed(ops.gemv_down))
-                rows = ops.norm_linear_rows if ops.norm_linear is not None else 1  # with norm_gemv: its rows too
+                rows = ops.norm_linear_rows if ops.norm_linear is not None else MAX_ROWS  # with norm_gemv: its rows
                 ops = dataclasses.replace(ops, norm_linear=streamed_norm_linear(ops), norm_linear_rows=rows)
         for m in self.modules():
             if isinstance(m, (Block, Attention, MLP, RMSNorm)):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from overlap.kernels.checks import KernelArgError
-from overlap.kernels.stream_gemv import BLOCK_K, BLOCK_N, PROGRAMS_PER_SM, STAGES, config, reference, stream_gemv
+from overlap.kernels.stream_gemv import (BLOCK_K, BLOCK_N, MAX_ROWS, PROGRAMS_PER_SM, STAGES, config, reference,
+                                         stream_gemv)
 
 BF16_TOL = 1e-2  # one bf16 rounding of the output (eps 3.9e-3) over fp32 sums in another order
 
@@ -27,8 +28,8 @@ def test_config_splits_k_to_fill_the_sms_and_only_where_its_tiles_divide():
 
 def test_bad_arguments_say_what_is_wrong():
     w = torch.zeros(64, 256, dtype=torch.bfloat16)
-    with pytest.raises(KernelArgError, match="one row"):
-        stream_gemv(torch.zeros(2, 256, dtype=torch.bfloat16), w)
+    with pytest.raises(KernelArgError, match="takes 1 to 16 rows, got x of 17"):
+        stream_gemv(torch.zeros(17, 256, dtype=torch.bfloat16), w)
     with pytest.raises(KernelArgError, match="block_k"):
         stream_gemv(torch.zeros(1, 256, dtype=torch.bfloat16), w, block_k=96)
     with pytest.raises(KernelArgError, match="multiple"):
@@ -47,11 +48,11 @@ def test_config_of_swiglu_halves_the_rows_of_a_tile():
 
 
 @torch.no_grad()
-def test_runtime_routes_one_row_decode_through_the_fused_norm_and_swiglu(monkeypatch):
+def test_runtime_routes_decode_rows_through_the_fused_norm_and_swiglu(monkeypatch):
     """On the CPU, with stream_gemv standing in as its plain-torch reference (the kernel itself is Gluon, GPU-only):
-    Transformer.set_fused_(stream_gemv=True)'s ops run a batch-1 decode step's attn_norm + wqkv and mlp_norm + w13
-    + SwiGLU as one norm_linear call each, and wo and w2 as one GEMV each, with configurations the kernel takes;
-    batch 2 takes the unfused steps; logits equal the eager model's (fp32) in a baseline and an SPD block."""
+    Transformer.set_fused_(stream_gemv=True)'s ops run a decode step's attn_norm + wqkv and mlp_norm + w13 + SwiGLU
+    as one norm_linear call each, and wo and w2 as one GEMV each, with configurations the kernel takes, at batch 1
+    and 2 (and a 10-row prefill); batch 17 (more than MAX_ROWS rows) takes the unfused steps; logits equal the eager model's (fp32) in a baseline and an SPD block."""
     import copy
     import dataclasses
 
@@ -64,17 +65,17 @@ def test_runtime_routes_one_row_decode_through_the_fused_norm_and_swiglu(monkeyp
     calls = []
 
     def fake(x, w, *, norm_weight=None, eps=1e-5, swiglu=False, block_n, block_k, stages, split_k, pdl):
-        assert pdl and x.shape[0] == 1 and w.shape[1] % (block_k * split_k) == 0 and stages == STAGES
+        assert pdl and x.shape[0] <= MAX_ROWS and w.shape[1] % (block_k * split_k) == 0 and stages == STAGES
         calls.append((norm_weight is not None, swiglu))
         return reference(x, w, norm_weight=norm_weight, eps=eps, swiglu=swiglu)
 
     monkeypatch.setattr(sg, "stream_gemv", fake)
-    monkeypatch.setattr(sg, "supported", lambda x, w, block_k: x.shape[0] == 1)
+    monkeypatch.setattr(sg, "supported", lambda x, w, block_k: x.shape[0] <= MAX_ROWS)
     monkeypatch.setattr(sg, "_device", lambda device: (9, 132))
     args = ModelArgs(vocab_size=128, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=384)
     full = Transformer.from_args(args, seed=3)
     full.layers[1].spd = True
-    for batch in (1, 2):
+    for batch in (1, 2, 17):
         ids = torch.randint(0, 128, (batch, 14), generator=torch.Generator().manual_seed(batch))
         outs = {}
         for fused in (False, True):
@@ -83,7 +84,7 @@ def test_runtime_routes_one_row_decode_through_the_fused_norm_and_swiglu(monkeyp
             if fused:
                 ops = dataclasses.replace(EAGER_OPS, gemv=lambda x, w: x @ w.T, gemv_down=lambda x, w: x @ w.T)
                 ops = dataclasses.replace(ops, gemv=sg.streamed(ops.gemv), gemv_down=sg.streamed(ops.gemv_down))
-                ops = dataclasses.replace(ops, norm_linear=sg.streamed_norm_linear(ops), norm_linear_rows=1)
+                ops = dataclasses.replace(ops, norm_linear=sg.streamed_norm_linear(ops), norm_linear_rows=MAX_ROWS)
                 for m in model.modules():
                     if hasattr(m, "ops"):
                         m.ops = ops
@@ -92,7 +93,8 @@ def test_runtime_routes_one_row_decode_through_the_fused_norm_and_swiglu(monkeyp
             outs[fused] = torch.cat([rt.decode_one(ids[:, i : i + 1]) for i in range(10, 14)], 1)
         assert (outs[True] - outs[False]).abs().max() <= 1e-4 * outs[False].abs().max()
         per_step = [(True, False), (False, False), (True, True), (False, False)] * args.n_layers  # wqkv, wo, w13, w2
-        assert calls == (per_step * 4 if batch == 1 else []), calls[:8]
+        steps = (4 if batch <= MAX_ROWS else 0) + (10 * batch <= MAX_ROWS)  # decode steps, and a short prefill
+        assert calls == per_step * steps, (batch, len(calls))
 
 
 @pytest.mark.gpu
@@ -102,16 +104,17 @@ def test_runtime_routes_one_row_decode_through_the_fused_norm_and_swiglu(monkeyp
                                  dict(block_n=16, block_k=256, stages=4, split_k=2),
                                  dict(block_n=64, block_k=128, stages=2, split_k=4)])
 @pytest.mark.parametrize("pdl", [False, True])
-def test_matches_plain_torch_on_the_gpu(n, k, cfg, pdl):
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_matches_plain_torch_on_the_gpu(n, k, cfg, pdl, m):
     """bf16, N not always a multiple of block_n, fewer tiles than stages (k 512 at split 4: one tile a share)."""
     if pdl and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("PDL needs compute capability >= 9")
     g = torch.Generator(device="cuda").manual_seed(n + k)
-    x = torch.randn(1, k, device="cuda", generator=g).bfloat16()
+    x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
     w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16()
     ref = (x.float() @ w.float().T)
     out = stream_gemv(x, w, pdl=pdl, **cfg).float()
-    assert out.shape == (1, n)
+    assert out.shape == (m, n)
     assert ((out - ref).norm() / ref.norm()).item() < BF16_TOL
 
 
@@ -121,28 +124,30 @@ def test_matches_plain_torch_on_the_gpu(n, k, cfg, pdl):
 @pytest.mark.parametrize("swiglu", [False, True])
 @pytest.mark.parametrize("split_k", [1, 4])
 @pytest.mark.parametrize("pdl", [False, True])
-def test_norm_and_swiglu_match_the_unfused_steps_on_the_gpu(n, k, swiglu, split_k, pdl):
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_norm_and_swiglu_match_the_unfused_steps_on_the_gpu(n, k, swiglu, split_k, pdl, m):
     """With the norm folded in (and SwiGLU of [gate; up] rows): against reference, the unfused steps in plain torch
     (rms_norm, linear, swiglu); x with a non-unit scale and norm weights away from 1, so a missing rstd or g fails."""
     if pdl and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("PDL needs compute capability >= 9")
     g = torch.Generator(device="cuda").manual_seed(n + k + split_k)
-    x = (torch.randn(1, k, device="cuda", generator=g) * 3).bfloat16()
+    x = (torch.randn(m, k, device="cuda", generator=g) * 3).bfloat16()
     nw = (1 + 0.5 * torch.randn(k, device="cuda", generator=g)).bfloat16()
     w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16()
     ref = reference(x, w, norm_weight=nw, eps=1e-5, swiglu=swiglu).float()
     block_n = 16 if swiglu else 32
     out = stream_gemv(x, w, norm_weight=nw, eps=1e-5, swiglu=swiglu, block_n=block_n, split_k=split_k, pdl=pdl)
-    assert out.shape == (1, n // 2 if swiglu else n)
+    assert out.shape == (m, n // 2 if swiglu else n)
     assert ((out.float() - ref).norm() / ref.norm()).item() < BF16_TOL
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="needs a GPU of compute capability >= 9 (PDL, TMA)")
+@pytest.mark.parametrize("batch", [1, 3])
 @torch.no_grad()
-def test_runtime_with_stream_gemv_decodes_like_without_it():
-    """Runtime(stream_gemv=True) at batch 1 (every decode GEMV through the kernel, CUDA graphs, PDL) against
+def test_runtime_with_stream_gemv_decodes_like_without_it(batch):
+    """Runtime(stream_gemv=True) at batch 1 and 3 (every decode GEMV through the kernel, CUDA graphs, PDL) against
     Runtime(pdl=True) alone, over 4 blocks of a random bf16 model: their logits differ by no more than the
     Triton GEMV's differ from cuBLAS's (the bf16 rounding noise of sums in another order; a kernel reading a
     wrong tile or row would be off by O(1)). Greedy tokens are no yardstick here: a random model's top logits
@@ -153,11 +158,11 @@ def test_runtime_with_stream_gemv_decodes_like_without_it():
 
     args = ModelArgs(vocab_size=1024, dim=1024, n_layers=4, n_heads=16, n_kv_heads=2, ffn_dim=3584)
     full = Transformer.from_args(args, device="cuda", dtype=torch.bfloat16, seed=5)
-    ids = torch.randint(0, 1024, (1, 40), generator=torch.Generator().manual_seed(6)).cuda()
+    ids = torch.randint(0, 1024, (batch, 40), generator=torch.Generator().manual_seed(6)).cuda()
     outs = {}
     for name, flags in (("cublas", {}), ("pdl", dict(triton_gemv=True, pdl=True)),
                         ("stream", dict(triton_gemv=True, pdl=True, stream_gemv=True))):
-        rt = Runtime(full, single("cuda:0"), 1, 64, fuse=True, **flags)
+        rt = Runtime(full, single("cuda:0"), batch, 64, fuse=True, **flags)
         rt.prefill(ids[:, :16])
         outs[name] = torch.cat([rt.decode_one(ids[:, i : i + 1]).float() for i in range(16, 40)], 1)
 
@@ -182,14 +187,18 @@ class _FakeWeight:
         return (self.shape[1], 1)
 
 
-def _compile_for_sm90(n: int, k: int, split_k: int, norm: bool = False, swiglu: bool = False):
+def _compile_for_sm90(n: int, k: int, split_k: int, norm: bool = False, swiglu: bool = False, rows: int = 1,
+                      block_n: int = BLOCK_N):
     """stream_gemv_kernel compiled ahead of time for sm_90 (ptxas ships with Triton), or None where this Triton's
     private binding helpers differ from the ones this uses."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
 
-    from overlap.kernels.stream_gemv import TensorDescriptor, stream_gemv_kernel
+    from overlap.kernels.stream_gemv import TensorDescriptor, stream_gemm_kernel, stream_gemv_kernel
+
+    kernel = stream_gemv_kernel if rows == 1 else stream_gemm_kernel
+    num_warps = 4 if rows == 1 else min(2 * (block_n // 16), 4)  # as stream_gemv launches it
 
     target = GPUTarget("cuda", 90, 32)
     try:
@@ -199,34 +208,38 @@ def _compile_for_sm90(n: int, k: int, split_k: int, norm: bool = False, swiglu: 
 
         backend = make_backend(target)
         w = _FakeWeight(n, k)
-        desc = TensorDescriptor(w, w.shape, w.stride(), [BLOCK_N, BLOCK_K],
-                                gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.bfloat16))
+        desc = TensorDescriptor(w, w.shape, w.stride(), [block_n, BLOCK_K],
+                                gl.NVMMASharedLayout.get_default_for([block_n, BLOCK_K], gl.bfloat16))
         x = _FakeWeight(1, k)
         n_out = n // 2 if swiglu else n
-        args = (desc, x, x, x, _FakeWeight(split_k, n), _FakeWeight(split_k, 1), n_out, k, 1e-5, k // split_k, BLOCK_N,
-                BLOCK_K, STAGES, split_k, True, norm, swiglu)
-        binder = create_function_from_signature(stream_gemv_kernel.signature, stream_gemv_kernel.params, backend)
-        bound, spec, options = binder(*args, num_warps=4, launch_pdl=True)
-        options, signature, constexprs, attrs = stream_gemv_kernel._pack_args(
-            backend, dict(num_warps=4, launch_pdl=True), bound, spec, options)
+        rows_args = () if rows == 1 else (rows,)
+        args = (desc, _FakeWeight(rows, k), x, x, _FakeWeight(split_k, n), _FakeWeight(split_k, 1), *rows_args, n_out,
+                k, 1e-5, *((k,) if rows > 1 else ()), k // split_k, block_n, BLOCK_K, STAGES, split_k, True, norm, swiglu)
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        bound, spec, options = binder(*args, num_warps=num_warps, launch_pdl=True)
+        options, signature, constexprs, attrs = kernel._pack_args(
+            backend, dict(num_warps=num_warps, launch_pdl=True), bound, spec, options)
     except (ImportError, AttributeError, TypeError, ValueError) as e:  # Triton's private API moved
         pytest.skip(f"this Triton's ahead-of-time binding differs: {e}")
-    return triton.compile(GluonASTSource(stream_gemv_kernel, signature, constexprs, attrs), target=target,
+    return triton.compile(GluonASTSource(kernel, signature, constexprs, attrs), target=target,
                           options=options.__dict__)
 
 
-@pytest.mark.parametrize("n,k,split_k,norm,swiglu", [(2560, 8192, 4, False, False), (8192, 2048, 1, False, False),
-                                                    (2560, 8192, 4, True, False), (14336, 8192, 1, True, True)])
-def test_the_weight_copies_are_issued_before_the_pdl_wait(n, k, split_k, norm, swiglu):
+@pytest.mark.parametrize("n,k,split_k,norm,swiglu,rows,block_n", [
+    (2560, 8192, 4, False, False, 1, 32), (8192, 2048, 1, False, False, 1, 32), (2560, 8192, 4, True, False, 1, 32),
+    (14336, 8192, 1, True, True, 1, 16), (2560, 8192, 4, True, False, 16, 32), (8192, 2048, 2, False, False, 16, 32),
+    (14336, 8192, 1, True, True, 16, 16), (14336, 8192, 2, True, True, 16, 32)])
+def test_the_weight_copies_are_issued_before_the_pdl_wait(n, k, split_k, norm, swiglu, rows, block_n):
     """The kernel's point, checked in its PTX on any machine: STAGES TMA copies of weight tiles (with SwiGLU a
     gate and an up tile each) come before griddepcontrol.wait (x's and the norm weight's loads after it), the K
     loop refills the ring, and it fits in shared memory."""
-    kernel = _compile_for_sm90(n, k, split_k, norm, swiglu)
+    kernel = _compile_for_sm90(n, k, split_k, norm, swiglu, rows, block_n)
     ptx = kernel.asm["ptx"]
+    assert ("mma.sync" in ptx) == (rows > 1)  # 2 or more rows: on the tensor cores
     wait = ptx.index("griddepcontrol.wait")
     halves = 2 if swiglu else 1
     before = ptx[:wait].count("cp.async.bulk.tensor")
     assert before == STAGES * halves, before
     assert ptx[wait:].count("cp.async.bulk.tensor") >= halves  # the refill in the loop
     assert "ld.global" not in ptx[:wait]  # x (the previous kernel's output) is read only after the wait
-    assert kernel.metadata.shared >= STAGES * halves * BLOCK_N * BLOCK_K * 2
+    assert kernel.metadata.shared >= STAGES * halves * block_n * BLOCK_K * 2

@@ -1,6 +1,6 @@
-"""Decode GEMV (one row) whose weight tiles stream through shared memory, the first ones before the PDL wait.
+"""Decode GEMV (1 to 16 rows) whose weight tiles stream through shared memory, the first ones before the PDL wait.
 
-    y = act(norm(x) @ w.T)        x (1, K) a decode row, w (N, K) an nn.Linear weight, y (1, N)
+    y = act(norm(x) @ w.T)        x (M, K) decode rows, w (N, K) an nn.Linear weight, y (M, N)
     norm, act: optional RMSNorm before (weight g) and SwiGLU after (w's rows [gate; up], y (1, N/2)), as in
     overlap.kernels.norm_gemv: the norm's rstd factors out of the product (rstd * ((x * g) @ w.T)), so the K loop
     sums x's squares and multiplies x by g; rstd and SwiGLU are applied to the fp32 sums at the end.
@@ -12,6 +12,9 @@ buffer), then waits for the previous kernel (x is its output), then runs its K l
 buffers: wait for tile i's barrier, multiply the tile by x's (fp32 products, summed per row), refill that
 buffer with the tile STAGES ahead. So with programmatic dependent launch up to STAGES x BLOCK_N x BLOCK_K
 weight elements a program are read from HBM while the previous kernel (attention, a norm) still runs.
+
+One row runs stream_gemv_kernel (fp32 products on the CUDA cores); 2 to 16 rows run stream_gemm_kernel, the same
+ring with each tile multiplied on the tensor cores (mma.sync: y.T = w @ x.T, x's rows padded to 16).
 
 Written in Gluon (triton.experimental.gluon, explicit layouts and shared memory), which Triton's CPU
 interpreter does not run: parity is tested on the GPU (tests/test_kernels_stream_gemv.py) against
@@ -29,6 +32,7 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -40,6 +44,8 @@ OP = "stream_gemv"
 DTYPES = (torch.bfloat16, torch.float16)
 BLOCK_N = 32  # the runtime's configuration (streamed): weight rows a program
 BLOCK_K = 128  # columns a tile
+MMA_ROWS = 16  # the most rows of x a call takes (2 or more: stream_gemm_kernel, on the tensor cores)
+MAX_ROWS = 16  # the most decode rows the runtime runs through it (streamed, streamed_norm_linear)
 STAGES = 3  # tiles in flight a program (3 x 32 x 128 bf16: 24 KB of shared memory), all copied before the PDL wait;
 # of 2, 3, 4 and 8, 3 made the R = 4 batch-1 step fastest on an H200 (docs/benchmarks/pdl.md, "stream_gemv")
 PROGRAMS_PER_SM = 2  # split-K target, as norm_gemv's
@@ -123,6 +129,94 @@ def stream_gemv_kernel(w_desc, x_ptr, g_ptr, y_ptr, part_ptr, ss_ptr, N_OUT, K, 
 
 
 @gluon.jit
+def stream_gemm_kernel(w_desc, x_ptr, g_ptr, y_ptr, part_ptr, ss_ptr, M, N_OUT, K, eps, stride_xm,
+                       K_SHARE: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                       SPLIT_K: gl.constexpr, GDC: gl.constexpr, NORM: gl.constexpr = False,
+                       SWIGLU: gl.constexpr = False):
+    """stream_gemv_kernel for 2..16 decode rows: the same ring of weight tiles copied before the PDL wait, each tile
+    multiplied on the tensor cores (mma.sync, bf16/fp16 in, fp32 sums) as y.T = w @ x.T: BLOCK_N weight rows by
+    ROWS (16) rows of x, the rows past M masked to zero."""
+    ROWS: gl.constexpr = 16
+    WN: gl.constexpr = min(BLOCK_N // 16, gl.num_warps())  # warps along w's rows (16 an mma tile), the rest x's
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WN, gl.num_warps() // WN],
+                                                  instr_shape=[16, 8])
+    a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    b_op: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    xl: gl.constexpr = gl.BlockedLayout([8, 1], [16, 2], [1, gl.num_warps()], [0, 1])  # x.T tiles (BLOCK_K, ROWS)
+    N_TILES: gl.constexpr = K_SHARE // BLOCK_K
+    HALVES: gl.constexpr = 2 if SWIGLU else 1
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    n0 = pid_n * BLOCK_N
+    k_lo = pid_k * K_SHARE
+    ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES * HALVES, BLOCK_N, BLOCK_K], w_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(bars.index(s), count=1)
+    fence_async_shared()
+    for s in gl.static_range(STAGES):  # weights do not depend on the previous kernel: copy before the wait
+        _copy(w_desc, ring, bars, s, n0, N_OUT, k_lo + s * BLOCK_K, s < N_TILES, HALVES)
+    if GDC:
+        gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
+                                  pack=1)
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+    acc = gl.zeros([BLOCK_N, ROWS], gl.float32, mma)
+    acc_up = gl.zeros([BLOCK_N, ROWS], gl.float32, mma)
+    offs_k = k_lo + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, xl))
+    offs_m = gl.arange(0, ROWS, layout=gl.SliceLayout(0, xl))
+    x_ptrs = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]  # (BLOCK_K, ROWS): x.T's tile
+    x_mask = (offs_m < M)[None, :] & (offs_k >= 0)[:, None]
+    ssv = gl.zeros([BLOCK_K, ROWS], gl.float32, xl)  # x's squares, this share (summed over K at the end)
+    xn = gl.load(x_ptrs, mask=x_mask, other=0.0)  # x's tile (and g's) one step ahead, as stream_gemv_kernel
+    gn = gl.load(g_ptr + offs_k) if NORM else offs_k
+    for i in range(N_TILES):
+        slot = i % STAGES
+        xt = xn
+        gt = gn
+        more = (i + 1) < N_TILES
+        xn = gl.load(x_ptrs + (i + 1) * BLOCK_K, mask=x_mask & more, other=0.0)
+        if NORM:
+            gn = gl.load(g_ptr + offs_k + (i + 1) * BLOCK_K, mask=(offs_k >= 0) & more, other=0.0)
+        if NORM:  # norm(x) = rstd * x * g: squares summed here, rstd applied to the sums at the end
+            xf = xt.to(gl.float32)
+            ssv += xf * xf
+            xt = (xf * gt.to(gl.float32)[:, None]).to(x_ptr.dtype.element_ty)  # rounded where the unfused norm rounds
+        b = gl.convert_layout(xt, b_op)
+        mbarrier.wait(bars.index(slot), (i // STAGES) & 1)  # tile i has landed
+        acc = mma_v2(ring.index(slot * HALVES).load(a_op), b, acc)
+        if SWIGLU:
+            acc_up = mma_v2(ring.index(slot * HALVES + 1).load(a_op), b, acc_up)
+        _copy(w_desc, ring, bars, slot, n0, N_OUT, k_lo + (i + STAGES) * BLOCK_K, i + STAGES < N_TILES, HALVES)
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(s))
+    ss = gl.convert_layout(gl.sum(ssv, axis=0), gl.SliceLayout(0, mma))  # (ROWS,)
+    offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+    rows = gl.arange(0, ROWS, layout=gl.SliceLayout(0, mma))
+    mask = (offs_n < N_OUT)[:, None] & (rows < M)[None, :]
+    if SPLIT_K == 1:
+        y = acc
+        up = acc_up
+        if NORM:
+            rstd = 1.0 / gl.sqrt(ss / K + eps)
+            y = y * rstd[None, :]
+            up = up * rstd[None, :]
+        if SWIGLU:  # silu(gate) * up with the unfused steps' roundings
+            dt: gl.constexpr = y_ptr.dtype.element_ty
+            gate = y.to(dt).to(gl.float32)
+            y = (gate / (1.0 + gl.exp(-gate))).to(dt).to(gl.float32) * up.to(dt).to(gl.float32)
+        gl.store(y_ptr + rows[None, :] * N_OUT + offs_n[:, None], y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:  # part (SPLIT_K, M, N_OUT x HALVES), ss (SPLIT_K, M): norm_gemv's reduce finishes
+        base = part_ptr + pid_k * M * N_OUT * HALVES + rows[None, :] * (N_OUT * HALVES) + offs_n[:, None]
+        gl.store(base, acc, mask=mask)
+        if SWIGLU:
+            gl.store(base + N_OUT, acc_up, mask=mask)
+        if NORM:
+            if pid_n == 0:
+                gl.store(ss_ptr + pid_k * M + rows, ss, mask=rows < M)
+
+
+@gluon.jit
 def _copy(w_desc, ring, bars, slot, n0, N_OUT, k, pred, HALVES: gl.constexpr):
     """TMA copies of the weight tile at rows n0 (and with SwiGLU the up rows n0 + N_OUT), columns k, into the
     ring's buffer(s) of stage `slot`, completing on its mbarrier; nothing when pred is false."""
@@ -133,9 +227,9 @@ def _copy(w_desc, ring, bars, slot, n0, N_OUT, k, pred, HALVES: gl.constexpr):
 
 
 def supported(x: torch.Tensor, w: torch.Tensor, block_k: int) -> bool:
-    """Whether stream_gemv runs here: one row, CUDA (compute capability >= 9: TMA), a 16-bit dtype, rows of w
-    contiguous and 16-byte aligned (TMA) and K a multiple of block_k."""
-    return (x.is_cuda and x.shape[0] == 1 and x.dtype in DTYPES and w.dtype == x.dtype and w.stride(1) == 1
+    """Whether the runtime runs this x through stream_gemv: at most MAX_ROWS rows (contiguous), CUDA (compute
+    capability >= 9: TMA), a 16-bit dtype, rows of w contiguous and 16-byte aligned (TMA), K a multiple of block_k."""
+    return (x.is_cuda and x.shape[0] <= MAX_ROWS and x.is_contiguous() and x.dtype in DTYPES and w.dtype == x.dtype and w.stride(1) == 1
             and x.stride(-1) == 1 and w.shape[1] % block_k == 0
             and w.data_ptr() % 16 == 0 and w.stride(0) * w.element_size() % 16 == 0 and _device(x.device)[0] >= 9)
 
@@ -156,8 +250,8 @@ def stream_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor |
     kernel."""
     M, N, K = check_matmul(x, w, OP)
     check_dtype(x, DTYPES, OP)
-    if M != 1:
-        raise KernelArgError(f"{OP}: takes one row, got x of {M} rows; use overlap.kernels.norm_gemv for more")
+    if not 1 <= M <= MMA_ROWS:
+        raise KernelArgError(f"{OP}: takes 1 to {MMA_ROWS} rows, got x of {M}; use overlap.kernels.norm_gemv or a GEMM")
     if block_k not in (64, 128, 256):
         raise KernelArgError(f"{OP}: block_k={block_k}; valid: a power of two from 64 to 256")
     if K % (block_k * split_k):
@@ -171,21 +265,28 @@ def stream_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor |
                              f"{x.stride()}, {w.stride()})")
     norm = norm_weight is not None
     n_out = N // 2 if swiglu else N
-    y = torch.empty((1, n_out), dtype=x.dtype, device=x.device)
-    part = torch.empty((split_k, 1, N), dtype=torch.float32, device=x.device) if split_k > 1 else y
-    ss = torch.empty((split_k, 1), dtype=torch.float32, device=x.device) if split_k > 1 and norm else part
+    y = torch.empty((M, n_out), dtype=x.dtype, device=x.device)
+    part = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device) if split_k > 1 else y
+    ss = torch.empty((split_k, M), dtype=torch.float32, device=x.device) if split_k > 1 and norm else part
     launch = {"launch_pdl": True} if pdl else {}
     dtype = gl.bfloat16 if w.dtype == torch.bfloat16 else gl.float16
     desc = TensorDescriptor.from_tensor(w, [block_n, block_k], gl.NVMMASharedLayout.get_default_for([block_n, block_k],
                                                                                                    dtype))
-    stream_gemv_kernel[(triton.cdiv(n_out, block_n), split_k)](
-        desc, x, norm_weight if norm else x, y, part, ss, n_out, K, eps, K_SHARE=K // split_k, BLOCK_N=block_n,
-        BLOCK_K=block_k, STAGES=stages, SPLIT_K=split_k, GDC=pdl, NORM=norm, SWIGLU=swiglu, num_warps=num_warps,
-        **launch)
+    grid = (triton.cdiv(n_out, block_n), split_k)
+    meta = dict(K_SHARE=K // split_k, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, SPLIT_K=split_k, GDC=pdl,
+                NORM=norm, SWIGLU=swiglu, **launch)
+    g = norm_weight if norm else x
+    if M == 1:
+        stream_gemv_kernel[grid](desc, x, g, y, part, ss, n_out, K, eps, num_warps=num_warps, **meta)
+    else:  # tensor cores: 16 x 8 mma tiles, warps along w's rows first (16 rows a warp) and then along x's rows
+        if block_n % 16:
+            raise KernelArgError(f"{OP}: {M} rows take block_n a multiple of 16 (the mma tile), got {block_n}")
+        stream_gemm_kernel[grid](desc, x, g, y, part, ss, M, n_out, K, eps, x.stride(0),
+                                 num_warps=min(2 * (block_n // 16), 4), **meta)
     if split_k > 1:
         block = 256
-        split_k_reduce_kernel[(triton.cdiv(n_out, block),)](part, ss, y, 1, n_out, K, eps, BLOCK=block, NORM=norm,
-                                                            SWIGLU=swiglu, SPLIT_K=split_k, GDC=pdl, **launch)
+        split_k_reduce_kernel[(triton.cdiv(M * n_out, block),)](part, ss, y, M, n_out, K, eps, BLOCK=block, NORM=norm,
+                                                                SWIGLU=swiglu, SPLIT_K=split_k, GDC=pdl, **launch)
     return y
 
 
@@ -202,8 +303,8 @@ def config(n: int, k: int, sm_count: int, swiglu: bool = False) -> dict:
 
 
 def streamed(fallback):
-    """An Ops.gemv / Ops.gemv_down (x (M, K), w) -> (M, N) that runs one-row CUDA calls through stream_gemv with
-    PDL (config) and every other call through fallback (the Triton GEMV)."""
+    """An Ops.gemv / Ops.gemv_down (x (M, K), w) -> (M, N) that runs CUDA calls of up to MAX_ROWS rows through
+    stream_gemv with PDL (config) and every other call through fallback (the Triton GEMV)."""
     def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if not supported(x, w, BLOCK_K):
             return fallback(x, w)
@@ -213,9 +314,9 @@ def streamed(fallback):
 
 
 def streamed_norm_linear(ops):
-    """An Ops.norm_linear (x (M, K), w, norm_weight, eps, gated) that runs one-row CUDA calls through stream_gemv
-    with the norm (and SwiGLU when gated) fused, with PDL; every other call through ops.norm_linear when set (the
-    norm_gemv kernel), else as ops' separate steps (norm, gemv, swiglu)."""
+    """An Ops.norm_linear (x (M, K), w, norm_weight, eps, gated) that runs CUDA calls of up to MAX_ROWS rows through
+    stream_gemv with the norm (and SwiGLU when gated) fused, with PDL; every other call through ops.norm_linear when
+    set (the norm_gemv kernel), else as ops' separate steps (norm, gemv, swiglu)."""
     def norm_linear(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                     gated: bool) -> torch.Tensor:
         if not supported(x, w, BLOCK_K):
