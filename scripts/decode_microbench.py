@@ -24,9 +24,10 @@
    Each record carries the weight bytes over the copy bandwidth measured in the same run (floor_us) and
    the fraction reached; each config is checked against the reference before it is timed (rel_err).
 
-5. overlap.kernels.stream_gemv (--only stream_gemv) at M = 1: every weight GEMV of the shards, against the
-   Triton GEMV the runtime runs without it, over block sizes, stages and split-K (stream_gemv_cases); at wqkv
-   and w13 also with the norm (and SwiGLU) folded in, against the compiled steps it replaces (fused_cases).
+5. overlap.kernels.stream_gemv (--only stream_gemv) at M = --rows (1 to 16): every weight GEMV of the shards,
+   against the Triton GEMV the runtime runs without it, over block sizes, stages and split-K
+   (stream_gemv_cases); at wqkv and w13 also with the norm (and SwiGLU) folded in, against the compiled steps
+   it replaces and the Triton GEMV between compiled steps (fused_cases).
 
 Each op is timed inside a CUDA graph of CALLS calls that cycle over enough weight copies (> L2) that no
 call reads a weight from L2 (as in a real step, where every layer has its own weights); medians of
@@ -309,6 +310,7 @@ def fused_cases(emit, base: dict, x, ws: list, gated: bool, sms: int) -> None:
     steps it replaces (fused_ops' compiled RMSNorm, stream_gemv, compiled SwiGLU) and the plain GEMV alone; no
     PDL, so each launch waits for the one before (what the fold costs inside the kernel)."""
     from overlap.fused_ops import fused_ops
+    from overlap.kernels.norm_gemv import gemv_op
     from overlap.kernels.stream_gemv import config, reference, stream_gemv
 
     ops = fused_ops()
@@ -322,8 +324,13 @@ def fused_cases(emit, base: dict, x, ws: list, gated: bool, sms: int) -> None:
         y = stream_gemv(ops.norm(x, g, 1e-5), ws[i % len(ws)], **plain)
         return ops.swiglu(y, n // 2) if gated else y
 
+    def triton_steps(i):  # what the runtime runs without stream_gemv (and at more rows than it takes)
+        y = gemv_op(ops.norm(x, g, 1e-5), ws[i % len(ws)])
+        return ops.swiglu(y, n // 2) if gated else y
+
     runs = {"stream_gemv_fused": lambda i: stream_gemv(x, ws[i % len(ws)], norm_weight=g, swiglu=gated, **fold),
-            "compiled_steps": steps, "stream_gemv_plain": lambda i: stream_gemv(x, ws[i % len(ws)], **plain)}
+            "compiled_steps": steps, "triton_steps": triton_steps,
+            "stream_gemv_plain": lambda i: stream_gemv(x, ws[i % len(ws)], **plain)}
     for impl, fn in runs.items():
         err = None if impl == "stream_gemv_plain" else ((fn(0).float() - ref).norm() / ref.norm()).item()
         us = time_graph(fn)
@@ -331,8 +338,8 @@ def fused_cases(emit, base: dict, x, ws: list, gated: bool, sms: int) -> None:
                   swiglu=gated and impl != "stream_gemv_plain", us=us, floor_frac=base["floor_us"] / us, rel_err=err))
 
 
-def stream_gemv_cases(emit, tps=(4, 8), deadline: float = float("inf")) -> None:
-    """overlap.kernels.stream_gemv at M = 1 against the Triton GEMV the runtime runs without it (gemv_op for wqkv
+def stream_gemv_cases(emit, tps=(4, 8), deadline: float = float("inf"), rows: int = 1) -> None:
+    """overlap.kernels.stream_gemv at M = rows against the Triton GEMV the runtime runs without it (gemv_op for wqkv
     and w13, gemv_down_op for wo and w2), both without PDL (back to back: what the shared-memory ring costs or
     saves by itself; its point, the copies before the PDL wait, shows only in the step): the runtime's config
     and STREAM_GRID with split-K 1, 2, 4, 8 where the shares divide K and give 0.5 to 4 programs an SM."""
@@ -349,9 +356,9 @@ def stream_gemv_cases(emit, tps=(4, 8), deadline: float = float("inf")) -> None:
     for tp in tps:
         for layer, (style, k, n) in llama70b_layers(tp).items():
             ws = copies((n, k), torch.bfloat16, gen)
-            x = torch.randn(1, k, generator=gen, device="cuda").bfloat16()
+            x = torch.randn(rows, k, generator=gen, device="cuda").bfloat16()
             ref = reference(x, ws[0]).float()
-            base = dict(piece="stream_gemv", tp=tp, layer=layer, n=n, k=k, m=1, floor_us=n * k * 2 / bw * 1e6)
+            base = dict(piece="stream_gemv", tp=tp, layer=layer, n=n, k=k, m=rows, floor_us=n * k * 2 / bw * 1e6)
             now = gemv_down_op if style == "row" else gemv_op
             us = time_graph(lambda i: now(x, ws[i % len(ws)]))
             emit(dict(base, impl="triton_gemv", us=us, floor_frac=base["floor_us"] / us))
@@ -359,7 +366,8 @@ def stream_gemv_cases(emit, tps=(4, 8), deadline: float = float("inf")) -> None:
                 fused_cases(emit, base, x, ws, layer == "gate_up", sms)
             cfgs = [dict(config(n, k, sms), runtime=True)]
             cfgs += [dict(c, split_k=s) for c in STREAM_GRID for s in (1, 2, 4, 8) if k % (c["block_k"] * s) == 0
-                     and sms // 2 <= -(-n // c["block_n"]) * s <= 4 * sms]  # programs: half a wave to 4 an SM
+                     and sms // 2 <= -(-n // c["block_n"]) * s <= 4 * sms  # programs: half a wave to 4 an SM
+                     and (rows == 1 or c["block_n"] % 16 == 0)]  # more rows: mma tiles of 16 weight rows
             for cfg in cfgs:
                 if time.time() > deadline:
                     emit(dict(base, impl="stopped", reason="--seconds reached"))
@@ -381,6 +389,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", choices=("gemv", "attention", "weights", "norm_gemv", "stream_gemv"))
     parser.add_argument("--tp", type=int, nargs="+", default=[4, 8], help="norm_gemv: the shards' degrees")
+    parser.add_argument("--rows", type=int, default=1, help="stream_gemv: decode rows (1 to 16)")
     parser.add_argument("--seconds", type=float, default=float("inf"),
                         help="norm_gemv, stream_gemv: stop after this long")
     a = parser.parse_args()
@@ -410,7 +419,7 @@ def main() -> None:
     if a.only in (None, "norm_gemv"):
         norm_gemv_cases(emit, a.tp, time.time() + a.seconds)
     if a.only in (None, "stream_gemv"):
-        stream_gemv_cases(emit, a.tp, time.time() + a.seconds)
+        stream_gemv_cases(emit, a.tp, time.time() + a.seconds, a.rows)
 
 
 if __name__ == "__main__":

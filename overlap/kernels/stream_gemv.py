@@ -165,11 +165,14 @@ def stream_gemm_kernel(w_desc, x_ptr, g_ptr, y_ptr, part_ptr, ss_ptr, M, N_OUT, 
     acc_up = gl.zeros([BLOCK_N, ROWS], gl.float32, mma)
     offs_k = k_lo + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, xl))
     offs_m = gl.arange(0, ROWS, layout=gl.SliceLayout(0, xl))
-    x_ptrs = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]  # (BLOCK_K, ROWS): x.T's tile
-    x_mask = (offs_m < M)[None, :] & (offs_k >= 0)[:, None]
-    ssv = gl.zeros([BLOCK_K, ROWS], gl.float32, xl)  # x's squares, this share (summed over K at the end)
+    # x.T's tile (BLOCK_K, ROWS) and g's (the same column for every row) are loaded straight into the mma's
+    # operand layout (the pointers converted once, here): no trip through shared memory, so no CTA sync, a step
+    x_ptrs = gl.convert_layout(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None], b_op)
+    x_mask = gl.convert_layout((offs_m < M)[None, :] & (offs_k >= 0)[:, None], b_op)
+    g_ptrs = gl.convert_layout(g_ptr + offs_k[:, None] + 0 * offs_m[None, :], b_op)
+    ssv = gl.zeros([BLOCK_K, ROWS], gl.float32, b_op)  # x's squares, this share (summed over K at the end)
     xn = gl.load(x_ptrs, mask=x_mask, other=0.0)  # x's tile (and g's) one step ahead, as stream_gemv_kernel
-    gn = gl.load(g_ptr + offs_k) if NORM else offs_k
+    gn = gl.load(g_ptrs) if NORM else xn
     for i in range(N_TILES):
         slot = i % STAGES
         xt = xn
@@ -177,12 +180,12 @@ def stream_gemm_kernel(w_desc, x_ptr, g_ptr, y_ptr, part_ptr, ss_ptr, M, N_OUT, 
         more = (i + 1) < N_TILES
         xn = gl.load(x_ptrs + (i + 1) * BLOCK_K, mask=x_mask & more, other=0.0)
         if NORM:
-            gn = gl.load(g_ptr + offs_k + (i + 1) * BLOCK_K, mask=(offs_k >= 0) & more, other=0.0)
+            gn = gl.load(g_ptrs + (i + 1) * BLOCK_K, mask=x_mask & more, other=0.0)
         if NORM:  # norm(x) = rstd * x * g: squares summed here, rstd applied to the sums at the end
             xf = xt.to(gl.float32)
             ssv += xf * xf
-            xt = (xf * gt.to(gl.float32)[:, None]).to(x_ptr.dtype.element_ty)  # rounded where the unfused norm rounds
-        b = gl.convert_layout(xt, b_op)
+            xt = (xf * gt.to(gl.float32)).to(x_ptr.dtype.element_ty)  # rounded where the unfused norm rounds
+        b = xt
         mbarrier.wait(bars.index(slot), (i // STAGES) & 1)  # tile i has landed
         acc = mma_v2(ring.index(slot * HALVES).load(a_op), b, acc)
         if SWIGLU:
@@ -190,7 +193,7 @@ def stream_gemm_kernel(w_desc, x_ptr, g_ptr, y_ptr, part_ptr, ss_ptr, M, N_OUT, 
         _copy(w_desc, ring, bars, slot, n0, N_OUT, k_lo + (i + STAGES) * BLOCK_K, i + STAGES < N_TILES, HALVES)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(s))
-    ss = gl.convert_layout(gl.sum(ssv, axis=0), gl.SliceLayout(0, mma))  # (ROWS,)
+    ss = gl.convert_layout(gl.sum(gl.convert_layout(ssv, xl), axis=0), gl.SliceLayout(0, mma))  # (ROWS,)
     offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
     rows = gl.arange(0, ROWS, layout=gl.SliceLayout(0, mma))
     mask = (offs_n < N_OUT)[:, None] & (rows < M)[None, :]
