@@ -154,16 +154,15 @@ class Attention(nn.Module):
         heads = self.heads(x, cos, sin, input_pos, mask, kv_len)  # (B, S, H/R Dh)
         return linear(self.ops, heads, self.wo, down=True)  # (B, S, D), this rank's partial
 
-    def heads(self, x, cos, sin, input_pos, mask, kv_len, norm: RMSNorm | None = None):
-        """Attention up to (not including) wo: (B, S, H/R Dh), this rank's heads. With norm, x is the block
-        input and norm + wqkv run as one kernel (ops.norm_linear); else x is already normalised."""
-        B, S, _ = x.shape
+    def heads(self, x, cos, sin, input_pos, mask, kv_len):
+        """Attention up to (not including) wo: (B, S, H/R Dh), this rank's heads; x is already normalised."""
+        return self.attend(linear(self.ops, x, self.wqkv), cos, sin, input_pos, mask, kv_len)
+
+    def attend(self, qkv, cos, sin, input_pos, mask, kv_len):
+        """heads' attention from the projection qkv (B, S, (H/R + 2 KV/R) Dh): RoPE, cache write, attention."""
+        B, S, _ = qkv.shape
         H, KV, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         decode = S == 1 and mask is not None and not isinstance(mask, CausalBias)  # an additive (1, L) mask
-        if norm is None:
-            qkv = linear(self.ops, x, self.wqkv)  # (B, S, (H/R + 2 KV/R) Dh)
-        else:
-            qkv = norm_linear(self.ops, x, self.wqkv.weight, norm)
         if decode and self.ops.decode_heads is not None and supports(qkv, Dh):  # one Triton pass (fused ops)
             cache = self.kv_cache
             return self.ops.decode_heads(qkv, cos, sin, input_pos, cache.k[:B], cache.v[:B], H, KV)  # (B, 1, H/R Dh)
@@ -191,11 +190,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(self.ops, self.act(x), self.w2, down=True)  # (B, S, D), this rank's partial
 
-    def act(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
-        """The MLP up to (not including) w2: (B, S, F/R). With norm, x is not normalised yet and norm + w13 +
-        SwiGLU run as one kernel (ops.norm_linear)."""
-        if norm is not None:
-            return norm_linear(self.ops, x, self.w13.weight, norm, gated=True)  # (B, S, F/R)
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP up to (not including) w2: (B, S, F/R); x is already normalised."""
         rows = x.numel() // x.shape[-1]
         if self.ops.swiglu_gemv is not None and rows <= NORM_LINEAR_MAX_ROWS:  # SwiGLU in w13's GEMV epilogue
             y = self.ops.swiglu_gemv(x.reshape(rows, x.shape[-1]), self.w13.weight)  # (rows, F/R)
@@ -214,10 +210,15 @@ def linear(ops, x: torch.Tensor, lin: nn.Linear, down: bool = False) -> torch.Te
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def norm_linear(ops, x: torch.Tensor, w: torch.Tensor, norm: RMSNorm, gated: bool = False) -> torch.Tensor:
-    """act(norm(x) @ w.T) for x (B, S, K) through ops.norm_linear: (B, S, N), or (B, S, N/2) when gated."""
-    y = ops.norm_linear(x.reshape(-1, x.shape[-1]), w, norm.weight, norm.eps, gated)
-    return y.view(*x.shape[:-1], y.shape[-1])
+def norm_linear(ops, x: torch.Tensor, w: torch.Tensor, norm: RMSNorm, gated: bool = False,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act(norm(s) @ w.T), s) for x (B, S, K) through ops.norm_linear, s = x + residual (x without one):
+    (B, S, N), or (B, S, N/2) when gated, and s (B, S, K)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if residual is None:
+        return ops.norm_linear(rows, w, norm.weight, norm.eps, gated).view(*x.shape[:-1], -1), x
+    y, s = ops.norm_linear(rows, w, norm.weight, norm.eps, gated, residual.reshape(rows.shape))
+    return y.view(*x.shape[:-1], -1), s.view(x.shape)
 
 
 class Block(nn.Module):
@@ -236,26 +237,34 @@ class Block(nn.Module):
         return self.ops.add_norm(x, a, self.mlp_norm.weight, self.mlp_norm.eps)
 
     def forward(self, x, cos, sin, input_pos, mask, kv_len):
+        """The block's output for input x (B, S, D); x may be a pair (x, r) standing for x + r, and with
+        ops.norm_linear (decode rows) the output is such a pair: the residual add moves into the next kernel."""
+        x, residual = x if isinstance(x, tuple) else (x, None)
+        if self.ops.norm_linear is not None and self.attn_sync.impl is None and \
+                x.shape[0] * x.shape[1] <= self.ops.norm_linear_rows:  # decode rows
+            return self.forward_norm_linear(x, cos, sin, input_pos, mask, kv_len, residual)
+        if residual is not None:
+            x = self.ops.add(x, residual)
         if self.attn_sync.impl is not None:  # overlap.kernels' fused GEMM + all-reduce (impl != nccl)
             return self.forward_fused(x, cos, sin, input_pos, mask, kv_len)
-        if self.ops.norm_linear is not None and x.shape[0] * x.shape[1] <= self.ops.norm_linear_rows:  # decode rows
-            return self.forward_norm_linear(x, cos, sin, input_pos, mask, kv_len)
         a = self.attn(self.attn_norm(x), cos, sin, input_pos, mask, kv_len)  # (B, S, D) partial
         if self.spd:
             return self.ops.add(x, self.block_sync(self.ops.add(a, self.mlp(self.add_norm(x, a)[1]))))  # the only sync
         h, n = self.add_norm(x, self.attn_sync(a))  # sync 1; h = x + sum_r a_r
         return self.ops.add(h, self.mlp_sync(self.mlp(n)))  # sync 2
 
-    def forward_norm_linear(self, x, cos, sin, input_pos, mask, kv_len):
-        """forward's arithmetic with each norm fused into the GEMV after it (ops.norm_linear): attn_norm +
-        wqkv, and mlp_norm + w13 + SwiGLU, one kernel each; the residual adds stay plain adds."""
-        ops, heads = self.ops, self.attn.heads(x, cos, sin, input_pos, mask, kv_len, norm=self.attn_norm)
-        a = linear(ops, heads, self.attn.wo, down=True)  # partial
+    def forward_norm_linear(self, x, cos, sin, input_pos, mask, kv_len, residual=None):
+        """forward's arithmetic with each norm fused into the GEMV after it (ops.norm_linear): (residual add +)
+        attn_norm + wqkv, and residual add + mlp_norm + w13 + SwiGLU, one kernel each. Returns the output as a
+        pair (h, m) standing for h + m, whose add the next block's first kernel (or Transformer.forward) does."""
+        ops = self.ops
+        qkv, x = norm_linear(ops, x, self.attn.wqkv.weight, self.attn_norm, residual=residual)  # x: block input
+        a = linear(ops, self.attn.attend(qkv, cos, sin, input_pos, mask, kv_len), self.attn.wo, down=True)  # partial
         if self.spd:  # the only sync
-            return ops.add(x, self.block_sync(ops.add(a, linear(ops, self.mlp.act(ops.add(x, a), norm=self.mlp_norm),
-                                                                self.mlp.w2, down=True))))
-        h = ops.add(x, self.attn_sync(a))  # sync 1
-        return ops.add(h, self.mlp_sync(linear(ops, self.mlp.act(h, norm=self.mlp_norm), self.mlp.w2, down=True)))
+            g, _ = norm_linear(ops, x, self.mlp.w13.weight, self.mlp_norm, gated=True, residual=a)
+            return x, self.block_sync(ops.add(a, linear(ops, g, self.mlp.w2, down=True)))
+        g, h = norm_linear(ops, x, self.mlp.w13.weight, self.mlp_norm, gated=True, residual=self.attn_sync(a))  # sync 1
+        return h, self.mlp_sync(linear(ops, g, self.mlp.w2, down=True))  # sync 2
 
     def forward_fused(self, x, cos, sin, input_pos, mask, kv_len):
         """forward's arithmetic with wo / w2 and their sync fused: impl.matmul_all_reduce (docs/kernels.md)."""
@@ -377,6 +386,8 @@ class Transformer(nn.Module):
         cos, sin, mask = self.chunk_inputs(input_pos, kv_len, chunk_start, x.dtype)
         for block in self.layers:
             x = (block_fn or run_block)(block, x, cos, sin, input_pos, mask, kv_len)
+        if isinstance(x, tuple):  # the last block's output as (h, m): its residual add
+            x = self.layers[-1].ops.add(*x)
         if last_only:
             x = x[:, -1:]  # (B, 1, D)
         return self.output(self.norm(x))  # (B, S, V); replicated lm_head, so logits agree on all ranks

@@ -44,12 +44,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def norm_linear(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
-                gated: bool = False) -> torch.Tensor:
+                gated: bool = False, residual: torch.Tensor | None = None):
     """act(rms_norm(x) @ w.T) for x (M, K), w (N, K): a block's norm (none when norm_weight is None) and the
     GEMV after it, then SwiGLU of w's [gate; up] rows when gated ((M, N/2)); the steps Ops.norm_linear fuses
-    (overlap.kernels.norm_gemv)."""
+    (overlap.kernels.norm_gemv, stream_gemv). With residual (M, K), x + residual stands for x (a residual add
+    before the norm) and the result is (y, x + residual)."""
+    if residual is not None:
+        x = x + residual
     y = F.linear(x if norm_weight is None else rms_norm(x, norm_weight, eps), w)
-    return swiglu(y, w.shape[0] // 2) if gated else y
+    y = swiglu(y, w.shape[0] // 2) if gated else y
+    return (y, x) if residual is not None else y
 
 
 def decode_mask(input_pos: torch.Tensor, kv_len: int, dtype) -> torch.Tensor:
@@ -84,8 +88,9 @@ class Ops:
     norm: object
     decode_attention: object
     decode_heads: object = None  # RoPE + cache write + decode attention in one pass (where supports() holds)
-    # norm_linear(x (M, K), w, norm_weight, eps, gated) for rows M <= 16 (the function above): a block's norm +
-    # wqkv and norm + w13 + SwiGLU as one kernel each (overlap.kernels.norm_gemv); None: the separate steps
+    # norm_linear(x (M, K), w, norm_weight, eps, gated, residual=None) for rows M <= 16 (the function above): a
+    # block's (residual add +) norm + wqkv and norm + w13 + SwiGLU as one kernel each (overlap.kernels.norm_gemv,
+    # stream_gemv); None: the separate steps
     norm_linear: object = None
     norm_linear_rows: int = 16  # the most decode rows a block runs through norm_linear (stream_gemv's: 1)
     # gemv(x (M, K), w) for rows M <= 16: wqkv's and w13's decode GEMVs (overlap.kernels.norm_gemv without a norm,

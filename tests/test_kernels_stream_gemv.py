@@ -64,10 +64,10 @@ def test_runtime_routes_decode_rows_through_the_fused_norm_and_swiglu(monkeypatc
 
     calls = []
 
-    def fake(x, w, *, norm_weight=None, eps=1e-5, swiglu=False, block_n, block_k, stages, split_k, pdl):
+    def fake(x, w, *, norm_weight=None, eps=1e-5, swiglu=False, residual=None, block_n, block_k, stages, split_k, pdl):
         assert pdl and x.shape[0] <= MAX_ROWS and w.shape[1] % (block_k * split_k) == 0 and stages == STAGES
-        calls.append((norm_weight is not None, swiglu))
-        return reference(x, w, norm_weight=norm_weight, eps=eps, swiglu=swiglu)
+        calls.append((norm_weight is not None, swiglu, residual is not None))
+        return reference(x, w, norm_weight=norm_weight, eps=eps, swiglu=swiglu, residual=residual)
 
     monkeypatch.setattr(sg, "stream_gemv", fake)
     monkeypatch.setattr(sg, "supported", lambda x, w, block_k: x.shape[0] <= MAX_ROWS)
@@ -92,7 +92,10 @@ def test_runtime_routes_decode_rows_through_the_fused_norm_and_swiglu(monkeypatc
             rt.prefill(ids[:, :10])
             outs[fused] = torch.cat([rt.decode_one(ids[:, i : i + 1]) for i in range(10, 14)], 1)
         assert (outs[True] - outs[False]).abs().max() <= 1e-4 * outs[False].abs().max()
-        per_step = [(True, False), (False, False), (True, True), (False, False)] * args.n_layers  # wqkv, wo, w13, w2
+        # wqkv (the block's residual add folded in but in block 0), wo, w13 (the residual add folded in), w2
+        per_step = [(True, False, i > 0) for i in range(args.n_layers) for _ in "x"]
+        per_step = [c for first in per_step for c in (first, (False, False, False), (True, True, True),
+                                                     (False, False, False))]
         steps = (4 if batch <= MAX_ROWS else 0) + (10 * batch <= MAX_ROWS)  # decode steps, and a short prefill
         assert calls == per_step * steps, (batch, len(calls))
 
@@ -125,18 +128,26 @@ def test_matches_plain_torch_on_the_gpu(n, k, cfg, pdl, m):
 @pytest.mark.parametrize("split_k", [1, 4])
 @pytest.mark.parametrize("pdl", [False, True])
 @pytest.mark.parametrize("m", [1, 3, 16])
-def test_norm_and_swiglu_match_the_unfused_steps_on_the_gpu(n, k, swiglu, split_k, pdl, m):
-    """With the norm folded in (and SwiGLU of [gate; up] rows): against reference, the unfused steps in plain torch
-    (rms_norm, linear, swiglu); x with a non-unit scale and norm weights away from 1, so a missing rstd or g fails."""
+@pytest.mark.parametrize("residual", [False, True])
+def test_norm_and_swiglu_match_the_unfused_steps_on_the_gpu(n, k, swiglu, split_k, pdl, m, residual):
+    """With the norm folded in (and SwiGLU of [gate; up] rows, and a residual added first): against reference, the
+    unfused steps in plain torch (add, rms_norm, linear, swiglu); x with a non-unit scale and norm weights away
+    from 1, so a missing rstd or g fails; the sum x + residual it returns is torch's, bit for bit."""
     if pdl and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("PDL needs compute capability >= 9")
     g = torch.Generator(device="cuda").manual_seed(n + k + split_k)
     x = (torch.randn(m, k, device="cuda", generator=g) * 3).bfloat16()
     nw = (1 + 0.5 * torch.randn(k, device="cuda", generator=g)).bfloat16()
     w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16()
-    ref = reference(x, w, norm_weight=nw, eps=1e-5, swiglu=swiglu).float()
+    r = (torch.randn(m, k, device="cuda", generator=g) * 3).bfloat16() if residual else None
+    ref = reference(x, w, norm_weight=nw, eps=1e-5, swiglu=swiglu, residual=r)
     block_n = 16 if swiglu else 32
-    out = stream_gemv(x, w, norm_weight=nw, eps=1e-5, swiglu=swiglu, block_n=block_n, split_k=split_k, pdl=pdl)
+    out = stream_gemv(x, w, norm_weight=nw, eps=1e-5, swiglu=swiglu, residual=r, block_n=block_n, split_k=split_k,
+                      pdl=pdl)
+    if residual:
+        (out, total), (ref, ref_total) = out, ref
+        assert torch.equal(total, ref_total)
+    ref = ref.float()
     assert out.shape == (m, n // 2 if swiglu else n)
     assert ((out.float() - ref).norm() / ref.norm()).item() < BF16_TOL
 
@@ -188,7 +199,7 @@ class _FakeWeight:
 
 
 def _compile_for_sm90(n: int, k: int, split_k: int, norm: bool = False, swiglu: bool = False, rows: int = 1,
-                      block_n: int = BLOCK_N):
+                      block_n: int = BLOCK_N, residual: bool = False):
     """stream_gemv_kernel compiled ahead of time for sm_90 (ptxas ships with Triton), or None where this Triton's
     private binding helpers differ from the ones this uses."""
     import triton
@@ -213,8 +224,10 @@ def _compile_for_sm90(n: int, k: int, split_k: int, norm: bool = False, swiglu: 
         x = _FakeWeight(1, k)
         n_out = n // 2 if swiglu else n
         rows_args = () if rows == 1 else (rows,)
-        args = (desc, _FakeWeight(rows, k), x, x, _FakeWeight(split_k, n), _FakeWeight(split_k, 1), *rows_args, n_out,
-                k, 1e-5, *((k,) if rows > 1 else ()), k // split_k, block_n, BLOCK_K, STAGES, split_k, True, norm, swiglu)
+        xs = _FakeWeight(rows, k)
+        args = (desc, xs, x, xs, xs, x, _FakeWeight(split_k, n), _FakeWeight(split_k, 1), *rows_args, n_out, k, 1e-5,
+                *((k,) if rows > 1 else ()), k // split_k, block_n, BLOCK_K, STAGES, split_k, True, norm, swiglu,
+                residual)
         binder = create_function_from_signature(kernel.signature, kernel.params, backend)
         bound, spec, options = binder(*args, num_warps=num_warps, launch_pdl=True)
         options, signature, constexprs, attrs = kernel._pack_args(
@@ -225,15 +238,16 @@ def _compile_for_sm90(n: int, k: int, split_k: int, norm: bool = False, swiglu: 
                           options=options.__dict__)
 
 
-@pytest.mark.parametrize("n,k,split_k,norm,swiglu,rows,block_n", [
-    (2560, 8192, 4, False, False, 1, 32), (8192, 2048, 1, False, False, 1, 32), (2560, 8192, 4, True, False, 1, 32),
-    (14336, 8192, 1, True, True, 1, 16), (2560, 8192, 4, True, False, 16, 32), (8192, 2048, 2, False, False, 16, 32),
-    (14336, 8192, 1, True, True, 16, 16), (14336, 8192, 2, True, True, 16, 32)])
-def test_the_weight_copies_are_issued_before_the_pdl_wait(n, k, split_k, norm, swiglu, rows, block_n):
+@pytest.mark.parametrize("n,k,split_k,norm,swiglu,rows,block_n,residual", [
+    (2560, 8192, 4, False, False, 1, 32, False), (8192, 2048, 1, False, False, 1, 32, False),
+    (2560, 8192, 4, True, False, 1, 32, True), (14336, 8192, 1, True, True, 1, 16, True),
+    (2560, 8192, 4, True, False, 16, 32, True), (8192, 2048, 2, False, False, 16, 32, False),
+    (14336, 8192, 1, True, True, 16, 16, True), (14336, 8192, 2, True, True, 16, 32, False)])
+def test_the_weight_copies_are_issued_before_the_pdl_wait(n, k, split_k, norm, swiglu, rows, block_n, residual):
     """The kernel's point, checked in its PTX on any machine: STAGES TMA copies of weight tiles (with SwiGLU a
     gate and an up tile each) come before griddepcontrol.wait (x's and the norm weight's loads after it), the K
     loop refills the ring, and it fits in shared memory."""
-    kernel = _compile_for_sm90(n, k, split_k, norm, swiglu, rows, block_n)
+    kernel = _compile_for_sm90(n, k, split_k, norm, swiglu, rows, block_n, residual)
     ptx = kernel.asm["ptx"]
     assert ("mma.sync" in ptx) == (rows > 1)  # 2 or more rows: on the tensor cores
     wait = ptx.index("griddepcontrol.wait")

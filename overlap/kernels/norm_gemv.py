@@ -247,9 +247,11 @@ def reference(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
 
 
 def norm_linear_op(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                   gated: bool, pdl: bool = False) -> torch.Tensor:
-    """overlap.ops.Ops.norm_linear through this kernel (split_k auto)."""
-    return norm_gemv(x, w, norm_weight=norm_weight, eps=eps, swiglu=gated, pdl=pdl)
+                   gated: bool, residual: torch.Tensor | None = None, pdl: bool = False):
+    """overlap.ops.Ops.norm_linear through this kernel (split_k auto); a residual is added first, by torch."""
+    total = x if residual is None else x + residual
+    y = norm_gemv(total, w, norm_weight=norm_weight, eps=eps, swiglu=gated, pdl=pdl)
+    return y if residual is None else (y, total)
 
 
 def gemv_op(x: torch.Tensor, w: torch.Tensor, pdl: bool = False) -> torch.Tensor:

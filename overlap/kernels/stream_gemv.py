@@ -54,10 +54,10 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 
 @gluon.jit
-def stream_gemv_kernel(w_desc, x_ptr, g_ptr, y_ptr, part_ptr, ss_ptr, N_OUT, K, eps,
+def stream_gemv_kernel(w_desc, x_ptr, g_ptr, r_ptr, s_ptr, y_ptr, part_ptr, ss_ptr, N_OUT, K, eps,
                        K_SHARE: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                        SPLIT_K: gl.constexpr, GDC: gl.constexpr, NORM: gl.constexpr = False,
-                       SWIGLU: gl.constexpr = False):
+                       SWIGLU: gl.constexpr = False, RESIDUAL: gl.constexpr = False):
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
     N_TILES: gl.constexpr = K_SHARE // BLOCK_K
     HALVES: gl.constexpr = 2 if SWIGLU else 1  # with SwiGLU a stage holds the gate tile and the matching up tile
@@ -85,13 +85,20 @@ def stream_gemv_kernel(w_desc, x_ptr, g_ptr, y_ptr, part_ptr, ss_ptr, N_OUT, K, 
     # x's tile (and g's) one step ahead: its L2 latency overlaps the wait for the weight tile and the products
     xn = gl.load(x_ptr + offs_k)
     gn = gl.load(g_ptr + offs_k) if NORM else xn
+    rn = gl.load(r_ptr + offs_k) if RESIDUAL else xn
     for i in range(N_TILES):
         slot = i % STAGES
         xt = xn.to(gl.float32)  # (BLOCK_K,)
         gt = gn.to(gl.float32)
+        if RESIDUAL:  # x + r, rounded as torch's add, written once (column 0's programs) for the block's residual
+            xs = (xt + rn.to(gl.float32)).to(x_ptr.dtype.element_ty)
+            gl.store(s_ptr + offs_k + i * BLOCK_K, xs, mask=(offs_k >= 0) & (pid_n == 0))
+            xt = xs.to(gl.float32)
         ahead = offs_k + (i + 1) * BLOCK_K
         more = ahead < k_lo + K_SHARE
         xn = gl.load(x_ptr + ahead, mask=more, other=0.0)
+        if RESIDUAL:
+            rn = gl.load(r_ptr + ahead, mask=more, other=0.0)
         if NORM:  # norm(x) = rstd * x * g: the squares summed here, rstd applied to the sums at the end
             gn = gl.load(g_ptr + ahead, mask=more, other=0.0)
             ssv += xt * xt
@@ -129,10 +136,10 @@ def stream_gemv_kernel(w_desc, x_ptr, g_ptr, y_ptr, part_ptr, ss_ptr, N_OUT, K, 
 
 
 @gluon.jit
-def stream_gemm_kernel(w_desc, x_ptr, g_ptr, y_ptr, part_ptr, ss_ptr, M, N_OUT, K, eps, stride_xm,
+def stream_gemm_kernel(w_desc, x_ptr, g_ptr, r_ptr, s_ptr, y_ptr, part_ptr, ss_ptr, M, N_OUT, K, eps, stride_xm,
                        K_SHARE: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                        SPLIT_K: gl.constexpr, GDC: gl.constexpr, NORM: gl.constexpr = False,
-                       SWIGLU: gl.constexpr = False):
+                       SWIGLU: gl.constexpr = False, RESIDUAL: gl.constexpr = False):
     """stream_gemv_kernel for 2..16 decode rows: the same ring of weight tiles copied before the PDL wait, each tile
     multiplied on the tensor cores (mma.sync, bf16/fp16 in, fp32 sums) as y.T = w @ x.T: BLOCK_N weight rows by
     ROWS (16) rows of x, the rows past M masked to zero."""
@@ -168,17 +175,24 @@ def stream_gemm_kernel(w_desc, x_ptr, g_ptr, y_ptr, part_ptr, ss_ptr, M, N_OUT, 
     x_ptrs = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]  # (BLOCK_K, ROWS): x.T's tile
     x_mask = (offs_m < M)[None, :] & (offs_k >= 0)[:, None]
     ssv = gl.zeros([BLOCK_K, ROWS], gl.float32, xl)  # x's squares, this share (summed over K at the end)
+    r_ptrs = r_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]  # residual and sum: x's strides
     xn = gl.load(x_ptrs, mask=x_mask, other=0.0)  # x's tile (and g's) one step ahead, as stream_gemv_kernel
     gn = gl.load(g_ptr + offs_k) if NORM else offs_k
+    rn = gl.load(r_ptrs, mask=x_mask, other=0.0) if RESIDUAL else xn
     for i in range(N_TILES):
         slot = i % STAGES
         xt = xn
         gt = gn
+        if RESIDUAL:  # x + r, rounded as torch's add, written once (column 0's programs) for the block's residual
+            xt = (xt.to(gl.float32) + rn.to(gl.float32)).to(x_ptr.dtype.element_ty)
+            s_ptrs = s_ptr + offs_m[None, :] * stride_xm + offs_k[:, None] + i * BLOCK_K
+            gl.store(s_ptrs, xt, mask=x_mask & (pid_n == 0))
         more = (i + 1) < N_TILES
         xn = gl.load(x_ptrs + (i + 1) * BLOCK_K, mask=x_mask & more, other=0.0)
-        if NORM:
-            gn = gl.load(g_ptr + offs_k + (i + 1) * BLOCK_K, mask=(offs_k >= 0) & more, other=0.0)
+        if RESIDUAL:
+            rn = gl.load(r_ptrs + (i + 1) * BLOCK_K, mask=x_mask & more, other=0.0)
         if NORM:  # norm(x) = rstd * x * g: squares summed here, rstd applied to the sums at the end
+            gn = gl.load(g_ptr + offs_k + (i + 1) * BLOCK_K, mask=(offs_k >= 0) & more, other=0.0)
             xf = xt.to(gl.float32)
             ssv += xf * xf
             xt = (xf * gt.to(gl.float32)[:, None]).to(x_ptr.dtype.element_ty)  # rounded where the unfused norm rounds
@@ -242,12 +256,13 @@ def _device(device: torch.device) -> tuple[int, int]:
 
 
 def stream_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
-                swiglu: bool = False, block_n: int = BLOCK_N, block_k: int = BLOCK_K, stages: int = STAGES,
-                split_k: int = 1, num_warps: int = 4, pdl: bool = False) -> torch.Tensor:
-    """act(norm(x) @ w.T) for one decode row x (1, K), w (N, K) -> (1, N), or (1, N/2) with swiglu (w's rows
-    [gate; up]); norm: RMSNorm with weight norm_weight (K,) when given. pdl: launch with programmatic dependent
-    launch (compute capability >= 9): the first `stages` weight tiles are copied before the wait on the previous
-    kernel."""
+                swiglu: bool = False, residual: torch.Tensor | None = None, block_n: int = BLOCK_N,
+                block_k: int = BLOCK_K, stages: int = STAGES, split_k: int = 1, num_warps: int = 4,
+                pdl: bool = False):
+    """act(norm(x) @ w.T) for decode rows x (M, K), M <= 16, w (N, K) -> (M, N), or (M, N/2) with swiglu (w's rows
+    [gate; up]); norm: RMSNorm with weight norm_weight (K,) when given. With residual (M, K), x + residual stands
+    for x, and the call returns (y, x + residual). pdl: launch with programmatic dependent launch (compute
+    capability >= 9): the first `stages` weight tiles are copied before the wait on the previous kernel."""
     M, N, K = check_matmul(x, w, OP)
     check_dtype(x, DTYPES, OP)
     if not 1 <= M <= MMA_ROWS:
@@ -263,6 +278,9 @@ def stream_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor |
     if not x.is_cuda or w.stride(1) != 1 or x.stride(-1) != 1:
         raise KernelArgError(f"{OP}: needs CUDA tensors with contiguous rows (x {x.device}, strides "
                              f"{x.stride()}, {w.stride()})")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype or residual.stride() != x.stride()):
+        raise KernelArgError(f"{OP}: residual must match x ({tuple(x.shape)}, {x.dtype}, strides {x.stride()}), got "
+                             f"{tuple(residual.shape)}, {residual.dtype}, strides {residual.stride()}")
     norm = norm_weight is not None
     n_out = N // 2 if swiglu else N
     y = torch.empty((M, n_out), dtype=x.dtype, device=x.device)
@@ -276,18 +294,21 @@ def stream_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor |
     meta = dict(K_SHARE=K // split_k, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, SPLIT_K=split_k, GDC=pdl,
                 NORM=norm, SWIGLU=swiglu, **launch)
     g = norm_weight if norm else x
+    total = torch.empty_like(x) if residual is not None else x
+    r = residual if residual is not None else x
+    meta["RESIDUAL"] = residual is not None
     if M == 1:
-        stream_gemv_kernel[grid](desc, x, g, y, part, ss, n_out, K, eps, num_warps=num_warps, **meta)
+        stream_gemv_kernel[grid](desc, x, g, r, total, y, part, ss, n_out, K, eps, num_warps=num_warps, **meta)
     else:  # tensor cores: 16 x 8 mma tiles, warps along w's rows first (16 rows a warp) and then along x's rows
         if block_n % 16:
             raise KernelArgError(f"{OP}: {M} rows take block_n a multiple of 16 (the mma tile), got {block_n}")
-        stream_gemm_kernel[grid](desc, x, g, y, part, ss, M, n_out, K, eps, x.stride(0),
+        stream_gemm_kernel[grid](desc, x, g, r, total, y, part, ss, M, n_out, K, eps, x.stride(0),
                                  num_warps=min(2 * (block_n // 16), 4), **meta)
     if split_k > 1:
         block = 256
         split_k_reduce_kernel[(triton.cdiv(M * n_out, block),)](part, ss, y, M, n_out, K, eps, BLOCK=block, NORM=norm,
                                                                 SWIGLU=swiglu, SPLIT_K=split_k, GDC=pdl, **launch)
-    return y
+    return (y, total) if residual is not None else y
 
 
 def config(n: int, k: int, sm_count: int, swiglu: bool = False) -> dict:
@@ -317,23 +338,25 @@ def streamed_norm_linear(ops):
     """An Ops.norm_linear (x (M, K), w, norm_weight, eps, gated) that runs CUDA calls of up to MAX_ROWS rows through
     stream_gemv with the norm (and SwiGLU when gated) fused, with PDL; every other call through ops.norm_linear when
     set (the norm_gemv kernel), else as ops' separate steps (norm, gemv, swiglu)."""
-    def norm_linear(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                    gated: bool) -> torch.Tensor:
-        if not supported(x, w, BLOCK_K):
+    def norm_linear(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor, eps: float, gated: bool,
+                    residual: torch.Tensor | None = None):
+        if not supported(x, w, BLOCK_K) or (residual is not None and not residual.is_contiguous()):
             if ops.norm_linear is not None:
-                return ops.norm_linear(x, w, norm_weight, eps, gated)
-            y = ops.gemv(ops.norm(x, norm_weight, eps), w)
-            return ops.swiglu(y, w.shape[0] // 2) if gated else y
-        return stream_gemv(x, w, norm_weight=norm_weight, eps=eps, swiglu=gated, pdl=True,
+                return ops.norm_linear(x, w, norm_weight, eps, gated, residual)
+            total = x if residual is None else ops.add(x, residual)
+            y = ops.gemv(ops.norm(total, norm_weight, eps), w)
+            y = ops.swiglu(y, w.shape[0] // 2) if gated else y
+            return y if residual is None else (y, total)
+        return stream_gemv(x, w, norm_weight=norm_weight, eps=eps, swiglu=gated, residual=residual, pdl=True,
                            **config(w.shape[0], w.shape[1], _device(x.device)[1], swiglu=gated))
 
     return norm_linear
 
 
 def reference(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
-              swiglu: bool = False) -> torch.Tensor:
-    """Plain torch: the unfused steps (overlap.ops.norm_linear: rms_norm, F.linear with fp32 accumulation,
-    swiglu), what the eager runtime runs."""
-    if norm_weight is None and not swiglu:
+              swiglu: bool = False, residual: torch.Tensor | None = None):
+    """Plain torch: the unfused steps (overlap.ops.norm_linear: the residual add, rms_norm, F.linear with fp32
+    accumulation, swiglu), what the eager runtime runs."""
+    if norm_weight is None and not swiglu and residual is None:
         return (x.float() @ w.float().T).to(x.dtype)
-    return norm_linear(x, w, norm_weight, eps, swiglu)
+    return norm_linear(x, w, norm_weight, eps, swiglu, residual)
