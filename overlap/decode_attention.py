@@ -29,6 +29,8 @@ import os
 
 import torch
 
+from overlap.kernels.compile_options import FP_FUSION
+
 BLOCK_N = 64  # cache positions per inner tile
 SMALL_BLOCK_N = 32  # the tile when whole BLOCK_N tiles would leave SMs idle (few sequences and KV heads: batch 1
 # at LLaMA-2-70B's TP-4 shard runs 66 programs of 64 rows or 132 of 32; 32 rows made that step 0.08 ms faster
@@ -221,7 +223,8 @@ def decode_attention_rope(qkv, cos, sin_signed, pos, k_cache, v_cache, n_heads: 
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), Dh**-0.5,
         KV=KV, G=G, G_PAD=g_pad, DH=Dh, SPLIT=split, NSPLIT=nsplit, BLOCK=block,
         PRECISION="ieee" if k_cache.dtype == torch.float32 else None, GDC=gdc, num_warps=NUM_WARPS,
-        **launch, **({"maxnreg": MAXNREG} if MAXNREG else {}))  # fp32: exact dots, not TF32
+        **launch, **FP_FUSION, **({"maxnreg": MAXNREG} if MAXNREG else {}))  # fp32: exact dots, not TF32
     merge_kernel[(B * KV, G)](o, lse, out, out.stride(0), KV=KV, G=G, G_PAD=g_pad, DH=Dh, NSPLIT=nsplit,
-                              S_PAD=max(2, 1 << (nsplit - 1).bit_length()), GDC=gdc, **launch)
+                              S_PAD=max(2, 1 << (nsplit - 1).bit_length()), GDC=gdc, **launch,
+                              **FP_FUSION)
     return out

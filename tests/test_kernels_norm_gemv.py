@@ -197,6 +197,7 @@ def test_split_k_reduce_lets_the_next_kernel_launch_before_or_after_its_wait(aft
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from overlap.kernels.compile_options import FP_FUSION
     from overlap.kernels.norm_gemv import split_k_reduce_kernel
 
     sig = {"part_ptr": "*fp32", "ss_ptr": "*fp32", "y_ptr": "*bf16", "M": "i32", "N_OUT": "i32", "K": "i32",
@@ -205,7 +206,7 @@ def test_split_k_reduce_lets_the_next_kernel_launch_before_or_after_its_wait(aft
     consts = {"BLOCK": 256, "NORM": True, "SWIGLU": False, "SPLIT_K": 4, "GDC": True, "LAUNCH_AFTER_WAIT": after}
     try:
         src = ASTSource(split_k_reduce_kernel, sig, consts)
-        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=FP_FUSION).asm["ptx"]
     except (TypeError, ValueError, AttributeError) as e:  # Triton's private API moved
         pytest.skip(f"this Triton's ahead-of-time compile differs: {e}")
     wait, launch = ptx.index("griddepcontrol.wait"), ptx.index("griddepcontrol.launch_dependents")

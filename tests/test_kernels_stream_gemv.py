@@ -189,6 +189,7 @@ def _compile_for_sm90(n: int, k: int, split_k: int, norm: bool = False, swiglu: 
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
 
+    from overlap.kernels.compile_options import FP_FUSION
     from overlap.kernels.stream_gemv import TensorDescriptor, stream_gemv_kernel
 
     target = GPUTarget("cuda", 90, 32)
@@ -206,9 +207,9 @@ def _compile_for_sm90(n: int, k: int, split_k: int, norm: bool = False, swiglu: 
         args = (desc, x, x, x, _FakeWeight(split_k, n), _FakeWeight(split_k, 1), n_out, k, 1e-5, k // split_k, BLOCK_N,
                 BLOCK_K, STAGES, split_k, True, norm, swiglu)
         binder = create_function_from_signature(stream_gemv_kernel.signature, stream_gemv_kernel.params, backend)
-        bound, spec, options = binder(*args, num_warps=4, launch_pdl=True)
+        bound, spec, options = binder(*args, num_warps=4, launch_pdl=True, **FP_FUSION)
         options, signature, constexprs, attrs = stream_gemv_kernel._pack_args(
-            backend, dict(num_warps=4, launch_pdl=True), bound, spec, options)
+            backend, dict(num_warps=4, launch_pdl=True, **FP_FUSION), bound, spec, options)
     except (ImportError, AttributeError, TypeError, ValueError) as e:  # Triton's private API moved
         pytest.skip(f"this Triton's ahead-of-time binding differs: {e}")
     return triton.compile(GluonASTSource(stream_gemv_kernel, signature, constexprs, attrs), target=target,

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from overlap.kernels.checks import KernelArgError, check_addend, check_decode_rows, check_dtype, check_matmul
+from overlap.kernels.compile_options import FP_FUSION
 from overlap.kernels.schedule import DECODE_MAX_M, decode_config, max_programs
 from overlap.kernels.signal import block_barrier
 from overlap.kernels.symm import PeerTables
@@ -116,7 +117,7 @@ def gemv_all_reduce(x: torch.Tensor, w: torch.Tensor, tables: PeerTables, *, add
         M, N, K, x.stride(0), w.stride(0), tables.nbytes // 8,
         RANK=tables.rank, WORLD=tables.world, BLOCK_M=DECODE_MAX_M, BLOCK_N=block_n, BLOCK_K=block_k,
         HAS_ADD=add is not None, HAS_RES=residual is not None, SYS_FENCE=tables.sys_fence,
-        MAX_SPIN=tables.max_spin, num_warps=num_warps, num_stages=num_stages)
+        MAX_SPIN=tables.max_spin, num_warps=num_warps, num_stages=num_stages, **FP_FUSION)
     return out
 
 

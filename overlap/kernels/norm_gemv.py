@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from overlap.kernels.checks import KernelArgError, check_decode_rows, check_dtype, check_matmul
+from overlap.kernels.compile_options import FP_FUSION
 from overlap.kernels.schedule import DECODE_MAX_M
 from overlap.ops import norm_linear
 
@@ -239,12 +240,12 @@ def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
         x, g, w, y, part, ss, M, n_out, K, k_share, x.stride(0), w.stride(0), eps,
         BLOCK_M=DECODE_MAX_M, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm, SWIGLU=swiglu,
         SPLIT_K=split_k, PRELOAD=preload if pdl else 0, GDC=gdc, num_warps=num_warps, num_stages=num_stages,
-        **launch)
+        **launch, **FP_FUSION)
     if split_k > 1:
         block = 256
         split_k_reduce_kernel[(triton.cdiv(M * n_out, block),)](part, ss, y, M, n_out, K, eps, BLOCK=block,
                                                                 NORM=norm, SWIGLU=swiglu, SPLIT_K=split_k,
-                                                                GDC=gdc, **launch)
+                                                                GDC=gdc, **launch, **FP_FUSION)
     return y
 
 

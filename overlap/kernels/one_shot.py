@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from overlap.kernels.checks import KernelArgError, check_dtype
+from overlap.kernels.compile_options import FP_FUSION
 from overlap.kernels.schedule import max_programs, one_shot_config
 from overlap.kernels.signal import block_barrier
 from overlap.kernels.symm import PeerTables
@@ -66,7 +67,8 @@ def _launch(tables: PeerTables, out: torch.Tensor, offset: int, numel: int, redu
     block, grid = one_shot_config(numel, max_programs(tables.pad_bytes, tables.world, tables.sm_count), block)
     one_shot_kernel[(grid,)](tables.buf_table, tables.pad_table, tables.state, out, offset, numel,
                              RANK=tables.rank, WORLD=tables.world, REDUCE=reduce, BLOCK=block,
-                             SYS_FENCE=tables.sys_fence, MAX_SPIN=tables.max_spin, num_warps=num_warps)
+                             SYS_FENCE=tables.sys_fence, MAX_SPIN=tables.max_spin, num_warps=num_warps,
+                             **FP_FUSION)
     return out
 
 

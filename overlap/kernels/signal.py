@@ -27,6 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from overlap.kernels.compile_options import FP_FUSION
 from overlap.kernels.schedule import pad_channels
 from overlap.kernels.symm import PeerTables
 
@@ -111,7 +112,7 @@ def _launch(t: PeerTables, peer: int, channel: int, send: bool, wait: bool, all_
     if not all_peers and not (0 <= peer < t.world and peer != t.rank):
         raise ValueError(f"peer {peer} must be another rank of 0..{t.world - 1} (this is rank {t.rank})")
     flags_kernel[(1,)](t.pad_table, t.state, peer, channel, RANK=t.rank, WORLD=t.world, SEND=send, WAIT=wait,
-                       ALL=all_peers, SYS_FENCE=t.sys_fence, MAX_SPIN=t.max_spin, num_warps=1)
+                       ALL=all_peers, SYS_FENCE=t.sys_fence, MAX_SPIN=t.max_spin, num_warps=1, **FP_FUSION)
 
 
 def put_flag(t: PeerTables, peer: int, channel: int) -> None:

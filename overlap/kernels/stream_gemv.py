@@ -33,6 +33,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from overlap.kernels.checks import KernelArgError, check_dtype, check_matmul
+from overlap.kernels.compile_options import FP_FUSION
 from overlap.kernels.norm_gemv import split_k_reduce_kernel
 from overlap.ops import norm_linear
 
@@ -181,12 +182,12 @@ def stream_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor |
     stream_gemv_kernel[(triton.cdiv(n_out, block_n), split_k)](
         desc, x, norm_weight if norm else x, y, part, ss, n_out, K, eps, K_SHARE=K // split_k, BLOCK_N=block_n,
         BLOCK_K=block_k, STAGES=stages, SPLIT_K=split_k, GDC=pdl, NORM=norm, SWIGLU=swiglu, num_warps=num_warps,
-        **launch)
+        **launch, **FP_FUSION)
     if split_k > 1:
         block = 256
         split_k_reduce_kernel[(triton.cdiv(n_out, block),)](part, ss, y, 1, n_out, K, eps, BLOCK=block, NORM=norm,
                                                             SWIGLU=swiglu, SPLIT_K=split_k, GDC=pdl,
-                                                            LAUNCH_AFTER_WAIT=True, **launch)
+                                                            LAUNCH_AFTER_WAIT=True, **launch, **FP_FUSION)
     return y
 
 
