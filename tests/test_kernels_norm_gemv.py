@@ -211,3 +211,33 @@ def test_split_k_reduce_lets_the_next_kernel_launch_before_or_after_its_wait(aft
         pytest.skip(f"this Triton's ahead-of-time compile differs: {e}")
     wait, launch = ptx.index("griddepcontrol.wait"), ptx.index("griddepcontrol.launch_dependents")
     assert (launch > wait) == after
+
+
+
+def test_with_pdl_and_no_preload_every_load_comes_after_the_wait():
+    """In the kernel's sm_90 PTX: with PDL and no weight tile loaded before the wait (preload=0), the kernel
+    still waits for the previous kernel (whose output x is), before its first global load, and lets the next
+    kernel launch only after that."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from overlap.kernels.compile_options import FP_FUSION
+    from overlap.kernels.norm_gemv import norm_gemv_kernel
+
+    ptrs = {"x_ptr": "*bf16", "g_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "part_ptr": "*fp32",
+            "ss_ptr": "*fp32"}
+    ints = {k: "i32" for k in ("M", "N_OUT", "K", "K_SHARE", "stride_xm", "stride_wn")}
+    consts = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "NORM": False, "SWIGLU": False, "SPLIT_K": 1,
+              "PRELOAD": 0, "GDC": True}
+    sig = {**ptrs, **ints, "eps": "fp32", **{k: "constexpr" for k in consts}}
+    try:
+        src = ASTSource(norm_gemv_kernel, sig, consts)
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, **FP_FUSION)).asm["ptx"]
+    except (TypeError, ValueError, AttributeError) as e:  # Triton's private API moved
+        pytest.skip(f"this Triton's ahead-of-time compile differs: {e}")
+    assert ptx.count("griddepcontrol.wait") == 1, "no wait for the previous kernel"
+    wait = ptx.index("griddepcontrol.wait")
+    loads = [i for i in range(len(ptx)) if ptx.startswith("ld.global", i) or ptx.startswith("cp.async", i)]
+    assert loads and min(loads) > wait
+    assert ptx.index("griddepcontrol.launch_dependents") > wait
