@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from overlap.bench_table import HOST_BOUND_FRAC
+from overlap.bench_table import host_bound
 from overlap.context import TPContext, init_tp, shutdown
 from overlap.floors import ShardShape, Timed, floor_fields, host_launch_ms, measure_rates, times_ms
 from overlap.model import ModelArgs
@@ -269,7 +269,7 @@ class Recorder:
             if "floor_ms" in rec else ""
         print(f"[spd-bench] tp={self.ctx.world_size} {fields['phase']} {size} {fields['variant']}: "
               f"{rec['median_ms']:.3f} ms (p20 {rec['p20_ms']:.3f}, p80 {rec['p80_ms']:.3f}){floor}", flush=True)
-        if rec.get("host_frac", 0) >= HOST_BOUND_FRAC:
+        if host_bound(rec):
             print(f"[spd-bench] warning: launching one iteration took the host {rec['host_ms']:.3f} ms, "
                   f"{100 * rec['host_frac']:.0f}% of the {rec['median_ms']:.3f} ms measured: the device may have "
                   "waited for the host, so this time may be the host's launch path (a slow or busy CPU) rather "

@@ -96,14 +96,15 @@ def _size_label(phase: str, size: tuple) -> str:
     return f"{size[0]} tokens" if phase == "prefill" else f"batch {size[0]}, ctx {size[1]}"
 
 
-def _host_bound(rec: dict | None) -> bool:
+def host_bound(rec: dict | None) -> bool:
+    """Whether the record's time may be the host's launch path: host_frac at HOST_BOUND_FRAC or more."""
     return rec is not None and rec.get("host_frac", 0) >= HOST_BOUND_FRAC
 
 
 def _cell(rec: dict | None) -> str:
     if rec is None:
         return "-"
-    mark = " h" if _host_bound(rec) else ""
+    mark = " h" if host_bound(rec) else ""
     return f"{rec['median_ms']:.2f} ({rec['p20_ms']:.2f}-{rec['p80_ms']:.2f}){mark}"
 
 
@@ -184,7 +185,7 @@ def tables(records: list[dict]) -> str:
     if repeated:
         parts.append(f"{len(repeated)} cell(s) had more than one record of the same setup (a repeated job, or two "
                      "jobs of one call): each shows the last in file order.")
-    if any(_host_bound(r) for r in latest.values()):
+    if any(host_bound(r) for r in latest.values()):
         parts.append(f"h: launching one iteration took the host at least {100 * HOST_BOUND_FRAC:.0f}% of the median "
                      "(host_ms, with the GPU idle), so the time may be the host's launch path rather than the GPU's.")
     if any(r.get("floor_ms") for r in latest.values()):

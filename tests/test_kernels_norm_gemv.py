@@ -184,45 +184,25 @@ def _runtime() -> dict:
                for use in calls}, "steps_x_blocks": 8 * args.n_layers}
 
 
-if __name__ == "__main__":
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run through the tests (they set TRITON_INTERPRET=1)"
-    print(json.dumps({"kernel": _interpreted, "runtime": _runtime}[sys.argv[1]]()))
-
-
 @pytest.mark.parametrize("after", [False, True])
 def test_split_k_reduce_lets_the_next_kernel_launch_before_or_after_its_wait(after):
     """The reduce's PDL order, checked in its sm_90 PTX on any machine: launch_dependents before
     griddepcontrol.wait by default (norm_gemv's), after it with LAUNCH_AFTER_WAIT (stream_gemv's)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from overlap.kernels.compile_options import FP_FUSION
     from overlap.kernels.norm_gemv import split_k_reduce_kernel
 
     sig = {"part_ptr": "*fp32", "ss_ptr": "*fp32", "y_ptr": "*bf16", "M": "i32", "N_OUT": "i32", "K": "i32",
            "eps": "fp32", "BLOCK": "constexpr", "NORM": "constexpr", "SWIGLU": "constexpr", "SPLIT_K": "constexpr",
            "GDC": "constexpr", "LAUNCH_AFTER_WAIT": "constexpr"}
     consts = {"BLOCK": 256, "NORM": True, "SWIGLU": False, "SPLIT_K": 4, "GDC": True, "LAUNCH_AFTER_WAIT": after}
-    try:
-        src = ASTSource(split_k_reduce_kernel, sig, consts)
-        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=FP_FUSION).asm["ptx"]
-    except (TypeError, ValueError, AttributeError) as e:  # Triton's private API moved
-        pytest.skip(f"this Triton's ahead-of-time compile differs: {e}")
+    ptx = _sm90_ptx(split_k_reduce_kernel, sig, consts)
     wait, launch = ptx.index("griddepcontrol.wait"), ptx.index("griddepcontrol.launch_dependents")
     assert (launch > wait) == after
-
 
 
 def test_with_pdl_and_no_preload_every_load_comes_after_the_wait():
     """In the kernel's sm_90 PTX: with PDL and no weight tile loaded before the wait (preload=0), the kernel
     still waits for the previous kernel (whose output x is), before its first global load, and lets the next
     kernel launch only after that."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from overlap.kernels.compile_options import FP_FUSION
     from overlap.kernels.norm_gemv import norm_gemv_kernel
 
     ptrs = {"x_ptr": "*bf16", "g_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "part_ptr": "*fp32",
@@ -231,13 +211,30 @@ def test_with_pdl_and_no_preload_every_load_comes_after_the_wait():
     consts = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "NORM": False, "SWIGLU": False, "SPLIT_K": 1,
               "PRELOAD": 0, "GDC": True}
     sig = {**ptrs, **ints, "eps": "fp32", **{k: "constexpr" for k in consts}}
-    try:
-        src = ASTSource(norm_gemv_kernel, sig, consts)
-        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, **FP_FUSION)).asm["ptx"]
-    except (TypeError, ValueError, AttributeError) as e:  # Triton's private API moved
-        pytest.skip(f"this Triton's ahead-of-time compile differs: {e}")
+    ptx = _sm90_ptx(norm_gemv_kernel, sig, consts, num_warps=4)
     assert ptx.count("griddepcontrol.wait") == 1, "no wait for the previous kernel"
     wait = ptx.index("griddepcontrol.wait")
     loads = [i for i in range(len(ptx)) if ptx.startswith("ld.global", i) or ptx.startswith("cp.async", i)]
     assert loads and min(loads) > wait
     assert ptx.index("griddepcontrol.launch_dependents") > wait
+
+
+def _sm90_ptx(kernel, sig: dict, consts: dict, **options) -> str:
+    """The kernel's PTX for sm_90, compiled ahead of time on any machine (ptxas ships with Triton) with the
+    runtime's compile options; the test skips where this Triton's private compile API differs."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from overlap.kernels.compile_options import FP_FUSION
+
+    try:
+        src = ASTSource(kernel, sig, consts)
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={**options, **FP_FUSION}).asm["ptx"]
+    except (TypeError, ValueError, AttributeError) as e:  # Triton's private API moved
+        pytest.skip(f"this Triton's ahead-of-time compile differs: {e}")
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run through the tests (they set TRITON_INTERPRET=1)"
+    print(json.dumps({"kernel": _interpreted, "runtime": _runtime}[sys.argv[1]]()))
