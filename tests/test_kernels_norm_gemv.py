@@ -40,6 +40,10 @@ def test_matches_the_unfused_steps_in_the_interpreter():
     for case in cases:
         assert case["err"] < FP32_TOL, case
         assert case["shape"] == case["ref_shape"], case
+        # serial split-K (the last program of a column sums the partials) against the second kernel: the same
+        # sums in the same order, so bit for bit; and its counters back at zero after every call
+        assert case["serial_equals_reduce_kernel"] and case["counters_zero"] and case["serial_reduce_launches"] == 0
+    assert sum(c["split"] for c in cases) >= len(cases) // 2  # split_k 2 and auto: the second kernel without serial
 
 
 def test_runtime_decode_with_the_kernel_equals_eager_in_the_interpreter():
@@ -52,6 +56,18 @@ def test_runtime_decode_with_the_kernel_equals_eager_in_the_interpreter():
                            ("pdl", 4), ("norm_linear_pdl", 4)):  # with pdl: wqkv, w13 (+ SwiGLU), wo, w2
         assert out[use]["max_err"] < FP32_TOL, out
         assert out[use]["kernel_calls"] == out["steps_x_blocks"] * per_block, out
+
+
+def test_arrival_counters_are_zero_shared_and_never_freed_when_outgrown():
+    from overlap.kernels.norm_gemv import _COUNTERS, _OUTGROWN, arrival_counters
+
+    _COUNTERS.clear()
+    small = arrival_counters(torch.device("cpu"), 40)
+    assert small.dtype == torch.int32 and small.numel() >= 40 and not small.any()
+    assert arrival_counters(torch.device("cpu"), small.numel()) is small  # one buffer, shared by every call
+    large = arrival_counters(torch.device("cpu"), small.numel() + 1)
+    assert large.numel() > small.numel() and not large.any()
+    assert any(b is small for b in _OUTGROWN)  # a graph captured with it may still replay it
 
 
 def test_bad_arguments_say_what_is_wrong():
@@ -111,14 +127,26 @@ def test_bf16_on_the_gpu_matches_the_unfused_steps(m):
         gw = (1 + 0.1 * torch.randn(k, device="cuda", generator=g)).bfloat16()
         ref = reference(x, w, norm_weight=gw, swiglu=swiglu).float()
         for split_k, pdl in itertools.product((1, 4, "auto"), (False, True)):
-            out = norm_gemv(x, w, norm_weight=gw, swiglu=swiglu, split_k=split_k, pdl=pdl).float()
+            outs = [norm_gemv(x, w, norm_weight=gw, swiglu=swiglu, split_k=split_k, pdl=pdl, serial=serial)
+                    for serial in (False, True, True)]  # serial twice: its counters are zero again after a call
             # bf16 outputs: a rounding step apart at most where the fp32 sums differ in their last bits
+            out = outs[0].float()
             assert torch.allclose(out, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()), (n, split_k, pdl)
+            assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0]), (n, split_k, pdl)  # same sums
 
 
 def _interpreted() -> list[dict]:
-    from overlap.kernels.norm_gemv import norm_gemv, reference
+    from overlap.kernels import norm_gemv as module
+    from overlap.kernels.norm_gemv import _COUNTERS, norm_gemv, reference
 
+    reduces = []  # launches of split_k_reduce_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            reduces.append(grid)
+            return kernel[grid]
+
+    kernel, module.split_k_reduce_kernel = module.split_k_reduce_kernel, Counted()
     out = []
     for i, (m, n, k) in enumerate(SHAPES):
         gen = torch.Generator().manual_seed(i)
@@ -127,12 +155,21 @@ def _interpreted() -> list[dict]:
         for norm in (None, gw):
             for swiglu in (False, True):
                 for split_k, pdl in itertools.product((1, 2, "auto"), (False, True)):  # pdl: first tile peeled
-                    y = norm_gemv(x, w, norm_weight=norm, swiglu=swiglu, split_k=split_k, block_k=32, sm_count=4,
-                                  pdl=pdl)
+                    # 16-column tiles: several columns, each with its own counter
+                    opts = dict(norm_weight=norm, swiglu=swiglu, split_k=split_k, block_k=32, block_n=16,
+                                sm_count=4, pdl=pdl)
+                    before = len(reduces)
+                    y = norm_gemv(x, w, serial=True, **opts)
+                    serial_reduces = len(reduces) - before
+                    two = norm_gemv(x, w, serial=False, **opts)  # split_k_reduce_kernel
+                    reduced = len(reduces) - before - serial_reduces == 1
                     ref = reference(x, w, norm_weight=norm, swiglu=swiglu)
                     err = ((y - ref).abs().max() / ref.abs().max()).item()
                     out.append({"m": m, "n": n, "k": k, "norm": norm is not None, "swiglu": swiglu, "pdl": pdl,
-                                "split_k": split_k, "err": err, "shape": list(y.shape), "ref_shape": list(ref.shape)})
+                                "split_k": split_k, "err": err, "shape": list(y.shape), "ref_shape": list(ref.shape),
+                                "serial_equals_reduce_kernel": torch.equal(y, two), "split": reduced,
+                                "serial_reduce_launches": serial_reduces,
+                                "counters_zero": not _COUNTERS or all(not c.any() for c in _COUNTERS.values())})
     return out
 
 
@@ -199,24 +236,42 @@ def test_split_k_reduce_lets_the_next_kernel_launch_before_or_after_its_wait(aft
     assert (launch > wait) == after
 
 
+def test_serial_split_k_counts_arrivals_between_fences_after_the_pdl_wait():
+    """Serial split-K's ordering, checked in the kernel's sm_90 PTX on any machine (the interpreter runs programs
+    one at a time, so it cannot show a race): the partials are fenced (gpu scope) before the arrival is counted,
+    the count is an acq_rel atomic, the last program fences again before it reads the others' partials, and all
+    of it comes after the PDL wait (the previous call's counters are zero by then)."""
+    ptx = _norm_gemv_ptx(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, NORM=True, SWIGLU=False, SPLIT_K=8, PRELOAD=1, GDC=True,
+                         SERIAL=True, FENCE=True)
+    wait = ptx.index("griddepcontrol.wait")
+    atom = ptx.index("atom.global.gpu.acq_rel.add")
+    fences = [i for i in range(len(ptx)) if ptx.startswith("fence.acq_rel.gpu", i)]
+    assert wait < atom and ptx.count("atom.global") == 1
+    assert any(wait < f < atom for f in fences) and any(f > atom for f in fences), fences
+
+
 def test_with_pdl_and_no_preload_every_load_comes_after_the_wait():
     """In the kernel's sm_90 PTX: with PDL and no weight tile loaded before the wait (preload=0), the kernel
     still waits for the previous kernel (whose output x is), before its first global load, and lets the next
     kernel launch only after that."""
-    from overlap.kernels.norm_gemv import norm_gemv_kernel
-
-    ptrs = {"x_ptr": "*bf16", "g_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "part_ptr": "*fp32",
-            "ss_ptr": "*fp32"}
-    ints = {k: "i32" for k in ("M", "N_OUT", "K", "K_SHARE", "stride_xm", "stride_wn")}
-    consts = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "NORM": False, "SWIGLU": False, "SPLIT_K": 1,
-              "PRELOAD": 0, "GDC": True}
-    sig = {**ptrs, **ints, "eps": "fp32", **{k: "constexpr" for k in consts}}
-    ptx = _sm90_ptx(norm_gemv_kernel, sig, consts, num_warps=4)
+    ptx = _norm_gemv_ptx(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, NORM=False, SWIGLU=False, SPLIT_K=1, PRELOAD=0, GDC=True,
+                         SERIAL=False, FENCE=True)
     assert ptx.count("griddepcontrol.wait") == 1, "no wait for the previous kernel"
     wait = ptx.index("griddepcontrol.wait")
     loads = [i for i in range(len(ptx)) if ptx.startswith("ld.global", i) or ptx.startswith("cp.async", i)]
     assert loads and min(loads) > wait
     assert ptx.index("griddepcontrol.launch_dependents") > wait
+
+
+def _norm_gemv_ptx(**consts) -> str:
+    """norm_gemv_kernel's sm_90 PTX (4 warps) for its constexprs `consts`, with bf16 x, g, w and y."""
+    from overlap.kernels.norm_gemv import norm_gemv_kernel
+
+    ptrs = {"x_ptr": "*bf16", "g_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "part_ptr": "*fp32",
+            "ss_ptr": "*fp32", "cnt_ptr": "*i32"}
+    ints = {k: "i32" for k in ("M", "N_OUT", "K", "K_SHARE", "stride_xm", "stride_wn")}
+    sig = {**ptrs, **ints, "eps": "fp32", **{k: "constexpr" for k in consts}}
+    return _sm90_ptx(norm_gemv_kernel, sig, consts, num_warps=4)
 
 
 def _sm90_ptx(kernel, sig: dict, consts: dict, **options) -> str:

@@ -110,9 +110,10 @@ def test_matches_plain_torch_on_the_gpu(n, k, cfg, pdl):
     x = torch.randn(1, k, device="cuda", generator=g).bfloat16()
     w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16()
     ref = (x.float() @ w.float().T)
-    out = stream_gemv(x, w, pdl=pdl, **cfg).float()
+    out = stream_gemv(x, w, pdl=pdl, **cfg).float()  # serial split-K where split_k > 1 (SERIAL_SPLIT_K)
     assert out.shape == (1, n)
     assert ((out - ref).norm() / ref.norm()).item() < BF16_TOL
+    assert torch.equal(stream_gemv(x, w, pdl=pdl, serial=False, **cfg).float(), out)  # the reduce kernel's sums
 
 
 @pytest.mark.gpu
@@ -132,9 +133,13 @@ def test_norm_and_swiglu_match_the_unfused_steps_on_the_gpu(n, k, swiglu, split_
     w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16()
     ref = reference(x, w, norm_weight=nw, eps=1e-5, swiglu=swiglu).float()
     block_n = 16 if swiglu else 32
-    out = stream_gemv(x, w, norm_weight=nw, eps=1e-5, swiglu=swiglu, block_n=block_n, split_k=split_k, pdl=pdl)
+    outs = [stream_gemv(x, w, norm_weight=nw, eps=1e-5, swiglu=swiglu, block_n=block_n, split_k=split_k, pdl=pdl,
+                        serial=serial) for serial in (False, True, True)]  # twice: the counters are zero again
+    out = outs[0]
     assert out.shape == (1, n // 2 if swiglu else n)
     assert ((out.float() - ref).norm() / ref.norm()).item() < BF16_TOL
+    # serial split-K sums the same partials in the same order as the reduce kernel: bit for bit
+    assert torch.equal(outs[1], out) and torch.equal(outs[2], out)
 
 
 @pytest.mark.gpu
@@ -182,7 +187,7 @@ class _FakeWeight:
         return (self.shape[1], 1)
 
 
-def _compile_for_sm90(n: int, k: int, split_k: int, norm: bool = False, swiglu: bool = False):
+def _compile_for_sm90(n: int, k: int, split_k: int, norm: bool = False, swiglu: bool = False, serial: bool = False):
     """stream_gemv_kernel compiled ahead of time for sm_90 (ptxas ships with Triton), or None where this Triton's
     private binding helpers differ from the ones this uses."""
     import triton
@@ -204,8 +209,10 @@ def _compile_for_sm90(n: int, k: int, split_k: int, norm: bool = False, swiglu: 
                                 gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.bfloat16))
         x = _FakeWeight(1, k)
         n_out = n // 2 if swiglu else n
+        counters = _FakeWeight(1, 1024)
+        counters.dtype = torch.int32
         args = (desc, x, x, x, _FakeWeight(split_k, n), _FakeWeight(split_k, 1), n_out, k, 1e-5, k // split_k, BLOCK_N,
-                BLOCK_K, STAGES, split_k, True, norm, swiglu)
+                BLOCK_K, STAGES, split_k, True, norm, swiglu, counters, serial)
         binder = create_function_from_signature(stream_gemv_kernel.signature, stream_gemv_kernel.params, backend)
         bound, spec, options = binder(*args, num_warps=4, launch_pdl=True, **FP_FUSION)
         options, signature, constexprs, attrs = stream_gemv_kernel._pack_args(
@@ -231,3 +238,18 @@ def test_the_weight_copies_are_issued_before_the_pdl_wait(n, k, split_k, norm, s
     assert ptx[wait:].count("cp.async.bulk.tensor") >= halves  # the refill in the loop
     assert "ld.global" not in ptx[:wait]  # x (the previous kernel's output) is read only after the wait
     assert kernel.metadata.shared >= STAGES * halves * BLOCK_N * BLOCK_K * 2
+
+
+@pytest.mark.parametrize("norm,swiglu", [(False, False), (True, False), (True, True)])
+def test_serial_split_k_counts_arrivals_between_fences_after_the_pdl_wait(norm, swiglu):
+    """Serial split-K's ordering in the sm_90 PTX (as norm_gemv's, tests/test_kernels_norm_gemv.py): the partials
+    fenced (gpu scope) before one acq_rel atomic counts the arrival, a fence again before the last program reads
+    the others' partials, all after the PDL wait; and no such atomic without serial."""
+    n = 14336 if swiglu else 2560
+    ptx = _compile_for_sm90(n, 8192, 4, norm, swiglu, serial=True).asm["ptx"]
+    wait = ptx.index("griddepcontrol.wait")
+    atom = ptx.index("atom.global.gpu.acq_rel.add")
+    fences = [i for i in range(len(ptx)) if ptx.startswith("fence.acq_rel.gpu", i)]
+    assert wait < atom and ptx.count("atom.global") == 1
+    assert any(wait < f < atom for f in fences) and any(f > atom for f in fences), fences
+    assert "atom.global" not in _compile_for_sm90(n, 8192, 4, norm, swiglu, serial=False).asm["ptx"]

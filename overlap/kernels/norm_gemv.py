@@ -40,6 +40,8 @@ OP = "norm_gemv"
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 PDL_PRELOAD_TILES = 1  # with pdl: K tiles a program loads before it waits for the previous kernel; on an H200
 # 4 bought nothing measurable over 1 (docs/benchmarks/pdl.md)
+SERIAL_SPLIT_K = True  # split-K sums its partials in the kernel (the last program of each column) instead of a
+# second, split_k_reduce_kernel launch (not measured yet)
 PROGRAMS_PER_SM = 2  # split-K target: programs in flight per SM; 4 made the R = 4 decode step 0.2 ms slower on an
 # H200 (docs/benchmarks/pdl.md)
 
@@ -47,10 +49,11 @@ PROGRAMS_PER_SM = 2  # split-K target: programs in flight per SM; 4 made the R =
 @triton.jit
 def norm_gemv_kernel(
     x_ptr, g_ptr, w_ptr, y_ptr, part_ptr, ss_ptr,  # x (M, K), g (K,), w (N, K), y (M, N_OUT), part (SPLIT_K, M, N),
-    M, N_OUT, K, K_SHARE, stride_xm, stride_wn, eps,  # ss (SPLIT_K, M); N_OUT: output columns (F with swiglu)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    M, N_OUT, K, K_SHARE, stride_xm, stride_wn, eps,  # ss (SPLIT_K, M), serial: (SPLIT_K, programs, M); N_OUT:
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # output columns (F with swiglu)
     NORM: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr,
     PRELOAD: tl.constexpr = 0, GDC: tl.constexpr = False,
+    cnt_ptr=None, SERIAL: tl.constexpr = False, FENCE: tl.constexpr = False,  # serial split-K: arrivals a column
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -58,7 +61,6 @@ def norm_gemv_kernel(
     mask_m = offs_m < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N_OUT
-    dt = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     ss = tl.zeros((BLOCK_M,), dtype=tl.float32)  # the rows' sums of squares over this program's share of K
@@ -83,14 +85,7 @@ def norm_gemv_kernel(
                                 BLOCK_K, NORM, SWIGLU)
     tile_mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
-        if NORM:
-            rstd = 1.0 / tl.sqrt(ss / K + eps)
-            acc = acc * rstd[:, None]
-            if SWIGLU:
-                acc_up = acc_up * rstd[:, None]
-        if SWIGLU:
-            acc = _swiglu(acc, acc_up, y_ptr)
-        tl.store(y_ptr + offs_m[:, None] * N_OUT + offs_n[None, :], acc.to(dt), mask=tile_mask)
+        _epilogue(acc, acc_up, ss, y_ptr, offs_m, offs_n, tile_mask, N_OUT, K, eps, NORM, SWIGLU)
     else:
         n_all = N_OUT  # a partial holds gate and up columns side by side
         if SWIGLU:
@@ -99,9 +94,52 @@ def norm_gemv_kernel(
         tl.store(base, acc, mask=tile_mask)
         if SWIGLU:
             tl.store(base + N_OUT, acc_up, mask=tile_mask)
-        if NORM:
+        if SERIAL:  # the column's last program to arrive sums the SPLIT_K partials: no second kernel
+            programs = tl.num_programs(0)
+            if NORM:  # each program its own sums of squares: the last one reads those of its column's programs
+                tl.store(ss_ptr + (pid_k * programs + pid_n) * M + offs_m, ss, mask=mask_m)
+            _gpu_fence(FENCE)  # this thread's stores, then the CTA's, before the arrival is counted
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:
+                _gpu_fence(FENCE)  # the other programs' partials are visible to every thread after this
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                for s in tl.static_range(SPLIT_K):  # split order, as split_k_reduce_kernel: the same sums
+                    part = part_ptr + s * M * n_all + offs_m[:, None] * n_all + offs_n[None, :]
+                    acc += tl.load(part, mask=tile_mask, other=0.0)
+                    if SWIGLU:
+                        acc_up += tl.load(part + N_OUT, mask=tile_mask, other=0.0)
+                    if NORM:
+                        ss += tl.load(ss_ptr + (s * programs + pid_n) * M + offs_m, mask=mask_m, other=0.0)
+                tl.store(cnt_ptr + pid_n, 0)  # zero again for the next call (a CUDA graph replays it as is)
+                _epilogue(acc, acc_up, ss, y_ptr, offs_m, offs_n, tile_mask, N_OUT, K, eps, NORM, SWIGLU)
+        elif NORM:
             if pid_n == 0:
                 tl.store(ss_ptr + pid_k * M + offs_m, ss, mask=mask_m)
+
+
+@triton.jit
+def _epilogue(acc, acc_up, ss, y_ptr, offs_m, offs_n, tile_mask, N_OUT, K, eps, NORM: tl.constexpr,
+              SWIGLU: tl.constexpr):
+    """y's tile from the fp32 sums over all of K: rstd (with the norm), SwiGLU, rounded to y's dtype."""
+    if NORM:
+        rstd = 1.0 / tl.sqrt(ss / K + eps)
+        acc = acc * rstd[:, None]
+        if SWIGLU:
+            acc_up = acc_up * rstd[:, None]
+    if SWIGLU:
+        acc = _swiglu(acc, acc_up, y_ptr)
+    tl.store(y_ptr + offs_m[:, None] * N_OUT + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _gpu_fence(ENABLED: tl.constexpr):
+    """fence.acq_rel.gpu in every thread (a no-op where ENABLED is False: the CPU interpreter)."""
+    if ENABLED:
+        tl.inline_asm_elementwise("fence.acq_rel.gpu;\nmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                                  is_pure=False, pack=1)
 
 
 @triton.jit
@@ -200,12 +238,14 @@ def auto_split_k(programs: int, k_blocks: int, sm_count: int) -> int:
 def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
               swiglu: bool = False, split_k: int | str = "auto", block_n: int = 64, block_k: int = 64,
               sm_count: int | None = None, num_warps: int = 4, num_stages: int = 4,
-              pdl: bool = False, preload: int = PDL_PRELOAD_TILES) -> torch.Tensor:
+              pdl: bool = False, preload: int = PDL_PRELOAD_TILES, serial: bool = SERIAL_SPLIT_K) -> torch.Tensor:
     """act(rms_norm(x) @ w.T) for decode rows x (M, K), M <= 16, w (N, K): (M, N) or (M, N/2) with swiglu.
     pdl: launch with programmatic dependent launch (CUDA, compute capability >= 9): the kernel loads its first
     `preload` weight tiles, then waits for the previous kernel (griddepcontrol.wait) before it reads x, and
     lets the next kernel launch early; so a launch's ramp-up and those weight loads overlap the previous
     kernel. On the CPU interpreter pdl only peels those tiles (the same arithmetic; the waits need a GPU).
+    serial (with split-K): the last of a column's programs to arrive sums the partials and writes y (a counter
+    a column, zero between calls), instead of a second kernel; the same sums in the same order.
 
     Defaults: the fastest configuration for both attn_norm + wqkv and mlp_norm + w13 + SwiGLU at the LLaMA-2-70B
     R = 4 shard, M = 1 and 16, in the H200 sweep of this version (docs/benchmarks/norm_gemv.md). Still slower
@@ -235,21 +275,44 @@ def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
     y = torch.empty((M, n_out), dtype=x.dtype, device=x.device)
     part = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device) if split_k > 1 else y
     norm = norm_weight is not None
-    ss = torch.empty((split_k, M), dtype=torch.float32, device=x.device) if split_k > 1 and norm else part
+    serial = serial and split_k > 1
+    ss_rows = split_k * programs if serial else split_k
+    ss = torch.empty((ss_rows, M), dtype=torch.float32, device=x.device) if split_k > 1 and norm else part
+    counters = arrival_counters(x.device, programs) if serial else None
     g = norm_weight if norm else x  # unused pointer when there is no norm
     gdc = pdl and x.is_cuda
     launch = {"launch_pdl": True} if gdc else {}
     norm_gemv_kernel[(programs, split_k)](
         x, g, w, y, part, ss, M, n_out, K, k_share, x.stride(0), w.stride(0), eps,
         BLOCK_M=DECODE_MAX_M, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm, SWIGLU=swiglu,
-        SPLIT_K=split_k, PRELOAD=preload if pdl else 0, GDC=gdc, num_warps=num_warps, num_stages=num_stages,
-        **launch, **FP_FUSION)
-    if split_k > 1:
+        SPLIT_K=split_k, PRELOAD=preload if pdl else 0, GDC=gdc, cnt_ptr=counters, SERIAL=serial, FENCE=x.is_cuda,
+        num_warps=num_warps, num_stages=num_stages, **launch, **FP_FUSION)
+    if split_k > 1 and not serial:
         block = 256
         split_k_reduce_kernel[(triton.cdiv(M * n_out, block),)](part, ss, y, M, n_out, K, eps, BLOCK=block,
                                                                 NORM=norm, SWIGLU=swiglu, SPLIT_K=split_k,
                                                                 GDC=gdc, **launch, **FP_FUSION)
     return y
+
+
+_COUNTERS: dict = {}
+_OUTGROWN: list = []  # counter buffers replaced by larger ones, kept alive: a captured CUDA graph may still use one
+
+
+def arrival_counters(device: torch.device, programs: int) -> torch.Tensor:
+    """Serial split-K's int32 arrival counter for each of `programs` columns, zero between calls (the last
+    program of a column zeroes its own). One buffer a device, grown as needed and shared by every call: calls
+    on one stream run one after another (with PDL too: a kernel counts only after its wait for the previous
+    one's end), so no two use it at once. Allocated outside a CUDA graph capture (the runtime's warm-up
+    allocates it); inside a first capture it is allocated from the graph's pool and zeroed on each replay.
+    A buffer outgrown by a larger call is kept alive, since a graph captured before may still use it."""
+    key = (device.type, device.index)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < programs:
+        if buf is not None:
+            _OUTGROWN.append(buf)
+        buf = _COUNTERS[key] = torch.zeros(max(programs, 1024), dtype=torch.int32, device=device)
+    return buf
 
 
 def reference(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,

@@ -16,7 +16,8 @@ weight elements a program are read from HBM while the previous kernel (attention
 Written in Gluon (triton.experimental.gluon, explicit layouts and shared memory), which Triton's CPU
 interpreter does not run: parity is tested on the GPU (tests/test_kernels_stream_gemv.py) against
 `reference`, plain torch. With SPLIT_K > 1 the fp32 partials (and the shares' sums of squares) are summed, in
-split order, by norm_gemv's reduce kernel, which applies rstd and SwiGLU. In the runtime (`streamed`,
+split order, by the last program of each column to finish (serial split-K, as norm_gemv's) or by norm_gemv's
+reduce kernel, which then applies rstd and SwiGLU. In the runtime (`streamed`,
 `streamed_norm_linear`) a batch-1 decode block runs attn_norm + wqkv, wo, mlp_norm + w13 + SwiGLU and w2 through
 it: four launches (plus split-K reduces) where the separate steps took seven.
 """
@@ -34,7 +35,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from overlap.kernels.checks import KernelArgError, check_dtype, check_matmul
 from overlap.kernels.compile_options import FP_FUSION
-from overlap.kernels.norm_gemv import split_k_reduce_kernel
+from overlap.kernels.norm_gemv import arrival_counters, split_k_reduce_kernel
 from overlap.ops import norm_linear
 
 OP = "stream_gemv"
@@ -44,15 +45,19 @@ BLOCK_K = 128  # columns a tile
 STAGES = 3  # tiles in flight a program (3 x 32 x 128 bf16: 24 KB of shared memory), all copied before the PDL wait;
 # of 2, 3, 4 and 8, 3 made the R = 4 batch-1 step fastest on an H200 (docs/benchmarks/pdl.md, "stream_gemv")
 PROGRAMS_PER_SM = 2  # split-K target, as norm_gemv's
+SERIAL_SPLIT_K = True  # split-K sums its partials in the kernel (the last program of each column), as norm_gemv's
+# (not measured yet)
 # the TMA load: Triton 3.6 names it async_copy_global_to_shared, later releases async_load
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+# the CTA barrier: Triton 3.6 names it thread_barrier, later releases barrier
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 
 @gluon.jit
 def stream_gemv_kernel(w_desc, x_ptr, g_ptr, y_ptr, part_ptr, ss_ptr, N_OUT, K, eps,
                        K_SHARE: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                        SPLIT_K: gl.constexpr, GDC: gl.constexpr, NORM: gl.constexpr = False,
-                       SWIGLU: gl.constexpr = False):
+                       SWIGLU: gl.constexpr = False, cnt_ptr=None, SERIAL: gl.constexpr = False):
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
     N_TILES: gl.constexpr = K_SHARE // BLOCK_K
     HALVES: gl.constexpr = 2 if SWIGLU else 1  # with SwiGLU a stage holds the gate tile and the matching up tile
@@ -105,22 +110,54 @@ def stream_gemv_kernel(w_desc, x_ptr, g_ptr, y_ptr, part_ptr, ss_ptr, N_OUT, K, 
     offs_n = n0 + gl.arange(0, BLOCK_N, layout=out)
     ss = gl.sum(ssv, axis=0)
     if SPLIT_K == 1:
-        if NORM:
-            rstd = 1.0 / gl.sqrt(ss / K + eps)
-            y = y * rstd
-            up = up * rstd
-        if SWIGLU:  # silu(gate) * up with the unfused steps' roundings: gate, up and silu(gate) in y's dtype
-            dt: gl.constexpr = y_ptr.dtype.element_ty
-            gate = y.to(dt).to(gl.float32)
-            y = (gate / (1.0 + gl.exp(-gate))).to(dt).to(gl.float32) * up.to(dt).to(gl.float32)
-        gl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N_OUT)
-    else:  # fp32 partials (gate and up side by side) and the share's sum of squares: norm_gemv's reduce finishes
+        _epilogue(y, up, ss, y_ptr, offs_n, N_OUT, K, eps, NORM, SWIGLU)
+    else:  # fp32 partials (gate and up side by side) and the share's sum of squares
         gl.store(part_ptr + pid_k * N_OUT * HALVES + offs_n, y, mask=offs_n < N_OUT)
         if SWIGLU:
             gl.store(part_ptr + pid_k * N_OUT * HALVES + N_OUT + offs_n, up, mask=offs_n < N_OUT)
-        if NORM:
+        if SERIAL:  # the column's last program to arrive sums the SPLIT_K partials (norm_gemv's serial split-K)
+            programs = gl.num_programs(0)
+            if NORM:
+                gl.store(ss_ptr + pid_k * programs + pid_n, ss)
+            _gpu_fence()  # this thread's stores, then the CTA's, before the arrival is counted
+            _cta_barrier()
+            arrived = gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:
+                _gpu_fence()  # the other programs' partials are visible to every thread after this
+                y = gl.zeros([BLOCK_N], gl.float32, out)
+                up = gl.zeros([BLOCK_N], gl.float32, out)
+                ssum = gl.zeros([BLOCK_N], gl.float32, out)
+                for s in gl.static_range(SPLIT_K):  # split order, as split_k_reduce_kernel: the same sums
+                    y += gl.load(part_ptr + s * N_OUT * HALVES + offs_n, mask=offs_n < N_OUT, other=0.0)
+                    if SWIGLU:
+                        up += gl.load(part_ptr + s * N_OUT * HALVES + N_OUT + offs_n, mask=offs_n < N_OUT, other=0.0)
+                    if NORM:
+                        ssum += gl.load(ss_ptr + s * programs + pid_n)
+                gl.store(cnt_ptr + pid_n, 0)  # zero again for the next call
+                _epilogue(y, up, ssum, y_ptr, offs_n, N_OUT, K, eps, NORM, SWIGLU)
+        elif NORM:  # norm_gemv's reduce kernel finishes
             if pid_n == 0:
                 gl.store(ss_ptr + pid_k, ss)
+
+
+@gluon.jit
+def _epilogue(y, up, ss, y_ptr, offs_n, N_OUT, K, eps, NORM: gl.constexpr, SWIGLU: gl.constexpr):
+    """y from the fp32 sums over all of K: rstd (with the norm), SwiGLU, rounded to y's dtype and stored."""
+    if NORM:
+        rstd = 1.0 / gl.sqrt(ss / K + eps)
+        y = y * rstd
+        up = up * rstd
+    if SWIGLU:  # silu(gate) * up with the unfused steps' roundings: gate, up and silu(gate) in y's dtype
+        dt: gl.constexpr = y_ptr.dtype.element_ty
+        gate = y.to(dt).to(gl.float32)
+        y = (gate / (1.0 + gl.exp(-gate))).to(dt).to(gl.float32) * up.to(dt).to(gl.float32)
+    gl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N_OUT)
+
+
+@gluon.jit
+def _gpu_fence():
+    """fence.acq_rel.gpu in every thread."""
+    gl.inline_asm_elementwise("fence.acq_rel.gpu; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -150,11 +187,12 @@ def _device(device: torch.device) -> tuple[int, int]:
 
 def stream_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
                 swiglu: bool = False, block_n: int = BLOCK_N, block_k: int = BLOCK_K, stages: int = STAGES,
-                split_k: int = 1, num_warps: int = 4, pdl: bool = False) -> torch.Tensor:
+                split_k: int = 1, num_warps: int = 4, pdl: bool = False, serial: bool = SERIAL_SPLIT_K) -> torch.Tensor:
     """act(norm(x) @ w.T) for one decode row x (1, K), w (N, K) -> (1, N), or (1, N/2) with swiglu (w's rows
     [gate; up]); norm: RMSNorm with weight norm_weight (K,) when given. pdl: launch with programmatic dependent
     launch (compute capability >= 9): the first `stages` weight tiles are copied before the wait on the previous
-    kernel."""
+    kernel. serial (with split-K): the last of a column's programs sums the partials (norm_gemv's serial split-K)
+    instead of a second kernel."""
     M, N, K = check_matmul(x, w, OP)
     check_dtype(x, DTYPES, OP)
     if M != 1:
@@ -174,16 +212,20 @@ def stream_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor |
     n_out = N // 2 if swiglu else N
     y = torch.empty((1, n_out), dtype=x.dtype, device=x.device)
     part = torch.empty((split_k, 1, N), dtype=torch.float32, device=x.device) if split_k > 1 else y
-    ss = torch.empty((split_k, 1), dtype=torch.float32, device=x.device) if split_k > 1 and norm else part
+    programs = triton.cdiv(n_out, block_n)
+    serial = serial and split_k > 1
+    ss_rows = split_k * programs if serial else split_k
+    ss = torch.empty((ss_rows, 1), dtype=torch.float32, device=x.device) if split_k > 1 and norm else part
+    counters = arrival_counters(x.device, programs) if serial else part  # (unused without serial)
     launch = {"launch_pdl": True} if pdl else {}
     dtype = gl.bfloat16 if w.dtype == torch.bfloat16 else gl.float16
     desc = TensorDescriptor.from_tensor(w, [block_n, block_k], gl.NVMMASharedLayout.get_default_for([block_n, block_k],
                                                                                                    dtype))
-    stream_gemv_kernel[(triton.cdiv(n_out, block_n), split_k)](
+    stream_gemv_kernel[(programs, split_k)](
         desc, x, norm_weight if norm else x, y, part, ss, n_out, K, eps, K_SHARE=K // split_k, BLOCK_N=block_n,
-        BLOCK_K=block_k, STAGES=stages, SPLIT_K=split_k, GDC=pdl, NORM=norm, SWIGLU=swiglu, num_warps=num_warps,
-        **launch, **FP_FUSION)
-    if split_k > 1:
+        BLOCK_K=block_k, STAGES=stages, SPLIT_K=split_k, GDC=pdl, NORM=norm, SWIGLU=swiglu, cnt_ptr=counters,
+        SERIAL=serial, num_warps=num_warps, **launch, **FP_FUSION)
+    if split_k > 1 and not serial:
         block = 256
         split_k_reduce_kernel[(triton.cdiv(n_out, block),)](part, ss, y, 1, n_out, K, eps, BLOCK=block, NORM=norm,
                                                             SWIGLU=swiglu, SPLIT_K=split_k, GDC=pdl,
