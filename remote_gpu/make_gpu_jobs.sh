@@ -68,6 +68,9 @@ for r in 4 8; do
 done
 mk v4_pre "${V[@]}" bench.virtual_tp=4 'bench.phases=[prefill]' 'bench.tokens=[2048,8192]' bench.iters=10 bench.warmup=2
 mk v8_pre "${V[@]}" bench.virtual_tp=8 'bench.phases=[prefill]' 'bench.tokens=[2048,8192]' bench.iters=15 bench.warmup=3
+# the same, captured in CUDA graphs (eager R = 8 prefill 2048 launches at the host's pace: host_ms 64 of 63 ms)
+mk v8_pre_graph "${V[@]}" bench.virtual_tp=8 'bench.phases=[prefill]' 'bench.tokens=[2048,8192]' bench.iters=15 bench.warmup=3 \
+  bench.prefill_graphs=true
 mk v4_prof "${V[@]}" bench.virtual_tp=4 'bench.phases=[decode]' 'bench.batches=[1]'
 mk v8_all "${V[@]}" bench.virtual_tp=8 'bench.tokens=[2048,8192]' 'bench.batches=[1,16]' bench.iters=10 bench.warmup=3
 # profiles: decode steps (8 blocks) and an 8192-token ISO prefill (4 blocks)
