@@ -240,7 +240,8 @@ def analyse(out: Path, rates: dict, shape, layers: int, batch: int, context: int
         return None
 
     names, summaries = gemm_names(shape), {}
-    md = [f"Measured ceilings: copy {rates['copy_tbps']:.2f} TB/s (read + write), bf16 matmul "
+    dtype = rates.get("matmul_dtype", "bfloat16")
+    md = [f"Measured ceilings: copy {rates['copy_tbps']:.2f} TB/s (read + write), {dtype} matmul "
           f"{rates['matmul_tflops']:.0f} TFLOP/s ({rates['matmul_n']}^3).", ""]
     eager = sigs = None
     for kind in ("eager", "graph"):
@@ -276,6 +277,7 @@ def main(argv=None) -> None:
     from overlap.model import ModelArgs
     from overlap.runtime import Runtime
     from overlap.tp import build_sharded, set_nocomm_
+    from spd.run import meta
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--virtual-tp", type=int, default=4)
@@ -315,8 +317,10 @@ def main(argv=None) -> None:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     gen = torch.Generator().manual_seed(0)
     stream = pdl and a.stream_gemv
-    result = dict(rates=rates, virtual_tp=a.virtual_tp, layers=a.layers, pdl=pdl, stream_gemv=stream, batch=a.batch,
-                  device=torch.cuda.get_device_name(0) if cuda else "cpu", torch=torch.__version__, summaries={})
+    command = "python3 scripts/kernel_kinds.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = dict(meta(command=command),
+                  rates=rates, virtual_tp=a.virtual_tp, layers=a.layers, pdl=pdl, stream_gemv=stream, batch=a.batch,
+                  summaries={})  # meta: commit, versions, device, host, time
     def trace(fn, path: Path, shapes: bool):
         with profile(activities=acts, record_shapes=shapes) as prof:
             fn()

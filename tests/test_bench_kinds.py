@@ -97,3 +97,20 @@ def test_stream_gemv_launches_are_labelled_like_the_triton_gemv():
     assert [lab for _, lab, _ in labelled] == ["gemm: wqkv", "gemm: wqkv",
                                               "attention: Triton split (RoPE, cache write, attention)",
                                               "gemm: wo", "gemm: w13", "gemm: w2"]
+
+
+def test_a_cpu_run_writes_its_provenance_beside_the_tables(tmp_path):
+    """One block at R = 8 on the CPU (decode only): kernel_kinds.json says which commit, packages, device and
+    command made it, like every other result file, and the tables are written."""
+    import json
+
+    from spd.run import git_commit
+
+    kk.main(["--virtual-tp", "8", "--layers", "1", "--tokens", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "kernel_kinds.json").read_text())
+    assert result["commit"] == git_commit() and result["versions"]["torch"]
+    assert result["command"] == f"python3 scripts/kernel_kinds.py --virtual-tp 8 --layers 1 --tokens --out {tmp_path}"
+    assert result["device"].startswith("cpu") and result["virtual_tp"] == 8 and result["layers"] == 1
+    md = (tmp_path / "kernel_kinds.md").read_text()
+    assert md.startswith("Measured ceilings") and "float32 matmul" in md  # the CPU's rate is an fp32 one
+    assert "#### decode, batch 1, position 2048, eager (5 steps, R = 8 shard)" in md
