@@ -4,7 +4,8 @@ One table per (model, device, dtype, phase, impl, fused kernels, commit, virtual
 one setup of one code version; a row per (R, interconnect, size), where size is the prefill length or
 the decode batch and context; a column per variant with "median (p20-p80)" in ms (ISO variants timed
 with a capped NCCL group or an SM carve-out are labelled e.g. "iso c8 s16": at most 8 NCCL thread
-blocks, 16 SMs left free by cuBLAS; a cell marked "h" may be the host's time: its host_frac is 0.9 or more),
+blocks, 16 SMs left free by cuBLAS; a cell marked "h" may be the host's time: its host_frac is 0.9 or more; one
+marked "u" is unsteady: its p20-p80 spread is 20% of the median or more),
 then two derived columns: what SPD on every block saves against
 base, and the communication share of base, (base - nocomm) / base. Where the records carry floors
 (overlap/floors.py, measured in the same run) the table adds the row's floor in ms (m: memory-bound,
@@ -29,6 +30,9 @@ SCHEMA = "spd.bench/1"
 ORDER = ["base", "iso", "spd25", "spd50", "spd75", "spd100", "spd100+iso", "nocomm", "hf_tp", "hf_compile"]
 PEERS = ("hf_tp", "hf_compile")
 HOST_BOUND_FRAC = 0.9  # host_frac from which a cell is marked (and spd-bench warns): its time may be the host's
+UNSTEADY_SPREAD = 0.2  # (p80 - p20) / median from which a cell is marked (and spd-bench warns): the timed runs
+# disagree. The records so far: at most 12% for every setup but R = 8's eager prefill of 2048 tokens (25-38% in 6 of
+# its 12 records), whose launch path is about as long as its GPU time (host_frac 0.95-1.03)
 
 
 def read_records(paths) -> list[dict]:
@@ -101,10 +105,16 @@ def host_bound(rec: dict | None) -> bool:
     return rec is not None and rec.get("host_frac", 0) >= HOST_BOUND_FRAC
 
 
+def unsteady(rec: dict | None) -> bool:
+    """Whether the record's timed runs disagree: p80 - p20 at UNSTEADY_SPREAD of the median or more."""
+    return rec is not None and bool(rec["median_ms"]) and \
+        rec["p80_ms"] - rec["p20_ms"] >= UNSTEADY_SPREAD * rec["median_ms"]
+
+
 def _cell(rec: dict | None) -> str:
     if rec is None:
         return "-"
-    mark = " h" if host_bound(rec) else ""
+    mark = (" h" if host_bound(rec) else "") + (" u" if unsteady(rec) else "")
     return f"{rec['median_ms']:.2f} ({rec['p20_ms']:.2f}-{rec['p80_ms']:.2f}){mark}"
 
 
@@ -188,6 +198,9 @@ def tables(records: list[dict]) -> str:
     if any(host_bound(r) for r in latest.values()):
         parts.append(f"h: launching one iteration took the host at least {100 * HOST_BOUND_FRAC:.0f}% of the median "
                      "(host_ms, with the GPU idle), so the time may be the host's launch path rather than the GPU's.")
+    if any(unsteady(r) for r in latest.values()):
+        parts.append(f"u: unsteady, the 20th-80th percentile spread is at least {100 * UNSTEADY_SPREAD:.0f}% of the "
+                     "median (the device's pace changed during the timed runs): repeat the measurement.")
     if any(r.get("floor_ms") for r in latest.values()):
         parts.append("Floor: the larger of bytes / measured copy bandwidth (m) and FLOPs / measured matmul "
                      "throughput (c), both measured in the same run (overlap/floors.py); X of floor = floor / "

@@ -359,6 +359,35 @@ def test_a_record_states_the_hosts_launch_time_and_warns_where_it_nears_the_meas
     assert Timed([1.0, 2.0]) == [1.0, 2.0] and Timed([1.0]).host_ms is None
 
 
+def test_an_unsteady_record_is_flagged_where_it_is_made_and_where_it_is_tabled(tmp_path, capsys):
+    """Timed runs whose p20-p80 spread is 20% of the median or more (R = 8's eager prefill 2048 measured
+    105.87 ms, p20 87.52, p80 114.06, on 033a7ad) make spd-bench warn and the table mark the cell "u"; a 19%
+    spread or a steady one does neither."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from overlap.bench import Recorder
+
+    model = dict(name="tiny", hidden_size=64, intermediate_size=172, num_layers=4, num_heads=8, num_kv_heads=4,
+                 vocab_size=512, dtype="float32")
+    job = dict(model=model, bench=dict(warmup=1, iters=5, variants=["nocomm"]), interconnect="nvlink",
+               out=str(tmp_path / "r.jsonl"))
+    record = Recorder(job, SimpleNamespace(is_main=True, world_size=1, device=torch.device("cpu")))
+    size = dict(phase="prefill", tokens=32, batch=1, context=0, variant="nocomm")
+    record([87.0, 87.6, 105.9, 114.0, 114.1], **size)  # p20 87.48, median 105.9, p80 114.02: 25%
+    record([10.0, 10.0, 10.0, 10.0, 10.0], **size)
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "p20 87.480 ms, p80 114.020, a spread of 25%" in warnings[0]
+    recs = [_rec("nocomm", 105.87, phase="prefill", tokens=2048, context=0, p20_ms=87.52, p80_ms=114.06),
+            _rec("nocomm", 62.4, phase="prefill", tokens=8192, context=0, p20_ms=56.0, p80_ms=67.8),  # 18.9%
+            _rec("base", 70.0, phase="prefill", tokens=8192, context=0)]
+    text = tables(recs)
+    assert "105.87 (87.52-114.06) u |" in text and "62.40 (56.00-67.80) |" in text
+    assert "u: unsteady, the 20th-80th percentile spread is at least 20%" in text
+    assert "u: unsteady" not in tables(recs[1:])
+
+
 def test_table_marks_the_cells_whose_time_may_be_the_hosts():
     """A record with host_frac >= 0.9 shows "h" and the table says what it means; below, or without the field
     (older records, CPU runs), nothing."""
