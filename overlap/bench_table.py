@@ -32,7 +32,7 @@ PEERS = ("hf_tp", "hf_compile")
 HOST_BOUND_FRAC = 0.9  # host_frac from which a cell is marked (and spd-bench warns): its time may be the host's
 UNSTEADY_SPREAD = 0.2  # (p80 - p20) / median from which a cell is marked (and spd-bench warns): the timed runs
 # disagree. The records so far: at most 12% for every setup but R = 8's eager prefill of 2048 tokens (25-38% in 6 of
-# its 12 records), whose launch path is about as long as its GPU time (host_frac 0.95-1.03)
+# its 13 eager records), whose launch path is about as long as its GPU time (host_frac 0.95-1.03)
 
 
 def read_records(paths) -> list[dict]:
