@@ -60,6 +60,8 @@ for r in 4 8; do
   mk "v${r}_dec_pdl" "${V[@]}" bench.virtual_tp=$r "${D[@]}" bench.pdl=true
   mk "v${r}_dec_pdl_sg" "${V[@]}" bench.virtual_tp=$r "${D[@]}" bench.pdl=true bench.swiglu_gemv=true
   mk "v${r}_dec_nost" "${V[@]}" bench.virtual_tp=$r "${D[@]}" bench.pdl=true bench.stream_gemv=false  # no shared-memory weight ring
+  mk "v${r}_dec_pdl_ng" "${V[@]}" bench.virtual_tp=$r "${D[@]}" bench.pdl=true bench.norm_gemv=true  # batch 16's
+  # norms in wqkv's and w13's GEMV (norm_gemv; batch 1 folds them into stream_gemv either way)
 done
 # the headline table of docs/benchmarks/spd_bench.md: ours against transformers' compiled model, R = 4 and 8
 for r in 4 8; do

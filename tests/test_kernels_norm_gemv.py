@@ -74,7 +74,7 @@ def test_bad_arguments_say_what_is_wrong():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("flags", ["triton_gemv", "swiglu_gemv", "triton_gemv,pdl", "triton_gemv,swiglu_gemv,pdl",
-                                   "triton_gemv,norm_gemv,pdl"])
+                                   "triton_gemv,norm_gemv,pdl", "triton_gemv,norm_gemv,pdl,stream_gemv"])
 @torch.no_grad()
 def test_runtime_with_the_kernel_decodes_like_cublas_on_the_gpu(flags):
     """Runtime(fuse=True, <flags>=True) (decode's wqkv and w13, or w13 + SwiGLU, through this kernel; with pdl
