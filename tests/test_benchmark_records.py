@@ -1,7 +1,8 @@
 """The recorded benchmark results in docs/benchmarks/*.jsonl: each line a JSON object, each commit it names one of
 this repository's commits (a label such as `e580945+preload=4` names the commit a variant was made from), and
 each floor consistent with the record's own numbers (overlap.floors: floor = the larger of the memory and compute
-floors, floor_frac = floor / median), so a hand-edited or mislabelled record fails here."""
+floors, floor_frac = floor / median), so a hand-edited or mislabelled record fails here; and the README's one-GPU
+table quotes records of the commit it names."""
 
 from __future__ import annotations
 
@@ -63,3 +64,34 @@ def test_every_floor_agrees_with_its_record():
         assert r["floor_frac"] == pytest.approx(r["floor_ms"] / r["median_ms"], abs=6e-4), f"{name}:{i}: floor_frac"
         checked += 1
     assert checked > 100
+
+
+def test_the_readmes_one_gpu_table_comes_from_records():
+    """Every number of the README's one-GPU table (ours / transformers / floor, each row at the commit it names)
+    is the median (or floor) of a record of that commit, R, phase and size in decode_single_gpu.jsonl, rounded as
+    shown: a stale or mistyped cell fails here."""
+    readme = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| R = (\d+): ours / transformers / floor \(([0-9a-f]{7,40})\) \|(.+)\|$", readme, re.M)
+    assert len(rows) == 2, "the README's one-GPU table (R = 4 and R = 8 rows) is not where this test looks"
+    sizes = [("decode", 1, 1), ("decode", 16, 1), ("prefill", 1, 2048), ("prefill", 1, 8192)]
+    recs = [r for name, _, r in _records() if name == "decode_single_gpu.jsonl" and r.get("virtual_tp")]
+    checked = 0
+    for tp, commit, cells in rows:
+        cells = [c.strip() for c in cells.split("|")]
+        assert len(cells) == len(sizes), cells
+        for (phase, batch, tokens), cell in zip(sizes, cells):
+            shown = cell.split(" / ")
+            assert len(shown) == 3, cell
+
+            def found(variant, key, text):
+                digits = len(text.partition(".")[2])
+                return any(round(r[key], digits) == float(text) for r in recs
+                           if r["commit"].startswith(commit) and r["tp"] == int(tp) and r["phase"] == phase
+                           and r["batch"] == batch and r["tokens"] == tokens and r["variant"] == variant
+                           and key in r)
+
+            assert found("nocomm", "median_ms", shown[0]), (tp, phase, batch, tokens, "ours", shown[0])
+            assert found("hf_compile", "median_ms", shown[1]), (tp, phase, batch, tokens, "hf_compile", shown[1])
+            assert found("nocomm", "floor_ms", shown[2]), (tp, phase, batch, tokens, "floor", shown[2])
+            checked += 3
+    assert checked == 24
