@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from overlap.bench_table import host_bound, unsteady
+from overlap.bench_table import host_bound, spread, unsteady
 from overlap.context import TPContext, init_tp, shutdown
 from overlap.floors import ShardShape, Timed, floor_fields, host_launch_ms, measure_rates, times_ms
 from overlap.model import ModelArgs
@@ -277,7 +277,7 @@ class Recorder:
                   "bench.prefill_graphs for prefill)", flush=True)
         if unsteady(rec):
             print(f"[spd-bench] warning: the timed runs disagree: p20 {rec['p20_ms']:.3f} ms, p80 {rec['p80_ms']:.3f}, "
-                  f"a spread of {100 * (rec['p80_ms'] - rec['p20_ms']) / rec['median_ms']:.0f}% of the median: the "
+                  f"a spread of {100 * spread(rec):.0f}% of the median: the "
                   "device's pace changed during the measurement (a busy or slow host, clocks, another process), so "
                   "repeat it; an eager prefill whose host_frac is near 1 follows the host's pace "
                   "(bench.prefill_graphs=true takes the host out)", flush=True)

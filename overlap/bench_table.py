@@ -105,10 +105,14 @@ def host_bound(rec: dict | None) -> bool:
     return rec is not None and rec.get("host_frac", 0) >= HOST_BOUND_FRAC
 
 
+def spread(rec: dict) -> float:
+    """(p80 - p20) / median of the record's timed runs (0 for a zero median)."""
+    return (rec["p80_ms"] - rec["p20_ms"]) / rec["median_ms"] if rec["median_ms"] else 0.0
+
+
 def unsteady(rec: dict | None) -> bool:
-    """Whether the record's timed runs disagree: p80 - p20 at UNSTEADY_SPREAD of the median or more."""
-    return rec is not None and bool(rec["median_ms"]) and \
-        rec["p80_ms"] - rec["p20_ms"] >= UNSTEADY_SPREAD * rec["median_ms"]
+    """Whether the record's timed runs disagree: a spread of UNSTEADY_SPREAD or more."""
+    return rec is not None and spread(rec) >= UNSTEADY_SPREAD
 
 
 def _cell(rec: dict | None) -> str:

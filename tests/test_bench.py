@@ -332,21 +332,29 @@ def test_table_states_floor_fraction_and_the_hf_compile_ratio():
     assert "floor" not in old.split("\n")[2]
 
 
-def test_a_record_states_the_hosts_launch_time_and_warns_where_it_nears_the_measured_time(tmp_path, capsys):
-    """host_ms (one iteration launched with the device idle) and host_frac go into the record; at 90% of the
-    median or more the run says the time may be the host's; CPU timings carry neither."""
+def _cpu_recorder(tmp_path, iters: int):
+    """spd-bench's Recorder of a tiny model's job on the CPU (rank 0 of 1), writing tmp_path/r.jsonl."""
     from types import SimpleNamespace
 
     import torch
 
     from overlap.bench import Recorder
-    from overlap.floors import Timed, host_launch_ms
 
     model = dict(name="tiny", hidden_size=64, intermediate_size=172, num_layers=4, num_heads=8, num_kv_heads=4,
                  vocab_size=512, dtype="float32")
-    job = dict(model=model, bench=dict(warmup=1, iters=3, variants=["nocomm"]), interconnect="nvlink", out=str(tmp_path / "r.jsonl"))
-    ctx = SimpleNamespace(is_main=True, world_size=1, device=torch.device("cpu"))
-    record = Recorder(job, ctx)
+    job = dict(model=model, bench=dict(warmup=1, iters=iters, variants=["nocomm"]), interconnect="nvlink",
+               out=str(tmp_path / "r.jsonl"))
+    return Recorder(job, SimpleNamespace(is_main=True, world_size=1, device=torch.device("cpu")))
+
+
+def test_a_record_states_the_hosts_launch_time_and_warns_where_it_nears_the_measured_time(tmp_path, capsys):
+    """host_ms (one iteration launched with the device idle) and host_frac go into the record; at 90% of the
+    median or more the run says the time may be the host's; CPU timings carry neither."""
+    import torch
+
+    from overlap.floors import Timed, host_launch_ms
+
+    record = _cpu_recorder(tmp_path, iters=3)
     size = dict(phase="prefill", tokens=32, batch=1, context=0, variant="nocomm")
     record(Timed([10.0, 10.0, 10.0], host_ms=2.5), **size)
     record(Timed([10.0, 10.0, 10.0], host_ms=9.5), **size)
@@ -363,17 +371,7 @@ def test_an_unsteady_record_is_flagged_where_it_is_made_and_where_it_is_tabled(t
     """Timed runs whose p20-p80 spread is 20% of the median or more (R = 8's eager prefill 2048 measured
     105.87 ms, p20 87.52, p80 114.06, on 033a7ad) make spd-bench warn and the table mark the cell "u"; a 19%
     spread or a steady one does neither."""
-    from types import SimpleNamespace
-
-    import torch
-
-    from overlap.bench import Recorder
-
-    model = dict(name="tiny", hidden_size=64, intermediate_size=172, num_layers=4, num_heads=8, num_kv_heads=4,
-                 vocab_size=512, dtype="float32")
-    job = dict(model=model, bench=dict(warmup=1, iters=5, variants=["nocomm"]), interconnect="nvlink",
-               out=str(tmp_path / "r.jsonl"))
-    record = Recorder(job, SimpleNamespace(is_main=True, world_size=1, device=torch.device("cpu")))
+    record = _cpu_recorder(tmp_path, iters=5)
     size = dict(phase="prefill", tokens=32, batch=1, context=0, variant="nocomm")
     record([87.0, 87.6, 105.9, 114.0, 114.1], **size)  # p20 87.48, median 105.9, p80 114.02: 25%
     record([10.0, 10.0, 10.0, 10.0, 10.0], **size)
