@@ -19,7 +19,8 @@ Program (n, s) owns BLOCK_N output columns (with swiglu: BLOCK_N gate and the ma
 s-th of SPLIT_K equal shares of K. With SPLIT_K = 1 it applies rstd and the epilogue and stores y;
 otherwise it stores fp32 partials (and, for program column 0, its share's sums of squares) and a second
 kernel sums them in split order (deterministic), then applies rstd and the epilogue. split_k="auto" picks
-the smallest power of two that gives about PROGRAMS_PER_SM programs per SM, so a weight with few output
+the smallest power of two that gives about PROGRAMS_PER_SM weight tiles per SM in flight (a SwiGLU program's
+gate and up tiles count as two, so w13 splits alike with SwiGLU or without), so a weight with few output
 columns (wqkv, wo of a TP shard) still reads its bytes with every SM.
 
 The reference is `reference` (overlap.ops.norm_linear): rms_norm, F.linear and swiglu, what the eager runtime runs.
@@ -189,10 +190,11 @@ def split_k_reduce_kernel(part_ptr, ss_ptr, y_ptr, M, N_OUT, K, eps, BLOCK: tl.c
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def auto_split_k(programs: int, k_blocks: int, sm_count: int) -> int:
-    """The smallest power of two s with programs * s >= PROGRAMS_PER_SM * sm_count, at most k_blocks."""
+def auto_split_k(tiles: int, k_blocks: int, sm_count: int) -> int:
+    """The smallest power of two s with tiles * s >= PROGRAMS_PER_SM * sm_count, at most k_blocks. tiles: the
+    BLOCK_N-row weight tiles a K step reads across the programs (a SwiGLU program reads two: gate and up)."""
     s = 1
-    while programs * s < PROGRAMS_PER_SM * sm_count and s * 2 <= k_blocks:
+    while tiles * s < PROGRAMS_PER_SM * sm_count and s * 2 <= k_blocks:
         s *= 2
     return s
 
@@ -226,7 +228,7 @@ def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
     if split_k == "auto":
         if sm_count is None:
             sm_count = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-        split_k = auto_split_k(programs, k_blocks, sm_count)
+        split_k = auto_split_k(programs * (2 if swiglu else 1), k_blocks, sm_count)  # w13's split, SwiGLU or not
     if preload < 0 or preload & (preload - 1):
         raise KernelArgError(f"{OP}: preload={preload}; valid: 0 or a power of two (tiles loaded before the wait)")
     if not isinstance(split_k, int) or not 1 <= split_k <= k_blocks:
