@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -217,6 +218,39 @@ def test_with_pdl_and_no_preload_every_load_comes_after_the_wait():
     loads = [i for i in range(len(ptx)) if ptx.startswith("ld.global", i) or ptx.startswith("cp.async", i)]
     assert loads and min(loads) > wait
     assert ptx.index("griddepcontrol.launch_dependents") > wait
+
+
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_the_norm_adds_no_cross_warp_sum_to_the_k_loop(swiglu):
+    """In the kernel's sm_90 PTX, the K loop (the one backward branch) with the norm has at most 2 CTA barriers
+    more than without: those of staging x * g for tl.dot. The rows' sums of squares are added elementwise and
+    summed across the warps after the loop; a sum across the warps every step (the kernel before) added 2 to 4
+    more (8 to 10 against 4 at 16 x 32 x 64 tiles, Triton 3.6 and 3.9)."""
+    from overlap.kernels.norm_gemv import norm_gemv_kernel
+
+    ptrs = {"x_ptr": "*bf16", "g_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "part_ptr": "*fp32",
+            "ss_ptr": "*fp32"}
+    ints = {k: "i32" for k in ("M", "N_OUT", "K", "K_SHARE", "stride_xm", "stride_wn")}
+    barriers = {}
+    for norm in (False, True):
+        consts = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "NORM": norm, "SWIGLU": swiglu, "SPLIT_K": 8,
+                  "PRELOAD": 1, "GDC": True}
+        sig = {**ptrs, **ints, "eps": "fp32", **{k: "constexpr" for k in consts}}
+        barriers[norm] = _loop_barriers(_sm90_ptx(norm_gemv_kernel, sig, consts, num_warps=4))
+    assert len(barriers[False]) == len(barriers[True]) == 1, barriers  # one loop: the K loop
+    assert barriers[True][0] <= barriers[False][0] + 2, barriers
+
+
+def _loop_barriers(ptx: str) -> list[int]:
+    """bar.sync instructions in each loop of the PTX: between a label and a branch back to it."""
+    lines = [line.strip() for line in ptx.splitlines()]
+    labels = {line.split(":")[0]: i for i, line in enumerate(lines) if re.match(r"^\$L__BB\d+_\d+:", line)}
+    loops = []
+    for i, line in enumerate(lines):
+        m = re.search(r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        if m and labels.get(m.group(1), i) < i:
+            loops.append(sum("bar.sync" in body for body in lines[labels[m.group(1)]:i]))
+    return loops
 
 
 def _sm90_ptx(kernel, sig: dict, consts: dict, **options) -> str:

@@ -8,8 +8,9 @@ In overlap.model's decode step these are attn_norm + wqkv and mlp_norm + w13 + S
 with split-K) instead of two or three, and the norm's output and w13's (M, 2F) never go through memory.
 
 The norm's per-row scale factors out of the product: norm(x) @ w.T = rstd * ((x * g) @ w.T), rstd =
-1 / sqrt(mean(x^2) + eps). So the kernel streams x once: each step of its K loop adds the tile's squares to
-the rows' sums, and multiplies the tile by g before tl.dot; rstd is applied to the fp32 sums at the end.
+1 / sqrt(mean(x^2) + eps). So the kernel streams x once: each step of its K loop adds the tile's squares
+elementwise to an fp32 (BLOCK_M, BLOCK_K) accumulator, summed across the warps once after the loop, and
+multiplies the tile by g before tl.dot; rstd is applied to the fp32 sums at the end.
 (A first version computed the statistics in a separate loop over the whole K before the product: on an
 H200 that serial prologue took the R = 4 shard's decode step from 10.8 to 17.0 ms: docs/benchmarks/norm_gemv.md.)
 Roundings: x * g is rounded to x's dtype where the unfused steps round norm(x) (a per-row scale apart);
@@ -62,6 +63,9 @@ def norm_gemv_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     ss = tl.zeros((BLOCK_M,), dtype=tl.float32)  # the rows' sums of squares over this program's share of K
+    sq = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # the K loop's squares, summed elementwise and across
+    # the warps once after the loop, as stream_gemv does (its sum across warps every step took the R = 4 decode step
+    # from 9.7 to 12.5 ms: docs/benchmarks/pdl.md)
     k_lo = pid_k * K_SHARE
     k_start = k_lo
     if PRELOAD:  # the first PRELOAD weight tiles, loaded before waiting on the previous kernel: with PDL they
@@ -71,16 +75,21 @@ def norm_gemv_kernel(
         if GDC:
             tl.extra.cuda.gdc_wait()  # x is the previous kernel's output: visible after this
             tl.extra.cuda.gdc_launch_dependents()  # the next kernel may launch (it waits for this one's end)
-        acc, acc_up, ss = _tile(x_ptr, g_ptr, wt0, wu0, acc, acc_up, ss, offs_m, mask_m, k_lo, k_end, stride_xm,
-                                BLOCK_K * PRELOAD, NORM, SWIGLU)
+        sq0 = tl.zeros((BLOCK_M, BLOCK_K * PRELOAD), dtype=tl.float32)
+        acc, acc_up, sq0 = _tile(x_ptr, g_ptr, wt0, wu0, acc, acc_up, sq0, offs_m, mask_m, k_lo, k_end, stride_xm,
+                                 BLOCK_K * PRELOAD, NORM, SWIGLU)
+        if NORM:
+            ss = tl.sum(sq0, axis=1)
         k_start = k_lo + BLOCK_K * PRELOAD
     elif GDC:  # nothing loaded before the wait
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     for k0 in range(k_start, k_lo + K_SHARE, BLOCK_K):
         wt, wu = _weights(w_ptr, offs_n, mask_n, k0, K, N_OUT, stride_wn, BLOCK_K, SWIGLU)
-        acc, acc_up, ss = _tile(x_ptr, g_ptr, wt, wu, acc, acc_up, ss, offs_m, mask_m, k0, K, stride_xm,
+        acc, acc_up, sq = _tile(x_ptr, g_ptr, wt, wu, acc, acc_up, sq, offs_m, mask_m, k0, K, stride_xm,
                                 BLOCK_K, NORM, SWIGLU)
+    if NORM:
+        ss += tl.sum(sq, axis=1)
     tile_mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
         if NORM:
@@ -118,10 +127,10 @@ def _weights(w_ptr, offs_n, mask_n, k0, K, N_OUT, stride_wn, BLOCK_K: tl.constex
 
 
 @triton.jit
-def _tile(x_ptr, g_ptr, wt, wu, acc, acc_up, ss, offs_m, mask_m, k0, K, stride_xm, BLOCK_K: tl.constexpr,
+def _tile(x_ptr, g_ptr, wt, wu, acc, acc_up, sq, offs_m, mask_m, k0, K, stride_xm, BLOCK_K: tl.constexpr,
           NORM: tl.constexpr, SWIGLU: tl.constexpr):
-    """One step of the K loop: x's tile at k0 (with the norm: its sums of squares, times g), times the weight
-    tile(s) into the fp32 accumulators."""
+    """One step of the K loop: x's tile at k0 (with the norm: its squares added elementwise to sq, (BLOCK_M,
+    BLOCK_K), and the tile times g), times the weight tile(s) into the fp32 accumulators."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
     dt = x_ptr.dtype.element_ty
@@ -129,13 +138,13 @@ def _tile(x_ptr, g_ptr, wt, wu, acc, acc_up, ss, offs_m, mask_m, k0, K, stride_x
                  mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
     if NORM:
         xf = xt.to(tl.float32)
-        ss += tl.sum(xf * xf, axis=1)
+        sq += xf * xf
         gt = tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         xt = (xf * gt[None, :]).to(dt)
     acc = tl.dot(xt, tl.trans(wt), acc)
     if SWIGLU:
         acc_up = tl.dot(xt, tl.trans(wu), acc_up)
-    return acc, acc_up, ss
+    return acc, acc_up, sq
 
 
 @triton.jit
