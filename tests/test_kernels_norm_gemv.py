@@ -204,15 +204,8 @@ def test_with_pdl_and_no_preload_every_load_comes_after_the_wait():
     """In the kernel's sm_90 PTX: with PDL and no weight tile loaded before the wait (preload=0), the kernel
     still waits for the previous kernel (whose output x is), before its first global load, and lets the next
     kernel launch only after that."""
-    from overlap.kernels.norm_gemv import norm_gemv_kernel
-
-    ptrs = {"x_ptr": "*bf16", "g_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "part_ptr": "*fp32",
-            "ss_ptr": "*fp32"}
-    ints = {k: "i32" for k in ("M", "N_OUT", "K", "K_SHARE", "stride_xm", "stride_wn")}
-    consts = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "NORM": False, "SWIGLU": False, "SPLIT_K": 1,
-              "PRELOAD": 0, "GDC": True}
-    sig = {**ptrs, **ints, "eps": "fp32", **{k: "constexpr" for k in consts}}
-    ptx = _sm90_ptx(norm_gemv_kernel, sig, consts, num_warps=4)
+    ptx = _norm_gemv_ptx({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "NORM": False, "SWIGLU": False,
+                          "SPLIT_K": 1, "PRELOAD": 0, "GDC": True})
     assert ptx.count("griddepcontrol.wait") == 1, "no wait for the previous kernel"
     wait = ptx.index("griddepcontrol.wait")
     loads = [i for i in range(len(ptx)) if ptx.startswith("ld.global", i) or ptx.startswith("cp.async", i)]
@@ -226,19 +219,22 @@ def test_the_norm_adds_no_cross_warp_sum_to_the_k_loop(swiglu):
     more than without: those of staging x * g for tl.dot. The rows' sums of squares are added elementwise and
     summed across the warps after the loop; a sum across the warps every step (the kernel before) added 2 to 4
     more (8 to 10 against 4 at 16 x 32 x 64 tiles, Triton 3.6 and 3.9)."""
+    barriers = {norm: _loop_barriers(_norm_gemv_ptx({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "NORM": norm,
+                                                     "SWIGLU": swiglu, "SPLIT_K": 8, "PRELOAD": 1, "GDC": True}))
+                for norm in (False, True)}
+    assert len(barriers[False]) == len(barriers[True]) == 1, barriers  # one loop: the K loop
+    assert barriers[True][0] <= barriers[False][0] + 2, barriers
+
+
+def _norm_gemv_ptx(consts: dict) -> str:
+    """norm_gemv_kernel's sm_90 PTX (bf16 x, g, w and y; 4 warps) for the given constexprs."""
     from overlap.kernels.norm_gemv import norm_gemv_kernel
 
     ptrs = {"x_ptr": "*bf16", "g_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "part_ptr": "*fp32",
             "ss_ptr": "*fp32"}
     ints = {k: "i32" for k in ("M", "N_OUT", "K", "K_SHARE", "stride_xm", "stride_wn")}
-    barriers = {}
-    for norm in (False, True):
-        consts = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "NORM": norm, "SWIGLU": swiglu, "SPLIT_K": 8,
-                  "PRELOAD": 1, "GDC": True}
-        sig = {**ptrs, **ints, "eps": "fp32", **{k: "constexpr" for k in consts}}
-        barriers[norm] = _loop_barriers(_sm90_ptx(norm_gemv_kernel, sig, consts, num_warps=4))
-    assert len(barriers[False]) == len(barriers[True]) == 1, barriers  # one loop: the K loop
-    assert barriers[True][0] <= barriers[False][0] + 2, barriers
+    sig = {**ptrs, **ints, "eps": "fp32", **{k: "constexpr" for k in consts}}
+    return _sm90_ptx(norm_gemv_kernel, sig, consts, num_warps=4)
 
 
 def _loop_barriers(ptx: str) -> list[int]:
