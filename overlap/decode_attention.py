@@ -36,6 +36,9 @@ SMALL_BLOCK_N = 32  # the tile when whole BLOCK_N tiles would leave SMs idle (fe
 # at LLaMA-2-70B's TP-4 shard runs 66 programs of 64 rows or 132 of 32; 32 rows made that step 0.08 ms faster
 # and batch 16's 0.3 ms slower on one H200: docs/benchmarks/pdl.md, "The attention's tile by batch")
 NUM_WARPS = 4  # of the split kernel (Triton's default; swept by scripts/decode_microbench.py --only attention)
+NUM_STAGES = 3  # K/V tiles in flight in the split kernel's loop (Triton's software pipelining through shared
+# memory; 1: each tile loaded when its step starts)
+PRELOAD_MAX_TILES = 1  # chunks of at most this many tiles load their first before the PDL wait
 MAXNREG = None  # registers a thread the split kernel may use (None: the compiler's choice; swept the same way)
 PROGRAMS_PER_SM = 2  # chunks are sized so that B * KV * NSPLIT is about this many programs per SM (measured
 # best of 0.25..4 on one H200 at LLaMA-2-70B's TP-4 shape, batch 16; batch 1 is capped by whole tiles:
@@ -89,7 +92,7 @@ def _kernels():
     import triton
     import triton.language as tl
 
-    global _kv_tile  # module globals, where the kernels' JIT looks names up
+    global _kv_tile, _attend  # module globals, where the kernels' JIT looks names up
 
     @triton.jit
     def _kv_tile(kc_ptr, vc_ptr, cache, n0, end, pos, stride_cl, offs_d, BLOCK: tl.constexpr):
@@ -100,23 +103,44 @@ def _kernels():
         return tl.load(kc_ptr + rows, mask=ok, other=0.0), tl.load(vc_ptr + rows, mask=ok, other=0.0)
 
     @triton.jit
+    def _attend(q, k, v, n0, end, pos, qk_new, v_new, m_i, l_i, acc, scale,
+                BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+        """One online-softmax step over the tile of rows n0 .. n0 + BLOCK (k and v from _kv_tile: row pos is
+        zeros, so its score is qk_new = q . k_new and its value row v_new, added here) -> (m, l, acc)."""
+        offs_n = n0 + tl.arange(0, BLOCK)
+        at_pos = (offs_n == pos)[None, :]
+        scores = tl.where(at_pos, qk_new[:, None], tl.dot(q, tl.trans(k), input_precision=PRECISION))
+        scores = tl.where((offs_n < end)[None, :], scores * scale, float("-inf"))  # (G_PAD, BLOCK)
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a chunk with no row: p = 0, l = 0
+        alpha = tl.exp(m_i - m_use)
+        p = tl.exp(scores - m_use[:, None])
+        p_lo = p.to(v.dtype)  # P V in the cache's dtype, as eager rounds it
+        p_pos = tl.sum(tl.where(at_pos, p_lo.to(tl.float32), 0.0), axis=1)  # (G_PAD,): 0 off p's tile
+        acc = (acc * alpha[:, None] + tl.dot(p_lo, v, input_precision=PRECISION)
+               + p_pos[:, None] * v_new.to(tl.float32)[None, :])
+        return m_new, l_i * alpha + tl.sum(p, axis=1), acc
+
+    @triton.jit
     def split_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, o_ptr, lse_ptr,
                      stride_qkv, stride_cb, stride_ch, stride_cl, scale,
                      KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, DH: tl.constexpr,
                      SPLIT: tl.constexpr, NSPLIT: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-                     GDC: tl.constexpr = False):
+                     STAGES: tl.constexpr, PRELOAD: tl.constexpr, GDC: tl.constexpr = False):
         bh = tl.program_id(0)  # b * KV + j
         s = tl.program_id(1)
         b, j = bh // KV, bh % KV
-        pos = tl.load(pos_ptr)  # written before the step's first kernel: no wait needed for it
+        pos = tl.load(pos_ptr).to(tl.int32)  # written before the step's first kernel: no wait needed for it
         start = s * SPLIT
-        end = tl.minimum(start + SPLIT, pos + 1)  # <= start for a chunk after p: no tile, l_s = -inf
+        end = tl.minimum(start + SPLIT, pos + 1)  # <= start for a chunk after p: no row, l = 0, lse = -inf
         offs_d = tl.arange(0, DH)
         cache = b * stride_cb + j * stride_ch
-        # The chunk's first K/V tile (earlier steps' rows; row p is this step's, taken from registers below)
-        # is loaded before the wait on the previous kernel: with PDL it streams while that kernel finishes.
-        # Each loop step then loads the next tile (software pipelining by one tile).
-        k_nxt, v_nxt = _kv_tile(kc_ptr, vc_ptr, cache, start, end, pos, stride_cl, offs_d, BLOCK)
+        # PRELOAD: the chunk's first K/V tile (earlier steps' rows; row p is this step's, added from registers)
+        # is loaded into registers before the wait on the previous kernel, so with PDL it streams while that
+        # kernel finishes. The loop over the other tiles is software-pipelined by Triton (STAGES tiles in
+        # flight through shared memory); the registers the preload holds cost occupancy in a long loop.
+        if PRELOAD:
+            k_first, v_first = _kv_tile(kc_ptr, vc_ptr, cache, start, end, pos, stride_cl, offs_d, BLOCK)
         if GDC:  # launched with PDL: qkv is the previous kernel's output
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -140,24 +164,18 @@ def _kernels():
         owner = (p_vec >= start) & (p_vec < start + SPLIT)  # this chunk holds p
         tl.store(kc_ptr + cache + pos * stride_cl + offs_d, k_new, mask=owner)
         tl.store(vc_ptr + cache + pos * stride_cl + offs_d, v_new, mask=owner)
+        qk_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1)  # (G_PAD,): row p's q . k
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, DH], tl.float32)
-        for n0 in range(start, end, BLOCK):
-            offs_n = n0 + tl.arange(0, BLOCK)
-            valid = offs_n < end
-            at_pos = (offs_n == pos)[:, None]
-            k = tl.where(at_pos, k_new[None, :], k_nxt)  # (BLOCK, DH)
-            v = tl.where(at_pos, v_new[None, :], v_nxt)
-            k_nxt, v_nxt = _kv_tile(kc_ptr, vc_ptr, cache, n0 + BLOCK, end, pos, stride_cl, offs_d, BLOCK)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            scores = tl.where(valid[None, :], scores * scale, float("-inf"))  # (G_PAD, BLOCK)
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(scores - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+        first = start
+        if PRELOAD:
+            m_i, l_i, acc = _attend(q, k_first, v_first, start, end, pos, qk_new, v_new, m_i, l_i, acc, scale,
+                                    BLOCK, PRECISION)
+            first = start + BLOCK
+        for n0 in tl.range(first, end, BLOCK, num_stages=STAGES):
+            k, v = _kv_tile(kc_ptr, vc_ptr, cache, n0, end, pos, stride_cl, offs_d, BLOCK)
+            m_i, l_i, acc = _attend(q, k, v, n0, end, pos, qk_new, v_new, m_i, l_i, acc, scale, BLOCK, PRECISION)
         tl.store(o_ptr + out_row[:, None] * DH + offs_d[None, :], acc / l_i[:, None])  # NaN for a skipped chunk
         tl.store(lse_ptr + out_row, m_i + tl.log(l_i))  # -inf for a skipped chunk: merge ignores it
 
@@ -222,7 +240,9 @@ def decode_attention_rope(qkv, cos, sin_signed, pos, k_cache, v_cache, n_heads: 
         qkv, cos.reshape(-1), sin_signed.reshape(-1), pos, k_cache, v_cache, o, lse,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), Dh**-0.5,
         KV=KV, G=G, G_PAD=g_pad, DH=Dh, SPLIT=split, NSPLIT=nsplit, BLOCK=block,
-        PRECISION="ieee" if k_cache.dtype == torch.float32 else None, GDC=gdc, num_warps=NUM_WARPS,
+        PRECISION="ieee" if k_cache.dtype == torch.float32 else None, STAGES=NUM_STAGES,
+        PRELOAD=split // block <= PRELOAD_MAX_TILES, GDC=gdc,
+        num_warps=NUM_WARPS,
         **launch, **FP_FUSION, **({"maxnreg": MAXNREG} if MAXNREG else {}))  # fp32: exact dots, not TF32
     merge_kernel[(B * KV, G)](o, lse, out, out.stride(0), KV=KV, G=G, G_PAD=g_pad, DH=Dh, NSPLIT=nsplit,
                               S_PAD=max(2, 1 << (nsplit - 1).bit_length()), GDC=gdc, **launch,

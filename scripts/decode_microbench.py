@@ -9,8 +9,8 @@
 2. Every weight GEMV of a step (wqkv, wo, w13, w2 at M = 1) through F.linear, torch.mv and w @ x.T.
 3. Decode attention (16 query heads, 2 KV heads, Dh 128, cache 2112, position 2048; batch 1, 16): the
    eager path (RoPE, two cache writes, two batched GEMMs, softmax), fused_ops' compiled version, and
-   overlap.decode_attention's Triton pass over programs per SM (chunk counts), warps, tile rows and register
-   caps, each with its floor (the K/V bytes over the copy bandwidth measured in the same run) and the split
+   overlap.decode_attention's Triton pass over programs per SM (chunk counts), warps, tile rows, K/V tiles in
+   flight (pipeline stages) and where the first tile is loaded (ATTENTION_GRID), each with its floor (the K/V bytes over the copy bandwidth measured in the same run) and the split
    kernel as compiled for that configuration: registers a thread, spilled bytes, shared memory, and the asynchronous
    copies in its PTX (split_regs, split_spills, split_smem, split_cp_async: 0 when Triton's pipeliner did
    not stage the loads).
@@ -193,15 +193,17 @@ def attention_cases(emit) -> None:
 
         emit(dict(piece="attention", batch=B, impl="eager", us=time_graph(path(EAGER_OPS))))
         emit(dict(piece="attention", batch=B, impl="compiled", us=time_graph(path(compiled))))
-        default = da.PROGRAMS_PER_SM, da.NUM_WARPS, da.BLOCK_N, da.SMALL_BLOCK_N, da.MAXNREG
+        names = ("PROGRAMS_PER_SM", "NUM_WARPS", "BLOCK_N", "SMALL_BLOCK_N", "NUM_STAGES", "PRELOAD_MAX_TILES",
+                 "MAXNREG")
+        default = {n: getattr(da, n) for n in names}
         ref = path(EAGER_OPS)(0).float()
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        for per_sm, warps, block, maxnreg in ATTENTION_GRID:
-            # the tile pinned: SMALL_BLOCK_N = block (the default step picks its tile by batch, num_splits)
-            da.PROGRAMS_PER_SM, da.NUM_WARPS, da.BLOCK_N, da.SMALL_BLOCK_N, da.MAXNREG = (per_sm, warps, block, block,
-                                                                                           maxnreg)
-            cfg = dict(programs_per_sm=per_sm, num_warps=warps, block_n=block, maxnreg=maxnreg,
-                       nsplit=da.num_splits(B * KV, L, sms)[0])
+        for setting in ATTENTION_GRID:
+            # the tile pinned: SMALL_BLOCK_N = BLOCK_N (the default step picks its tile by batch, num_splits)
+            for n, value in {**default, **setting, "SMALL_BLOCK_N": setting.get("BLOCK_N", da.BLOCK_N)}.items():
+                setattr(da, n, value)
+            cfg = {n.lower(): getattr(da, n) for n in names if n != "SMALL_BLOCK_N"}
+            cfg["nsplit"] = da.num_splits(B * KV, L, sms)[0]
             try:
                 seen = compiled_resources(da._kernels()[0])
                 out = da.decode_attention_rope(qkv, cos, sin, p, *caches[0], H, KV).float()
@@ -215,17 +217,21 @@ def attention_cases(emit) -> None:
             emit(dict(piece="attention", batch=B, impl="triton", **cfg, us=us,
                       rel_err_vs_eager=((out - ref).norm() / ref.norm()).item(),
                       floor_us=2 * B * KV * (pos + 1) * Dh * 2 / (rates["copy_tbps"] * 1e12) * 1e6))
-        da.PROGRAMS_PER_SM, da.NUM_WARPS, da.BLOCK_N, da.SMALL_BLOCK_N, da.MAXNREG = default
+        for n, value in default.items():
+            setattr(da, n, value)
 
 
-# (programs per SM, warps, tile rows, register cap) of the decode attention's split kernel: every chunk count
-# (per SM 8 is 33 chunks at batch 16: one tile each) at 4 and 8 warps, tiles of 32 and 128 rows; and chunkings
-# that fit one wave (1.9 per SM: 8 chunks of 288 rows at batch 16 with 32-row tiles, 7 of 320 with 64) or
-# registers capped so that 3 or 4 programs fit an SM (at 252 registers a thread only 2 do: ncu, commit ed7ca8a)
-ATTENTION_GRID = ([(per_sm, warps, 64, None) for per_sm in (0.5, 1, 2, 4, 8) for warps in (4, 8)]
-                  + [(per_sm, 4, block, None) for per_sm in (1, 2) for block in (32, 128)]
-                  + [(1.9, 4, block, None) for block in (32, 64)]
-                  + [(per_sm, 4, block, cap) for per_sm in (1.9, 2) for block in (32, 64) for cap in (128, 168)])
+# Settings of overlap.decode_attention's constants for its split kernel (the rest at their defaults): chunks of
+# 2 to 4 programs an SM at 4 and 8 warps with 2 to 4 K/V tiles in flight through the pipelined loop, 64-row
+# tiles; the first tile preloaded before the PDL wait in every chunk (the registers it holds cost occupancy:
+# 224 against 137 a thread at 4 warps, ptxas for sm_90); 32-row tiles. Earlier sweeps of chunking, tile and
+# register caps (kernel of commit 87bc68d, its tiles prefetched one ahead in registers): docs/benchmarks/pdl.md.
+ATTENTION_GRID = ([dict(PROGRAMS_PER_SM=per_sm, NUM_WARPS=warps, BLOCK_N=64, NUM_STAGES=stages, PRELOAD_MAX_TILES=0)
+                   for per_sm in (2, 3, 4) for warps in (4, 8) for stages in (2, 3, 4)]
+                  + [dict(PROGRAMS_PER_SM=2, NUM_WARPS=warps, BLOCK_N=64, NUM_STAGES=3, PRELOAD_MAX_TILES=1 << 20)
+                     for warps in (4, 8)]
+                  + [dict(PROGRAMS_PER_SM=per_sm, NUM_WARPS=warps, BLOCK_N=32, NUM_STAGES=3, PRELOAD_MAX_TILES=0)
+                     for per_sm in (2, 4) for warps in (4, 8)])
 
 
 # 8 warps and block_n 16 lost everywhere in the sweep of commit 604ee40 (docs/benchmarks/norm_gemv.md); wider

@@ -37,10 +37,12 @@ def test_compiled_resources_reads_registers_spills_smem_and_cp_async_of_each_com
     assert mb.compiled_resources(object()) == {}  # the CPU interpreter's function: nothing compiled
 
 
-def test_attention_grid_covers_every_chunking_at_both_warp_counts():
+def test_attention_grid_sets_the_kernels_constants_and_covers_both_loads_of_the_first_tile():
+    from overlap import decode_attention as da
+
     mb = load_script()
-    uncapped = [(p, w, b) for p, w, b, cap in mb.ATTENTION_GRID if cap is None]
-    per_sm = {p for p, w, b in uncapped if w == 4 and b == 64}
-    assert per_sm == {p for p, w, b in uncapped if w == 8} | {1.9} and {0.5, 1, 2, 4, 8} <= per_sm
-    assert {b for _, _, b in uncapped} == {32, 64, 128}
-    assert {cap for *_, cap in mb.ATTENTION_GRID} == {None, 128, 168}  # register caps swept at one-wave chunkings
+    assert all(hasattr(da, name) for setting in mb.ATTENTION_GRID for name in setting)  # no typo goes unswept
+    pipelined = [s for s in mb.ATTENTION_GRID if s["PRELOAD_MAX_TILES"] == 0]
+    assert {(s["NUM_WARPS"], s["NUM_STAGES"]) for s in pipelined} >= {(w, n) for w in (4, 8) for n in (2, 3, 4)}
+    assert any(s["PRELOAD_MAX_TILES"] > 1000 for s in mb.ATTENTION_GRID)  # every chunk preloads its first tile
+    assert {s["BLOCK_N"] for s in mb.ATTENTION_GRID} == {32, 64}
