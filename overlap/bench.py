@@ -26,8 +26,8 @@ Job key prefill_graphs (default false) captures each plain prefill in a CUDA gra
 Job key fuse (default false) runs RoPE, add + RMSNorm and SwiGLU as torch.compile'd kernels (GPU only;
 records: fused); with it, decode attention runs as one Triton pass unless decode_kernel is false (records:
 decode_kernel), and decode's wqkv and w13 GEMVs through overlap.kernels.norm_gemv unless triton_gemv is false
-(records: triton_gemv); swiglu_gemv (default false) runs decode's SwiGLU in the epilogue of w13's GEMV
-(records: swiglu_gemv); pdl (default true on GPUs of compute capability >= 9) launches decode's kernels with
+(records: triton_gemv); swiglu_gemv (default true) runs decode's SwiGLU in the epilogue of w13's GEMV for
+2 to 16 rows (batch 1 folds it into stream_gemv's w13; records: swiglu_gemv); pdl (default true on GPUs of compute capability >= 9) launches decode's kernels with
 programmatic dependent launch, wo and w2 through the Triton GEMV too (records: pdl), and with it batch-1 decode's
 GEMVs through overlap.kernels.stream_gemv unless stream_gemv is false (records: stream_gemv). ISO variants are timed
 once per (iso_ctas, iso_sm_carveout) pair of the job's lists (default [null] each: NCCL's own thread-block
@@ -171,9 +171,10 @@ def triton_gemv_on(job: dict, ctx: TPContext) -> bool:
 
 
 def swiglu_gemv_on(job: dict, ctx: TPContext) -> bool:
-    """Decode's SwiGLU in the epilogue of w13's GEMV (overlap.kernels.norm_gemv, swiglu), when the job says
-    swiglu_gemv (default false: its speed is not measured yet) with the fused kernels."""
-    return fuse_on(job, ctx) and bool(job.get("swiglu_gemv"))
+    """Decode's SwiGLU in the epilogue of w13's GEMV (overlap.kernels.norm_gemv, swiglu) with the fused kernels,
+    unless the job says swiglu_gemv: false (default true: batch 16 measured 0.17-0.19 ms faster at the R = 4 shard
+    and 0.10 at R = 8 on an H200, docs/benchmarks/pdl.md)."""
+    return fuse_on(job, ctx) and job.get("swiglu_gemv", True) is not False
 
 
 def pdl_on(job: dict, ctx: TPContext) -> bool:

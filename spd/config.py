@@ -212,7 +212,7 @@ class BenchConfig:
     decode_kernel: bool = True  # the one-pass Triton decode attention with fuse on CUDA (false: compiled ops)
     norm_gemv: bool = False  # with fuse on CUDA: decode's norm + wqkv, norm + w13 + SwiGLU as one Triton kernel each
     triton_gemv: bool = True  # with fuse on CUDA: decode's wqkv and w13 GEMVs through norm_gemv's kernel (no norm)
-    swiglu_gemv: bool = False  # with fuse on CUDA: decode's SwiGLU in the epilogue of w13's GEMV (norm_gemv's kernel)
+    swiglu_gemv: bool = True  # with fuse on CUDA: decode's SwiGLU in the epilogue of w13's GEMV (norm_gemv's kernel)
     pdl: bool = True  # with fuse and triton_gemv on CUDA >= sm_90: decode's kernels with programmatic dependent launch
     stream_gemv: bool = True  # with pdl: batch-1 decode GEMVs stream their first weight tiles into shared memory
     # before the PDL wait (overlap.kernels.stream_gemv)
