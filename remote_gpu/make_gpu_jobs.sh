@@ -54,11 +54,13 @@ mk v4_dec_ng "${V[@]}" bench.virtual_tp=4 "${D[@]}" bench.norm_gemv=true
 mk v8_dec_ng "${V[@]}" bench.virtual_tp=8 "${D[@]}" bench.norm_gemv=true
 mk v8_dec "${V[@]}" bench.virtual_tp=8 "${D[@]}" bench.pdl=false
 # issue 16's decode A/B jobs, each against v4_dec / v8_dec (bench.pdl=false) or v{R}_dec_pdl in the same call:
-# programmatic dependent launch (pdl) and SwiGLU in the epilogue of w13's GEMV (sg)
+# programmatic dependent launch (pdl) and SwiGLU in the epilogue of w13's GEMV (sg: the default since fcc40a1;
+# nosg: without it, the default before)
 for r in 4 8; do
   mk "v${r}_dec_sg" "${V[@]}" bench.virtual_tp=$r "${D[@]}" bench.pdl=false bench.swiglu_gemv=true
   mk "v${r}_dec_pdl" "${V[@]}" bench.virtual_tp=$r "${D[@]}" bench.pdl=true
   mk "v${r}_dec_pdl_sg" "${V[@]}" bench.virtual_tp=$r "${D[@]}" bench.pdl=true bench.swiglu_gemv=true
+  mk "v${r}_dec_pdl_nosg" "${V[@]}" bench.virtual_tp=$r "${D[@]}" bench.pdl=true bench.swiglu_gemv=false
   mk "v${r}_dec_nost" "${V[@]}" bench.virtual_tp=$r "${D[@]}" bench.pdl=true bench.stream_gemv=false  # no shared-memory weight ring
   mk "v${r}_dec_pdl_ng" "${V[@]}" bench.virtual_tp=$r "${D[@]}" bench.pdl=true bench.norm_gemv=true  # batch 16's
   # norms in wqkv's and w13's GEMV (norm_gemv; batch 1 folds them into stream_gemv either way)
