@@ -13,7 +13,8 @@ rate (overlap/floors.py), then traces with torch.profiler
 and labels every kernel: a GEMM by the weight shape of the aten::mm that launched it (wqkv, wo, w13, w2,
 lm_head; a split-K reduce kernel counts with its GEMM), the Triton decode attention's split and merge
 kernels, flash attention, the compiled elementwise kernels (RMSNorm, add + RMSNorm, RoPE, SwiGLU) and the
-rest by name (with --pdl, spd-bench's default on sm_90+, wo and w2 are Triton GEMVs too). Graph-replayed
+rest by name (with --pdl, spd-bench's default on sm_90+, wo and w2 are Triton GEMVs too; with --swiglu-gemv,
+the default, SwiGLU of 2 to 16 decode rows runs in w13's GEMV). Graph-replayed
 kernels carry no operator, so they take the label of the eager kernel at the same place in the step (the same
 kernel sequence; else the one with the same name, grid and block). Per label: launches and microseconds per
 step and per block (a kernel's exclusive time: the step's advance while it ran, since with PDL a
@@ -290,6 +291,8 @@ def main(argv=None) -> None:
                    help="decode with programmatic dependent launch (spd-bench's default on sm_90+; --no-pdl: without)")
     p.add_argument("--stream-gemv", action=argparse.BooleanOptionalAction, default=True,
                    help="with pdl, batch-1 GEMVs through overlap.kernels.stream_gemv (spd-bench's default)")
+    p.add_argument("--swiglu-gemv", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode rows' SwiGLU in the epilogue of w13's Triton GEMV (spd-bench's default since fcc40a1)")
     p.add_argument("--reanalyse", action="store_true",
                    help="only label and summarise the traces already in --out (rates from its kernel_kinds.json)")
     a = p.parse_args(argv)
@@ -319,7 +322,8 @@ def main(argv=None) -> None:
     stream = pdl and a.stream_gemv
     command = "python3 scripts/kernel_kinds.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result = dict(meta(command=command),
-                  rates=rates, virtual_tp=a.virtual_tp, layers=a.layers, pdl=pdl, stream_gemv=stream, batch=a.batch,
+                  rates=rates, virtual_tp=a.virtual_tp, layers=a.layers, pdl=pdl, stream_gemv=stream,
+                  swiglu_gemv=cuda and a.swiglu_gemv, batch=a.batch,
                   summaries={})  # meta: commit, versions, device, host, time
     def trace(fn, path: Path, shapes: bool):
         with profile(activities=acts, record_shapes=shapes) as prof:
@@ -333,7 +337,8 @@ def main(argv=None) -> None:
     tok = torch.randint(0, args.vocab_size, (a.batch, 1), generator=gen).to(dev)
     for graphs in ([False, True] if cuda else [False]):
         rt = Runtime(model, ctx, a.batch, -(-(pos + 1) // 64) * 64, cuda_graphs=graphs, fuse=cuda, decode_kernel=cuda,
-                     triton_gemv=cuda, pdl=pdl, stream_gemv=stream)  # spd-bench's default decode step
+                     triton_gemv=cuda, swiglu_gemv=cuda and a.swiglu_gemv, pdl=pdl,
+                     stream_gemv=stream)  # spd-bench's default decode step
 
         def steps(rt=rt):
             for _ in range(STEPS):
