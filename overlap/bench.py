@@ -27,9 +27,10 @@ Job key fuse (default false) runs RoPE, add + RMSNorm and SwiGLU as torch.compil
 records: fused); with it, decode attention runs as one Triton pass unless decode_kernel is false (records:
 decode_kernel), and decode's wqkv and w13 GEMVs through overlap.kernels.norm_gemv unless triton_gemv is false
 (records: triton_gemv); swiglu_gemv (default true) runs decode's SwiGLU in the epilogue of w13's GEMV for
-2 to 16 rows (batch 1 folds it into stream_gemv's w13; records: swiglu_gemv); pdl (default true on GPUs of compute capability >= 9) launches decode's kernels with
-programmatic dependent launch, wo and w2 through the Triton GEMV too (records: pdl), and with it batch-1 decode's
-GEMVs through overlap.kernels.stream_gemv unless stream_gemv is false (records: stream_gemv). ISO variants are timed
+2 to 16 rows (batch 1 folds it into stream_gemv's w13; records: swiglu_gemv); pdl (default true on GPUs of
+compute capability >= 9) launches decode's kernels with programmatic dependent launch, wo and w2 through the
+Triton GEMV too (records: pdl), and with it batch-1 decode's GEMVs through overlap.kernels.stream_gemv unless
+stream_gemv is false (records: stream_gemv). ISO variants are timed
 once per (iso_ctas, iso_sm_carveout) pair of the job's lists (default [null] each: NCCL's own thread-block
 count, no carve-out; Runtime.set_iso_), recorded as such.
 

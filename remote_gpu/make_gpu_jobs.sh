@@ -47,15 +47,16 @@ mk r2_nop2p parallel.tp=2 parallel=nop2p 'bench.tokens=[2048]' 'bench.batches=[1
 # one rank's shard alone on one GPU (kind nvidia-h200 is enough): nocomm at R = 4 and 8, decode attention A/B
 V=(parallel.tp=1 'bench.variants=[nocomm]' bench.fuse=true)
 D=('bench.phases=[decode]' 'bench.batches=[1,16]' bench.iters=15 bench.warmup=3)
-mk v4_dec "${V[@]}" bench.virtual_tp=4 "${D[@]}" bench.pdl=false  # the step before PDL: the A/B reference
+# the step before PDL (and before SwiGLU in the GEMV became the default): the A/B reference
+mk v4_dec "${V[@]}" bench.virtual_tp=4 "${D[@]}" bench.pdl=false bench.swiglu_gemv=false
 mk v4_dec_nok "${V[@]}" bench.virtual_tp=4 "${D[@]}" bench.decode_kernel=false
 # issue 16: the norm + GEMV (+ SwiGLU) kernel (overlap/kernels/norm_gemv.py) against v4_dec / v8_all in the same call
 mk v4_dec_ng "${V[@]}" bench.virtual_tp=4 "${D[@]}" bench.norm_gemv=true
 mk v8_dec_ng "${V[@]}" bench.virtual_tp=8 "${D[@]}" bench.norm_gemv=true
-mk v8_dec "${V[@]}" bench.virtual_tp=8 "${D[@]}" bench.pdl=false
+mk v8_dec "${V[@]}" bench.virtual_tp=8 "${D[@]}" bench.pdl=false bench.swiglu_gemv=false
 # issue 16's decode A/B jobs, each against v4_dec / v8_dec (bench.pdl=false) or v{R}_dec_pdl in the same call:
-# programmatic dependent launch (pdl) and SwiGLU in the epilogue of w13's GEMV (sg: the default since fcc40a1;
-# nosg: without it, the default before)
+# programmatic dependent launch (pdl) and SwiGLU in the epilogue of w13's GEMV (sg; the default since fcc40a1, so
+# v{R}_dec_pdl_sg is v{R}_dec_pdl, kept by the name its records carry; nosg: without it, the default before)
 for r in 4 8; do
   mk "v${r}_dec_sg" "${V[@]}" bench.virtual_tp=$r "${D[@]}" bench.pdl=false bench.swiglu_gemv=true
   mk "v${r}_dec_pdl" "${V[@]}" bench.virtual_tp=$r "${D[@]}" bench.pdl=true

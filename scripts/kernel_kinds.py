@@ -320,10 +320,11 @@ def main(argv=None) -> None:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     gen = torch.Generator().manual_seed(0)
     stream = pdl and a.stream_gemv
+    swiglu = cuda and a.swiglu_gemv
     command = "python3 scripts/kernel_kinds.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result = dict(meta(command=command),
                   rates=rates, virtual_tp=a.virtual_tp, layers=a.layers, pdl=pdl, stream_gemv=stream,
-                  swiglu_gemv=cuda and a.swiglu_gemv, batch=a.batch,
+                  swiglu_gemv=swiglu, batch=a.batch,
                   summaries={})  # meta: commit, versions, device, host, time
     def trace(fn, path: Path, shapes: bool):
         with profile(activities=acts, record_shapes=shapes) as prof:
@@ -337,8 +338,7 @@ def main(argv=None) -> None:
     tok = torch.randint(0, args.vocab_size, (a.batch, 1), generator=gen).to(dev)
     for graphs in ([False, True] if cuda else [False]):
         rt = Runtime(model, ctx, a.batch, -(-(pos + 1) // 64) * 64, cuda_graphs=graphs, fuse=cuda, decode_kernel=cuda,
-                     triton_gemv=cuda, swiglu_gemv=cuda and a.swiglu_gemv, pdl=pdl,
-                     stream_gemv=stream)  # spd-bench's default decode step
+                     triton_gemv=cuda, swiglu_gemv=swiglu, pdl=pdl, stream_gemv=stream)  # spd-bench's default
 
         def steps(rt=rt):
             for _ in range(STEPS):
