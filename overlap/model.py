@@ -7,6 +7,11 @@ rank's heads and FFN rows once overlap.tp.shard_ has sliced them; unsharded, the
     baseline:  h = x + attn_sync(a);  out = h + mlp_sync(mlp(mlp_norm(h)))
     SPD:       out = x + block_sync(a + mlp(mlp_norm(x + a)))  # the only sync of an SPD block
 
+The residual rides in the epilogue of the GEMM before each sync (wo's, w2's: cuBLAS's addmm, or the Triton GEMVs'
+for decode rows), on the one rank that adds it (Sync.adds_residual: rank 0, or every rank where nothing sums):
+    baseline:  h = attn_sync(wo(heads) [+ x]);  out = mlp_sync(w2(act(mlp_norm(h))) [+ h])
+    SPD:       out = block_sync(w2(act(mlp_norm(x + a))) + (x + a  on that rank, else a))
+
 so a forward calls 2L - (#SPD blocks) all-reduces (Sync.start: the same, asynchronous, for overlap.iso).
 With a collective implementation other than nccl bound (overlap.tp.set_impl_, Runtime(impl=...)) the
 row-parallel output GEMMs move into the sync points (Sync.matmul -> impl.matmul_all_reduce):
@@ -203,14 +208,24 @@ class MLP(nn.Module):
         return self.ops.swiglu(linear(self.ops, x, self.w13), self.ffn_dim)  # (B, S, F/R)
 
 
-def linear(ops, x: torch.Tensor, lin: nn.Linear, down: bool = False) -> torch.Tensor:
-    """lin(x) for x (B, S, K); decode rows (B x S <= NORM_LINEAR_MAX_ROWS) through ops.gemv when set (down:
-    wo and w2, through ops.gemv_down)."""
+def linear(ops, x: torch.Tensor, lin: nn.Linear, down: bool = False,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """lin(x) (+ residual, (B, S, N)) for x (B, S, K); decode rows (B x S <= NORM_LINEAR_MAX_ROWS) through ops.gemv
+    when set (down: wo and w2, through ops.gemv_down, which adds the residual in its epilogue); other rows
+    through cuBLAS, the residual added in its epilogue (addmm)."""
     rows = x.numel() // x.shape[-1]
     gemv = ops.gemv_down if down else ops.gemv
     if gemv is None or rows > NORM_LINEAR_MAX_ROWS:
-        return lin(x)
-    y = gemv(x.reshape(rows, x.shape[-1]), lin.weight)  # (rows, N)
+        if residual is None:
+            return lin(x)
+        return torch.addmm(residual.reshape(rows, -1), x.reshape(rows, -1), lin.weight.t()).view(residual.shape)
+    x2 = x.reshape(rows, x.shape[-1])
+    if residual is None:
+        y = gemv(x2, lin.weight)  # (rows, N)
+    elif down:
+        y = gemv(x2, lin.weight, residual=residual.reshape(rows, -1))
+    else:
+        y = ops.add(gemv(x2, lin.weight), residual.reshape(rows, -1))
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -240,22 +255,35 @@ class Block(nn.Module):
             return self.forward_fused(x, cos, sin, input_pos, mask, kv_len)
         if self.ops.norm_linear is not None and x.shape[0] * x.shape[1] <= self.ops.norm_linear_rows:  # decode rows
             return self.forward_norm_linear(x, cos, sin, input_pos, mask, kv_len)
-        a = self.attn(self.attn_norm(x), cos, sin, input_pos, mask, kv_len)  # (B, S, D) partial
+        ops, wo, w2 = self.ops, self.attn.wo, self.mlp.w2
+        heads = self.attn.heads(self.attn_norm(x), cos, sin, input_pos, mask, kv_len)  # (B, S, H/R Dh)
         if self.spd:
-            return self.ops.add(x, self.block_sync(self.ops.add(a, self.mlp(self.add_norm(x, a)[1]))))  # the only sync
-        h, n = self.add_norm(x, self.attn_sync(a))  # sync 1; h = x + sum_r a_r
-        return self.ops.add(h, self.mlp_sync(self.mlp(n)))  # sync 2
+            a = linear(ops, heads, wo, down=True)  # (B, S, D) partial
+            h, n = self.add_norm(x, a)  # rank-local x + a_r
+            base = h if self.block_sync.adds_residual else a
+            return self.block_sync(linear(ops, self.mlp.act(n), w2, down=True, residual=base))  # the only sync
+        h = self.attn_sync(linear(ops, heads, wo, down=True, residual=self.residual(x, self.attn_sync)))  # sync 1
+        return self.mlp_sync(linear(ops, self.mlp.act(self.mlp_norm(h)), w2, down=True,
+                                    residual=self.residual(h, self.mlp_sync)))  # sync 2
+
+    @staticmethod
+    def residual(x: torch.Tensor, sync: Sync) -> torch.Tensor | None:
+        """x where this rank adds the residual to its partial before `sync` (the all-reduce then adds it once)."""
+        return x if sync.adds_residual else None
 
     def forward_norm_linear(self, x, cos, sin, input_pos, mask, kv_len):
         """forward's arithmetic with each norm fused into the GEMV after it (ops.norm_linear): attn_norm +
-        wqkv, and mlp_norm + w13 + SwiGLU, one kernel each; the residual adds stay plain adds."""
-        ops, heads = self.ops, self.attn.heads(x, cos, sin, input_pos, mask, kv_len, norm=self.attn_norm)
-        a = linear(ops, heads, self.attn.wo, down=True)  # partial
+        wqkv, and mlp_norm + w13 + SwiGLU, one kernel each."""
+        ops, wo, w2 = self.ops, self.attn.wo, self.mlp.w2
+        heads = self.attn.heads(x, cos, sin, input_pos, mask, kv_len, norm=self.attn_norm)
         if self.spd:  # the only sync
-            return ops.add(x, self.block_sync(ops.add(a, linear(ops, self.mlp.act(ops.add(x, a), norm=self.mlp_norm),
-                                                                self.mlp.w2, down=True))))
-        h = ops.add(x, self.attn_sync(a))  # sync 1
-        return ops.add(h, self.mlp_sync(linear(ops, self.mlp.act(h, norm=self.mlp_norm), self.mlp.w2, down=True)))
+            a = linear(ops, heads, wo, down=True)  # partial
+            h = ops.add(x, a)  # rank-local
+            base = h if self.block_sync.adds_residual else a
+            return self.block_sync(linear(ops, self.mlp.act(h, norm=self.mlp_norm), w2, down=True, residual=base))
+        h = self.attn_sync(linear(ops, heads, wo, down=True, residual=self.residual(x, self.attn_sync)))  # sync 1
+        return self.mlp_sync(linear(ops, self.mlp.act(h, norm=self.mlp_norm), w2, down=True,
+                                    residual=self.residual(h, self.mlp_sync)))  # sync 2
 
     def forward_fused(self, x, cos, sin, input_pos, mask, kv_len):
         """forward's arithmetic with wo / w2 and their sync fused: impl.matmul_all_reduce (docs/kernels.md)."""

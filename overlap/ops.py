@@ -94,8 +94,9 @@ class Ops:
     # swiglu_gemv(x (M, K), w13) for rows M <= 16: w13's GEMV with SwiGLU in its epilogue, (M, F) (overlap.kernels.
     # norm_gemv with swiglu); None: the GEMV, then swiglu
     swiglu_gemv: object = None
-    # gemv_down(x (M, K), w) for rows M <= 16: wo's and w2's decode GEMVs through the same kernel (with PDL: every
-    # GEMV of the step takes part in programmatic dependent launch, which cuBLAS does not); None: nn.Linear
+    # gemv_down(x (M, K), w, residual=None) for rows M <= 16: wo's and w2's decode GEMVs through the same kernel
+    # (with PDL: every GEMV of the step takes part in programmatic dependent launch, which cuBLAS does not), the
+    # residual (M, N) added in its epilogue; None: nn.Linear (cuBLAS's addmm with a residual)
     gemv_down: object = None
     add: object = add  # the residual adds outside add_norm (compiled with the fused ops: PDL takes them in)
 

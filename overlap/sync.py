@@ -42,6 +42,12 @@ class Sync(nn.Module):
             return y if residual is None else residual + y
         return self.impl.matmul_all_reduce(x, w, add=add, residual=residual)  # (..., N) summed over ranks
 
+    @property
+    def adds_residual(self) -> bool:
+        """Whether this rank adds the block's residual to its partial before this sync point: rank 0 where the
+        all-reduce sums the ranks (so it is added once), every rank where nothing sums (unbound, nocomm)."""
+        return self.ctx is None or self.ctx.group is None or self.nocomm or self.ctx.rank == 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling():
             self.calls += 1

@@ -57,7 +57,8 @@ def run_case(case: str) -> dict:
 
 def test_matches_the_unfused_steps_in_the_interpreter():
     cases = run_case("kernel")
-    assert len(cases) == len(SHAPES) * 2 * 2 * 3 * 2  # norm x swiglu x split_k x pdl
+    assert len(cases) == len(SHAPES) * 2 * 2 * 3 * 2  # norm x swiglu x split_k x pdl (with pdl: a residual)
+    assert {case["split_k"] for case in cases if case["residual"]} == {1, 2, "auto"}
     for case in cases:
         assert case["err"] < FP32_TOL, case
         assert case["shape"] == case["ref_shape"], case
@@ -147,13 +148,16 @@ def _interpreted() -> list[dict]:
         gw = 1 + 0.1 * torch.randn(k, generator=gen)
         for norm in (None, gw):
             for swiglu in (False, True):
+                r = torch.randn(m, n if swiglu else 2 * n, generator=gen)
                 for split_k, pdl in itertools.product((1, 2, "auto"), (False, True)):  # pdl: first tile peeled
+                    residual = r if pdl else None  # added in the epilogue (the reduce's with split-K)
                     y = norm_gemv(x, w, norm_weight=norm, swiglu=swiglu, split_k=split_k, block_k=32, sm_count=4,
-                                  pdl=pdl)
-                    ref = reference(x, w, norm_weight=norm, swiglu=swiglu)
+                                  pdl=pdl, residual=residual)
+                    ref = reference(x, w, norm_weight=norm, swiglu=swiglu, residual=residual)
                     err = ((y - ref).abs().max() / ref.abs().max()).item()
                     out.append({"m": m, "n": n, "k": k, "norm": norm is not None, "swiglu": swiglu, "pdl": pdl,
-                                "split_k": split_k, "err": err, "shape": list(y.shape), "ref_shape": list(ref.shape)})
+                                "split_k": split_k, "residual": residual is not None, "err": err,
+                                "shape": list(y.shape), "ref_shape": list(ref.shape)})
     return out
 
 
@@ -183,9 +187,9 @@ def _runtime() -> dict:
     calls = {use: [] for use in uses}
 
     def counted(use, fn):
-        def call(*a):
+        def call(*a, **kw):
             calls[use].append(1)
-            return fn(*a)
+            return fn(*a, **kw)
         return call
 
     outs = {}
@@ -211,10 +215,11 @@ def test_split_k_reduce_lets_the_next_kernel_launch_before_or_after_its_wait(aft
     griddepcontrol.wait by default (norm_gemv's), after it with LAUNCH_AFTER_WAIT (stream_gemv's)."""
     from overlap.kernels.norm_gemv import split_k_reduce_kernel
 
-    sig = {"part_ptr": "*fp32", "ss_ptr": "*fp32", "y_ptr": "*bf16", "M": "i32", "N_OUT": "i32", "K": "i32",
-           "eps": "fp32", "BLOCK": "constexpr", "NORM": "constexpr", "SWIGLU": "constexpr", "SPLIT_K": "constexpr",
-           "GDC": "constexpr", "LAUNCH_AFTER_WAIT": "constexpr"}
-    consts = {"BLOCK": 256, "NORM": True, "SWIGLU": False, "SPLIT_K": 4, "GDC": True, "LAUNCH_AFTER_WAIT": after}
+    sig = {"part_ptr": "*fp32", "ss_ptr": "*fp32", "y_ptr": "*bf16", "r_ptr": "*bf16", "M": "i32", "N_OUT": "i32",
+           "K": "i32", "eps": "fp32", "BLOCK": "constexpr", "NORM": "constexpr", "SWIGLU": "constexpr",
+           "SPLIT_K": "constexpr", "GDC": "constexpr", "LAUNCH_AFTER_WAIT": "constexpr", "RESIDUAL": "constexpr"}
+    consts = {"BLOCK": 256, "NORM": True, "SWIGLU": False, "SPLIT_K": 4, "GDC": True, "LAUNCH_AFTER_WAIT": after,
+              "RESIDUAL": True}
     ptx = _sm90_ptx(split_k_reduce_kernel, sig, consts)
     wait, launch = ptx.index("griddepcontrol.wait"), ptx.index("griddepcontrol.launch_dependents")
     assert (launch > wait) == after
@@ -226,11 +231,11 @@ def test_with_pdl_and_no_preload_every_load_comes_after_the_wait():
     kernel launch only after that."""
     from overlap.kernels.norm_gemv import norm_gemv_kernel
 
-    ptrs = {"x_ptr": "*bf16", "g_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "part_ptr": "*fp32",
-            "ss_ptr": "*fp32"}
+    ptrs = {"x_ptr": "*bf16", "g_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "r_ptr": "*bf16",
+            "part_ptr": "*fp32", "ss_ptr": "*fp32"}
     ints = {k: "i32" for k in ("M", "N_OUT", "K", "K_SHARE", "stride_xm", "stride_wn")}
     consts = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "NORM": False, "SWIGLU": False, "SPLIT_K": 1,
-              "PRELOAD": 0, "GDC": True}
+              "PRELOAD": 0, "GDC": True, "RESIDUAL": True}
     sig = {**ptrs, **ints, "eps": "fp32", **{k: "constexpr" for k in consts}}
     ptx = _sm90_ptx(norm_gemv_kernel, sig, consts, num_warps=4)
     assert ptx.count("griddepcontrol.wait") == 1, "no wait for the previous kernel"

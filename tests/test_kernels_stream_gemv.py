@@ -63,10 +63,11 @@ def test_runtime_routes_one_row_decode_through_the_fused_norm_and_swiglu(monkeyp
 
     calls = []
 
-    def fake(x, w, *, norm_weight=None, eps=1e-5, swiglu=False, block_n, block_k, stages, split_k, pdl):
+    def fake(x, w, *, norm_weight=None, eps=1e-5, swiglu=False, block_n, block_k, stages, split_k, pdl, residual=None):
         assert pdl and x.shape[0] == 1 and w.shape[1] % (block_k * split_k) == 0 and stages == STAGES
-        calls.append((norm_weight is not None, swiglu))
-        return reference(x, w, norm_weight=norm_weight, eps=eps, swiglu=swiglu)
+        calls.append((norm_weight is not None, swiglu, residual is not None))
+        y = reference(x, w, norm_weight=norm_weight, eps=eps, swiglu=swiglu)
+        return y if residual is None else y + residual
 
     monkeypatch.setattr(sg, "stream_gemv", fake)
     monkeypatch.setattr(sg, "supported", lambda x, w, block_k: x.shape[0] == 1)
@@ -81,7 +82,9 @@ def test_runtime_routes_one_row_decode_through_the_fused_norm_and_swiglu(monkeyp
             model = copy.deepcopy(full)
             rt = Runtime(model, single("cpu"), batch, 32, cuda_graphs=False)  # eager ops
             if fused:
-                ops = dataclasses.replace(EAGER_OPS, gemv=lambda x, w: x @ w.T, gemv_down=lambda x, w: x @ w.T)
+                ops = dataclasses.replace(EAGER_OPS, gemv=lambda x, w: x @ w.T,
+                                          gemv_down=lambda x, w, residual=None: x @ w.T + (0 if residual is None
+                                                                                            else residual))
                 ops = dataclasses.replace(ops, gemv=sg.streamed(ops.gemv), gemv_down=sg.streamed(ops.gemv_down))
                 ops = dataclasses.replace(ops, norm_linear=sg.streamed_norm_linear(ops), norm_linear_rows=1)
                 for m in model.modules():
@@ -91,7 +94,10 @@ def test_runtime_routes_one_row_decode_through_the_fused_norm_and_swiglu(monkeyp
             rt.prefill(ids[:, :10])
             outs[fused] = torch.cat([rt.decode_one(ids[:, i : i + 1]) for i in range(10, 14)], 1)
         assert (outs[True] - outs[False]).abs().max() <= 1e-4 * outs[False].abs().max()
-        per_step = [(True, False), (False, False), (True, True), (False, False)] * args.n_layers  # wqkv, wo, w13, w2
+        # wqkv, wo, w13, w2 of the baseline block (the residual in wo's and w2's epilogue), then of the SPD block
+        # (the residual x + a rides in w2's)
+        per_step = ([(True, False, False), (False, False, True), (True, True, False), (False, False, True)]
+                    + [(True, False, False), (False, False, False), (True, True, False), (False, False, True)])
         assert calls == (per_step * 4 if batch == 1 else []), calls[:8]
 
 
@@ -113,6 +119,10 @@ def test_matches_plain_torch_on_the_gpu(n, k, cfg, pdl):
     out = stream_gemv(x, w, pdl=pdl, **cfg).float()
     assert out.shape == (1, n)
     assert ((out - ref).norm() / ref.norm()).item() < BF16_TOL
+    r = torch.randn(1, n, device="cuda", generator=g).bfloat16()  # a residual, in the reduce's epilogue
+    out_r = stream_gemv(x, w, pdl=pdl, residual=r, **cfg).float()
+    ref_r = ref + r.float()
+    assert ((out_r - ref_r).norm() / ref_r.norm()).item() < BF16_TOL
 
 
 @pytest.mark.gpu

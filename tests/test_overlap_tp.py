@@ -83,13 +83,18 @@ def rank_worker(ctx, full: Transformer, ids: torch.Tensor):
     # tests/test_kernels_norm_gemv.py), the same sharded arithmetic
     base_ops = model.layers[0].ops
     swiglu_linear = lambda x, w: swiglu(torch.nn.functional.linear(x, w), w.shape[0] // 2)  # noqa: E731
+
+    def linear_residual(x, w, residual=None):  # Ops.gemv_down: the residual (rank 0's) added after the GEMV
+        y = torch.nn.functional.linear(x, w)
+        return y if residual is None else y + residual
+
     for use, fn in (("norm_linear", norm_linear), ("gemv", torch.nn.functional.linear),
-                    ("swiglu_gemv", swiglu_linear), ("gemv_down", torch.nn.functional.linear)):
+                    ("swiglu_gemv", swiglu_linear), ("gemv_down", linear_residual)):
         calls = []
 
-        def counted(*a, fn=fn, calls=calls):
+        def counted(*a, fn=fn, calls=calls, **kw):
             calls.append(1)
-            return fn(*a)
+            return fn(*a, **kw)
 
         ops = dataclasses.replace(base_ops, **{use: counted})
         for m in model.modules():

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from overlap.kernels.checks import KernelArgError, check_decode_rows, check_dtype, check_matmul
+from overlap.kernels.checks import KernelArgError, check_addend, check_decode_rows, check_dtype, check_matmul
 from overlap.kernels.compile_options import FP_FUSION
 from overlap.kernels.schedule import DECODE_MAX_M
 from overlap.ops import norm_linear
@@ -47,11 +47,11 @@ PROGRAMS_PER_SM = 2  # split-K target: programs in flight per SM; 4 made the R =
 
 @triton.jit
 def norm_gemv_kernel(
-    x_ptr, g_ptr, w_ptr, y_ptr, part_ptr, ss_ptr,  # x (M, K), g (K,), w (N, K), y (M, N_OUT), part (SPLIT_K, M, N),
-    M, N_OUT, K, K_SHARE, stride_xm, stride_wn, eps,  # ss (SPLIT_K, M); N_OUT: output columns (F with swiglu)
+    x_ptr, g_ptr, w_ptr, y_ptr, r_ptr, part_ptr, ss_ptr,  # x (M, K), g (K,), w (N, K), y and r (M, N_OUT),
+    M, N_OUT, K, K_SHARE, stride_xm, stride_wn, eps,  # part (SPLIT_K, M, N), ss (SPLIT_K, M); N_OUT: F with swiglu
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr,
-    PRELOAD: tl.constexpr = 0, GDC: tl.constexpr = False,
+    PRELOAD: tl.constexpr = 0, GDC: tl.constexpr = False, RESIDUAL: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -91,7 +91,8 @@ def norm_gemv_kernel(
                 acc_up = acc_up * rstd[:, None]
         if SWIGLU:
             acc = _swiglu(acc, acc_up, y_ptr)
-        tl.store(y_ptr + offs_m[:, None] * N_OUT + offs_n[None, :], acc.to(dt), mask=tile_mask)
+        offs = offs_m[:, None] * N_OUT + offs_n[None, :]
+        tl.store(y_ptr + offs, _with_residual(acc, r_ptr, offs, tile_mask, y_ptr, RESIDUAL), mask=tile_mask)
     else:
         n_all = N_OUT  # a partial holds gate and up columns side by side
         if SWIGLU:
@@ -149,9 +150,19 @@ def _swiglu(gate, up, y_ptr):
 
 
 @triton.jit
-def split_k_reduce_kernel(part_ptr, ss_ptr, y_ptr, M, N_OUT, K, eps, BLOCK: tl.constexpr, NORM: tl.constexpr,
-                          SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr, GDC: tl.constexpr = False,
-                          LAUNCH_AFTER_WAIT: tl.constexpr = False):
+def _with_residual(acc, r_ptr, offs, mask, y_ptr, RESIDUAL: tl.constexpr):
+    """acc in y's dtype, plus the residual r (same layout as y) when RESIDUAL, with the unfused steps' roundings:
+    y rounded to its dtype, then y + r computed in fp32 and rounded once (torch's add)."""
+    y = acc.to(y_ptr.dtype.element_ty)
+    if RESIDUAL:
+        y = (y.to(tl.float32) + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(y.dtype)
+    return y
+
+
+@triton.jit
+def split_k_reduce_kernel(part_ptr, ss_ptr, y_ptr, r_ptr, M, N_OUT, K, eps, BLOCK: tl.constexpr,
+                          NORM: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr, GDC: tl.constexpr = False,
+                          LAUNCH_AFTER_WAIT: tl.constexpr = False, RESIDUAL: tl.constexpr = False):
     # Launched with PDL, the partials are the previous kernel's output. The next kernel may launch at once (its
     # own wait covers this kernel's end, and so the wait here), or only after the wait (LAUNCH_AFTER_WAIT). On one
     # H200 at R = 4, launching after the wait made norm_gemv's batch-16 step 0.5 ms slower and stream_gemv's
@@ -187,7 +198,7 @@ def split_k_reduce_kernel(part_ptr, ss_ptr, y_ptr, M, N_OUT, K, eps, BLOCK: tl.c
             acc_up = acc_up * rstd
     if SWIGLU:
         acc = _swiglu(acc, acc_up, y_ptr)
-    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, _with_residual(acc, r_ptr, offs, mask, y_ptr, RESIDUAL), mask=mask)
 
 
 def auto_split_k(tiles: int, k_blocks: int, sm_count: int) -> int:
@@ -202,8 +213,10 @@ def auto_split_k(tiles: int, k_blocks: int, sm_count: int) -> int:
 def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
               swiglu: bool = False, split_k: int | str = "auto", block_n: int = 64, block_k: int = 64,
               sm_count: int | None = None, num_warps: int = 4, num_stages: int = 4,
-              pdl: bool = False, preload: int = PDL_PRELOAD_TILES) -> torch.Tensor:
-    """act(rms_norm(x) @ w.T) for decode rows x (M, K), M <= 16, w (N, K): (M, N) or (M, N/2) with swiglu.
+              pdl: bool = False, preload: int = PDL_PRELOAD_TILES,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
+    """act(rms_norm(x) @ w.T) for decode rows x (M, K), M <= 16, w (N, K): (M, N) or (M, N/2) with swiglu;
+    plus residual (the output's shape and dtype) when given, added in the epilogue (of the reduce with split-K).
     pdl: launch with programmatic dependent launch (CUDA, compute capability >= 9): the kernel loads its first
     `preload` weight tiles, then waits for the previous kernel (griddepcontrol.wait) before it reads x, and
     lets the next kernel launch early; so a launch's ramp-up and those weight loads overlap the previous
@@ -223,6 +236,7 @@ def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
     if swiglu and N % 2:
         raise KernelArgError(f"{OP}: swiglu needs w's rows to be [gate; up] (an even count), got {N}")
     n_out = N // 2 if swiglu else N
+    residual = check_addend(residual, (M, n_out), x, OP, "residual")
     programs = triton.cdiv(n_out, block_n)
     k_blocks = triton.cdiv(K, block_k)
     if split_k == "auto":
@@ -241,23 +255,26 @@ def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
     g = norm_weight if norm else x  # unused pointer when there is no norm
     gdc = pdl and x.is_cuda
     launch = {"launch_pdl": True} if gdc else {}
+    r = y if residual is None else residual  # unused pointer without a residual
     norm_gemv_kernel[(programs, split_k)](
-        x, g, w, y, part, ss, M, n_out, K, k_share, x.stride(0), w.stride(0), eps,
+        x, g, w, y, r, part, ss, M, n_out, K, k_share, x.stride(0), w.stride(0), eps,
         BLOCK_M=DECODE_MAX_M, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm, SWIGLU=swiglu,
-        SPLIT_K=split_k, PRELOAD=preload if pdl else 0, GDC=gdc, num_warps=num_warps, num_stages=num_stages,
-        **launch, **FP_FUSION)
+        SPLIT_K=split_k, PRELOAD=preload if pdl else 0, GDC=gdc, RESIDUAL=residual is not None and split_k == 1,
+        num_warps=num_warps, num_stages=num_stages, **launch, **FP_FUSION)
     if split_k > 1:
         block = 256
-        split_k_reduce_kernel[(triton.cdiv(M * n_out, block),)](part, ss, y, M, n_out, K, eps, BLOCK=block,
+        split_k_reduce_kernel[(triton.cdiv(M * n_out, block),)](part, ss, y, r, M, n_out, K, eps, BLOCK=block,
                                                                 NORM=norm, SWIGLU=swiglu, SPLIT_K=split_k,
-                                                                GDC=gdc, **launch, **FP_FUSION)
+                                                                GDC=gdc, RESIDUAL=residual is not None, **launch,
+                                                                **FP_FUSION)
     return y
 
 
 def reference(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
-              swiglu: bool = False) -> torch.Tensor:
-    """The unfused steps in plain torch (overlap.ops.norm_linear): the parity reference."""
-    return norm_linear(x, w, norm_weight, eps, swiglu)
+              swiglu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The unfused steps in plain torch (overlap.ops.norm_linear, then + residual): the parity reference."""
+    y = norm_linear(x, w, norm_weight, eps, swiglu)
+    return y if residual is None else y + residual
 
 
 def norm_linear_op(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor, eps: float,
@@ -273,12 +290,14 @@ def gemv_op(x: torch.Tensor, w: torch.Tensor, pdl: bool = False) -> torch.Tensor
     return norm_gemv(x, w, pdl=pdl)
 
 
-def gemv_down_op(x: torch.Tensor, w: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+def gemv_down_op(x: torch.Tensor, w: torch.Tensor, pdl: bool = False,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
     """overlap.ops.Ops.gemv_down through this kernel: wo's and w2's x @ w.T for decode rows, at those weights'
     fastest configuration in the H200 sweep (32/128/4, no split: level with cuBLAS, docs/benchmarks/norm_gemv.md;
     gemv_op's split-K made the decode step 0.1-0.2 ms slower with PDL, docs/benchmarks/pdl.md).
-    The runtime uses it with PDL only, where cuBLAS would break the chain of early launches."""
-    return norm_gemv(x, w, block_n=32, block_k=128, split_k=1, pdl=pdl)
+    The runtime uses it with PDL only, where cuBLAS would break the chain of early launches. residual: added in
+    the epilogue (the block's residual stream, on the rank that adds it: overlap.model)."""
+    return norm_gemv(x, w, block_n=32, block_k=128, split_k=1, pdl=pdl, residual=residual)
 
 
 def swiglu_gemv_op(x: torch.Tensor, w: torch.Tensor, pdl: bool = False) -> torch.Tensor:

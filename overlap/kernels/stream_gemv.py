@@ -32,7 +32,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from overlap.kernels.checks import KernelArgError, check_dtype, check_matmul
+from overlap.kernels.checks import KernelArgError, check_addend, check_dtype, check_matmul
 from overlap.kernels.compile_options import FP_FUSION
 from overlap.kernels.norm_gemv import split_k_reduce_kernel
 from overlap.ops import norm_linear
@@ -150,11 +150,12 @@ def _device(device: torch.device) -> tuple[int, int]:
 
 def stream_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
                 swiglu: bool = False, block_n: int = BLOCK_N, block_k: int = BLOCK_K, stages: int = STAGES,
-                split_k: int = 1, num_warps: int = 4, pdl: bool = False) -> torch.Tensor:
+                split_k: int = 1, num_warps: int = 4, pdl: bool = False,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
     """act(norm(x) @ w.T) for one decode row x (1, K), w (N, K) -> (1, N), or (1, N/2) with swiglu (w's rows
     [gate; up]); norm: RMSNorm with weight norm_weight (K,) when given. pdl: launch with programmatic dependent
     launch (compute capability >= 9): the first `stages` weight tiles are copied before the wait on the previous
-    kernel."""
+    kernel. residual (the output's shape): added in the split-K reduce's epilogue (without split-K, by torch)."""
     M, N, K = check_matmul(x, w, OP)
     check_dtype(x, DTYPES, OP)
     if M != 1:
@@ -172,6 +173,7 @@ def stream_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor |
                              f"{x.stride()}, {w.stride()})")
     norm = norm_weight is not None
     n_out = N // 2 if swiglu else N
+    residual = check_addend(residual, (1, n_out), x, OP, "residual")
     y = torch.empty((1, n_out), dtype=x.dtype, device=x.device)
     part = torch.empty((split_k, 1, N), dtype=torch.float32, device=x.device) if split_k > 1 else y
     ss = torch.empty((split_k, 1), dtype=torch.float32, device=x.device) if split_k > 1 and norm else part
@@ -183,11 +185,13 @@ def stream_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor |
         desc, x, norm_weight if norm else x, y, part, ss, n_out, K, eps, K_SHARE=K // split_k, BLOCK_N=block_n,
         BLOCK_K=block_k, STAGES=stages, SPLIT_K=split_k, GDC=pdl, NORM=norm, SWIGLU=swiglu, num_warps=num_warps,
         **launch, **FP_FUSION)
-    if split_k > 1:
-        block = 256
-        split_k_reduce_kernel[(triton.cdiv(n_out, block),)](part, ss, y, 1, n_out, K, eps, BLOCK=block, NORM=norm,
-                                                            SWIGLU=swiglu, SPLIT_K=split_k, GDC=pdl,
-                                                            LAUNCH_AFTER_WAIT=True, **launch, **FP_FUSION)
+    if split_k == 1:
+        return y if residual is None else y + residual
+    block = 256
+    split_k_reduce_kernel[(triton.cdiv(n_out, block),)](part, ss, y, y if residual is None else residual, 1, n_out,
+                                                        K, eps, BLOCK=block, NORM=norm, SWIGLU=swiglu,
+                                                        SPLIT_K=split_k, GDC=pdl, LAUNCH_AFTER_WAIT=True,
+                                                        RESIDUAL=residual is not None, **launch, **FP_FUSION)
     return y
 
 
@@ -204,12 +208,12 @@ def config(n: int, k: int, sm_count: int, swiglu: bool = False) -> dict:
 
 
 def streamed(fallback):
-    """An Ops.gemv / Ops.gemv_down (x (M, K), w) -> (M, N) that runs one-row CUDA calls through stream_gemv with
-    PDL (config) and every other call through fallback (the Triton GEMV)."""
-    def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """An Ops.gemv / Ops.gemv_down (x (M, K), w[, residual]) -> (M, N) that runs one-row CUDA calls through
+    stream_gemv with PDL (config) and every other call through fallback (the Triton GEMV)."""
+    def gemv(x: torch.Tensor, w: torch.Tensor, **residual) -> torch.Tensor:
         if not supported(x, w, BLOCK_K):
-            return fallback(x, w)
-        return stream_gemv(x, w, pdl=True, **config(w.shape[0], w.shape[1], _device(x.device)[1]))
+            return fallback(x, w, **residual)
+        return stream_gemv(x, w, pdl=True, **residual, **config(w.shape[0], w.shape[1], _device(x.device)[1]))
 
     return gemv
 
