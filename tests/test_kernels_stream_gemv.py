@@ -192,7 +192,7 @@ class _FakeWeight:
         return (self.shape[1], 1)
 
 
-def _compile_for_sm90(n: int, k: int, split_k: int, norm: bool = False, swiglu: bool = False):
+def _compile_for_sm90(n: int, k: int, split_k: int, norm: bool = False, swiglu: bool = False, late: bool = False):
     """stream_gemv_kernel compiled ahead of time for sm_90 (ptxas ships with Triton), or None where this Triton's
     private binding helpers differ from the ones this uses."""
     import triton
@@ -215,7 +215,7 @@ def _compile_for_sm90(n: int, k: int, split_k: int, norm: bool = False, swiglu: 
         x = _FakeWeight(1, k)
         n_out = n // 2 if swiglu else n
         args = (desc, x, x, x, _FakeWeight(split_k, n), _FakeWeight(split_k, 1), n_out, k, 1e-5, k // split_k, BLOCK_N,
-                BLOCK_K, STAGES, split_k, True, norm, swiglu)
+                BLOCK_K, STAGES, split_k, True, norm, swiglu, late)
         binder = create_function_from_signature(stream_gemv_kernel.signature, stream_gemv_kernel.params, backend)
         bound, spec, options = binder(*args, num_warps=4, launch_pdl=True, **FP_FUSION)
         options, signature, constexprs, attrs = stream_gemv_kernel._pack_args(
@@ -241,3 +241,14 @@ def test_the_weight_copies_are_issued_before_the_pdl_wait(n, k, split_k, norm, s
     assert ptx[wait:].count("cp.async.bulk.tensor") >= halves  # the refill in the loop
     assert "ld.global" not in ptx[:wait]  # x (the previous kernel's output) is read only after the wait
     assert kernel.metadata.shared >= STAGES * halves * BLOCK_N * BLOCK_K * 2
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_the_next_kernel_launches_after_the_wait_or_after_the_k_loop(late):
+    """LATE moves griddepcontrol.launch_dependents from right after the wait to after the K loop (its last
+    mbarrier wait for a weight tile): the next kernel's programs then launch as this one ends."""
+    ptx = _compile_for_sm90(14336, 8192, 1, True, True, late).asm["ptx"]
+    wait, launch = ptx.index("griddepcontrol.wait"), ptx.index("griddepcontrol.launch_dependents")
+    assert ptx.count("griddepcontrol.launch_dependents") == 1
+    last_tile_wait = ptx.rindex("mbarrier.try_wait")
+    assert (launch > last_tile_wait) if late else (wait < launch < ptx.index("mbarrier.try_wait"))

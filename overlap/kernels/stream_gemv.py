@@ -44,6 +44,10 @@ BLOCK_K = 128  # columns a tile
 STAGES = 3  # tiles in flight a program (3 x 32 x 128 bf16: 24 KB of shared memory), all copied before the PDL wait;
 # of 2, 3, 4 and 8, 3 made the R = 4 batch-1 step fastest on an H200 (docs/benchmarks/pdl.md, "stream_gemv")
 PROGRAMS_PER_SM = 2  # split-K target, as norm_gemv's
+# When a program lets the next kernel launch (PDL): right after its wait, or after its K loop ("late"). Launched at
+# once, a GEMV's successor GEMV puts its programs and their tile copies beside this one's for all of its run.
+# "unsplit": late where no split-K reduce follows (the next kernel is a consumer, not the reduce); "never", "always"
+LAUNCH_LATE = "unsplit"
 # the TMA load: Triton 3.6 names it async_copy_global_to_shared, later releases async_load
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
@@ -52,7 +56,7 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 def stream_gemv_kernel(w_desc, x_ptr, g_ptr, y_ptr, part_ptr, ss_ptr, N_OUT, K, eps,
                        K_SHARE: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                        SPLIT_K: gl.constexpr, GDC: gl.constexpr, NORM: gl.constexpr = False,
-                       SWIGLU: gl.constexpr = False):
+                       SWIGLU: gl.constexpr = False, LATE: gl.constexpr = False):
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
     N_TILES: gl.constexpr = K_SHARE // BLOCK_K
     HALVES: gl.constexpr = 2 if SWIGLU else 1  # with SwiGLU a stage holds the gate tile and the matching up tile
@@ -70,8 +74,8 @@ def stream_gemv_kernel(w_desc, x_ptr, g_ptr, y_ptr, part_ptr, ss_ptr, N_OUT, K, 
     if GDC:
         gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
                                   pack=1)
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
-                                  is_pure=False, pack=1)
+        if not LATE:
+            _launch_dependents()
     acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, layout)
     acc_up = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, layout)
     ssv = gl.zeros([BLOCK_K], gl.float32, gl.SliceLayout(0, layout))  # x's squares, this share (summed at the end:
@@ -99,6 +103,8 @@ def stream_gemv_kernel(w_desc, x_ptr, g_ptr, y_ptr, part_ptr, ss_ptr, N_OUT, K, 
         _copy(w_desc, ring, bars, slot, n0, N_OUT, k_lo + (i + STAGES) * BLOCK_K, i + STAGES < N_TILES, HALVES)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(s))
+    if GDC and LATE:
+        _launch_dependents()
     out: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])  # one thread an output
     y = gl.convert_layout(gl.sum(acc, axis=1), out)  # (BLOCK_N,)
     up = gl.convert_layout(gl.sum(acc_up, axis=1), out)
@@ -121,6 +127,12 @@ def stream_gemv_kernel(w_desc, x_ptr, g_ptr, y_ptr, part_ptr, ss_ptr, N_OUT, K, 
         if NORM:
             if pid_n == 0:
                 gl.store(ss_ptr + pid_k, ss)
+
+
+@gluon.jit
+def _launch_dependents():
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
+                              is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -184,7 +196,7 @@ def stream_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor |
     stream_gemv_kernel[(triton.cdiv(n_out, block_n), split_k)](
         desc, x, norm_weight if norm else x, y, part, ss, n_out, K, eps, K_SHARE=K // split_k, BLOCK_N=block_n,
         BLOCK_K=block_k, STAGES=stages, SPLIT_K=split_k, GDC=pdl, NORM=norm, SWIGLU=swiglu, num_warps=num_warps,
-        **launch, **FP_FUSION)
+        LATE=LAUNCH_LATE == "always" or (LAUNCH_LATE == "unsplit" and split_k == 1), **launch, **FP_FUSION)
     if split_k == 1:
         return y if residual is None else y + residual
     block = 256
