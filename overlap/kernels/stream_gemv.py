@@ -13,6 +13,12 @@ buffers: wait for tile i's barrier, multiply the tile by x's (fp32 products, sum
 buffer with the tile STAGES ahead. So with programmatic dependent launch up to STAGES x BLOCK_N x BLOCK_K
 weight elements a program are read from HBM while the previous kernel (attention, a norm) still runs.
 
+A program lets the next kernel launch right after its wait when a split-K reduce follows (the reduce, small,
+then launches its own successor only after its wait), and after its K loop otherwise (LATE): launched at once,
+the next GEMV (w13's unsplit program before w2's at R = 4) set its programs and tile copies beside this one's
+and the batch-1 step was 0.5 ms slower on an H200; after the K loop for every split, 0.05 ms slower
+(docs/benchmarks/pdl.md, "When the next kernel launches").
+
 Written in Gluon (triton.experimental.gluon, explicit layouts and shared memory), which Triton's CPU
 interpreter does not run: parity is tested on the GPU (tests/test_kernels_stream_gemv.py) against
 `reference`, plain torch. With SPLIT_K > 1 the fp32 partials (and the shares' sums of squares) are summed, in
@@ -44,10 +50,6 @@ BLOCK_K = 128  # columns a tile
 STAGES = 3  # tiles in flight a program (3 x 32 x 128 bf16: 24 KB of shared memory), all copied before the PDL wait;
 # of 2, 3, 4 and 8, 3 made the R = 4 batch-1 step fastest on an H200 (docs/benchmarks/pdl.md, "stream_gemv")
 PROGRAMS_PER_SM = 2  # split-K target, as norm_gemv's
-# When a program lets the next kernel launch (PDL): right after its wait, or after its K loop ("late"). Launched at
-# once, a GEMV's successor GEMV puts its programs and their tile copies beside this one's for all of its run.
-# "unsplit": late where no split-K reduce follows (the next kernel is a consumer, not the reduce); "never", "always"
-LAUNCH_LATE = "unsplit"
 # the TMA load: Triton 3.6 names it async_copy_global_to_shared, later releases async_load
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
@@ -196,8 +198,8 @@ def stream_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor |
     stream_gemv_kernel[(triton.cdiv(n_out, block_n), split_k)](
         desc, x, norm_weight if norm else x, y, part, ss, n_out, K, eps, K_SHARE=K // split_k, BLOCK_N=block_n,
         BLOCK_K=block_k, STAGES=stages, SPLIT_K=split_k, GDC=pdl, NORM=norm, SWIGLU=swiglu, num_warps=num_warps,
-        LATE=LAUNCH_LATE == "always" or (LAUNCH_LATE == "unsplit" and split_k == 1), **launch, **FP_FUSION)
-    if split_k == 1:
+        LATE=split_k == 1, **launch, **FP_FUSION)
+    if split_k == 1:  # the next kernel (LATE: launched after the K loop) consumes y
         return y if residual is None else y + residual
     block = 256
     split_k_reduce_kernel[(triton.cdiv(n_out, block),)](part, ss, y, y if residual is None else residual, 1, n_out,
