@@ -17,7 +17,7 @@ A program lets the next kernel launch right after its wait when a split-K reduce
 then launches its own successor only after its wait), and after its K loop otherwise (LATE): launched at once,
 the next GEMV (w13's unsplit program before w2's at R = 4) set its programs and tile copies beside this one's
 and the batch-1 step was 0.5 ms slower on an H200; after the K loop for every split, 0.05 ms slower
-(docs/benchmarks/pdl.md, "When the next kernel launches").
+(docs/benchmarks/pdl.md, section "The residual in the output GEMMs' epilogue; when the next kernel launches").
 
 Written in Gluon (triton.experimental.gluon, explicit layouts and shared memory), which Triton's CPU
 interpreter does not run: parity is tested on the GPU (tests/test_kernels_stream_gemv.py) against
