@@ -252,3 +252,35 @@ def test_the_next_kernel_launches_after_the_wait_or_after_the_k_loop(late):
     assert ptx.count("griddepcontrol.launch_dependents") == 1
     last_tile_wait = ptx.rindex("mbarrier.try_wait")
     assert (launch > last_tile_wait) if late else (wait < launch < ptx.index("mbarrier.try_wait"))
+
+
+def test_the_next_kernel_launches_late_exactly_where_no_reduce_follows(monkeypatch):
+    """stream_gemv's launches, recorded on the CPU (nothing runs): without split-K the GEMV lets the next kernel
+    launch after its K loop (LATE); with split-K it lets the reduce launch right after its wait, and the reduce
+    lets the next kernel launch after its own wait (docs/benchmarks/pdl.md: either way round was slower)."""
+    import overlap.kernels.stream_gemv as sg
+
+    launches = []
+
+    class Launcher:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.name, kwargs))
+
+    monkeypatch.setattr(sg, "stream_gemv_kernel", Launcher("gemv"))
+    monkeypatch.setattr(sg, "split_k_reduce_kernel", Launcher("reduce"))
+
+    class OnCuda(torch.Tensor):  # passes the CUDA check; the launches are recorded, not run
+        is_cuda = True
+
+    x = torch.zeros(1, 1024, dtype=torch.bfloat16).as_subclass(OnCuda)
+    w = torch.zeros(256, 1024, dtype=torch.bfloat16)
+    for split_k in (1, 2):
+        launches.clear()
+        sg.stream_gemv(x, w, split_k=split_k, pdl=True)
+        assert [name for name, _ in launches] == ["gemv"] + ["reduce"] * (split_k > 1)
+        assert launches[0][1]["LATE"] == (split_k == 1) and launches[0][1]["GDC"]
+        if split_k > 1:
+            assert launches[1][1]["LAUNCH_AFTER_WAIT"] and launches[1][1]["GDC"]
