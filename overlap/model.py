@@ -7,10 +7,11 @@ rank's heads and FFN rows once overlap.tp.shard_ has sliced them; unsharded, the
     baseline:  h = x + attn_sync(a);  out = h + mlp_sync(mlp(mlp_norm(h)))
     SPD:       out = x + block_sync(a + mlp(mlp_norm(x + a)))  # the only sync of an SPD block
 
-The residual rides in the epilogue of the GEMM before each sync (wo's, w2's: cuBLAS's addmm, or the Triton GEMVs'
-for decode rows), on the one rank that adds it (Sync.adds_residual: rank 0, or every rank where nothing sums):
-    baseline:  h = attn_sync(wo(heads) [+ x]);  out = mlp_sync(w2(act(mlp_norm(h))) [+ h])
-    SPD:       out = block_sync(w2(act(mlp_norm(x + a))) + (x + a  on that rank, else a))
+Where a sync does not sum across ranks (one rank, nocomm: what spd-bench's virtual_tp times), the residual rides
+in the epilogue of the GEMM before it (wo's, w2's: cuBLAS's addmm, or the Triton GEMVs' for decode rows):
+    baseline:  h = wo(heads) + x;  out = w2(act(mlp_norm(h))) + h;   SPD:  out = w2(act(mlp_norm(x + a))) + (x + a)
+Where it sums, x and h are added after it, so the all-reduce's bf16 hops never carry them (Block.synced); SPD's
+rank-local a still rides in w2's epilogue.
 
 so a forward calls 2L - (#SPD blocks) all-reduces (Sync.start: the same, asynchronous, for overlap.iso).
 With a collective implementation other than nccl bound (overlap.tp.set_impl_, Runtime(impl=...)) the
@@ -260,16 +261,26 @@ class Block(nn.Module):
         if self.spd:
             a = linear(ops, heads, wo, down=True)  # (B, S, D) partial
             h, n = self.add_norm(x, a)  # rank-local x + a_r
-            base = h if self.block_sync.adds_residual else a
-            return self.block_sync(linear(ops, self.mlp.act(n), w2, down=True, residual=base))  # the only sync
-        h = self.attn_sync(linear(ops, heads, wo, down=True, residual=self.residual(x, self.attn_sync)))  # sync 1
-        return self.mlp_sync(linear(ops, self.mlp.act(self.mlp_norm(h)), w2, down=True,
-                                    residual=self.residual(h, self.mlp_sync)))  # sync 2
+            return self.spd_out(x, a, h, self.mlp.act(n))  # the only sync
+        if self.attn_sync.sums:  # sync 1, then the residual add and the norm in one kernel
+            h, n = self.add_norm(x, self.attn_sync(linear(ops, heads, wo, down=True)))
+        else:
+            h = self.attn_sync(linear(ops, heads, wo, down=True, residual=x))
+            n = self.mlp_norm(h)
+        return self.synced(self.mlp_sync, lambda r: linear(ops, self.mlp.act(n), w2, down=True, residual=r), h)
 
-    @staticmethod
-    def residual(x: torch.Tensor, sync: Sync) -> torch.Tensor | None:
-        """x where this rank adds the residual to its partial before `sync` (the all-reduce then adds it once)."""
-        return x if sync.adds_residual else None
+    def synced(self, sync: Sync, gemm, residual: torch.Tensor) -> torch.Tensor:
+        """residual + sync(partial), the partial gemm(None): where the sync sums across ranks the residual is
+        added after it (one rounding, as in Megatron or vLLM), else it rides in the GEMM's epilogue: gemm(residual)."""
+        if sync.sums:
+            return self.ops.add(residual, sync(gemm(None)))
+        return sync(gemm(residual))
+
+    def spd_out(self, x: torch.Tensor, a: torch.Tensor, h: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """An SPD block's output x + block_sync(a + w2(act)), h = x + a: a (rank-local) rides in w2's epilogue,
+        and x with it (as h) where the sync does not sum."""
+        return self.synced(self.block_sync, lambda r: linear(self.ops, act, self.mlp.w2, down=True,
+                                                             residual=a if r is None else h), x)
 
     def forward_norm_linear(self, x, cos, sin, input_pos, mask, kv_len):
         """forward's arithmetic with each norm fused into the GEMV after it (ops.norm_linear): attn_norm +
@@ -279,11 +290,10 @@ class Block(nn.Module):
         if self.spd:  # the only sync
             a = linear(ops, heads, wo, down=True)  # partial
             h = ops.add(x, a)  # rank-local
-            base = h if self.block_sync.adds_residual else a
-            return self.block_sync(linear(ops, self.mlp.act(h, norm=self.mlp_norm), w2, down=True, residual=base))
-        h = self.attn_sync(linear(ops, heads, wo, down=True, residual=self.residual(x, self.attn_sync)))  # sync 1
-        return self.mlp_sync(linear(ops, self.mlp.act(h, norm=self.mlp_norm), w2, down=True,
-                                    residual=self.residual(h, self.mlp_sync)))  # sync 2
+            return self.spd_out(x, a, h, self.mlp.act(h, norm=self.mlp_norm))
+        h = self.synced(self.attn_sync, lambda r: linear(ops, heads, wo, down=True, residual=r), x)  # sync 1
+        return self.synced(self.mlp_sync, lambda r: linear(ops, self.mlp.act(h, norm=self.mlp_norm), w2, down=True,
+                                                           residual=r), h)  # sync 2
 
     def forward_fused(self, x, cos, sin, input_pos, mask, kv_len):
         """forward's arithmetic with wo / w2 and their sync fused: impl.matmul_all_reduce (docs/kernels.md)."""

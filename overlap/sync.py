@@ -43,10 +43,9 @@ class Sync(nn.Module):
         return self.impl.matmul_all_reduce(x, w, add=add, residual=residual)  # (..., N) summed over ranks
 
     @property
-    def adds_residual(self) -> bool:
-        """Whether this rank adds the block's residual to its partial before this sync point: rank 0 where the
-        all-reduce sums the ranks (so it is added once), every rank where nothing sums (unbound, nocomm)."""
-        return self.ctx is None or self.ctx.group is None or self.nocomm or self.ctx.rank == 0
+    def sums(self) -> bool:
+        """Whether this sync point sums across ranks (bound to a group, not nocomm); else it is the identity."""
+        return not (self.ctx is None or self.ctx.group is None or self.nocomm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling():

@@ -84,7 +84,7 @@ def rank_worker(ctx, full: Transformer, ids: torch.Tensor):
     base_ops = model.layers[0].ops
     swiglu_linear = lambda x, w: swiglu(torch.nn.functional.linear(x, w), w.shape[0] // 2)  # noqa: E731
 
-    def linear_residual(x, w, residual=None):  # Ops.gemv_down: the residual (rank 0's) added after the GEMV
+    def linear_residual(x, w, residual=None):  # Ops.gemv_down: an addend (SPD's rank-local a) after the GEMV
         y = torch.nn.functional.linear(x, w)
         return y if residual is None else y + residual
 
@@ -93,7 +93,7 @@ def rank_worker(ctx, full: Transformer, ids: torch.Tensor):
         calls = []
 
         def counted(*a, fn=fn, calls=calls, **kw):
-            calls.append(1)
+            calls.append(kw.get("residual") is not None)
             return fn(*a, **kw)
 
         ops = dataclasses.replace(base_ops, **{use: counted})
@@ -107,7 +107,7 @@ def rank_worker(ctx, full: Transformer, ids: torch.Tensor):
             rt.prefill(ids[:, :SPLIT])  # 14 rows: through it too
             out[name][f"decode_{use}"] = torch.cat(
                 [rt.decode_one(ids[:, i : i + 1]).clone() for i in range(SPLIT, ids.shape[1])], dim=1)
-        out[f"{use}_calls"] = len(calls)
+        out[f"{use}_calls"], out[f"{use}_addends"] = len(calls), sum(calls)
     random = build_sharded(model.args, ctx, dtype=torch.float32)
     out["random_shapes"] = {n: tuple(p.shape) for n, p in random.layers[0].named_parameters()}
     return out
@@ -176,6 +176,10 @@ def test_decode_with_norm_fused_into_the_gemv_equals_emulation(case, plan):
         assert res["gemv_calls"] == res["norm_linear_calls"]  # the same two GEMVs a block and step
         assert 2 * res["swiglu_gemv_calls"] == res["norm_linear_calls"]  # w13 alone
         assert res["gemv_down_calls"] == res["norm_linear_calls"]  # wo and w2
+        # the syncs sum across ranks, so the residual is added after them, never in a GEMV's epilogue (where the
+        # all-reduce's bf16 hops would round it): only SPD blocks' w2 takes an addend, their rank-local a
+        spd_forwards = sum(len(blocks) for blocks in PLANS.values()) * (1 + case["ids"].shape[1] - SPLIT)
+        assert res["gemv_down_addends"] == spd_forwards, f"rank {res['rank']}"
 
 
 @pytest.mark.parametrize("plan", PLANS)
