@@ -13,7 +13,7 @@ in the epilogue of the GEMM before it (wo's, w2's: cuBLAS's addmm, or the Triton
 Where it sums, x and h are added after it, so the all-reduce's bf16 hops never carry them (Block.synced); SPD's
 rank-local a still rides in w2's epilogue.
 
-so a forward calls 2L - (#SPD blocks) all-reduces (Sync.start: the same, asynchronous, for overlap.iso).
+A forward calls 2L - (#SPD blocks) all-reduces (Sync.start: the same, asynchronous, for overlap.iso).
 With a collective implementation other than nccl bound (overlap.tp.set_impl_, Runtime(impl=...)) the
 row-parallel output GEMMs move into the sync points (Sync.matmul -> impl.matmul_all_reduce):
     baseline:  h = attn_sync.matmul(heads, wo, residual=x);  out = mlp_sync.matmul(act(h), w2, residual=h)
