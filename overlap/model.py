@@ -211,9 +211,9 @@ class MLP(nn.Module):
 
 def linear(ops, x: torch.Tensor, lin: nn.Linear, down: bool = False,
            residual: torch.Tensor | None = None) -> torch.Tensor:
-    """lin(x) (+ residual, (B, S, N)) for x (B, S, K); decode rows (B x S <= NORM_LINEAR_MAX_ROWS) through ops.gemv
-    when set (down: wo and w2, through ops.gemv_down, which adds the residual in its epilogue); other rows
-    through cuBLAS, the residual added in its epilogue (addmm)."""
+    """lin(x) (+ residual, (B, S, N), for wo and w2 only) for x (B, S, K); decode rows (B x S <=
+    NORM_LINEAR_MAX_ROWS) through ops.gemv when set (down: wo and w2, through ops.gemv_down, which adds the
+    residual in its epilogue); other rows through cuBLAS, the residual added in its epilogue (addmm)."""
     rows = x.numel() // x.shape[-1]
     gemv = ops.gemv_down if down else ops.gemv
     if gemv is None or rows > NORM_LINEAR_MAX_ROWS:
@@ -223,10 +223,8 @@ def linear(ops, x: torch.Tensor, lin: nn.Linear, down: bool = False,
     x2 = x.reshape(rows, x.shape[-1])
     if residual is None:
         y = gemv(x2, lin.weight)  # (rows, N)
-    elif down:
-        y = gemv(x2, lin.weight, residual=residual.reshape(rows, -1))
     else:
-        y = ops.add(gemv(x2, lin.weight), residual.reshape(rows, -1))
+        y = gemv(x2, lin.weight, residual=residual.reshape(rows, -1))  # ops.gemv_down
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
