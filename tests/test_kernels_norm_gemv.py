@@ -57,8 +57,8 @@ def run_case(case: str) -> dict:
 
 def test_matches_the_unfused_steps_in_the_interpreter():
     cases = run_case("kernel")
-    assert len(cases) == len(SHAPES) * 2 * 2 * 3 * 2  # norm x swiglu x split_k x pdl (with pdl: a residual)
-    assert {case["split_k"] for case in cases if case["residual"]} == {1, 2, "auto"}
+    assert len(cases) == len(SHAPES) * 2 * 2 * 3 * 2 * 2  # norm x swiglu x split_k x pdl (a residual) x swap_ab
+    assert {case["split_k"] for case in cases if case["residual"] and case["swap_ab"]} == {1, 2, "auto"}
     for case in cases:
         assert case["err"] < FP32_TOL, case
         assert case["shape"] == case["ref_shape"], case
@@ -132,10 +132,10 @@ def test_bf16_on_the_gpu_matches_the_unfused_steps(m):
         w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16()
         gw = (1 + 0.1 * torch.randn(k, device="cuda", generator=g)).bfloat16()
         ref = reference(x, w, norm_weight=gw, swiglu=swiglu).float()
-        for split_k, pdl in itertools.product((1, 4, "auto"), (False, True)):
-            out = norm_gemv(x, w, norm_weight=gw, swiglu=swiglu, split_k=split_k, pdl=pdl).float()
+        for split_k, pdl, swap in itertools.product((1, 4, "auto"), (False, True), (False, True)):
+            out = norm_gemv(x, w, norm_weight=gw, swiglu=swiglu, split_k=split_k, pdl=pdl, swap_ab=swap).float()
             # bf16 outputs: a rounding step apart at most where the fp32 sums differ in their last bits
-            assert torch.allclose(out, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()), (n, split_k, pdl)
+            assert torch.allclose(out, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()), (n, split_k, pdl, swap)
 
 
 def _interpreted() -> list[dict]:
@@ -149,14 +149,14 @@ def _interpreted() -> list[dict]:
         for norm in (None, gw):
             for swiglu in (False, True):
                 r = torch.randn(m, n if swiglu else 2 * n, generator=gen)
-                for split_k, pdl in itertools.product((1, 2, "auto"), (False, True)):  # pdl: first tile peeled
-                    residual = r if pdl else None  # added in the epilogue (the reduce's with split-K)
+                for split_k, pdl, swap in itertools.product((1, 2, "auto"), (False, True), (False, True)):
+                    residual = r if pdl else None  # pdl: first tile peeled; residual: in the (reduce's) epilogue
                     y = norm_gemv(x, w, norm_weight=norm, swiglu=swiglu, split_k=split_k, block_k=32, sm_count=4,
-                                  pdl=pdl, residual=residual)
+                                  pdl=pdl, residual=residual, swap_ab=swap)
                     ref = reference(x, w, norm_weight=norm, swiglu=swiglu, residual=residual)
                     err = ((y - ref).abs().max() / ref.abs().max()).item()
                     out.append({"m": m, "n": n, "k": k, "norm": norm is not None, "swiglu": swiglu, "pdl": pdl,
-                                "split_k": split_k, "residual": residual is not None, "err": err,
+                                "split_k": split_k, "swap_ab": swap, "residual": residual is not None, "err": err,
                                 "shape": list(y.shape), "ref_shape": list(ref.shape)})
     return out
 
@@ -225,6 +225,22 @@ def test_split_k_reduce_lets_the_next_kernel_launch_before_or_after_its_wait(aft
     assert (launch > wait) == after
 
 
+@pytest.mark.parametrize("swap", [False, True])
+def test_swap_ab_puts_the_weight_rows_on_hoppers_warp_group_mma(swap):
+    """In the sm_90 PTX of 16 decode rows against 64-row weight tiles: mma.sync with x's rows as M, or with
+    SWAP (SWAP_AB) wgmma with the weight's rows as M and the decode rows as N."""
+    from overlap.kernels.norm_gemv import norm_gemv_kernel
+
+    ptrs = {"x_ptr": "*bf16", "g_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "r_ptr": "*bf16",
+            "part_ptr": "*fp32", "ss_ptr": "*fp32"}
+    ints = {k: "i32" for k in ("M", "N_OUT", "K", "K_SHARE", "stride_xm", "stride_wn")}
+    consts = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "NORM": True, "SWIGLU": True, "SPLIT_K": 2,
+              "PRELOAD": 1, "GDC": True, "RESIDUAL": False, "SWAP": swap}
+    sig = {**ptrs, **ints, "eps": "fp32", **{k: "constexpr" for k in consts}}
+    ptx = _sm90_ptx(norm_gemv_kernel, sig, consts, num_warps=4, num_stages=4)
+    assert ("wgmma.mma_async" in ptx) == swap and ("mma.sync" in ptx) != swap
+
+
 def test_with_pdl_and_no_preload_every_load_comes_after_the_wait():
     """In the kernel's sm_90 PTX: with PDL and no weight tile loaded before the wait (preload=0), the kernel
     still waits for the previous kernel (whose output x is), before its first global load, and lets the next
@@ -235,7 +251,7 @@ def test_with_pdl_and_no_preload_every_load_comes_after_the_wait():
             "part_ptr": "*fp32", "ss_ptr": "*fp32"}
     ints = {k: "i32" for k in ("M", "N_OUT", "K", "K_SHARE", "stride_xm", "stride_wn")}
     consts = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "NORM": False, "SWIGLU": False, "SPLIT_K": 1,
-              "PRELOAD": 0, "GDC": True, "RESIDUAL": True}
+              "PRELOAD": 0, "GDC": True, "RESIDUAL": True, "SWAP": False}
     sig = {**ptrs, **ints, "eps": "fp32", **{k: "constexpr" for k in consts}}
     ptx = _sm90_ptx(norm_gemv_kernel, sig, consts, num_warps=4)
     assert ptx.count("griddepcontrol.wait") == 1, "no wait for the previous kernel"

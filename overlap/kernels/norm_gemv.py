@@ -41,6 +41,9 @@ OP = "norm_gemv"
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 PDL_PRELOAD_TILES = 1  # with pdl: K tiles a program loads before it waits for the previous kernel; on an H200
 # 4 bought nothing measurable over 1 (docs/benchmarks/pdl.md)
+SWAP_AB = False  # the product as (w's tile) @ x's tile.T, the weight rows on the MMA's M side (on sm_90 Triton's
+# wgmma, 64 weight rows a warp group, the 16 decode rows as its N), where block_n >= 64; else x's rows on M
+# (mma.sync, 16 rows). Not measured yet: off.
 PROGRAMS_PER_SM = 2  # split-K target: programs in flight per SM; 4 made the R = 4 decode step 0.2 ms slower on an
 # H200 (docs/benchmarks/pdl.md)
 
@@ -51,7 +54,7 @@ def norm_gemv_kernel(
     M, N_OUT, K, K_SHARE, stride_xm, stride_wn, eps,  # part (SPLIT_K, M, N), ss (SPLIT_K, M); N_OUT: F with swiglu
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr,
-    PRELOAD: tl.constexpr = 0, GDC: tl.constexpr = False, RESIDUAL: tl.constexpr = False,
+    PRELOAD: tl.constexpr = 0, GDC: tl.constexpr = False, RESIDUAL: tl.constexpr = False, SWAP: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -60,8 +63,12 @@ def norm_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N_OUT
     dt = x_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:  # the accumulators transposed, (BLOCK_N, BLOCK_M), until the K loop ends
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     ss = tl.zeros((BLOCK_M,), dtype=tl.float32)  # the rows' sums of squares over this program's share of K
     k_lo = pid_k * K_SHARE
     k_start = k_lo
@@ -73,7 +80,7 @@ def norm_gemv_kernel(
             tl.extra.cuda.gdc_wait()  # x is the previous kernel's output: visible after this
             tl.extra.cuda.gdc_launch_dependents()  # the next kernel may launch (it waits for this one's end)
         acc, acc_up, ss = _tile(x_ptr, g_ptr, wt0, wu0, acc, acc_up, ss, offs_m, mask_m, k_lo, k_end, stride_xm,
-                                BLOCK_K * PRELOAD, NORM, SWIGLU)
+                                BLOCK_K * PRELOAD, NORM, SWIGLU, SWAP)
         k_start = k_lo + BLOCK_K * PRELOAD
     elif GDC:  # nothing loaded before the wait
         tl.extra.cuda.gdc_wait()
@@ -81,7 +88,10 @@ def norm_gemv_kernel(
     for k0 in range(k_start, k_lo + K_SHARE, BLOCK_K):
         wt, wu = _weights(w_ptr, offs_n, mask_n, k0, K, N_OUT, stride_wn, BLOCK_K, SWIGLU)
         acc, acc_up, ss = _tile(x_ptr, g_ptr, wt, wu, acc, acc_up, ss, offs_m, mask_m, k0, K, stride_xm,
-                                BLOCK_K, NORM, SWIGLU)
+                                BLOCK_K, NORM, SWIGLU, SWAP)
+    if SWAP:
+        acc = tl.trans(acc)
+        acc_up = tl.trans(acc_up)
     tile_mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
         if NORM:
@@ -121,9 +131,9 @@ def _weights(w_ptr, offs_n, mask_n, k0, K, N_OUT, stride_wn, BLOCK_K: tl.constex
 
 @triton.jit
 def _tile(x_ptr, g_ptr, wt, wu, acc, acc_up, ss, offs_m, mask_m, k0, K, stride_xm, BLOCK_K: tl.constexpr,
-          NORM: tl.constexpr, SWIGLU: tl.constexpr):
+          NORM: tl.constexpr, SWIGLU: tl.constexpr, SWAP: tl.constexpr = False):
     """One step of the K loop: x's tile at k0 (with the norm: its sums of squares, times g), times the weight
-    tile(s) into the fp32 accumulators."""
+    tile(s) into the fp32 accumulators (SWAP: the weight tile times x's tile transposed, into transposed ones)."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
     dt = x_ptr.dtype.element_ty
@@ -134,9 +144,14 @@ def _tile(x_ptr, g_ptr, wt, wu, acc, acc_up, ss, offs_m, mask_m, k0, K, stride_x
         ss += tl.sum(xf * xf, axis=1)
         gt = tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         xt = (xf * gt[None, :]).to(dt)
-    acc = tl.dot(xt, tl.trans(wt), acc)
-    if SWIGLU:
-        acc_up = tl.dot(xt, tl.trans(wu), acc_up)
+    if SWAP:
+        acc = tl.dot(wt, tl.trans(xt), acc)
+        if SWIGLU:
+            acc_up = tl.dot(wu, tl.trans(xt), acc_up)
+    else:
+        acc = tl.dot(xt, tl.trans(wt), acc)
+        if SWIGLU:
+            acc_up = tl.dot(xt, tl.trans(wu), acc_up)
     return acc, acc_up, ss
 
 
@@ -214,13 +229,14 @@ def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
               swiglu: bool = False, split_k: int | str = "auto", block_n: int = 64, block_k: int = 64,
               sm_count: int | None = None, num_warps: int = 4, num_stages: int = 4,
               pdl: bool = False, preload: int = PDL_PRELOAD_TILES,
-              residual: torch.Tensor | None = None) -> torch.Tensor:
+              residual: torch.Tensor | None = None, swap_ab: bool | None = None) -> torch.Tensor:
     """act(rms_norm(x) @ w.T) for decode rows x (M, K), M <= 16, w (N, K): (M, N) or (M, N/2) with swiglu;
     plus residual (the output's shape and dtype) when given, added in the epilogue (of the reduce with split-K).
     pdl: launch with programmatic dependent launch (CUDA, compute capability >= 9): the kernel loads its first
     `preload` weight tiles, then waits for the previous kernel (griddepcontrol.wait) before it reads x, and
     lets the next kernel launch early; so a launch's ramp-up and those weight loads overlap the previous
     kernel. On the CPU interpreter pdl only peels those tiles (the same arithmetic; the waits need a GPU).
+    swap_ab: the weight tile on the MMA's M side (None: SWAP_AB where block_n >= 64); the same sums.
 
     Defaults: the fastest configuration for both attn_norm + wqkv and mlp_norm + w13 + SwiGLU at the LLaMA-2-70B
     R = 4 shard, M = 1 and 16, in the H200 sweep of this version (docs/benchmarks/norm_gemv.md). Still slower
@@ -256,11 +272,12 @@ def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
     gdc = pdl and x.is_cuda
     launch = {"launch_pdl": True} if gdc else {}
     r = y if residual is None else residual  # unused pointer without a residual
+    swap_ab = SWAP_AB and block_n >= 64 if swap_ab is None else swap_ab  # wgmma: 64 weight rows a warp group
     norm_gemv_kernel[(programs, split_k)](
         x, g, w, y, r, part, ss, M, n_out, K, k_share, x.stride(0), w.stride(0), eps,
         BLOCK_M=DECODE_MAX_M, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm, SWIGLU=swiglu,
         SPLIT_K=split_k, PRELOAD=preload if pdl else 0, GDC=gdc, RESIDUAL=residual is not None and split_k == 1,
-        num_warps=num_warps, num_stages=num_stages, **launch, **FP_FUSION)
+        SWAP=swap_ab, num_warps=num_warps, num_stages=num_stages, **launch, **FP_FUSION)
     if split_k > 1:
         block = 256
         split_k_reduce_kernel[(triton.cdiv(M * n_out, block),)](part, ss, y, r, M, n_out, K, eps, BLOCK=block,
