@@ -225,6 +225,25 @@ def test_split_k_reduce_lets_the_next_kernel_launch_before_or_after_its_wait(aft
     assert (launch > wait) == after
 
 
+@pytest.mark.parametrize("late", [False, True])
+def test_the_next_kernel_launches_after_the_wait_or_after_the_k_loop(late):
+    """In the kernel's sm_90 PTX: launch_dependents right after griddepcontrol.wait, or with LATE (the runtime's,
+    LAUNCH_LATE) after the K loop's last weight load, so the next kernel's programs launch as this one ends."""
+    from overlap.kernels.norm_gemv import norm_gemv_kernel
+
+    ptrs = {"x_ptr": "*bf16", "g_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "r_ptr": "*bf16",
+            "part_ptr": "*fp32", "ss_ptr": "*fp32"}
+    ints = {k: "i32" for k in ("M", "N_OUT", "K", "K_SHARE", "stride_xm", "stride_wn")}
+    consts = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "NORM": False, "SWIGLU": False, "SPLIT_K": 4,
+              "PRELOAD": 1, "GDC": True, "RESIDUAL": False, "LATE": late}
+    sig = {**ptrs, **ints, "eps": "fp32", **{k: "constexpr" for k in consts}}
+    ptx = _sm90_ptx(norm_gemv_kernel, sig, consts, num_warps=4, num_stages=4)
+    wait, launch = ptx.index("griddepcontrol.wait"), ptx.index("griddepcontrol.launch_dependents")
+    assert ptx.count("griddepcontrol.launch_dependents") == 1
+    loads = [i for i in range(len(ptx)) if ptx.startswith("ld.global", i) or ptx.startswith("cp.async", i)]
+    assert launch > max(loads) if late else wait < launch < max(loads)
+
+
 def test_with_pdl_and_no_preload_every_load_comes_after_the_wait():
     """In the kernel's sm_90 PTX: with PDL and no weight tile loaded before the wait (preload=0), the kernel
     still waits for the previous kernel (whose output x is), before its first global load, and lets the next
@@ -235,7 +254,7 @@ def test_with_pdl_and_no_preload_every_load_comes_after_the_wait():
             "part_ptr": "*fp32", "ss_ptr": "*fp32"}
     ints = {k: "i32" for k in ("M", "N_OUT", "K", "K_SHARE", "stride_xm", "stride_wn")}
     consts = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "NORM": False, "SWIGLU": False, "SPLIT_K": 1,
-              "PRELOAD": 0, "GDC": True, "RESIDUAL": True}
+              "PRELOAD": 0, "GDC": True, "RESIDUAL": True, "LATE": False}
     sig = {**ptrs, **ints, "eps": "fp32", **{k: "constexpr" for k in consts}}
     ptx = _sm90_ptx(norm_gemv_kernel, sig, consts, num_warps=4)
     assert ptx.count("griddepcontrol.wait") == 1, "no wait for the previous kernel"

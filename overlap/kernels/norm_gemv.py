@@ -41,6 +41,8 @@ OP = "norm_gemv"
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 PDL_PRELOAD_TILES = 1  # with pdl: K tiles a program loads before it waits for the previous kernel; on an H200
 # 4 bought nothing measurable over 1 (docs/benchmarks/pdl.md)
+LAUNCH_LATE = True  # with pdl: a program lets the next kernel launch after its K loop, not right after its wait (a
+# successor GEMV launched at once sets its programs and loads beside this one's for all of its run)
 PROGRAMS_PER_SM = 2  # split-K target: programs in flight per SM; 4 made the R = 4 decode step 0.2 ms slower on an
 # H200 (docs/benchmarks/pdl.md)
 
@@ -51,7 +53,7 @@ def norm_gemv_kernel(
     M, N_OUT, K, K_SHARE, stride_xm, stride_wn, eps,  # part (SPLIT_K, M, N), ss (SPLIT_K, M); N_OUT: F with swiglu
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr,
-    PRELOAD: tl.constexpr = 0, GDC: tl.constexpr = False, RESIDUAL: tl.constexpr = False,
+    PRELOAD: tl.constexpr = 0, GDC: tl.constexpr = False, RESIDUAL: tl.constexpr = False, LATE: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -71,17 +73,21 @@ def norm_gemv_kernel(
         wt0, wu0 = _weights(w_ptr, offs_n, mask_n, k_lo, k_end, N_OUT, stride_wn, BLOCK_K * PRELOAD, SWIGLU)
         if GDC:
             tl.extra.cuda.gdc_wait()  # x is the previous kernel's output: visible after this
-            tl.extra.cuda.gdc_launch_dependents()  # the next kernel may launch (it waits for this one's end)
+            if not LATE:
+                tl.extra.cuda.gdc_launch_dependents()  # the next kernel may launch (it waits for this one's end)
         acc, acc_up, ss = _tile(x_ptr, g_ptr, wt0, wu0, acc, acc_up, ss, offs_m, mask_m, k_lo, k_end, stride_xm,
                                 BLOCK_K * PRELOAD, NORM, SWIGLU)
         k_start = k_lo + BLOCK_K * PRELOAD
     elif GDC:  # nothing loaded before the wait
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if not LATE:
+            tl.extra.cuda.gdc_launch_dependents()
     for k0 in range(k_start, k_lo + K_SHARE, BLOCK_K):
         wt, wu = _weights(w_ptr, offs_n, mask_n, k0, K, N_OUT, stride_wn, BLOCK_K, SWIGLU)
         acc, acc_up, ss = _tile(x_ptr, g_ptr, wt, wu, acc, acc_up, ss, offs_m, mask_m, k0, K, stride_xm,
                                 BLOCK_K, NORM, SWIGLU)
+    if GDC and LATE:
+        tl.extra.cuda.gdc_launch_dependents()
     tile_mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
         if NORM:
@@ -260,7 +266,7 @@ def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
         x, g, w, y, r, part, ss, M, n_out, K, k_share, x.stride(0), w.stride(0), eps,
         BLOCK_M=DECODE_MAX_M, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm, SWIGLU=swiglu,
         SPLIT_K=split_k, PRELOAD=preload if pdl else 0, GDC=gdc, RESIDUAL=residual is not None and split_k == 1,
-        num_warps=num_warps, num_stages=num_stages, **launch, **FP_FUSION)
+        LATE=LAUNCH_LATE, num_warps=num_warps, num_stages=num_stages, **launch, **FP_FUSION)
     if split_k > 1:
         block = 256
         split_k_reduce_kernel[(triton.cdiv(M * n_out, block),)](part, ss, y, r, M, n_out, K, eps, BLOCK=block,
