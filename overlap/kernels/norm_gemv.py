@@ -41,8 +41,9 @@ OP = "norm_gemv"
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 PDL_PRELOAD_TILES = 1  # with pdl: K tiles a program loads before it waits for the previous kernel; on an H200
 # 4 bought nothing measurable over 1 (docs/benchmarks/pdl.md)
-LAUNCH_LATE = True  # with pdl: a program lets the next kernel launch after its K loop, not right after its wait (a
-# successor GEMV launched at once sets its programs and loads beside this one's for all of its run)
+LAUNCH_LATE = "unsplit"  # with pdl, when a program lets the next kernel launch: after its K loop where no split-K
+# reduce follows ("unsplit": wo's and w2's GEMVs, as stream_gemv), else right after its wait; "always" late made
+# batch 16 0.57 ms slower at R = 4 (docs/benchmarks/pdl.md). Not measured yet: "never" is main's.
 PROGRAMS_PER_SM = 2  # split-K target: programs in flight per SM; 4 made the R = 4 decode step 0.2 ms slower on an
 # H200 (docs/benchmarks/pdl.md)
 
@@ -266,7 +267,7 @@ def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
         x, g, w, y, r, part, ss, M, n_out, K, k_share, x.stride(0), w.stride(0), eps,
         BLOCK_M=DECODE_MAX_M, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm, SWIGLU=swiglu,
         SPLIT_K=split_k, PRELOAD=preload if pdl else 0, GDC=gdc, RESIDUAL=residual is not None and split_k == 1,
-        LATE=LAUNCH_LATE, num_warps=num_warps, num_stages=num_stages, **launch, **FP_FUSION)
+        LATE=LAUNCH_LATE == "always" or (LAUNCH_LATE == "unsplit" and split_k == 1), num_warps=num_warps, num_stages=num_stages, **launch, **FP_FUSION)
     if split_k > 1:
         block = 256
         split_k_reduce_kernel[(triton.cdiv(M * n_out, block),)](part, ss, y, r, M, n_out, K, eps, BLOCK=block,
