@@ -333,7 +333,8 @@ class Transformer(nn.Module):
         that kernel without its norm instead of cuBLAS (the norm and SwiGLU stay compiled kernels); swiglu_gemv=True
         (with on) runs decode rows' w13 GEMV through that kernel with SwiGLU in its epilogue; pdl=True (with on and
         triton_gemv) launches every kernel of a decode step but the embedding's and lm_head's with programmatic
-        dependent launch (norm_gemv's kernels too), wo and w2 through the Triton GEMV too (gemv_down_op);
+        dependent launch (norm_gemv's kernels too), wo and w2 through the Triton GEMV too (gemv_down_op), decode
+        rows' RMSNorms through overlap.kernels.row_norm (row_norm.WITH_PDL);
         stream_gemv=True (with pdl) runs batch-1 decode's four GEMVs through overlap.kernels.stream_gemv, which copies
         its first weight tiles into shared memory before the PDL wait, attn_norm folded into wqkv's and mlp_norm and
         SwiGLU into w13's (other row counts: as without it)."""
@@ -362,6 +363,10 @@ class Transformer(nn.Module):
                 ops = dataclasses.replace(ops, swiglu_gemv=with_pdl(swiglu_gemv_op))
             if pdl:
                 ops = dataclasses.replace(ops, gemv_down=with_pdl(gemv_down_op))
+                from overlap.kernels import row_norm
+
+                if row_norm.WITH_PDL:  # decode rows' norms on many programs, in the chain of early launches
+                    ops = dataclasses.replace(ops, norm=row_norm.decode_norm(ops.norm))
             if stream_gemv:
                 from overlap.kernels.stream_gemv import streamed, streamed_norm_linear
 
