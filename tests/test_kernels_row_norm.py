@@ -68,8 +68,8 @@ def test_pdl_waits_before_its_first_load_and_lets_the_next_kernel_launch_at_once
     from overlap.kernels.row_norm import row_norm_kernel
 
     sig = {"x_ptr": "*bf16", "g_ptr": "*bf16", "y_ptr": "*bf16", "K": "i32", "stride_x": "i32", "stride_y": "i32",
-           "eps": "fp32", "BLOCK": "constexpr", "CHUNK": "constexpr", "GDC": "constexpr"}
-    ptx = _sm90_ptx(row_norm_kernel, sig, {"BLOCK": 8192, "CHUNK": 1024, "GDC": True}, num_warps=4)
+           "eps": "fp32", "BLOCK": "constexpr", "CHUNK": "constexpr", "GDC": "constexpr", "WAIT": "constexpr"}
+    ptx = _sm90_ptx(row_norm_kernel, sig, {"BLOCK": 8192, "CHUNK": 1024, "GDC": True, "WAIT": True}, num_warps=4)
     wait, launch = ptx.index("griddepcontrol.wait"), ptx.index("griddepcontrol.launch_dependents")
     assert ptx.count("griddepcontrol.wait") == 1 and wait < launch < ptx.index("ld.global")
 

@@ -29,15 +29,18 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CHUNK = 1024  # columns a program writes: 8 programs a row at K = 8192
 MAX_BLOCK = 8192  # elements a program loads at once for the statistics (K above it: a loop)
 WITH_PDL = True  # overlap.model routes decode rows' norms here when the step runs with PDL
+PDL_WAIT = True  # with pdl: launched early, waiting inside for the previous kernel; False: launched in stream
+# order (after the previous kernel ends), still letting the next kernel launch at its start
 
 
 @triton.jit
 def row_norm_kernel(x_ptr, g_ptr, y_ptr, K, stride_x, stride_y, eps,
-                    BLOCK: tl.constexpr, CHUNK: tl.constexpr, GDC: tl.constexpr = False):
+                    BLOCK: tl.constexpr, CHUNK: tl.constexpr, GDC: tl.constexpr = False, WAIT: tl.constexpr = True):
     row = tl.program_id(0)
     c = tl.program_id(1)
     if GDC:  # x is the previous kernel's output; the next kernel may launch now (it waits for this one's end)
-        tl.extra.cuda.gdc_wait()
+        if WAIT:
+            tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     x_row = x_ptr + row * stride_x
     sq = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -72,10 +75,10 @@ def row_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, pdl: bool = F
         raise KernelArgError(f"{OP}: chunk={chunk}; valid: a power of two >= 16")
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     gdc = pdl and x.is_cuda
-    launch = {"launch_pdl": True} if gdc else {}
+    launch = {"launch_pdl": True} if gdc and PDL_WAIT else {}
     row_norm_kernel[(M, triton.cdiv(K, chunk))](
         x, weight, y, K, x.stride(0), y.stride(0), eps, BLOCK=min(triton.next_power_of_2(K), MAX_BLOCK),
-        CHUNK=chunk, GDC=gdc, num_warps=num_warps, **launch, **FP_FUSION)
+        CHUNK=chunk, GDC=gdc, WAIT=PDL_WAIT, num_warps=num_warps, **launch, **FP_FUSION)
     return y
 
 
