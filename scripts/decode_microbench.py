@@ -28,6 +28,13 @@
    Triton GEMV the runtime runs without it, over block sizes, stages and split-K (stream_gemv_cases); at wqkv
    and w13 also with the norm (and SwiGLU) folded in, against the compiled steps it replaces (fused_cases).
 
+6. Early-launched waiters (--only pdl_wait) at the R = 4 shard, M = 16: wo's and w2's Triton GEMV (gemv_down_op,
+   with PDL, as the batch-16 step runs it), each call followed by a kernel launched with PDL whose P programs
+   wait for the GEMV (griddepcontrol.wait) and then read its output ("light": a few registers; "heavy": each
+   program holds a row of K fp32 values, as a one-row-a-program RMSNorm does), P = 0 (the GEMV alone), 16, 128,
+   528 (4 an SM); and each waiter back to back, for its own time. Whether programs that sit launched
+   and waiting slow the GEMV they wait for (docs/benchmarks/pdl.md, "Batch 16's two RMSNorms").
+
 Each op is timed inside a CUDA graph of CALLS calls that cycle over enough weight copies (> L2) that no
 call reads a weight from L2 (as in a real step, where every layer has its own weights); medians of
 REPLAYS replays, per call. One JSON line per measurement (schema spd.decode_micro/1).
@@ -376,10 +383,78 @@ def stream_gemv_cases(emit, tps=(4, 8), deadline: float = float("inf")) -> None:
             torch.cuda.empty_cache()
 
 
+PDL_WAIT_PROGRAMS = (0, 16, 128, 528)  # waiter programs: none, one a decode row, 8 a row, 4 an SM of 132
+
+
+def _waiter():
+    """The waiter kernel (defined on first use: Triton is imported only where it runs): program p waits for the
+    previous kernel, lets the next launch, then reads row p % M of y (M, N) and stores its sum of squares; HEAVY
+    reads the row in one (BLOCK,) fp32 tile (registers held from launch), else BLOCK // 8 columns of it."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def waiter_kernel(y_ptr, out_ptr, M, N, BLOCK: tl.constexpr, HEAVY: tl.constexpr, GDC: tl.constexpr):
+        p = tl.program_id(0)
+        if GDC:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        width: tl.constexpr = BLOCK if HEAVY else BLOCK // 8
+        offs = tl.arange(0, width)
+        v = tl.load(y_ptr + (p % M) * N + offs, mask=offs < N, other=0.0).to(tl.float32)
+        tl.store(out_ptr + p, tl.sum(v * v, axis=0))
+
+    return waiter_kernel
+
+
+def waiter(y: torch.Tensor, out: torch.Tensor, programs: int, heavy: bool, pdl: bool) -> None:
+    """out[p] = sum of squares of (the first N, or N / 8 without heavy, columns of) y's row p % M, p < programs."""
+    import triton
+
+    M, N = y.shape
+    _waiter()[(programs,)](y, out, M, N, BLOCK=triton.next_power_of_2(N), HEAVY=heavy, GDC=pdl and y.is_cuda,
+                           **({"launch_pdl": True} if pdl and y.is_cuda else {}))
+
+
+def pdl_wait_cases(emit) -> None:
+    """Section 6 of the module's docstring."""
+    from overlap.kernel_bench import llama70b_layers
+    from overlap.kernels.norm_gemv import gemv_down_op
+
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    out = torch.empty(max(PDL_WAIT_PROGRAMS), device="cuda")
+    for layer, (style, k, n) in llama70b_layers(4).items():
+        if style != "row":  # wo and w2
+            continue
+        ws = copies((n, k), torch.bfloat16, gen)
+        x = torch.randn(16, k, generator=gen, device="cuda").bfloat16()
+        ys = [gemv_down_op(x, ws[0], pdl=True) for _ in range(2)]
+        base = dict(piece="pdl_wait", tp=4, layer=layer, n=n, k=k, m=16)
+        for heavy in (False, True):
+            for programs in PDL_WAIT_PROGRAMS:
+                if programs == 0 and heavy:
+                    continue
+
+                def call(i, programs=programs, heavy=heavy):
+                    y = gemv_down_op(x, ws[i % len(ws)], pdl=True)
+                    if programs:
+                        waiter(y, out, programs, heavy, pdl=True)
+
+                def alone(i, programs=programs, heavy=heavy):  # waiters back to back, each waiting for the last
+                    waiter(ys[i % 2], out, programs, heavy, pdl=True)
+
+                pair = time_graph(call)
+                tail = time_graph(alone) if programs else 0.0
+                emit(dict(base, waiter="none" if not programs else "heavy" if heavy else "light", programs=programs,
+                          us=pair, waiter_alone_us=tail))
+        del ws
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--only", choices=("gemv", "attention", "weights", "norm_gemv", "stream_gemv"))
+    parser.add_argument("--only", choices=("gemv", "attention", "weights", "norm_gemv", "stream_gemv", "pdl_wait"))
     parser.add_argument("--tp", type=int, nargs="+", default=[4, 8], help="norm_gemv: the shards' degrees")
     parser.add_argument("--seconds", type=float, default=float("inf"),
                         help="norm_gemv, stream_gemv: stop after this long")
@@ -411,6 +486,8 @@ def main() -> None:
         norm_gemv_cases(emit, a.tp, time.time() + a.seconds)
     if a.only in (None, "stream_gemv"):
         stream_gemv_cases(emit, a.tp, time.time() + a.seconds)
+    if a.only in (None, "pdl_wait"):
+        pdl_wait_cases(emit)
 
 
 if __name__ == "__main__":
