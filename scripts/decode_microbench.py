@@ -418,9 +418,13 @@ def waiter(y: torch.Tensor, out: torch.Tensor, programs: int, heavy: bool, pdl: 
 
 def pdl_wait_cases(emit) -> None:
     """Section 6 of the module's docstring."""
+    from overlap.floors import measure_rates
     from overlap.kernel_bench import llama70b_layers
     from overlap.kernels.norm_gemv import gemv_down_op
 
+    rates = measure_rates(torch.device("cuda"))
+    emit(dict(piece="rates", **rates))
+    bw = rates["copy_tbps"] * 1e12
     gen = torch.Generator(device="cuda").manual_seed(6)
     out = torch.empty(max(PDL_WAIT_PROGRAMS), device="cuda")
     for layer, (style, k, n) in llama70b_layers(4).items():
@@ -429,7 +433,7 @@ def pdl_wait_cases(emit) -> None:
         ws = copies((n, k), torch.bfloat16, gen)
         x = torch.randn(16, k, generator=gen, device="cuda").bfloat16()
         ys = [gemv_down_op(x, ws[0], pdl=True) for _ in range(2)]
-        base = dict(piece="pdl_wait", tp=4, layer=layer, n=n, k=k, m=16)
+        base = dict(piece="pdl_wait", tp=4, layer=layer, n=n, k=k, m=16, floor_us=n * k * 2 / bw * 1e6)
         for heavy in (False, True):
             for programs in PDL_WAIT_PROGRAMS:
                 if programs == 0 and heavy:
