@@ -260,8 +260,16 @@ class Block(nn.Module):
             a = linear(ops, heads, wo, down=True)  # (B, S, D) partial
             h, n = self.add_norm(x, a)  # rank-local x + a_r
             return self.spd_out(x, a, h, self.mlp.act(n))  # the only sync
+        rows = x.numel() // x.shape[-1]
         if self.attn_sync.sums:  # sync 1, then the residual add and the norm in one kernel
             h, n = self.add_norm(x, self.attn_sync(linear(ops, heads, wo, down=True)))
+        elif ops.mlp_norm_in_wo and 1 < rows <= NORM_LINEAR_MAX_ROWS:  # mlp_norm in wo's and w13's epilogues
+            h, hg, ss = ops.gemv_down(heads.reshape(rows, -1), wo.weight, residual=x.reshape(rows, -1),
+                                      out_norm=self.mlp_norm.weight)
+            h = self.attn_sync(h.view(x.shape))
+            act = ops.swiglu_gemv(hg, self.mlp.w13.weight, row_ss=ss, eps=self.mlp_norm.eps)
+            return self.synced(self.mlp_sync, lambda r: linear(ops, act.view(*x.shape[:-1], -1), w2, down=True,
+                                                               residual=r), h)
         else:
             h = self.attn_sync(linear(ops, heads, wo, down=True, residual=x))
             n = self.mlp_norm(h)
@@ -333,7 +341,8 @@ class Transformer(nn.Module):
         that kernel without its norm instead of cuBLAS (the norm and SwiGLU stay compiled kernels); swiglu_gemv=True
         (with on) runs decode rows' w13 GEMV through that kernel with SwiGLU in its epilogue; pdl=True (with on and
         triton_gemv) launches every kernel of a decode step but the embedding's and lm_head's with programmatic
-        dependent launch (norm_gemv's kernels too), wo and w2 through the Triton GEMV too (gemv_down_op);
+        dependent launch (norm_gemv's kernels too), wo and w2 through the Triton GEMV too (gemv_down_op), and (with
+        swiglu_gemv, norm_gemv.MLP_NORM_IN_WO) mlp_norm in wo's and w13's epilogues at 2 to 16 decode rows;
         stream_gemv=True (with pdl) runs batch-1 decode's four GEMVs through overlap.kernels.stream_gemv, which copies
         its first weight tiles into shared memory before the PDL wait, attn_norm folded into wqkv's and mlp_norm and
         SwiGLU into w13's (other row counts: as without it)."""
@@ -361,7 +370,10 @@ class Transformer(nn.Module):
             if swiglu_gemv:
                 ops = dataclasses.replace(ops, swiglu_gemv=with_pdl(swiglu_gemv_op))
             if pdl:
-                ops = dataclasses.replace(ops, gemv_down=with_pdl(gemv_down_op))
+                from overlap.kernels import norm_gemv as ng
+
+                ops = dataclasses.replace(ops, gemv_down=with_pdl(gemv_down_op),
+                                          mlp_norm_in_wo=ng.MLP_NORM_IN_WO and swiglu_gemv)
             if stream_gemv:
                 from overlap.kernels.stream_gemv import streamed, streamed_norm_linear
 

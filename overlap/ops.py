@@ -99,6 +99,9 @@ class Ops:
     # residual (M, N) added in its epilogue; None: nn.Linear (cuBLAS's addmm with a residual)
     gemv_down: object = None
     add: object = add  # the residual adds outside add_norm (compiled with the fused ops: PDL takes them in)
+    # at 2 to 16 decode rows where a block's first sync does not sum: wo's gemv_down also returns mlp_norm's input
+    # times its weight and statistics (out_norm), which w13's swiglu_gemv scales by (row_ss): no norm kernel
+    mlp_norm_in_wo: bool = False
 
 
 EAGER_OPS = Ops(rope_, add_rms_norm, swiglu, rms_norm, decode_attention)  # plain torch: the reference, CPU's

@@ -76,6 +76,73 @@ def test_runtime_decode_with_the_kernel_equals_eager_in_the_interpreter():
         assert out[use]["kernel_calls"] == out["steps_x_blocks"] * per_block, out
 
 
+def test_mlp_norm_in_wo_matches_the_norm_between_them_in_the_interpreter():
+    """norm_gemv's out_norm (wo + residual, then mlp_norm's input times its weight and statistics in parts) and
+    row_ss (w13 scaled by them, at every split, with SwiGLU or not) against the unfused steps, fp32; and the
+    runtime's decode with Ops.mlp_norm_in_wo against eager: once a step in the baseline block, never in the SPD
+    block or the prefill."""
+    out = run_case("norm_in_wo")
+    assert len(out["kernel"]) == 3 * 3 * 2
+    for case in out["kernel"]:
+        assert max(case["y"], case["yg"], case["ss"], case["out"]) < FP32_TOL, case
+    assert out["runtime"]["max_err"] < FP32_TOL, out
+    assert out["runtime"]["out_norm_calls"] == 8, out  # 8 decode steps x block 0 (block 1 is an SPD block)
+
+
+def _norm_in_wo() -> dict:
+    import copy
+    import dataclasses
+    import functools
+
+    from overlap.context import single
+    from overlap.kernels.norm_gemv import gemv_down_op, norm_gemv, reference, swiglu_gemv_op
+    from overlap.model import ModelArgs, Transformer
+    from overlap.runtime import Runtime
+
+    gen = torch.Generator().manual_seed(0)
+    kernel = []
+    for m, k, n, f in ((1, 64, 48, 40), (3, 130, 200, 96), (16, 300, 64, 24)):  # P = 1, 4, 1 programs
+        a, wo = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen) * 0.1
+        x, g2 = torch.randn(m, n, generator=gen), 1 + 0.1 * torch.randn(n, generator=gen)
+        w13 = torch.randn(2 * f, n, generator=gen) * 0.1
+        y, yg, ss = norm_gemv(a, wo, residual=x, split_k=1, block_k=32, pdl=True, out_norm=g2)
+        yref = reference(a, wo, residual=x)
+        rel = lambda u, v: ((u - v).abs().max() / v.abs().max()).item()  # noqa: E731
+        for split_k in (1, 2, "auto"):
+            for swiglu in (False, True):
+                w = w13 if swiglu else w13[:f]
+                out = norm_gemv(yg, w, swiglu=swiglu, row_ss=ss, split_k=split_k, block_k=32, sm_count=4, pdl=True)
+                kernel.append({"m": m, "split_k": split_k, "swiglu": swiglu, "y": rel(y, yref), "yg": rel(yg, y * g2),
+                               "ss": rel(ss.sum(0), (y * y).sum(1)),
+                               "out": rel(out, reference(y, w, norm_weight=g2, swiglu=swiglu))})
+
+    args = ModelArgs(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96)
+    full = Transformer.from_args(args, seed=3)
+    full.layers[1].spd = True
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(4))
+    calls = []
+
+    def down(x, w, **kw):
+        calls.append(kw.get("out_norm") is not None)
+        return gemv_down_op(x, w, pdl=True, **kw)
+
+    outs = {}
+    for routed in (False, True):
+        model = copy.deepcopy(full)
+        rt = Runtime(model, single("cpu"), 2, 72, cuda_graphs=False)  # eager ops
+        if routed:
+            ops = dataclasses.replace(model.layers[0].ops, gemv_down=down, mlp_norm_in_wo=True,
+                                      swiglu_gemv=functools.partial(swiglu_gemv_op, pdl=True))
+            for mod in model.modules():
+                if hasattr(mod, "ops"):
+                    mod.ops = ops
+        with torch.no_grad():
+            rt.prefill(ids[:, :12])  # 24 rows: the unfused path
+            outs[routed] = torch.cat([rt.decode_one(ids[:, i : i + 1]) for i in range(12, 20)], 1)
+    err = ((outs[True] - outs[False]).abs().max() / outs[False].abs().max()).item()
+    return {"kernel": kernel, "runtime": {"max_err": err, "out_norm_calls": sum(calls)}}
+
+
 def test_bad_arguments_say_what_is_wrong():
     from overlap.kernels.checks import KernelArgError
     from overlap.kernels.norm_gemv import norm_gemv
@@ -91,6 +158,10 @@ def test_bad_arguments_say_what_is_wrong():
         norm_gemv(x, w, pdl=True, preload=3)
     with pytest.raises(KernelArgError, match="17"):
         norm_gemv(torch.randn(17, 64), w)
+    with pytest.raises(KernelArgError, match="out_norm needs the output's width \\(33,\\), split_k=1 and no swiglu"):
+        norm_gemv(x, w, out_norm=torch.ones(33), split_k=2)
+    with pytest.raises(KernelArgError, match="row_ss must be contiguous fp32 \\(P, 2\\) partial sums"):
+        norm_gemv(x, w, row_ss=torch.ones(4, 2), norm_weight=torch.ones(64))
 
 
 @pytest.mark.gpu
@@ -136,6 +207,28 @@ def test_bf16_on_the_gpu_matches_the_unfused_steps(m):
             out = norm_gemv(x, w, norm_weight=gw, swiglu=swiglu, split_k=split_k, pdl=pdl).float()
             # bf16 outputs: a rounding step apart at most where the fp32 sums differ in their last bits
             assert torch.allclose(out, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()), (n, split_k, pdl)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [2, 16])
+def test_bf16_mlp_norm_in_wo_on_the_gpu_matches_the_unfused_steps(m):
+    """wo + residual with mlp_norm's input and statistics out (out_norm), then w13 + SwiGLU scaled by them
+    (row_ss), at the LLaMA-2-70B R = 4 and 8 shards in bf16, against wo + residual, rms_norm, w13, SwiGLU."""
+    from overlap.kernels.norm_gemv import gemv_down_op, reference, swiglu_gemv_op
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for k_wo, f in ((2048, 7168), (1024, 3584)):
+        a = torch.randn(m, k_wo, device="cuda", generator=g).bfloat16()
+        wo = (torch.randn(8192, k_wo, device="cuda", generator=g) * 0.02).bfloat16()
+        x = torch.randn(m, 8192, device="cuda", generator=g).bfloat16()
+        gw = (1 + 0.1 * torch.randn(8192, device="cuda", generator=g)).bfloat16()
+        w13 = (torch.randn(2 * f, 8192, device="cuda", generator=g) * 0.02).bfloat16()
+        h, hg, ss = gemv_down_op(a, wo, pdl=True, residual=x, out_norm=gw)
+        assert torch.equal(h, gemv_down_op(a, wo, pdl=True, residual=x))  # the same y either way
+        out = swiglu_gemv_op(hg, w13, pdl=True, row_ss=ss, eps=1e-5).float()
+        ref = reference(h, w13, norm_weight=gw, swiglu=True).float()
+        assert torch.allclose(out, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()), (k_wo, f)
 
 
 def _interpreted() -> list[dict]:
@@ -216,10 +309,11 @@ def test_split_k_reduce_lets_the_next_kernel_launch_before_or_after_its_wait(aft
     from overlap.kernels.norm_gemv import split_k_reduce_kernel
 
     sig = {"part_ptr": "*fp32", "ss_ptr": "*fp32", "y_ptr": "*bf16", "r_ptr": "*bf16", "M": "i32", "N_OUT": "i32",
-           "K": "i32", "eps": "fp32", "BLOCK": "constexpr", "NORM": "constexpr", "SWIGLU": "constexpr",
+           "K": "i32", "P": "i32", "eps": "fp32", "BLOCK": "constexpr", "NORM": "constexpr", "SWIGLU": "constexpr",
            "SPLIT_K": "constexpr", "GDC": "constexpr", "LAUNCH_AFTER_WAIT": "constexpr", "RESIDUAL": "constexpr"}
     consts = {"BLOCK": 256, "NORM": True, "SWIGLU": False, "SPLIT_K": 4, "GDC": True, "LAUNCH_AFTER_WAIT": after,
-              "RESIDUAL": True}
+              "RESIDUAL": True, "ROW_SS": False, "P_PAD": 1}
+    sig.update(ROW_SS="constexpr", P_PAD="constexpr")
     ptx = _sm90_ptx(split_k_reduce_kernel, sig, consts)
     wait, launch = ptx.index("griddepcontrol.wait"), ptx.index("griddepcontrol.launch_dependents")
     assert (launch > wait) == after
@@ -232,10 +326,10 @@ def test_with_pdl_and_no_preload_every_load_comes_after_the_wait():
     from overlap.kernels.norm_gemv import norm_gemv_kernel
 
     ptrs = {"x_ptr": "*bf16", "g_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "r_ptr": "*bf16",
-            "part_ptr": "*fp32", "ss_ptr": "*fp32"}
-    ints = {k: "i32" for k in ("M", "N_OUT", "K", "K_SHARE", "stride_xm", "stride_wn")}
+            "yg_ptr": "*bf16", "part_ptr": "*fp32", "ss_ptr": "*fp32"}
+    ints = {k: "i32" for k in ("M", "N_OUT", "K", "K_SHARE", "P", "stride_xm", "stride_wn")}
     consts = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "NORM": False, "SWIGLU": False, "SPLIT_K": 1,
-              "PRELOAD": 0, "GDC": True, "RESIDUAL": True}
+              "PRELOAD": 0, "GDC": True, "RESIDUAL": True, "NORM_OUT": False, "ROW_SS": False, "P_PAD": 1}
     sig = {**ptrs, **ints, "eps": "fp32", **{k: "constexpr" for k in consts}}
     ptx = _sm90_ptx(norm_gemv_kernel, sig, consts, num_warps=4)
     assert ptx.count("griddepcontrol.wait") == 1, "no wait for the previous kernel"
@@ -263,4 +357,4 @@ def _sm90_ptx(kernel, sig: dict, consts: dict, **options) -> str:
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run through the tests (they set TRITON_INTERPRET=1)"
-    print(json.dumps({"kernel": _interpreted, "runtime": _runtime}[sys.argv[1]]()))
+    print(json.dumps({"kernel": _interpreted, "runtime": _runtime, "norm_in_wo": _norm_in_wo}[sys.argv[1]]()))

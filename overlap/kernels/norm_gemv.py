@@ -23,6 +23,12 @@ the smallest power of two that gives about PROGRAMS_PER_SM weight tiles per SM i
 gate and up tiles count as two, so w13 splits alike with SwiGLU or without), so a weight with few output
 columns (wqkv, wo of a TP shard) still reads its bytes with every SM.
 
+Between two GEMVs the next block norm can ride in epilogues instead (wo -> mlp_norm -> w13 at 2 to 16 decode
+rows, overlap.model with Ops.mlp_norm_in_wo): with out_norm the first GEMV also writes y * g (the norm's weight
+g over its output columns) and each program's sums of y's squares over its columns, (P, M); with row_ss the
+second takes y * g as x and those parts, and scales its fp32 products by rstd = 1 / sqrt(sum / K + eps) in its
+epilogue (the reduce's with split-K). The roundings are the NORM path's: y * g rounded to y's dtype.
+
 The reference is `reference` (overlap.ops.norm_linear): rms_norm, F.linear and swiglu, what the eager runtime runs.
 """
 
@@ -41,18 +47,22 @@ OP = "norm_gemv"
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 PDL_PRELOAD_TILES = 1  # with pdl: K tiles a program loads before it waits for the previous kernel; on an H200
 # 4 bought nothing measurable over 1 (docs/benchmarks/pdl.md)
+MLP_NORM_IN_WO = True  # with pdl, at 2 to 16 decode rows where nothing sums: mlp_norm's statistics and weight in
+# wo's epilogue, its scale in w13's (overlap.model.Block.forward): the compiled norm kernel between them goes
 PROGRAMS_PER_SM = 2  # split-K target: programs in flight per SM; 4 made the R = 4 decode step 0.2 ms slower on an
 # H200 (docs/benchmarks/pdl.md)
 
 
 @triton.jit
 def norm_gemv_kernel(
-    x_ptr, g_ptr, w_ptr, y_ptr, r_ptr, part_ptr, ss_ptr,  # x (M, K), g (K,), w (N, K), y and r (M, N_OUT),
-    M, N_OUT, K, K_SHARE, stride_xm, stride_wn, eps,  # part (SPLIT_K, M, N), ss (SPLIT_K, M); N_OUT: F with swiglu
+    x_ptr, g_ptr, w_ptr, y_ptr, r_ptr, yg_ptr, part_ptr, ss_ptr,  # x (M, K), g (K,), w (N, K), y, r, yg (M, N_OUT),
+    M, N_OUT, K, K_SHARE, P, stride_xm, stride_wn, eps,  # part (SPLIT_K, M, N), ss (SPLIT_K, M); N_OUT: F with swiglu
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr,
     PRELOAD: tl.constexpr = 0, GDC: tl.constexpr = False, RESIDUAL: tl.constexpr = False,
-):
+    NORM_OUT: tl.constexpr = False, ROW_SS: tl.constexpr = False, P_PAD: tl.constexpr = 1,
+):  # NORM_OUT: also y * g (g: (N_OUT,)) into yg and y's squares summed over this program's columns into
+    # ss (programs, M); ROW_SS: x is a norm's input times its g, ss (P, M) its rows' squares in P partial sums
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -84,7 +94,12 @@ def norm_gemv_kernel(
                                 BLOCK_K, NORM, SWIGLU)
     tile_mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
-        if NORM:
+        if ROW_SS:  # the rows' sums of squares from their P partials (a program each of the kernel that made x)
+            offs_p = tl.arange(0, P_PAD)
+            parts = tl.load(ss_ptr + offs_p[:, None] * M + offs_m[None, :],
+                            mask=(offs_p < P)[:, None] & mask_m[None, :], other=0.0)
+            ss = tl.sum(parts, axis=0)
+        if NORM or ROW_SS:
             rstd = 1.0 / tl.sqrt(ss / K + eps)
             acc = acc * rstd[:, None]
             if SWIGLU:
@@ -92,7 +107,13 @@ def norm_gemv_kernel(
         if SWIGLU:
             acc = _swiglu(acc, acc_up, y_ptr)
         offs = offs_m[:, None] * N_OUT + offs_n[None, :]
-        tl.store(y_ptr + offs, _with_residual(acc, r_ptr, offs, tile_mask, y_ptr, RESIDUAL), mask=tile_mask)
+        y = _with_residual(acc, r_ptr, offs, tile_mask, y_ptr, RESIDUAL)
+        tl.store(y_ptr + offs, y, mask=tile_mask)
+        if NORM_OUT:  # the next norm's input, y times its weight, and y's squares summed over these columns
+            yf = tl.where(tile_mask, y.to(tl.float32), 0.0)
+            g_out = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            tl.store(yg_ptr + offs, (yf * g_out[None, :]).to(y.dtype), mask=tile_mask)
+            tl.store(ss_ptr + pid_n * M + offs_m, tl.sum(yf * yf, axis=1), mask=mask_m)
     else:
         n_all = N_OUT  # a partial holds gate and up columns side by side
         if SWIGLU:
@@ -160,9 +181,10 @@ def _with_residual(acc, r_ptr, offs, mask, y_ptr, RESIDUAL: tl.constexpr):
 
 
 @triton.jit
-def split_k_reduce_kernel(part_ptr, ss_ptr, y_ptr, r_ptr, M, N_OUT, K, eps, BLOCK: tl.constexpr,
+def split_k_reduce_kernel(part_ptr, ss_ptr, y_ptr, r_ptr, M, N_OUT, K, P, eps, BLOCK: tl.constexpr,
                           NORM: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr, GDC: tl.constexpr = False,
-                          LAUNCH_AFTER_WAIT: tl.constexpr = False, RESIDUAL: tl.constexpr = False):
+                          LAUNCH_AFTER_WAIT: tl.constexpr = False, RESIDUAL: tl.constexpr = False,
+                          ROW_SS: tl.constexpr = False, P_PAD: tl.constexpr = 1):
     # Launched with PDL, the partials are the previous kernel's output. The next kernel may launch at once (its
     # own wait covers this kernel's end, and so the wait here), or only after the wait (LAUNCH_AFTER_WAIT). On one
     # H200 at R = 4, launching after the wait made norm_gemv's batch-16 step 0.5 ms slower and stream_gemv's
@@ -191,7 +213,14 @@ def split_k_reduce_kernel(part_ptr, ss_ptr, y_ptr, r_ptr, M, N_OUT, K, eps, BLOC
             acc_up += tl.load(base + N_OUT, mask=mask, other=0.0)
         if NORM:
             ss += tl.load(ss_ptr + s * M + m, mask=mask, other=0.0)
-    if NORM:
+    if ROW_SS:  # BLOCK <= N_OUT: the program's outputs lie in two rows at most, first and last
+        m_first = tl.program_id(0) * BLOCK // N_OUT
+        m_last = tl.minimum((tl.program_id(0) * BLOCK + BLOCK - 1) // N_OUT, M - 1)
+        offs_p = tl.arange(0, P_PAD)
+        ss_first = tl.sum(tl.load(ss_ptr + offs_p * M + m_first, mask=offs_p < P, other=0.0), axis=0)
+        ss_last = tl.sum(tl.load(ss_ptr + offs_p * M + m_last, mask=offs_p < P, other=0.0), axis=0)
+        ss = tl.where(m == m_first, ss_first, ss_last)
+    if NORM or ROW_SS:
         rstd = 1.0 / tl.sqrt(ss / K + eps)
         acc = acc * rstd
         if SWIGLU:
@@ -214,9 +243,14 @@ def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
               swiglu: bool = False, split_k: int | str = "auto", block_n: int = 64, block_k: int = 64,
               sm_count: int | None = None, num_warps: int = 4, num_stages: int = 4,
               pdl: bool = False, preload: int = PDL_PRELOAD_TILES,
-              residual: torch.Tensor | None = None) -> torch.Tensor:
+              residual: torch.Tensor | None = None, out_norm: torch.Tensor | None = None,
+              row_ss: torch.Tensor | None = None):
     """act(rms_norm(x) @ w.T) for decode rows x (M, K), M <= 16, w (N, K): (M, N) or (M, N/2) with swiglu;
     plus residual (the output's shape and dtype) when given, added in the epilogue (of the reduce with split-K).
+    out_norm (the next RMSNorm's weight, (N,); split_k 1, no swiglu): returns (y, y * out_norm, ss), ss (P, M)
+    fp32 the squares of y summed over each program's columns (P programs), the next norm's statistics in parts.
+    row_ss (P, M) such parts of x's rows, x being that norm's input times its weight: the norm's scale
+    rsqrt(mean(x_raw^2) + eps) is applied to the products (norm_weight None), so act(rms_norm(x_raw) @ w.T).
     pdl: launch with programmatic dependent launch (CUDA, compute capability >= 9): the kernel loads its first
     `preload` weight tiles, then waits for the previous kernel (griddepcontrol.wait) before it reads x, and
     lets the next kernel launch early; so a launch's ramp-up and those weight loads overlap the previous
@@ -238,6 +272,13 @@ def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
     n_out = N // 2 if swiglu else N
     residual = check_addend(residual, (M, n_out), x, OP, "residual")
     programs = triton.cdiv(n_out, block_n)
+    if out_norm is not None and (tuple(out_norm.shape) != (n_out,) or swiglu or split_k != 1):
+        raise KernelArgError(f"{OP}: out_norm needs the output's width ({n_out},), split_k=1 and no swiglu; got "
+                             f"shape {tuple(out_norm.shape)}, split_k={split_k!r}, swiglu={swiglu}")
+    if row_ss is not None and (row_ss.dim() != 2 or row_ss.shape[1] != M or row_ss.dtype != torch.float32
+                               or norm_weight is not None or not row_ss.is_contiguous()):
+        raise KernelArgError(f"{OP}: row_ss must be contiguous fp32 (P, {M}) partial sums of x's squares, without "
+                             f"norm_weight (x comes multiplied by it); got {tuple(row_ss.shape)} {row_ss.dtype}")
     k_blocks = triton.cdiv(K, block_k)
     if split_k == "auto":
         if sm_count is None:
@@ -253,21 +294,31 @@ def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
     norm = norm_weight is not None
     ss = torch.empty((split_k, M), dtype=torch.float32, device=x.device) if split_k > 1 and norm else part
     g = norm_weight if norm else x  # unused pointer when there is no norm
+    yg = y
+    if out_norm is not None:  # g: the next norm's weight over y's columns; ss: y's squares, a row per program
+        g, yg = out_norm, torch.empty_like(y)
+        ss = torch.empty((programs, M), dtype=torch.float32, device=x.device)
+    if row_ss is not None:
+        ss = row_ss
+    p = 1 if row_ss is None else row_ss.shape[0]
+    p_pad = triton.next_power_of_2(p)
     gdc = pdl and x.is_cuda
     launch = {"launch_pdl": True} if gdc else {}
     r = y if residual is None else residual  # unused pointer without a residual
     norm_gemv_kernel[(programs, split_k)](
-        x, g, w, y, r, part, ss, M, n_out, K, k_share, x.stride(0), w.stride(0), eps,
+        x, g, w, y, r, yg, part, ss, M, n_out, K, k_share, p, x.stride(0), w.stride(0), eps,
         BLOCK_M=DECODE_MAX_M, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm, SWIGLU=swiglu,
         SPLIT_K=split_k, PRELOAD=preload if pdl else 0, GDC=gdc, RESIDUAL=residual is not None and split_k == 1,
+        NORM_OUT=out_norm is not None, ROW_SS=row_ss is not None, P_PAD=p_pad,
         num_warps=num_warps, num_stages=num_stages, **launch, **FP_FUSION)
     if split_k > 1:
-        block = 256
-        split_k_reduce_kernel[(triton.cdiv(M * n_out, block),)](part, ss, y, r, M, n_out, K, eps, BLOCK=block,
+        block = 256 if row_ss is None else min(256, 1 << (n_out.bit_length() - 1))  # row_ss: <= 2 rows a program
+        split_k_reduce_kernel[(triton.cdiv(M * n_out, block),)](part, ss, y, r, M, n_out, K, p, eps, BLOCK=block,
                                                                 NORM=norm, SWIGLU=swiglu, SPLIT_K=split_k,
-                                                                GDC=gdc, RESIDUAL=residual is not None, **launch,
-                                                                **FP_FUSION)
-    return y
+                                                                GDC=gdc, RESIDUAL=residual is not None,
+                                                                ROW_SS=row_ss is not None, P_PAD=p_pad,
+                                                                **launch, **FP_FUSION)
+    return (y, yg, ss) if out_norm is not None else y
 
 
 def reference(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
@@ -291,16 +342,19 @@ def gemv_op(x: torch.Tensor, w: torch.Tensor, pdl: bool = False) -> torch.Tensor
 
 
 def gemv_down_op(x: torch.Tensor, w: torch.Tensor, pdl: bool = False,
-                 residual: torch.Tensor | None = None) -> torch.Tensor:
+                 residual: torch.Tensor | None = None, out_norm: torch.Tensor | None = None):
     """overlap.ops.Ops.gemv_down through this kernel: wo's and w2's x @ w.T for decode rows, at those weights'
     fastest configuration in the H200 sweep (32/128/4, no split: level with cuBLAS, docs/benchmarks/norm_gemv.md;
     gemv_op's split-K made the decode step 0.1-0.2 ms slower with PDL, docs/benchmarks/pdl.md).
     The runtime uses it with PDL only, where cuBLAS would break the chain of early launches. residual: added in
-    the epilogue (the block's residual stream, on the rank that adds it: overlap.model)."""
-    return norm_gemv(x, w, block_n=32, block_k=128, split_k=1, pdl=pdl, residual=residual)
+    the epilogue (the block's residual stream, on the rank that adds it: overlap.model); out_norm: also the next
+    norm's input times its weight and statistics (norm_gemv's out_norm: a tuple)."""
+    return norm_gemv(x, w, block_n=32, block_k=128, split_k=1, pdl=pdl, residual=residual, out_norm=out_norm)
 
 
-def swiglu_gemv_op(x: torch.Tensor, w: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+def swiglu_gemv_op(x: torch.Tensor, w: torch.Tensor, pdl: bool = False, row_ss: torch.Tensor | None = None,
+                   eps: float = 1e-5) -> torch.Tensor:
     """overlap.ops.Ops.swiglu_gemv through this kernel: swiglu(x @ w13.T) for decode rows, w13's GEMV with
-    SwiGLU in its epilogue (the split-K reduce's; one kernel fewer than GEMV + SwiGLU). Defaults as gemv_op's."""
-    return norm_gemv(x, w, swiglu=True, pdl=pdl)
+    SwiGLU in its epilogue (the split-K reduce's; one kernel fewer than GEMV + SwiGLU). Defaults as gemv_op's.
+    row_ss: x is a norm's input times its weight, row_ss its statistics in parts (norm_gemv's row_ss)."""
+    return norm_gemv(x, w, swiglu=True, pdl=pdl, row_ss=row_ss, eps=eps)

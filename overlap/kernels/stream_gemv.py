@@ -203,7 +203,7 @@ def stream_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor |
         return y if residual is None else y + residual
     block = 256
     split_k_reduce_kernel[(triton.cdiv(n_out, block),)](part, ss, y, y if residual is None else residual, 1, n_out,
-                                                        K, eps, BLOCK=block, NORM=norm, SWIGLU=swiglu,
+                                                        K, 1, eps, BLOCK=block, NORM=norm, SWIGLU=swiglu,
                                                         SPLIT_K=split_k, GDC=pdl, LAUNCH_AFTER_WAIT=True,
                                                         RESIDUAL=residual is not None, **launch, **FP_FUSION)
     return y
