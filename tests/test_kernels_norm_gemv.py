@@ -90,14 +90,9 @@ def test_mlp_norm_in_wo_matches_the_norm_between_them_in_the_interpreter():
 
 
 def _norm_in_wo() -> dict:
-    import copy
-    import dataclasses
     import functools
 
-    from overlap.context import single
     from overlap.kernels.norm_gemv import gemv_down_op, norm_gemv, reference, swiglu_gemv_op
-    from overlap.model import ModelArgs, Transformer
-    from overlap.runtime import Runtime
 
     gen = torch.Generator().manual_seed(0)
     kernel = []
@@ -116,30 +111,17 @@ def _norm_in_wo() -> dict:
                                "ss": rel(ss.sum(0), (y * y).sum(1)),
                                "out": rel(out, reference(y, w, norm_weight=g2, swiglu=swiglu))})
 
-    args = ModelArgs(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96)
-    full = Transformer.from_args(args, seed=3)
-    full.layers[1].spd = True
-    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(4))
+    _, full, ids = _two_blocks()
     calls = []
 
     def down(x, w, **kw):
         calls.append(kw.get("out_norm") is not None)
         return gemv_down_op(x, w, pdl=True, **kw)
 
-    outs = {}
-    for routed in (False, True):
-        model = copy.deepcopy(full)
-        rt = Runtime(model, single("cpu"), 2, 72, cuda_graphs=False)  # eager ops
-        if routed:
-            ops = dataclasses.replace(model.layers[0].ops, gemv_down=down, mlp_norm_in_wo=True,
-                                      swiglu_gemv=functools.partial(swiglu_gemv_op, pdl=True))
-            for mod in model.modules():
-                if hasattr(mod, "ops"):
-                    mod.ops = ops
-        with torch.no_grad():
-            rt.prefill(ids[:, :12])  # 24 rows: the unfused path
-            outs[routed] = torch.cat([rt.decode_one(ids[:, i : i + 1]) for i in range(12, 20)], 1)
-    err = ((outs[True] - outs[False]).abs().max() / outs[False].abs().max()).item()
+    eager = _decode_with(full, ids, {})
+    routed = _decode_with(full, ids, dict(gemv_down=down, mlp_norm_in_wo=True,
+                                          swiglu_gemv=functools.partial(swiglu_gemv_op, pdl=True)))
+    err = ((routed - eager).abs().max() / eager.abs().max()).item()
     return {"kernel": kernel, "runtime": {"max_err": err, "out_norm_calls": sum(calls)}}
 
 
@@ -231,6 +213,38 @@ def test_bf16_mlp_norm_in_wo_on_the_gpu_matches_the_unfused_steps(m):
         assert torch.allclose(out, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()), (k_wo, f)
 
 
+def _two_blocks():
+    """(args, model, ids): a random fp32 model of two blocks, block 1 an SPD block (overlap.tp.set_plan_ at R = 1
+    marks it so), and token ids for 2 sequences of 20."""
+    from overlap.model import ModelArgs, Transformer
+
+    args = ModelArgs(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96)
+    full = Transformer.from_args(args, seed=3)
+    full.layers[1].spd = True
+    return args, full, torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(4))
+
+
+def _decode_with(full, ids, fields: dict) -> torch.Tensor:
+    """Logits of 8 decode steps after a 12-token prefill (2 sequences: 24 rows, the unfused path) of a copy of
+    full, eager ops (fp32, CPU) with `fields` of its Ops replaced."""
+    import copy
+    import dataclasses
+
+    from overlap.context import single
+    from overlap.runtime import Runtime
+
+    model = copy.deepcopy(full)
+    rt = Runtime(model, single("cpu"), 2, 72, cuda_graphs=False)
+    if fields:
+        ops = dataclasses.replace(model.layers[0].ops, **fields)
+        for m in model.modules():
+            if hasattr(m, "ops"):
+                m.ops = ops
+    with torch.no_grad():
+        rt.prefill(ids[:, :12])
+        return torch.cat([rt.decode_one(ids[:, i : i + 1]) for i in range(12, 20)], 1)
+
+
 def _interpreted() -> list[dict]:
     from overlap.kernels.norm_gemv import norm_gemv, reference
 
@@ -258,19 +272,11 @@ def _runtime() -> dict:
     """Runtime decode (eager ops) against the same with each Ops field of the kernel set to it (one at a time,
     then gemv, swiglu_gemv and gemv_down at once with pdl, and norm_linear with gemv_down with pdl), fp32, one baseline and one SPD block
     (overlap.tp.set_plan_ at R = 1 marks it; with norm_linear its arithmetic is forward_norm_linear's SPD branch)."""
-    import copy
-    import dataclasses
     import functools
 
-    from overlap.context import single
     from overlap.kernels.norm_gemv import gemv_down_op, gemv_op, norm_linear_op, swiglu_gemv_op
-    from overlap.model import ModelArgs, Transformer
-    from overlap.runtime import Runtime
 
-    args = ModelArgs(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96)
-    full = Transformer.from_args(args, seed=3)
-    full.layers[1].spd = True
-    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(4))
+    args, full, ids = _two_blocks()
     pdl = {f: functools.partial(fn, pdl=True)
            for f, fn in (("gemv", gemv_op), ("swiglu_gemv", swiglu_gemv_op), ("gemv_down", gemv_down_op))}
     uses = {"norm_linear": {"norm_linear": norm_linear_op}, "gemv": {"gemv": gemv_op},
@@ -285,18 +291,8 @@ def _runtime() -> dict:
             return fn(*a, **kw)
         return call
 
-    outs = {}
-    for use in (None, *uses):
-        model = copy.deepcopy(full)
-        rt = Runtime(model, single("cpu"), 2, 72, cuda_graphs=False)  # eager ops
-        if use:
-            ops = dataclasses.replace(model.layers[0].ops, **{f: counted(use, fn) for f, fn in uses[use].items()})
-            for m in model.modules():
-                if hasattr(m, "ops"):
-                    m.ops = ops
-        with torch.no_grad():
-            rt.prefill(ids[:, :12])  # 24 rows: the unfused path
-            outs[use] = torch.cat([rt.decode_one(ids[:, i : i + 1]) for i in range(12, 20)], 1)
+    outs = {use: _decode_with(full, ids, {f: counted(use, fn) for f, fn in uses[use].items()} if use else {})
+            for use in (None, *uses)}
     scale = outs[None].abs().max().item()
     return {**{use: {"max_err": (outs[None] - outs[use]).abs().max().item() / scale, "kernel_calls": len(calls[use])}
                for use in calls}, "steps_x_blocks": 8 * args.n_layers}
