@@ -49,6 +49,8 @@ PDL_PRELOAD_TILES = 1  # with pdl: K tiles a program loads before it waits for t
 # 4 bought nothing measurable over 1 (docs/benchmarks/pdl.md)
 MLP_NORM_IN_WO = True  # with pdl, at 2 to 16 decode rows where nothing sums: mlp_norm's statistics and weight in
 # wo's epilogue, its scale in w13's (overlap.model.Block.forward): the compiled norm kernel between them goes
+ROW_SS_PDL = True  # w13 with row_ss launched with PDL (its programs wait beside wo's); else after wo's end
+NORM_OUT_LATE = False  # wo with out_norm lets the next kernel launch after its K loop, not right after its wait
 PROGRAMS_PER_SM = 2  # split-K target: programs in flight per SM; 4 made the R = 4 decode step 0.2 ms slower on an
 # H200 (docs/benchmarks/pdl.md)
 
@@ -61,6 +63,7 @@ def norm_gemv_kernel(
     NORM: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr,
     PRELOAD: tl.constexpr = 0, GDC: tl.constexpr = False, RESIDUAL: tl.constexpr = False,
     NORM_OUT: tl.constexpr = False, ROW_SS: tl.constexpr = False, P_PAD: tl.constexpr = 1,
+    LATE: tl.constexpr = False,
 ):  # NORM_OUT: also y * g (g: (N_OUT,)) into yg and y's squares summed over this program's columns into
     # ss (programs, M); ROW_SS: x is a norm's input times its g, ss (P, M) its rows' squares in P partial sums
     pid_n = tl.program_id(0)
@@ -81,17 +84,21 @@ def norm_gemv_kernel(
         wt0, wu0 = _weights(w_ptr, offs_n, mask_n, k_lo, k_end, N_OUT, stride_wn, BLOCK_K * PRELOAD, SWIGLU)
         if GDC:
             tl.extra.cuda.gdc_wait()  # x is the previous kernel's output: visible after this
-            tl.extra.cuda.gdc_launch_dependents()  # the next kernel may launch (it waits for this one's end)
+            if not LATE:
+                tl.extra.cuda.gdc_launch_dependents()  # the next kernel may launch (it waits for this one's end)
         acc, acc_up, ss = _tile(x_ptr, g_ptr, wt0, wu0, acc, acc_up, ss, offs_m, mask_m, k_lo, k_end, stride_xm,
                                 BLOCK_K * PRELOAD, NORM, SWIGLU)
         k_start = k_lo + BLOCK_K * PRELOAD
     elif GDC:  # nothing loaded before the wait
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if not LATE:
+            tl.extra.cuda.gdc_launch_dependents()
     for k0 in range(k_start, k_lo + K_SHARE, BLOCK_K):
         wt, wu = _weights(w_ptr, offs_n, mask_n, k0, K, N_OUT, stride_wn, BLOCK_K, SWIGLU)
         acc, acc_up, ss = _tile(x_ptr, g_ptr, wt, wu, acc, acc_up, ss, offs_m, mask_m, k0, K, stride_xm,
                                 BLOCK_K, NORM, SWIGLU)
+    if GDC and LATE:
+        tl.extra.cuda.gdc_launch_dependents()
     tile_mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
         if ROW_SS:  # the rows' sums of squares from their P partials (a program each of the kernel that made x)
@@ -310,7 +317,8 @@ def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
         BLOCK_M=DECODE_MAX_M, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm, SWIGLU=swiglu,
         SPLIT_K=split_k, PRELOAD=preload if pdl else 0, GDC=gdc, RESIDUAL=residual is not None and split_k == 1,
         NORM_OUT=out_norm is not None, ROW_SS=row_ss is not None, P_PAD=p_pad,
-        num_warps=num_warps, num_stages=num_stages, **launch, **FP_FUSION)
+        LATE=NORM_OUT_LATE and out_norm is not None, num_warps=num_warps, num_stages=num_stages,
+        **(launch if row_ss is None or ROW_SS_PDL else {}), **FP_FUSION)
     if split_k > 1:
         block = 256 if row_ss is None else min(256, 1 << (n_out.bit_length() - 1))  # row_ss: <= 2 rows a program
         split_k_reduce_kernel[(triton.cdiv(M * n_out, block),)](part, ss, y, r, M, n_out, K, p, eps, BLOCK=block,
