@@ -366,7 +366,10 @@ class Transformer(nn.Module):
                 from overlap.kernels.stream_gemv import streamed, streamed_norm_linear
 
                 ops = dataclasses.replace(ops, gemv=streamed(ops.gemv), gemv_down=streamed(ops.gemv_down))
+                from overlap.kernels import stream_mma
+
                 rows = ops.norm_linear_rows if ops.norm_linear is not None else 1  # with norm_gemv: its rows too
+                rows = NORM_LINEAR_MAX_ROWS if stream_mma.RUNTIME else rows  # 2 to 16 rows: stream_mma
                 ops = dataclasses.replace(ops, norm_linear=streamed_norm_linear(ops), norm_linear_rows=rows)
         for m in self.modules():
             if isinstance(m, (Block, Attention, MLP, RMSNorm)):

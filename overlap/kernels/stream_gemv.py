@@ -223,8 +223,13 @@ def config(n: int, k: int, sm_count: int, swiglu: bool = False) -> dict:
 
 def streamed(fallback):
     """An Ops.gemv / Ops.gemv_down (x (M, K), w[, residual]) -> (M, N) that runs one-row CUDA calls through
-    stream_gemv with PDL (config) and every other call through fallback (the Triton GEMV)."""
+    stream_gemv with PDL (config), 2 to 16 rows through stream_mma where stream_mma.RUNTIME (its config), and every
+    other call through fallback (the Triton GEMV)."""
+    from overlap.kernels import stream_mma as sm
+
     def gemv(x: torch.Tensor, w: torch.Tensor, **residual) -> torch.Tensor:
+        if sm.RUNTIME and sm.supported(x, w):
+            return sm.stream_mma(x, w, pdl=True, **residual, **sm.config(w.shape[0], w.shape[1], _device(x.device)[1]))
         if not supported(x, w, BLOCK_K):
             return fallback(x, w, **residual)
         return stream_gemv(x, w, pdl=True, **residual, **config(w.shape[0], w.shape[1], _device(x.device)[1]))
@@ -234,17 +239,24 @@ def streamed(fallback):
 
 def streamed_norm_linear(ops):
     """An Ops.norm_linear (x (M, K), w, norm_weight, eps, gated) that runs one-row CUDA calls through stream_gemv
-    with the norm (and SwiGLU when gated) fused, with PDL; every other call through ops.norm_linear when set (the
-    norm_gemv kernel), else as ops' separate steps (norm, gemv, swiglu)."""
+    (2 to 16 rows through stream_mma where stream_mma.RUNTIME) with the norm (and SwiGLU when gated) fused, with PDL;
+    every other call through ops.norm_linear when set (the norm_gemv kernel), else as ops' separate steps (norm,
+    gemv, swiglu)."""
+    from overlap.kernels import stream_mma as sm
+
     def norm_linear(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                     gated: bool) -> torch.Tensor:
+        sms = _device(x.device)[1] if x.is_cuda else 1
+        if sm.RUNTIME and sm.supported(x, w, sm.BLOCK_K // 2 if gated else sm.BLOCK_K):
+            return sm.stream_mma(x, w, norm_weight=norm_weight, eps=eps, swiglu=gated, pdl=True,
+                                 **sm.config(w.shape[0], w.shape[1], sms, swiglu=gated))
         if not supported(x, w, BLOCK_K):
             if ops.norm_linear is not None:
                 return ops.norm_linear(x, w, norm_weight, eps, gated)
             y = ops.gemv(ops.norm(x, norm_weight, eps), w)
             return ops.swiglu(y, w.shape[0] // 2) if gated else y
         return stream_gemv(x, w, norm_weight=norm_weight, eps=eps, swiglu=gated, pdl=True,
-                           **config(w.shape[0], w.shape[1], _device(x.device)[1], swiglu=gated))
+                           **config(w.shape[0], w.shape[1], sms, swiglu=gated))
 
     return norm_linear
 
