@@ -28,7 +28,10 @@
    Triton GEMV the runtime runs without it, over block sizes, stages and split-K (stream_gemv_cases); at wqkv
    and w13 also with the norm (and SwiGLU) folded in, against the compiled steps it replaces (fused_cases).
 
-6. Early-launched waiters (--only pdl_wait) at the R = 4 shard, M = 16: wo's and w2's Triton GEMV (gemv_down_op,
+6. overlap.kernels.stream_mma (--only stream_mma) at M = 16: every weight GEMV of the shards (--tp), against the
+   Triton GEMV the runtime runs at batch 16 without it, over tile sizes, warps, stages and split-K.
+
+7. Early-launched waiters (--only pdl_wait) at the R = 4 shard, M = 16: wo's and w2's Triton GEMV (gemv_down_op,
    with PDL, as the batch-16 step runs it), each call followed by a kernel launched with PDL whose P programs
    wait for the GEMV (griddepcontrol.wait) and then read its output ("light": a few registers; "heavy": each
    program holds a row of K fp32 values, as a one-row-a-program RMSNorm does), P = 0 (the GEMV alone), 16, 128,
@@ -384,6 +387,56 @@ def stream_gemv_cases(emit, tps=(4, 8), deadline: float = float("inf")) -> None:
             torch.cuda.empty_cache()
 
 
+MMA_GRID = [dict(block_n=bn, num_warps=bn // 16, block_k=bk, stages=st) for bn in (32, 64, 128) for bk in (64, 128)
+            for st in (2, 4, 6) if st * bn * bk * 2 <= 96 << 10]  # a stage's tile at most 96 KB of shared memory
+
+
+def stream_mma_cases(emit, tps=(4,), deadline: float = float("inf")) -> None:
+    """overlap.kernels.stream_mma at M = 16 against the Triton GEMV the runtime runs at batch 16 without it
+    (gemv_op at wqkv, swiglu_gemv_op at w13, gemv_down_op at wo and w2; no norm), both without PDL, back to back:
+    the runtime's config and MMA_GRID with split-K 1, 2, 4, 8 where the shares divide K and give 0.5 to 4
+    programs an SM (a SwiGLU program counting twice)."""
+    from overlap.floors import measure_rates
+    from overlap.kernel_bench import llama70b_layers
+    from overlap.kernels.norm_gemv import gemv_down_op, gemv_op, swiglu_gemv_op
+    from overlap.kernels.stream_mma import config, reference, stream_mma
+
+    rates = measure_rates(torch.device("cuda"))
+    emit(dict(piece="rates", **rates))
+    bw = rates["copy_tbps"] * 1e12
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    for tp in tps:
+        for layer, (style, k, n) in llama70b_layers(tp).items():
+            swiglu = layer == "gate_up"
+            ws = copies((n, k), torch.bfloat16, gen)
+            x = torch.randn(16, k, generator=gen, device="cuda").bfloat16()
+            ref = reference(x, ws[0], swiglu=swiglu).float()
+            base = dict(piece="stream_mma", tp=tp, layer=layer, n=n, k=k, m=16, floor_us=n * k * 2 / bw * 1e6)
+            now = swiglu_gemv_op if swiglu else gemv_down_op if style == "row" else gemv_op
+            us = time_graph(lambda i: now(x, ws[i % len(ws)]))
+            emit(dict(base, impl="triton_gemv", us=us, floor_frac=base["floor_us"] / us))
+            cfgs = [dict(config(n, k, sms, swiglu), num_warps=4, runtime=True)]
+            n_out = n // 2 if swiglu else n
+            cfgs += [dict(c, split_k=s) for c in MMA_GRID for s in (1, 2, 4, 8)
+                     if k % (c["block_k"] * s) == 0
+                     and sms // 2 <= -(-n_out // c["block_n"]) * (2 if swiglu else 1) * s <= 4 * sms]
+            for cfg in cfgs:
+                if time.time() > deadline:
+                    emit(dict(base, impl="stopped", reason="--seconds reached"))
+                    return
+                args = {key: v for key, v in cfg.items() if key != "runtime"}
+                try:
+                    err = ((stream_mma(x, ws[0], swiglu=swiglu, **args).float() - ref).norm() / ref.norm()).item()
+                    us = time_graph(lambda i: stream_mma(x, ws[i % len(ws)], swiglu=swiglu, **args))
+                except Exception as e:  # a config Triton cannot build
+                    emit(dict(base, impl="stream_mma", **cfg, error=str(e)[:200]))
+                    continue
+                emit(dict(base, impl="stream_mma", **cfg, us=us, floor_frac=base["floor_us"] / us, rel_err=err))
+            del ws
+            torch.cuda.empty_cache()
+
+
 PDL_WAIT_PROGRAMS = (0, 16, 128, 528)  # waiter programs: none, one a decode row, 8 a row, 4 an SM of 132
 
 
@@ -460,7 +513,8 @@ def pdl_wait_cases(emit) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--only", choices=("gemv", "attention", "weights", "norm_gemv", "stream_gemv", "pdl_wait"))
+    parser.add_argument("--only", choices=("gemv", "attention", "weights", "norm_gemv", "stream_gemv", "stream_mma",
+                                               "pdl_wait"))
     parser.add_argument("--tp", type=int, nargs="+", default=[4, 8], help="norm_gemv: the shards' degrees")
     parser.add_argument("--seconds", type=float, default=float("inf"),
                         help="norm_gemv, stream_gemv: stop after this long")
@@ -492,6 +546,8 @@ def main() -> None:
         norm_gemv_cases(emit, a.tp, time.time() + a.seconds)
     if a.only in (None, "stream_gemv"):
         stream_gemv_cases(emit, a.tp, time.time() + a.seconds)
+    if a.only in (None, "stream_mma"):
+        stream_mma_cases(emit, a.tp, time.time() + a.seconds)
     if a.only in (None, "pdl_wait"):
         pdl_wait_cases(emit)
 
