@@ -36,6 +36,7 @@ SMALL_BLOCK_N = 32  # the tile when whole BLOCK_N tiles would leave SMs idle (fe
 # at LLaMA-2-70B's TP-4 shard runs 66 programs of 64 rows or 132 of 32; 32 rows made that step 0.08 ms faster
 # and batch 16's 0.3 ms slower on one H200: docs/benchmarks/pdl.md, "The attention's tile by batch")
 NUM_WARPS = 4  # of the split kernel (Triton's default; swept by scripts/decode_microbench.py --only attention)
+AHEAD = 1  # K/V tiles the split kernel's loop keeps in flight ahead of the one it uses (1 or 2)
 MAXNREG = None  # registers a thread the split kernel may use (None: the compiler's choice; swept the same way)
 PROGRAMS_PER_SM = 2  # chunks are sized so that B * KV * NSPLIT is about this many programs per SM (measured
 # best of 0.25..4 on one H200 at LLaMA-2-70B's TP-4 shape, batch 16; batch 1 is capped by whole tiles:
@@ -104,7 +105,7 @@ def _kernels():
                      stride_qkv, stride_cb, stride_ch, stride_cl, scale,
                      KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, DH: tl.constexpr,
                      SPLIT: tl.constexpr, NSPLIT: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-                     GDC: tl.constexpr = False):
+                     GDC: tl.constexpr = False, AHEAD: tl.constexpr = 1):
         bh = tl.program_id(0)  # b * KV + j
         s = tl.program_id(1)
         b, j = bh // KV, bh % KV
@@ -117,6 +118,9 @@ def _kernels():
         # is loaded before the wait on the previous kernel: with PDL it streams while that kernel finishes.
         # Each loop step then loads the next tile (software pipelining by one tile).
         k_nxt, v_nxt = _kv_tile(kc_ptr, vc_ptr, cache, start, end, pos, stride_cl, offs_d, BLOCK)
+        k_nx2, v_nx2 = k_nxt, v_nxt
+        if AHEAD == 2:  # and the one after it
+            k_nx2, v_nx2 = _kv_tile(kc_ptr, vc_ptr, cache, start + BLOCK, end, pos, stride_cl, offs_d, BLOCK)
         if GDC:  # launched with PDL: qkv is the previous kernel's output
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -149,7 +153,11 @@ def _kernels():
             at_pos = (offs_n == pos)[:, None]
             k = tl.where(at_pos, k_new[None, :], k_nxt)  # (BLOCK, DH)
             v = tl.where(at_pos, v_new[None, :], v_nxt)
-            k_nxt, v_nxt = _kv_tile(kc_ptr, vc_ptr, cache, n0 + BLOCK, end, pos, stride_cl, offs_d, BLOCK)
+            if AHEAD == 2:
+                k_nxt, v_nxt = k_nx2, v_nx2
+                k_nx2, v_nx2 = _kv_tile(kc_ptr, vc_ptr, cache, n0 + 2 * BLOCK, end, pos, stride_cl, offs_d, BLOCK)
+            else:
+                k_nxt, v_nxt = _kv_tile(kc_ptr, vc_ptr, cache, n0 + BLOCK, end, pos, stride_cl, offs_d, BLOCK)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             scores = tl.where(valid[None, :], scores * scale, float("-inf"))  # (G_PAD, BLOCK)
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -222,7 +230,7 @@ def decode_attention_rope(qkv, cos, sin_signed, pos, k_cache, v_cache, n_heads: 
         qkv, cos.reshape(-1), sin_signed.reshape(-1), pos, k_cache, v_cache, o, lse,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), Dh**-0.5,
         KV=KV, G=G, G_PAD=g_pad, DH=Dh, SPLIT=split, NSPLIT=nsplit, BLOCK=block,
-        PRECISION="ieee" if k_cache.dtype == torch.float32 else None, GDC=gdc, num_warps=NUM_WARPS,
+        PRECISION="ieee" if k_cache.dtype == torch.float32 else None, GDC=gdc, AHEAD=AHEAD, num_warps=NUM_WARPS,
         **launch, **FP_FUSION, **({"maxnreg": MAXNREG} if MAXNREG else {}))  # fp32: exact dots, not TF32
     merge_kernel[(B * KV, G)](o, lse, out, out.stride(0), KV=KV, G=G, G_PAD=g_pad, DH=Dh, NSPLIT=nsplit,
                               S_PAD=max(2, 1 << (nsplit - 1).bit_length()), GDC=gdc, **launch,
