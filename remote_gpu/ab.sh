@@ -8,10 +8,12 @@
 # abbench runs the job with the copy first on the import path and labels its records LABEL (their `commit`),
 # which must say what differs from the commit (docs/benchmarks/pdl.md has records made so). Records go to
 # $OUT/records.jsonl like bench's.
+# The copy holds tests/ and scripts/ too: `abtests NAME SECONDS PYTEST_ARGS...` runs the GPU tests against the
+# copy's code, and scripts/kernel_kinds.py run inside the copy profiles it (the script puts its own root first).
 
 ab_copy() {  # ab_copy NAME COMMIT [SED_EXPRESSION FILE]: runs/ab/NAME = overlap/ and spd/ at COMMIT, FILE edited
   local name=$1 commit=$2 dir=runs/ab/$1
-  rm -rf "$dir" && mkdir -p "$dir" && git archive "$commit" overlap spd | tar -x -C "$dir" || return 1
+  rm -rf "$dir" && mkdir -p "$dir" && git archive "$commit" overlap spd tests scripts | tar -x -C "$dir" || return 1
   if [ $# -ge 4 ]; then
     cp "$dir/$4" "$dir/$4.orig" && sed -i "$3" "$dir/$4"
     if cmp -s "$dir/$4" "$dir/$4.orig"; then echo "ab_copy $name: '$3' changed nothing in $4" >&2; return 1; fi
@@ -25,4 +27,15 @@ abbench() {  # abbench NAME LABEL JOB SECONDS: gpu_jobs.sh's bench of runs/gpujo
   out=$(mkdir -p "$OUT" && cd "$OUT" && pwd)  # bench writes there from inside the copy
   echo "== abbench $1 ($2)" | tee -a "$out/log.txt"
   (cd "$d" && OUT=$out SPD_COMMIT=$2 PYTHONPATH="/tmp/site:$here/$d" bench "$here/runs/gpujobs/$3" "$4")
+}
+
+abtests() {  # abtests NAME SECONDS PYTEST_ARGS...: the GPU-marked tests of runs/ab/NAME, run on its code
+  local d=runs/ab/$1 secs=$2 here=$PWD out
+  shift 2
+  out=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
+  echo "== abtests $d $* $(date +%T)" | tee -a "$out/log.txt"
+  (cd "$d" && PYTHONPATH="/tmp/site:$here/$d" timeout -k 5 "$secs" python3 -m pytest -m gpu -v -rs -p no:cacheprovider \
+    "$@" >> "$out/tests_$(basename "$d").txt" 2>&1)
+  echo "abtests exit $?" | tee -a "$out/log.txt"
+  return 0
 }
