@@ -1,5 +1,5 @@
 # Same-call A/B of code variants on the device tool's GPU machine: spd-bench's job run on copies of the tree.
-# Here (a copy of overlap/ and spd/ at COMMIT, optionally with one constant or line changed by sed):
+# Here (a copy of overlap/, spd/, tests/ and scripts/ at COMMIT, optionally with one constant or line changed by sed):
 #   source remote_gpu/ab.sh && ab_copy NAME COMMIT ['SED_EXPRESSION' FILE]
 #   e.g. ab_copy p4 HEAD 's/^PDL_PRELOAD_TILES = 1 /PDL_PRELOAD_TILES = 4 /' overlap/kernels/norm_gemv.py
 # There (after `export SPD_COMMIT=<hash>; source remote_gpu/gpu_jobs.sh`, whose bench abbench runs; carry .whl,
@@ -11,7 +11,8 @@
 # The copy holds tests/ and scripts/ too: `abtests NAME SECONDS PYTEST_ARGS...` runs the GPU tests against the
 # copy's code, and scripts/kernel_kinds.py run inside the copy profiles it (the script puts its own root first).
 
-ab_copy() {  # ab_copy NAME COMMIT [SED_EXPRESSION FILE]: runs/ab/NAME = overlap/ and spd/ at COMMIT, FILE edited
+ab_copy() {  # ab_copy NAME COMMIT [SED_EXPRESSION FILE]: runs/ab/NAME = overlap/, spd/, tests/, scripts/ at COMMIT,
+  # FILE edited
   local name=$1 commit=$2 dir=runs/ab/$1
   rm -rf "$dir" && mkdir -p "$dir" && git archive "$commit" overlap spd tests scripts | tar -x -C "$dir" || return 1
   if [ $# -ge 4 ]; then
@@ -29,13 +30,10 @@ abbench() {  # abbench NAME LABEL JOB SECONDS: gpu_jobs.sh's bench of runs/gpujo
   (cd "$d" && OUT=$out SPD_COMMIT=$2 PYTHONPATH="/tmp/site:$here/$d" bench "$here/runs/gpujobs/$3" "$4")
 }
 
-abtests() {  # abtests NAME SECONDS PYTEST_ARGS...: the GPU-marked tests of runs/ab/NAME, run on its code
-  local d=runs/ab/$1 secs=$2 here=$PWD out
+abtests() {  # abtests NAME SECONDS PYTEST_ARGS...: gpu_jobs.sh's gputests, run on runs/ab/NAME's code and tests
+  local name=$1 d=runs/ab/$1 secs=$2 here=$PWD out
   shift 2
   out=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
-  echo "== abtests $d $* $(date +%T)" | tee -a "$out/log.txt"
-  (cd "$d" && PYTHONPATH="/tmp/site:$here/$d" timeout -k 5 "$secs" python3 -m pytest -m gpu -v -rs -p no:cacheprovider \
-    "$@" >> "$out/tests_$(basename "$d").txt" 2>&1)
-  echo "abtests exit $?" | tee -a "$out/log.txt"
-  return 0
+  echo "== abtests $name" | tee -a "$out/log.txt"
+  (cd "$d" && OUT=$out PYTHONPATH="/tmp/site:$here/$d" gputests "$secs" "$@")
 }
