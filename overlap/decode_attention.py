@@ -7,10 +7,11 @@ its G = H/KV query heads (rows g of q are heads j*G + g, as overlap.ops.decode_a
     K[p] = k_p,  V[p] = v_p                                           (the static cache, in place)
     o_g  = softmax(q_g K[0..p]^T / sqrt(Dh)) V[0..p]
 
-Kernel 1 cuts the cache positions [0, Lmax) into NSPLIT chunks; program (b*KV + j, s) computes chunk s's
-normalised partial o_s and its log-sum-exp l_s for the G heads of KV head j (positions after p masked,
-chunks after p run no tile). The program whose chunk holds p writes K[p], V[p] and takes them from registers,
-so no program reads a row another is writing. Kernel 2 merges the chunks:
+Kernel 1 cuts the cache rows before p, [0, p), into NSPLIT chunks of whole tiles (sized from p at run time,
+so every step spreads its rows over all NSPLIT programs); program (b*KV + j, s) computes chunk s's normalised
+partial o_s and its log-sum-exp l_s for the G heads of KV head j. The last program also takes row p from
+registers (an online-softmax step with the rotated k_p and v_p) and writes K[p], V[p]: no program reads a row
+another is writing. Kernel 2 merges the chunks:
 
     o = sum_s e^(l_s - m) o_s / sum_s e^(l_s - m),   m = max_s l_s
 
@@ -37,10 +38,11 @@ SMALL_BLOCK_N = 32  # the tile when whole BLOCK_N tiles would leave SMs idle (fe
 # and batch 16's 0.3 ms slower on one H200: docs/benchmarks/pdl.md, "The attention's tile by batch")
 NUM_WARPS = 4  # of the split kernel (Triton's default; swept by scripts/decode_microbench.py --only attention)
 MAXNREG = None  # registers a thread the split kernel may use (None: the compiler's choice; swept the same way)
-PROGRAMS_PER_SM = 2  # chunks are sized so that B * KV * NSPLIT is about this many programs per SM (measured
-# best of 0.25..4 on one H200 at LLaMA-2-70B's TP-4 shape, batch 16; batch 1 is capped by whole tiles:
-# docs/benchmarks/spd_bench.md, "One rank alone on one H200"). Merging in the last chunk program instead of a second launch was
-# measured too: 2.6x slower at batch 1 (one program reads every chunk's partial serially).
+PROGRAMS_PER_SM = 2  # B * KV * NSPLIT is at most this many programs per SM (one wave: two CTAs of 4 warps fit an
+# SM by registers at batch 16; measured best of 0.25..4 on one H200 at LLaMA-2-70B's TP-4 shape, batch 16; batch
+# 1 is capped by whole tiles: docs/benchmarks/spd_bench.md, "One rank alone on one H200"). Merging in the last
+# chunk program instead of a second launch was measured too: 2.6x slower at batch 1 (one program reads every
+# chunk's partial serially).
 
 
 def supports(qkv: torch.Tensor, head_dim: int) -> bool:
@@ -66,17 +68,21 @@ def decode_reference(qkv, cos, sin_signed, pos, k_cache, v_cache, n_heads: int, 
     return decode_attention(q, k_cache, v_cache, mask).transpose(1, 2).reshape(B, 1, H * Dh)
 
 
-def num_splits(batch_kv: int, max_seq: int, sm_count: int) -> tuple[int, int, int]:
-    """(NSPLIT, SPLIT, BLOCK): chunks of SPLIT positions (a multiple of the tile, BLOCK rows) filling about
-    PROGRAMS_PER_SM programs per SM over batch_kv = B * KV (sequence, KV head) pairs. The tile is BLOCK_N, or
-    SMALL_BLOCK_N where chunks of one BLOCK_N tile each would still be fewer programs than SMs."""
+def num_splits(batch_kv: int, max_seq: int, sm_count: int) -> tuple[int, int]:
+    """(NSPLIT, BLOCK): chunks a (sequence, KV head) pair of batch_kv = B * KV, at most PROGRAMS_PER_SM programs
+    per SM and at most one tile of BLOCK rows a chunk at the longest cache. The tile is BLOCK_N, or SMALL_BLOCK_N
+    where chunks of one BLOCK_N tile each would still be fewer programs than SMs. At run time the rows before p
+    are cut into NSPLIT chunks of chunk_tiles(p) tiles each (the last ones may be empty)."""
     block = BLOCK_N
     if batch_kv * -(-max_seq // block) < sm_count:
         block = min(block, SMALL_BLOCK_N)
-    tiles = -(-max_seq // block)
-    want = max(1, min(tiles, math.ceil(PROGRAMS_PER_SM * sm_count / batch_kv)))
-    split = -(-tiles // want) * block
-    return -(-max_seq // split), split, block
+    return max(1, min(-(-max_seq // block), int(PROGRAMS_PER_SM * sm_count) // batch_kv)), block
+
+
+def chunk_tiles(pos: int, nsplit: int, block: int) -> int:
+    """Tiles a chunk of the rows before pos (what split_kernel computes from the position it reads)."""
+    tiles = -(-pos // block)
+    return -(-tiles // nsplit)
 
 
 _KERNELS: list = []
@@ -92,10 +98,10 @@ def _kernels():
     global _kv_tile  # module globals, where the kernels' JIT looks names up
 
     @triton.jit
-    def _kv_tile(kc_ptr, vc_ptr, cache, n0, end, pos, stride_cl, offs_d, BLOCK: tl.constexpr):
-        """The K and V cache rows n0 .. n0 + BLOCK (BLOCK, DH) below end, row pos (this step's) as zeros."""
+    def _kv_tile(kc_ptr, vc_ptr, cache, n0, end, stride_cl, offs_d, BLOCK: tl.constexpr):
+        """The K and V cache rows n0 .. n0 + BLOCK (BLOCK, DH) below end (zeros from end on)."""
         offs_n = n0 + tl.arange(0, BLOCK)
-        ok = ((offs_n < end) & (offs_n != pos))[:, None]
+        ok = (offs_n < end)[:, None]
         rows = cache + offs_n[:, None] * stride_cl + offs_d[None, :]
         return tl.load(kc_ptr + rows, mask=ok, other=0.0), tl.load(vc_ptr + rows, mask=ok, other=0.0)
 
@@ -103,20 +109,22 @@ def _kernels():
     def split_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, o_ptr, lse_ptr,
                      stride_qkv, stride_cb, stride_ch, stride_cl, scale,
                      KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, DH: tl.constexpr,
-                     SPLIT: tl.constexpr, NSPLIT: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+                     NSPLIT: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
                      GDC: tl.constexpr = False):
         bh = tl.program_id(0)  # b * KV + j
         s = tl.program_id(1)
         b, j = bh // KV, bh % KV
         pos = tl.load(pos_ptr)  # written before the step's first kernel: no wait needed for it
-        start = s * SPLIT
-        end = tl.minimum(start + SPLIT, pos + 1)  # <= start for a chunk after p: no tile, l_s = -inf
+        per = ((pos + BLOCK - 1) // BLOCK + NSPLIT - 1) // NSPLIT * BLOCK  # rows a chunk (whole tiles)
+        start = s * per
+        end = tl.minimum(start + per, pos)  # <= start for a chunk past the rows before p: no tile
+        last = s == NSPLIT - 1  # also takes row p
         offs_d = tl.arange(0, DH)
         cache = b * stride_cb + j * stride_ch
-        # The chunk's first K/V tile (earlier steps' rows; row p is this step's, taken from registers below)
-        # is loaded before the wait on the previous kernel: with PDL it streams while that kernel finishes.
-        # Each loop step then loads the next tile (software pipelining by one tile).
-        k_nxt, v_nxt = _kv_tile(kc_ptr, vc_ptr, cache, start, end, pos, stride_cl, offs_d, BLOCK)
+        # The chunk's first K/V tile (earlier steps' rows) is loaded before the wait on the previous kernel:
+        # with PDL it streams while that kernel finishes. Each loop step then loads the next tile (software
+        # pipelining by one tile).
+        k_nxt, v_nxt = _kv_tile(kc_ptr, vc_ptr, cache, start, end, stride_cl, offs_d, BLOCK)
         if GDC:  # launched with PDL: qkv is the previous kernel's output
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -136,8 +144,7 @@ def _kernels():
         k_new = (tl.load(k_raw + offs_d).to(dtype).to(tl.float32) * cos
                  + tl.load(k_raw + rot_d).to(dtype).to(tl.float32) * sin).to(dtype)
         v_new = tl.load(qkv_ptr + b * stride_qkv + (KV * G + KV + j) * DH + offs_d).to(dtype)
-        p_vec = offs_d * 0 + pos  # (DH,): p as a vector, so the store mask has the store's shape
-        owner = (p_vec >= start) & (p_vec < start + SPLIT)  # this chunk holds p
+        owner = (offs_d * 0 + s) == NSPLIT - 1  # (DH,): the store mask in the store's shape
         tl.store(kc_ptr + cache + pos * stride_cl + offs_d, k_new, mask=owner)
         tl.store(vc_ptr + cache + pos * stride_cl + offs_d, v_new, mask=owner)
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
@@ -146,10 +153,8 @@ def _kernels():
         for n0 in range(start, end, BLOCK):
             offs_n = n0 + tl.arange(0, BLOCK)
             valid = offs_n < end
-            at_pos = (offs_n == pos)[:, None]
-            k = tl.where(at_pos, k_new[None, :], k_nxt)  # (BLOCK, DH)
-            v = tl.where(at_pos, v_new[None, :], v_nxt)
-            k_nxt, v_nxt = _kv_tile(kc_ptr, vc_ptr, cache, n0 + BLOCK, end, pos, stride_cl, offs_d, BLOCK)
+            k, v = k_nxt, v_nxt  # (BLOCK, DH)
+            k_nxt, v_nxt = _kv_tile(kc_ptr, vc_ptr, cache, n0 + BLOCK, end, stride_cl, offs_d, BLOCK)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             scores = tl.where(valid[None, :], scores * scale, float("-inf"))  # (G_PAD, BLOCK)
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -157,6 +162,14 @@ def _kernels():
             p = tl.exp(scores - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        if last:  # row p: its score q . k_p, one more online-softmax step
+            score_p = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale  # (G_PAD,)
+            m_new = tl.maximum(m_i, score_p)
+            alpha = tl.exp(m_i - m_new)  # 0 after an empty chunk (m_i = -inf)
+            p_p = tl.exp(score_p - m_new)
+            l_i = l_i * alpha + p_p
+            acc = acc * alpha[:, None] + p_p[:, None] * v_new.to(tl.float32)[None, :]
             m_i = m_new
         tl.store(o_ptr + out_row[:, None] * DH + offs_d[None, :], acc / l_i[:, None])  # NaN for a skipped chunk
         tl.store(lse_ptr + out_row, m_i + tl.log(l_i))  # -inf for a skipped chunk: merge ignores it
@@ -176,7 +189,7 @@ def _kernels():
         offs_d = tl.arange(0, DH)
         rows = (bh * NSPLIT + offs_s) * G_PAD + g
         lse = tl.load(lse_ptr + rows, mask=offs_s < NSPLIT, other=float("-inf"))  # (S_PAD,)
-        w = tl.exp(lse - tl.max(lse, axis=0))  # chunk 0 always holds position 0: max is finite
+        w = tl.exp(lse - tl.max(lse, axis=0))  # the last chunk always holds row p: max is finite
         o = tl.load(o_ptr + rows[:, None] * DH + offs_d[None, :], mask=(w > 0)[:, None], other=0.0)  # skip NaNs
         out = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
         tl.store(out_ptr + b * stride_out + (j * G + g) * DH + offs_d, out.to(out_ptr.dtype.element_ty))
@@ -212,7 +225,7 @@ def decode_attention_rope(qkv, cos, sin_signed, pos, k_cache, v_cache, n_heads: 
         raise ValueError("decode_attention_rope needs caches of one layout with unit stride in head_dim")
     G = H // KV
     g_pad = max(16, 1 << (G - 1).bit_length())  # tl.dot's smallest M
-    nsplit, split, block = num_splits(B * KV, L, _sm_count(qkv.device))
+    nsplit, block = num_splits(B * KV, L, _sm_count(qkv.device))
     o = torch.empty(B * KV * nsplit * g_pad, Dh, dtype=torch.float32, device=qkv.device)  # partials
     lse = torch.empty(B * KV * nsplit * g_pad, dtype=torch.float32, device=qkv.device)
     out = torch.empty(B, 1, H * Dh, dtype=k_cache.dtype, device=qkv.device)
@@ -221,7 +234,7 @@ def decode_attention_rope(qkv, cos, sin_signed, pos, k_cache, v_cache, n_heads: 
     split_kernel[(B * KV, nsplit)](
         qkv, cos.reshape(-1), sin_signed.reshape(-1), pos, k_cache, v_cache, o, lse,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), Dh**-0.5,
-        KV=KV, G=G, G_PAD=g_pad, DH=Dh, SPLIT=split, NSPLIT=nsplit, BLOCK=block,
+        KV=KV, G=G, G_PAD=g_pad, DH=Dh, NSPLIT=nsplit, BLOCK=block,
         PRECISION="ieee" if k_cache.dtype == torch.float32 else None, GDC=gdc, num_warps=NUM_WARPS,
         **launch, **FP_FUSION, **({"maxnreg": MAXNREG} if MAXNREG else {}))  # fp32: exact dots, not TF32
     merge_kernel[(B * KV, G)](o, lse, out, out.stride(0), KV=KV, G=G, G_PAD=g_pad, DH=Dh, NSPLIT=nsplit,

@@ -28,6 +28,11 @@
    Triton GEMV the runtime runs without it, over block sizes, stages and split-K (stream_gemv_cases); at wqkv
    and w13 also with the norm (and SwiGLU) folded in, against the compiled steps it replaces (fused_cases).
 
+7. Well-kept decode attention (--only attention_peers) at attention_cases' shape: torch's flex_attention
+   (compiled: its flex-decoding Triton kernel) and scaled_dot_product_attention's flash, cuDNN and
+   memory-efficient backends, attention only, against overlap.decode_attention's two launches (which also
+   rotate and write the new token), and the compiled RoPE + cache write a peer would need beside it.
+
 6. Early-launched waiters (--only pdl_wait) at the R = 4 shard, M = 16: wo's and w2's Triton GEMV (gemv_down_op,
    with PDL, as the batch-16 step runs it), each call followed by a kernel launched with PDL whose P programs
    wait for the GEMV (griddepcontrol.wait) and then read its output ("light": a few registers; "heavy": each
@@ -224,6 +229,85 @@ def attention_cases(emit) -> None:
                       rel_err_vs_eager=((out - ref).norm() / ref.norm()).item(),
                       floor_us=2 * B * KV * (pos + 1) * Dh * 2 / (rates["copy_tbps"] * 1e12) * 1e6))
         da.PROGRAMS_PER_SM, da.NUM_WARPS, da.BLOCK_N, da.SMALL_BLOCK_N, da.MAXNREG = default
+
+
+def attention_peer_cases(emit) -> None:
+    """Well-kept decode attention kernels at the shape of attention_cases (attention only: RoPE and the cache
+    write are not in them), against overlap.decode_attention's two launches (which include both), and the
+    compiled RoPE + cache write a peer would need beside it. Each peer attends to positions <= p of the static
+    cache, the G query heads of a KV head folded into G query rows where the backend has no GQA of its own."""
+    from torch.nn.attention import SDPBackend
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from overlap import decode_attention as da
+    from overlap.floors import measure_rates
+    from overlap.fused_ops import fused_ops
+
+    H, KV, Dh, L, pos = 16, 2, 128, 2112, 2048
+    G = H // KV
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    rates = measure_rates(torch.device("cuda"))
+    emit(dict(piece="rates", **rates))
+    compiled = fused_ops()
+    flex = torch.compile(flex_attention, dynamic=False)
+    p = torch.tensor([pos], device="cuda")
+
+    def visible(score, b, h, q_idx, kv_idx):
+        return torch.where(kv_idx <= p[0], score, float("-inf"))
+
+    for B in (1, 16):
+        floor_us = 2 * B * KV * (pos + 1) * Dh * 2 / (rates["copy_tbps"] * 1e12) * 1e6
+        qkv = torch.randn(B, 1, (H + 2 * KV) * Dh, generator=gen, device="cuda").bfloat16()
+        caches = [(torch.randn(B, KV, L, Dh, generator=gen, device="cuda").bfloat16(),
+                   torch.randn(B, KV, L, Dh, generator=gen, device="cuda").bfloat16())
+                  for _ in range(max(2, -(-4 * L2_BYTES // (2 * B * KV * L * Dh * 2))))]
+        cos = torch.randn(1, 1, Dh, device="cuda").bfloat16()
+        sin = torch.randn(1, 1, Dh, device="cuda").bfloat16()
+        q = torch.randn(B, H, 1, Dh, generator=gen, device="cuda").bfloat16()
+        qg = q.view(B, KV, G, Dh)  # query heads of a KV head as G query rows
+        mask = torch.zeros(1, 1, 1, L, device="cuda", dtype=torch.bfloat16)
+        mask[..., pos + 1:] = float("-inf")
+        kc0, vc0 = caches[0]
+        ref = F.scaled_dot_product_attention(qg.float(), kc0[:, :, : pos + 1].float(),
+                                             vc0[:, :, : pos + 1].float()).view(B, H, 1, Dh)
+
+        def rope_write(i):  # what a peer needs beside it: fused_ops' compiled RoPE, then the cache writes
+            kc, vc = caches[i % len(caches)]
+            qk = compiled.rope(qkv[..., : (H + KV) * Dh].view(B, 1, H + KV, Dh), cos, sin)
+            kc.index_copy_(2, p, qk[:, :, H:].transpose(1, 2))
+            vc.index_copy_(2, p, qkv[..., (H + KV) * Dh :].view(B, 1, KV, Dh).transpose(1, 2))
+
+        peers = {
+            "flex_attention": lambda i: flex(q, *caches[i % len(caches)], score_mod=visible, enable_gqa=True),
+            "sdpa_flash": lambda i: _sdpa(SDPBackend.FLASH_ATTENTION, qg, caches[i % len(caches)], pos + 1, None),
+            "sdpa_cudnn": lambda i: _sdpa(SDPBackend.CUDNN_ATTENTION, qg, caches[i % len(caches)], pos + 1, None),
+            "sdpa_efficient": lambda i: _sdpa(SDPBackend.EFFICIENT_ATTENTION, qg, caches[i % len(caches)], L, mask),
+            "sdpa_cudnn_masked": lambda i: _sdpa(SDPBackend.CUDNN_ATTENTION, qg, caches[i % len(caches)], L, mask),
+        }
+        for name, fn in peers.items():
+            try:
+                out = fn(0).reshape(B, H, 1, Dh).float()
+                us = time_graph(fn)
+            except Exception as e:  # a backend that does not take this shape here
+                emit(dict(piece="attention_peer", batch=B, impl=name, error=str(e)[:300]))
+                continue
+            emit(dict(piece="attention_peer", batch=B, impl=name, us=us, floor_us=floor_us,
+                      rel_err=((out - ref).norm() / ref.norm()).item()))
+        emit(dict(piece="attention_peer", batch=B, impl="rope_cache_write_compiled", us=time_graph(rope_write)))
+        us = time_graph(lambda i: da.decode_attention_rope(qkv, cos, sin, p, *caches[i % len(caches)], H, KV))
+        emit(dict(piece="attention_peer", batch=B, impl="ours_rope_write_attention", us=us, floor_us=floor_us,
+                  nsplit=da.num_splits(B * KV, L, torch.cuda.get_device_properties(0).multi_processor_count)[0]))
+        del caches
+        torch.cuda.empty_cache()
+
+
+def _sdpa(backend, qg, cache, length: int, mask):
+    """torch's scaled_dot_product_attention on one backend over cache rows [0, length)."""
+    from torch.nn.attention import sdpa_kernel
+
+    kc, vc = cache
+    with sdpa_kernel([backend]):
+        return F.scaled_dot_product_attention(qg, kc[:, :, :length], vc[:, :, :length], attn_mask=mask)
 
 
 # (programs per SM, warps, tile rows, register cap) of the decode attention's split kernel: every chunk count
@@ -460,7 +544,7 @@ def pdl_wait_cases(emit) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--only", choices=("gemv", "attention", "weights", "norm_gemv", "stream_gemv", "pdl_wait"))
+    parser.add_argument("--only", choices=("gemv", "attention", "attention_peers", "weights", "norm_gemv", "stream_gemv", "pdl_wait"))
     parser.add_argument("--tp", type=int, nargs="+", default=[4, 8], help="norm_gemv: the shards' degrees")
     parser.add_argument("--seconds", type=float, default=float("inf"),
                         help="norm_gemv, stream_gemv: stop after this long")
@@ -484,6 +568,8 @@ def main() -> None:
 
     if a.only in (None, "attention"):
         attention_cases(emit)
+    if a.only in (None, "attention_peers"):
+        attention_peer_cases(emit)
     if a.only in (None, "weights"):
         weight_cases(emit)
     if a.only in (None, "gemv"):

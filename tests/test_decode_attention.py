@@ -27,17 +27,21 @@ def run_case(case: str) -> dict:
     return run_interpreted(__file__, case)
 
 
-def test_num_splits_cover_the_cache_in_whole_tiles():
-    from overlap.decode_attention import BLOCK_N, SMALL_BLOCK_N, num_splits
+def test_num_splits_cover_the_rows_before_p_in_whole_tiles_in_one_wave():
+    from overlap.decode_attention import BLOCK_N, SMALL_BLOCK_N, chunk_tiles, num_splits
 
     for bkv, L, sms in [(2, 2112, 132), (32, 2112, 132), (1, 64, 132), (3, 200, 4), (8, 100000, 132)]:
-        n, split, block = num_splits(bkv, L, sms)
-        assert split % block == 0 and n * split >= L > (n - 1) * split, (bkv, L, sms, n, split)
-        assert bkv * n <= max(bkv, 2 * sms + bkv)  # about two programs per SM, at least one chunk per pair
+        n, block = num_splits(bkv, L, sms)
+        assert bkv * n <= max(bkv, 2 * sms)  # at most two programs per SM, at least one chunk per pair
+        assert n <= -(-L // block)  # no more chunks than tiles
+        for pos in {0, 1, block, L // 3, L - 1}:
+            per = chunk_tiles(pos, n, block)  # chunk s: rows [s per block, min((s + 1) per block, pos))
+            assert n * per * block >= pos and (pos == 0 or n * (per - 1) * block < pos), (bkv, L, pos, n, per)
         # the small tile only where one BLOCK_N tile a program leaves SMs idle
         assert block == (SMALL_BLOCK_N if bkv * -(-L // BLOCK_N) < sms else BLOCK_N), (bkv, L, sms, block)
-    assert num_splits(2, 2112, 132) == (66, 32, 32)  # batch 1 at LLaMA-2-70B's TP-4 shard: a program an SM
-    assert num_splits(32, 2112, 132)[2] == BLOCK_N  # batch 16: 64-row tiles
+    assert num_splits(2, 2112, 132) == (66, 32)  # batch 1 at LLaMA-2-70B's TP-4 shard: a program an SM
+    assert num_splits(32, 2112, 132) == (8, BLOCK_N)  # batch 16: 256 programs, one wave of two an SM
+    assert chunk_tiles(2048, 8, BLOCK_N) == 4  # position 2048: 32 tiles before p, 4 a chunk
 
 
 def test_kernel_equals_reference_in_the_interpreter():
@@ -122,12 +126,12 @@ def run(fn, ins: dict):
 
 
 def _kernel_case() -> dict:
-    from overlap.decode_attention import _sm_count, decode_attention_rope, decode_reference, num_splits
+    from overlap.decode_attention import _sm_count, chunk_tiles, decode_attention_rope, decode_reference, num_splits
 
     errs, cache_errs, cases, loop_tiles, blocks = [], [], 0, 0, set()
-    # (B, H, KV, Dh, Lmax, pos): GQA groups of 1, 3 (padded to 16 rows) and 8; positions at chunk and tile edges;
-    # Lmax 600 makes chunks of 3 tiles (the loop after the first tile): p inside one, at a chunk's first row
-    # (no cache row before p in that chunk) and at its last
+    # (B, H, KV, Dh, Lmax, pos): GQA groups of 1, 3 (padded to 16 rows) and 8; p = 0 (no cache row before it:
+    # only the last chunk's row p), p at and after tile edges, at the cache's last row; Lmax 600 makes chunks
+    # of 2 tiles (the loop after the first tile), p = 192 of 1 (three full chunks, one empty)
     for B, H, KV, Dh, L, pos in [(1, 8, 2, 16, 200, 0), (2, 6, 2, 32, 200, 63), (2, 6, 2, 32, 200, 64),
                                  (1, 16, 2, 16, 300, 299), (3, 4, 4, 16, 130, 129), (1, 8, 1, 32, 70, 5),
                                  (1, 8, 2, 16, 600, 500), (1, 8, 2, 16, 600, 192), (1, 8, 2, 16, 600, 383)]:
@@ -137,8 +141,8 @@ def _kernel_case() -> dict:
         errs.append((out - ref_out).abs().max().item())
         cache_errs.append(max((k - ref_k).abs().max().item(), (v - ref_v).abs().max().item()))
         cases += 1
-        _, split, block = num_splits(B * KV, L, _sm_count(torch.device("cpu")))
-        loop_tiles += pos % split > block  # p's chunk read more than one tile before p
+        n, block = num_splits(B * KV, L, _sm_count(torch.device("cpu")))
+        loop_tiles += chunk_tiles(pos, n, block) > 1  # a chunk's loop ran over more than one tile
         blocks.add(block)
     return {"max_err": max(errs), "cache_err": max(cache_errs), "cases": cases, "loop_tiles": loop_tiles,
             "blocks": sorted(blocks)}
