@@ -468,6 +468,54 @@ def stream_gemv_cases(emit, tps=(4, 8), deadline: float = float("inf")) -> None:
             torch.cuda.empty_cache()
 
 
+def stream_wgmma_cases(emit, tps=(4,), deadline: float = float("inf")) -> None:
+    """overlap.kernels.stream_wgmma at M = 16 against the Triton GEMV the runtime runs at batch 16 (gemv_op at
+    wqkv, swiglu_gemv_op at w13, gemv_down_op at wo and w2; no norm) and cuBLAS (F.linear), all without PDL,
+    back to back, over block_n, block_k, stages and split-K."""
+    from overlap.floors import measure_rates
+    from overlap.kernel_bench import llama70b_layers
+    from overlap.kernels.norm_gemv import gemv_down_op, gemv_op, swiglu_gemv_op
+    from overlap.kernels.stream_gemv import reference
+    from overlap.kernels.stream_wgmma import stream_wgmma
+
+    rates = measure_rates(torch.device("cuda"))
+    emit(dict(piece="rates", **rates))
+    bw = rates["copy_tbps"] * 1e12
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    for tp in tps:
+        for layer, (style, k, n) in llama70b_layers(tp).items():
+            swiglu = layer == "gate_up"
+            ws = copies((n, k), torch.bfloat16, gen)
+            x = torch.randn(16, k, generator=gen, device="cuda").bfloat16()
+            ref = reference(x, ws[0], swiglu=swiglu).float()
+            base = dict(piece="stream_wgmma", tp=tp, layer=layer, n=n, k=k, m=16, floor_us=n * k * 2 / bw * 1e6)
+            now = swiglu_gemv_op if swiglu else gemv_down_op if style == "row" else gemv_op
+            us = time_graph(lambda i: now(x, ws[i % len(ws)]))
+            emit(dict(base, impl="triton_gemv", us=us, floor_frac=base["floor_us"] / us))
+            if not swiglu:
+                us = time_graph(lambda i: F.linear(x, ws[i % len(ws)]))
+                emit(dict(base, impl="cublas", us=us, floor_frac=base["floor_us"] / us))
+            n_out = n // 2 if swiglu else n
+            cfgs = [dict(block_n=bn, block_k=bk, stages=st, split_k=sp) for bn in (64, 128)
+                    for bk in ((64,) if swiglu else (64, 128)) for st in (3, 5) for sp in (1, 2, 4, 8)
+                    if k % (bk * sp) == 0 and k // sp * 32 <= 128 << 10
+                    and sms // 2 <= -(-n_out // bn) * sp <= 4 * sms]
+            for cfg in cfgs:
+                if time.time() > deadline:
+                    emit(dict(base, impl="stopped", reason="--seconds reached"))
+                    return
+                try:
+                    err = ((stream_wgmma(x, ws[0], swiglu=swiglu, **cfg).float() - ref).norm() / ref.norm()).item()
+                    us = time_graph(lambda i: stream_wgmma(x, ws[i % len(ws)], swiglu=swiglu, **cfg))
+                except Exception as e:  # a config Triton cannot build or launch (shared memory)
+                    emit(dict(base, impl="stream_wgmma", **cfg, error=str(e)[:200]))
+                    continue
+                emit(dict(base, impl="stream_wgmma", **cfg, us=us, floor_frac=base["floor_us"] / us, rel_err=err))
+            del ws
+            torch.cuda.empty_cache()
+
+
 PDL_WAIT_PROGRAMS = (0, 16, 128, 528)  # waiter programs: none, one a decode row, 8 a row, 4 an SM of 132
 
 
@@ -544,7 +592,7 @@ def pdl_wait_cases(emit) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--only", choices=("gemv", "attention", "attention_peers", "weights", "norm_gemv", "stream_gemv", "pdl_wait"))
+    parser.add_argument("--only", choices=("gemv", "attention", "attention_peers", "weights", "norm_gemv", "stream_gemv", "stream_wgmma", "pdl_wait"))
     parser.add_argument("--tp", type=int, nargs="+", default=[4, 8], help="norm_gemv: the shards' degrees")
     parser.add_argument("--seconds", type=float, default=float("inf"),
                         help="norm_gemv, stream_gemv: stop after this long")
@@ -578,6 +626,8 @@ def main() -> None:
         norm_gemv_cases(emit, a.tp, time.time() + a.seconds)
     if a.only in (None, "stream_gemv"):
         stream_gemv_cases(emit, a.tp, time.time() + a.seconds)
+    if a.only == "stream_wgmma":
+        stream_wgmma_cases(emit, a.tp, time.time() + a.seconds)
     if a.only in (None, "pdl_wait"):
         pdl_wait_cases(emit)
 
