@@ -468,6 +468,41 @@ def stream_gemv_cases(emit, tps=(4, 8), deadline: float = float("inf")) -> None:
             torch.cuda.empty_cache()
 
 
+def norm_gemv_tma_cases(emit, tps=(4,)) -> None:
+    """The runtime's batch-16 GEMVs (gemv_op at wqkv, swiglu_gemv_op at w13, gemv_down_op at wo and w2, their
+    configurations) with w read by pointer loads (cp.async, the runtime's) or through a TMA descriptor, over
+    num_stages, at M = 16, without PDL, back to back."""
+    from overlap.floors import measure_rates
+    from overlap.kernel_bench import llama70b_layers
+    from overlap.kernels.norm_gemv import norm_gemv, reference
+
+    rates = measure_rates(torch.device("cuda"))
+    emit(dict(piece="rates", **rates))
+    bw = rates["copy_tbps"] * 1e12
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    for tp in tps:
+        for layer, (style, k, n) in llama70b_layers(tp).items():
+            swiglu = layer == "gate_up"
+            cfg = dict(block_n=32, block_k=128, split_k=1) if style == "row" else {}
+            ws = copies((n, k), torch.bfloat16, gen)
+            x = torch.randn(16, k, generator=gen, device="cuda").bfloat16()
+            ref = reference(x, ws[0], swiglu=swiglu).float()
+            base = dict(piece="norm_gemv_tma", tp=tp, layer=layer, n=n, k=k, m=16, floor_us=n * k * 2 / bw * 1e6, **cfg)
+            for stages in (3, 4, 5, 6):
+                for tma in (False, True):
+                    def call(i, tma=tma, stages=stages):
+                        return norm_gemv(x, ws[i % len(ws)], swiglu=swiglu, num_stages=stages, tma=tma, **cfg)
+                    try:
+                        err = ((call(0).float() - ref).norm() / ref.norm()).item()
+                        us = time_graph(call)
+                    except Exception as e:  # a config Triton cannot build (shared memory)
+                        emit(dict(base, tma=tma, num_stages=stages, error=str(e)[:200]))
+                        continue
+                    emit(dict(base, tma=tma, num_stages=stages, us=us, floor_frac=base["floor_us"] / us, rel_err=err))
+            del ws
+            torch.cuda.empty_cache()
+
+
 PDL_WAIT_PROGRAMS = (0, 16, 128, 528)  # waiter programs: none, one a decode row, 8 a row, 4 an SM of 132
 
 
@@ -544,7 +579,7 @@ def pdl_wait_cases(emit) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--only", choices=("gemv", "attention", "attention_peers", "weights", "norm_gemv", "stream_gemv", "pdl_wait"))
+    parser.add_argument("--only", choices=("gemv", "attention", "attention_peers", "weights", "norm_gemv", "stream_gemv", "norm_gemv_tma", "pdl_wait"))
     parser.add_argument("--tp", type=int, nargs="+", default=[4, 8], help="norm_gemv: the shards' degrees")
     parser.add_argument("--seconds", type=float, default=float("inf"),
                         help="norm_gemv, stream_gemv: stop after this long")
@@ -578,6 +613,8 @@ def main() -> None:
         norm_gemv_cases(emit, a.tp, time.time() + a.seconds)
     if a.only in (None, "stream_gemv"):
         stream_gemv_cases(emit, a.tp, time.time() + a.seconds)
+    if a.only == "norm_gemv_tma":
+        norm_gemv_tma_cases(emit, a.tp)
     if a.only in (None, "pdl_wait"):
         pdl_wait_cases(emit)
 

@@ -43,6 +43,7 @@ PDL_PRELOAD_TILES = 1  # with pdl: K tiles a program loads before it waits for t
 # 4 bought nothing measurable over 1 (docs/benchmarks/pdl.md)
 PROGRAMS_PER_SM = 2  # split-K target: programs in flight per SM; 4 made the R = 4 decode step 0.2 ms slower on an
 # H200 (docs/benchmarks/pdl.md)
+TMA = False  # the runtime's ops (gemv_op, gemv_down_op, swiglu_gemv_op, norm_linear_op) read w through TMA
 
 
 @triton.jit
@@ -51,8 +52,8 @@ def norm_gemv_kernel(
     M, N_OUT, K, K_SHARE, stride_xm, stride_wn, eps,  # part (SPLIT_K, M, N), ss (SPLIT_K, M); N_OUT: F with swiglu
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr,
-    PRELOAD: tl.constexpr = 0, GDC: tl.constexpr = False, RESIDUAL: tl.constexpr = False,
-):
+    PRELOAD: tl.constexpr = 0, GDC: tl.constexpr = False, RESIDUAL: tl.constexpr = False, TMA: tl.constexpr = False,
+):  # TMA: w_ptr is a (BLOCK_N, BLOCK_K) tensor descriptor of w
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -68,7 +69,8 @@ def norm_gemv_kernel(
     if PRELOAD:  # the first PRELOAD weight tiles, loaded before waiting on the previous kernel: with PDL they
         # stream while that kernel finishes (weights do not depend on it); one wide step, within the share
         k_end = tl.minimum(K, k_lo + K_SHARE)
-        wt0, wu0 = _weights(w_ptr, offs_n, mask_n, k_lo, k_end, N_OUT, stride_wn, BLOCK_K * PRELOAD, SWIGLU)
+        wt0, wu0 = _weights(w_ptr, offs_n, mask_n, k_lo, k_end, N_OUT, stride_wn, BLOCK_K * PRELOAD, SWIGLU, TMA,
+                            pid_n * BLOCK_N)
         if GDC:
             tl.extra.cuda.gdc_wait()  # x is the previous kernel's output: visible after this
             tl.extra.cuda.gdc_launch_dependents()  # the next kernel may launch (it waits for this one's end)
@@ -79,7 +81,7 @@ def norm_gemv_kernel(
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     for k0 in range(k_start, k_lo + K_SHARE, BLOCK_K):
-        wt, wu = _weights(w_ptr, offs_n, mask_n, k0, K, N_OUT, stride_wn, BLOCK_K, SWIGLU)
+        wt, wu = _weights(w_ptr, offs_n, mask_n, k0, K, N_OUT, stride_wn, BLOCK_K, SWIGLU, TMA, pid_n * BLOCK_N)
         acc, acc_up, ss = _tile(x_ptr, g_ptr, wt, wu, acc, acc_up, ss, offs_m, mask_m, k0, K, stride_xm,
                                 BLOCK_K, NORM, SWIGLU)
     tile_mask = mask_m[:, None] & mask_n[None, :]
@@ -107,15 +109,22 @@ def norm_gemv_kernel(
 
 
 @triton.jit
-def _weights(w_ptr, offs_n, mask_n, k0, K, N_OUT, stride_wn, BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr):
+def _weights(w_ptr, offs_n, mask_n, k0, K, N_OUT, stride_wn, BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr,
+             TMA: tl.constexpr = False, n0=0):
     """The (BLOCK_N, BLOCK_K) weight tile at k0, columns below K (and with swiglu the matching up rows; else
     the same tile)."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    mask = mask_n[:, None] & (offs_k < K)[None, :]
-    wt = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0.0)
-    wu = wt
-    if SWIGLU:
-        wu = tl.load(w_ptr + (offs_n[:, None] + N_OUT) * stride_wn + offs_k[None, :], mask=mask, other=0.0)
+    if TMA:  # a tensor descriptor: the copy engine's loads, zeros past w's edges
+        wt = w_ptr.load([n0, k0])
+        wu = wt
+        if SWIGLU:
+            wu = w_ptr.load([n0 + N_OUT, k0])
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = mask_n[:, None] & (offs_k < K)[None, :]
+        wt = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0.0)
+        wu = wt
+        if SWIGLU:
+            wu = tl.load(w_ptr + (offs_n[:, None] + N_OUT) * stride_wn + offs_k[None, :], mask=mask, other=0.0)
     return wt, wu
 
 
@@ -214,7 +223,7 @@ def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
               swiglu: bool = False, split_k: int | str = "auto", block_n: int = 64, block_k: int = 64,
               sm_count: int | None = None, num_warps: int = 4, num_stages: int = 4,
               pdl: bool = False, preload: int = PDL_PRELOAD_TILES,
-              residual: torch.Tensor | None = None) -> torch.Tensor:
+              residual: torch.Tensor | None = None, tma: bool = False) -> torch.Tensor:
     """act(rms_norm(x) @ w.T) for decode rows x (M, K), M <= 16, w (N, K): (M, N) or (M, N/2) with swiglu;
     plus residual (the output's shape and dtype) when given, added in the epilogue (of the reduce with split-K).
     pdl: launch with programmatic dependent launch (CUDA, compute capability >= 9): the kernel loads its first
@@ -256,11 +265,18 @@ def norm_gemv(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
     gdc = pdl and x.is_cuda
     launch = {"launch_pdl": True} if gdc else {}
     r = y if residual is None else residual  # unused pointer without a residual
+    wd = w
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        if pdl and preload > 1:
+            raise KernelArgError(f"{OP}: tma takes preload 0 or 1 (one descriptor tile), got {preload}")
+        wd = TensorDescriptor.from_tensor(w, [block_n, block_k])
     norm_gemv_kernel[(programs, split_k)](
-        x, g, w, y, r, part, ss, M, n_out, K, k_share, x.stride(0), w.stride(0), eps,
+        x, g, wd, y, r, part, ss, M, n_out, K, k_share, x.stride(0), w.stride(0), eps,
         BLOCK_M=DECODE_MAX_M, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm, SWIGLU=swiglu,
         SPLIT_K=split_k, PRELOAD=preload if pdl else 0, GDC=gdc, RESIDUAL=residual is not None and split_k == 1,
-        num_warps=num_warps, num_stages=num_stages, **launch, **FP_FUSION)
+        TMA=tma, num_warps=num_warps, num_stages=num_stages, **launch, **FP_FUSION)
     if split_k > 1:
         block = 256
         split_k_reduce_kernel[(triton.cdiv(M * n_out, block),)](part, ss, y, r, M, n_out, K, eps, BLOCK=block,
@@ -280,14 +296,14 @@ def reference(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | N
 def norm_linear_op(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                    gated: bool, pdl: bool = False) -> torch.Tensor:
     """overlap.ops.Ops.norm_linear through this kernel (split_k auto)."""
-    return norm_gemv(x, w, norm_weight=norm_weight, eps=eps, swiglu=gated, pdl=pdl)
+    return norm_gemv(x, w, norm_weight=norm_weight, eps=eps, swiglu=gated, pdl=pdl, tma=TMA and x.is_cuda)
 
 
 def gemv_op(x: torch.Tensor, w: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """overlap.ops.Ops.gemv through this kernel: x @ w.T for decode rows, no norm, no SwiGLU (split_k auto). At
     the LLaMA-2-70B R = 4 and 8 shards' wqkv and w13 it is faster than cuBLAS on an H200; at wo and w2 it is
     not (docs/benchmarks/norm_gemv.md), so the runtime uses it for wqkv and w13 (and gemv_down_op with PDL)."""
-    return norm_gemv(x, w, pdl=pdl)
+    return norm_gemv(x, w, pdl=pdl, tma=TMA and x.is_cuda)
 
 
 def gemv_down_op(x: torch.Tensor, w: torch.Tensor, pdl: bool = False,
@@ -297,10 +313,10 @@ def gemv_down_op(x: torch.Tensor, w: torch.Tensor, pdl: bool = False,
     gemv_op's split-K made the decode step 0.1-0.2 ms slower with PDL, docs/benchmarks/pdl.md).
     The runtime uses it with PDL only, where cuBLAS would break the chain of early launches. residual: added in
     the epilogue (the block's residual stream, on the rank that adds it: overlap.model)."""
-    return norm_gemv(x, w, block_n=32, block_k=128, split_k=1, pdl=pdl, residual=residual)
+    return norm_gemv(x, w, block_n=32, block_k=128, split_k=1, pdl=pdl, residual=residual, tma=TMA and x.is_cuda)
 
 
 def swiglu_gemv_op(x: torch.Tensor, w: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """overlap.ops.Ops.swiglu_gemv through this kernel: swiglu(x @ w13.T) for decode rows, w13's GEMV with
     SwiGLU in its epilogue (the split-K reduce's; one kernel fewer than GEMV + SwiGLU). Defaults as gemv_op's."""
-    return norm_gemv(x, w, swiglu=True, pdl=pdl)
+    return norm_gemv(x, w, swiglu=True, pdl=pdl, tma=TMA and x.is_cuda)
