@@ -235,7 +235,7 @@ def test_with_pdl_and_no_preload_every_load_comes_after_the_wait():
             "part_ptr": "*fp32", "ss_ptr": "*fp32"}
     ints = {k: "i32" for k in ("M", "N_OUT", "K", "K_SHARE", "stride_xm", "stride_wn")}
     consts = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "NORM": False, "SWIGLU": False, "SPLIT_K": 1,
-              "PRELOAD": 0, "GDC": True, "RESIDUAL": True}
+              "PRELOAD": 0, "GDC": True, "RESIDUAL": True, "TMA": False}
     sig = {**ptrs, **ints, "eps": "fp32", **{k: "constexpr" for k in consts}}
     ptx = _sm90_ptx(norm_gemv_kernel, sig, consts, num_warps=4)
     assert ptx.count("griddepcontrol.wait") == 1, "no wait for the previous kernel"
