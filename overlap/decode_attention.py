@@ -36,6 +36,7 @@ SMALL_BLOCK_N = 32  # the tile when whole BLOCK_N tiles would leave SMs idle (fe
 # at LLaMA-2-70B's TP-4 shard runs 66 programs of 64 rows or 132 of 32; 32 rows made that step 0.08 ms faster
 # and batch 16's 0.3 ms slower on one H200: docs/benchmarks/pdl.md, "The attention's tile by batch")
 NUM_WARPS = 4  # of the split kernel (Triton's default; swept by scripts/decode_microbench.py --only attention)
+TMA_SPLIT = False  # the split step through overlap.decode_attention_tma (K/V tiles by TMA) where it runs
 MAXNREG = None  # registers a thread the split kernel may use (None: the compiler's choice; swept the same way)
 PROGRAMS_PER_SM = 2  # chunks are sized so that B * KV * NSPLIT is about this many programs per SM (measured
 # best of 0.25..4 on one H200 at LLaMA-2-70B's TP-4 shape, batch 16; batch 1 is capped by whole tiles:
@@ -185,6 +186,12 @@ def _kernels():
     return _KERNELS
 
 
+def _tma():
+    from overlap import decode_attention_tma  # Gluon: imported where it may run
+
+    return decode_attention_tma
+
+
 _SM_COUNT: dict = {}
 
 
@@ -218,12 +225,15 @@ def decode_attention_rope(qkv, cos, sin_signed, pos, k_cache, v_cache, n_heads: 
     out = torch.empty(B, 1, H * Dh, dtype=k_cache.dtype, device=qkv.device)
     gdc = pdl and qkv.is_cuda
     launch = {"launch_pdl": True} if gdc else {}
-    split_kernel[(B * KV, nsplit)](
-        qkv, cos.reshape(-1), sin_signed.reshape(-1), pos, k_cache, v_cache, o, lse,
-        qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), Dh**-0.5,
-        KV=KV, G=G, G_PAD=g_pad, DH=Dh, SPLIT=split, NSPLIT=nsplit, BLOCK=block,
-        PRECISION="ieee" if k_cache.dtype == torch.float32 else None, GDC=gdc, num_warps=NUM_WARPS,
-        **launch, **FP_FUSION, **({"maxnreg": MAXNREG} if MAXNREG else {}))  # fp32: exact dots, not TF32
+    if TMA_SPLIT and qkv.is_cuda and _tma().supported(k_cache):
+        _tma().launch_split(qkv, cos, sin_signed, pos, k_cache, v_cache, o, lse, G, g_pad, nsplit, split, block, gdc)
+    else:
+        split_kernel[(B * KV, nsplit)](
+            qkv, cos.reshape(-1), sin_signed.reshape(-1), pos, k_cache, v_cache, o, lse,
+            qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), Dh**-0.5,
+            KV=KV, G=G, G_PAD=g_pad, DH=Dh, SPLIT=split, NSPLIT=nsplit, BLOCK=block,
+            PRECISION="ieee" if k_cache.dtype == torch.float32 else None, GDC=gdc, num_warps=NUM_WARPS,
+            **launch, **FP_FUSION, **({"maxnreg": MAXNREG} if MAXNREG else {}))  # fp32: exact dots, not TF32
     merge_kernel[(B * KV, G)](o, lse, out, out.stride(0), KV=KV, G=G, G_PAD=g_pad, DH=Dh, NSPLIT=nsplit,
                               S_PAD=max(2, 1 << (nsplit - 1).bit_length()), GDC=gdc, **launch,
                               **FP_FUSION)
