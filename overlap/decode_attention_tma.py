@@ -25,6 +25,7 @@ from overlap.kernels.compile_options import FP_FUSION
 from overlap.kernels.stream_gemv import _tma_load
 
 STAGES = 2  # K/V tile pairs in flight a program (64-row bf16 tiles: 64 KB of shared memory, three programs an SM)
+PRE_WAIT = True  # the first STAGES copies are issued before the PDL wait (else after it)
 
 
 @gluon.jit
@@ -40,7 +41,7 @@ def split_kernel_tma(k_desc, v_desc, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr,
                      stride_qkv, stride_cb, stride_ch, stride_cl, L, scale,
                      KV: gl.constexpr, G: gl.constexpr, G_PAD: gl.constexpr, DH: gl.constexpr,
                      SPLIT: gl.constexpr, NSPLIT: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr,
-                     GDC: gl.constexpr):
+                     GDC: gl.constexpr, PRE_WAIT: gl.constexpr = True):
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, gl.num_warps()],
                                                    instr_shape=[16, 8])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=8)
@@ -63,13 +64,17 @@ def split_kernel_tma(k_desc, v_desc, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr,
     for t in gl.static_range(STAGES):
         mbarrier.init(bars.index(t), count=1)
     fence_async_shared()
-    for t in gl.static_range(STAGES):  # earlier steps' rows: copied before the wait on the previous kernel
-        _kv_copy(k_desc, v_desc, ring_k, ring_v, bars, t, row0 + t * BLOCK, t < n_tiles)
+    if PRE_WAIT:
+        for t in gl.static_range(STAGES):  # earlier steps' rows: copied before the wait on the previous kernel
+            _kv_copy(k_desc, v_desc, ring_k, ring_v, bars, t, row0 + t * BLOCK, t < n_tiles)
     if GDC:  # launched with PDL: qkv is the previous kernel's output
         gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
                                   pack=1)
         gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
                                   is_pure=False, pack=1)
+    if not PRE_WAIT:
+        for t in gl.static_range(STAGES):
+            _kv_copy(k_desc, v_desc, ring_k, ring_v, bars, t, row0 + t * BLOCK, t < n_tiles)
     offs_g = gl.arange(0, G_PAD, layout=rows_l)
     offs_d = gl.arange(0, DH, layout=cols_l)
     rot_d = (offs_d + DH // 2) % DH  # roll by Dh/2: rotate_half up to sin's sign
@@ -144,4 +149,4 @@ def launch_split(qkv, cos, sin_signed, pos, k_cache, v_cache, o, lse, G: int, g_
         k_desc, v_desc, qkv, cos.reshape(-1), sin_signed.reshape(-1), pos, k_cache, v_cache, o, lse,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), L, Dh**-0.5,
         KV=KV, G=G, G_PAD=g_pad, DH=Dh, SPLIT=split, NSPLIT=nsplit, BLOCK=block, STAGES=STAGES, GDC=gdc,
-        num_warps=4, **({"launch_pdl": True} if gdc else {}), **FP_FUSION)
+        PRE_WAIT=PRE_WAIT, num_warps=4, **({"launch_pdl": True} if gdc else {}), **FP_FUSION)
