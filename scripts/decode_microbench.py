@@ -28,17 +28,17 @@
    Triton GEMV the runtime runs without it, over block sizes, stages and split-K (stream_gemv_cases); at wqkv
    and w13 also with the norm (and SwiGLU) folded in, against the compiled steps it replaces (fused_cases).
 
-7. Well-kept decode attention (--only attention_peers) at attention_cases' shape: torch's flex_attention
-   (compiled: its flex-decoding Triton kernel) and scaled_dot_product_attention's flash, cuDNN and
-   memory-efficient backends, attention only, against overlap.decode_attention's two launches (which also
-   rotate and write the new token), and the compiled RoPE + cache write a peer would need beside it.
-
 6. Early-launched waiters (--only pdl_wait) at the R = 4 shard, M = 16: wo's and w2's Triton GEMV (gemv_down_op,
    with PDL, as the batch-16 step runs it), each call followed by a kernel launched with PDL whose P programs
    wait for the GEMV (griddepcontrol.wait) and then read its output ("light": a few registers; "heavy": each
    program holds a row of K fp32 values, as a one-row-a-program RMSNorm does), P = 0 (the GEMV alone), 16, 128,
    528 (4 an SM); and each waiter back to back, for its own time. Whether programs that sit launched
    and waiting slow the GEMV they wait for (docs/benchmarks/pdl.md, "Batch 16's two RMSNorms").
+
+7. Well-kept decode attention (--only attention_peers) at attention_cases' shape: torch's flex_attention
+   (compiled: its flex-decoding Triton kernel) and scaled_dot_product_attention's flash, cuDNN and
+   memory-efficient backends, attention only, against overlap.decode_attention's two launches (which also
+   rotate and write the new token), and the compiled RoPE + cache write a peer would need beside it.
 
 Each op is timed inside a CUDA graph of CALLS calls that cycle over enough weight copies (> L2) that no
 call reads a weight from L2 (as in a real step, where every layer has its own weights); medians of
@@ -170,23 +170,34 @@ def weight_cases(emit) -> None:
             emit(dict(piece="weight_gemv", layer=layer, m=1, n=n, k=k, impl=name, us=us, tb_s=n * k * 2 / us / 1e6))
 
 
+ATTENTION_SHAPE = (16, 2, 128, 2112, 2048)  # query heads, KV heads, head_dim, cache length, position: the R = 4 shard
+
+
+def attention_inputs(B: int, gen) -> tuple:
+    """(qkv, caches, cos, sin) of a decode step at ATTENTION_SHAPE: bf16, with enough (K, V) cache copies (> L2)
+    that no call reads its cache from L2."""
+    H, KV, Dh, L, _ = ATTENTION_SHAPE
+    qkv = torch.randn(B, 1, (H + 2 * KV) * Dh, generator=gen, device="cuda").bfloat16()
+    caches = [(torch.randn(B, KV, L, Dh, generator=gen, device="cuda").bfloat16(),
+               torch.randn(B, KV, L, Dh, generator=gen, device="cuda").bfloat16())
+              for _ in range(max(2, -(-4 * L2_BYTES // (2 * B * KV * L * Dh * 2))))]
+    cos = torch.randn(1, 1, Dh, device="cuda").bfloat16()
+    sin = torch.randn(1, 1, Dh, device="cuda").bfloat16()
+    return qkv, caches, cos, sin
+
+
 def attention_cases(emit) -> None:
     from overlap import decode_attention as da
     from overlap.floors import measure_rates
     from overlap.fused_ops import fused_ops
 
-    H, KV, Dh, L, pos = 16, 2, 128, 2112, 2048
+    H, KV, Dh, L, pos = ATTENTION_SHAPE
     gen = torch.Generator(device="cuda").manual_seed(1)
     compiled = fused_ops()
     rates = measure_rates(torch.device("cuda"))  # floor_us: the K/V bytes over the copy bandwidth of this run
     emit(dict(piece="rates", **rates))
     for B in (1, 16):
-        qkv = torch.randn(B, 1, (H + 2 * KV) * Dh, generator=gen, device="cuda").bfloat16()
-        caches = [(torch.randn(B, KV, L, Dh, generator=gen, device="cuda").bfloat16(),
-                   torch.randn(B, KV, L, Dh, generator=gen, device="cuda").bfloat16())
-                  for _ in range(max(2, -(-4 * L2_BYTES // (2 * B * KV * L * Dh * 2))))]
-        cos = torch.randn(1, 1, Dh, device="cuda").bfloat16()
-        sin = torch.randn(1, 1, Dh, device="cuda").bfloat16()
+        qkv, caches, cos, sin = attention_inputs(B, gen)
         p = torch.tensor([pos], device="cuda")
         allowed = torch.arange(L, device="cuda")[None, :] <= p[:, None]
         mask = torch.zeros(allowed.shape, dtype=torch.bfloat16, device="cuda").masked_fill_(~allowed, float("-inf"))
@@ -243,7 +254,7 @@ def attention_peer_cases(emit) -> None:
     from overlap.floors import measure_rates
     from overlap.fused_ops import fused_ops
 
-    H, KV, Dh, L, pos = 16, 2, 128, 2112, 2048
+    H, KV, Dh, L, pos = ATTENTION_SHAPE
     G = H // KV
     gen = torch.Generator(device="cuda").manual_seed(1)
     rates = measure_rates(torch.device("cuda"))
@@ -257,12 +268,7 @@ def attention_peer_cases(emit) -> None:
 
     for B in (1, 16):
         floor_us = 2 * B * KV * (pos + 1) * Dh * 2 / (rates["copy_tbps"] * 1e12) * 1e6
-        qkv = torch.randn(B, 1, (H + 2 * KV) * Dh, generator=gen, device="cuda").bfloat16()
-        caches = [(torch.randn(B, KV, L, Dh, generator=gen, device="cuda").bfloat16(),
-                   torch.randn(B, KV, L, Dh, generator=gen, device="cuda").bfloat16())
-                  for _ in range(max(2, -(-4 * L2_BYTES // (2 * B * KV * L * Dh * 2))))]
-        cos = torch.randn(1, 1, Dh, device="cuda").bfloat16()
-        sin = torch.randn(1, 1, Dh, device="cuda").bfloat16()
+        qkv, caches, cos, sin = attention_inputs(B, gen)
         q = torch.randn(B, H, 1, Dh, generator=gen, device="cuda").bfloat16()
         qg = q.view(B, KV, G, Dh)  # query heads of a KV head as G query rows
         mask = torch.zeros(1, 1, 1, L, device="cuda", dtype=torch.bfloat16)
@@ -297,8 +303,6 @@ def attention_peer_cases(emit) -> None:
         us = time_graph(lambda i: da.decode_attention_rope(qkv, cos, sin, p, *caches[i % len(caches)], H, KV))
         emit(dict(piece="attention_peer", batch=B, impl="ours_rope_write_attention", us=us, floor_us=floor_us,
                   nsplit=da.num_splits(B * KV, L, torch.cuda.get_device_properties(0).multi_processor_count)[0]))
-        del caches
-        torch.cuda.empty_cache()
 
 
 def _sdpa(backend, qg, cache, length: int, mask):
